@@ -1,0 +1,108 @@
+"""Kafka error codes and the typed exceptions that carry them.
+
+The one place error codes live: the embedded API raises these, and the broker
+will turn `RaftkaError.error_code` into the wire error code.
+"""
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.IntEnum):
+    """Kafka protocol error codes (the subset Raftka produces)."""
+
+    NONE = 0
+    OFFSET_OUT_OF_RANGE = 1
+    CORRUPT_MESSAGE = 2
+    UNKNOWN_TOPIC_OR_PARTITION = 3
+    MESSAGE_TOO_LARGE = 10
+    INVALID_TOPIC_EXCEPTION = 17
+    RECORD_LIST_TOO_LARGE = 18
+    UNSUPPORTED_VERSION = 35
+    TOPIC_ALREADY_EXISTS = 36
+    INVALID_PARTITIONS = 37
+    INVALID_REQUEST = 42
+    UNSUPPORTED_FOR_MESSAGE_FORMAT = 43
+    KAFKA_STORAGE_ERROR = 56
+    INVALID_RECORD = 87
+
+
+class RaftkaError(Exception):
+    """Base of every Raftka error; `error_code` is what Kafka clients see."""
+
+    error_code: ErrorCode = ErrorCode.INVALID_REQUEST
+
+
+class CorruptRecordError(RaftkaError):
+    """A record batch failed validation (length, magic, record count or CRC32C)."""
+
+    error_code = ErrorCode.CORRUPT_MESSAGE
+
+    def __init__(self, reason: str, position: int) -> None:
+        super().__init__(f"corrupt record batch at byte {position}: {reason}")
+        self.reason = reason
+        self.position = position
+
+
+class RecordTooLargeError(RaftkaError):
+    """A batch is larger than the configured maximum batch size."""
+
+    error_code = ErrorCode.MESSAGE_TOO_LARGE
+
+
+class OffsetOutOfRangeError(RaftkaError):
+    """A read or truncation asked for an offset outside the valid range."""
+
+    error_code = ErrorCode.OFFSET_OUT_OF_RANGE
+
+    def __init__(self, topic_partition: str, offset: int, start: int, end: int) -> None:
+        super().__init__(
+            f"offset {offset} is out of range for {topic_partition}: "
+            f"valid offsets are [{start}, {end}]"
+        )
+        self.offset = offset
+        self.valid_start = start
+        self.valid_end = end
+
+
+class UnknownTopicOrPartitionError(RaftkaError):
+    """The topic or partition does not exist."""
+
+    error_code = ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
+
+
+class InvalidTopicError(RaftkaError):
+    """A topic name breaks Kafka's naming rules."""
+
+    error_code = ErrorCode.INVALID_TOPIC_EXCEPTION
+
+
+class TopicAlreadyExistsError(RaftkaError):
+    """create_topic was called for a topic that exists."""
+
+    error_code = ErrorCode.TOPIC_ALREADY_EXISTS
+
+
+class InvalidPartitionsError(RaftkaError):
+    """A partition count is not a positive integer within bounds."""
+
+    error_code = ErrorCode.INVALID_PARTITIONS
+
+
+class UnsupportedCompressionError(RaftkaError):
+    """A batch uses a compression codec this installation cannot handle."""
+
+    error_code = ErrorCode.UNSUPPORTED_FOR_MESSAGE_FORMAT
+
+
+class StorageError(RaftkaError):
+    """The disk refused a write or a data directory is unusable.
+
+    The log is left as it was before the failed operation.
+    """
+
+    error_code = ErrorCode.KAFKA_STORAGE_ERROR
+
+
+class DataDirLockedError(StorageError):
+    """Another process (or another open handle) holds this data directory."""

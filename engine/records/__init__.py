@@ -1,0 +1,1 @@
+"""Kafka v2 record batches: layout, building, parsing and compression."""

@@ -1,0 +1,241 @@
+"""The LMDB environment of a data directory: topics, sparse indexes, partition state.
+
+One environment per data directory (`<data>/index.lmdb`), shared by every
+partition log. Segment files are the source of truth for records; everything
+here except the topic registry can be rebuilt from them, which is why index
+writes may lag the log and are committed in groups (see PartitionLog).
+
+Databases and their encodings (integers big-endian so keys sort numerically):
+  meta        b"next_partition_id" -> u32
+  topics      topic name (utf-8) -> JSON {"partitions": n, "ids": [pid...]}
+  offsets     pid u32 | batch base offset i64 -> segment byte position i64
+              sparse: one entry per index_interval_bytes of log
+  times       pid u32 | max timestamp so far i64 -> batch base offset i64
+              sparse, only where the running maximum grew
+  state       pid u32 -> high watermark i64 | applied raft index i64
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, TypeVar
+
+import lmdb
+
+from engine.errors import StorageError
+
+_PID = struct.Struct(">I")
+_KEY = struct.Struct(">Iq")
+_I64 = struct.Struct(">q")
+_STATE = struct.Struct(">qq")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class TopicRecord:
+    """A topic as the registry knows it: its partitions' storage ids in order."""
+
+    name: str
+    partition_ids: tuple[int, ...]
+
+    @property
+    def partitions(self) -> int:
+        return len(self.partition_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionState:
+    """What a partition checkpoints besides its segments."""
+
+    high_watermark: int = 0
+    applied_index: int = 0
+
+
+class IndexStore:
+    """Typed access to the data directory's LMDB environment."""
+
+    def __init__(self, path: Path, map_size_bytes: int) -> None:
+        # sync without metasync: each commit fdatasyncs its data pages, so a
+        # power loss can at worst undo the last commit, never corrupt the
+        # environment (MDB_NOMETASYNC). Commits are grouped, so this is rare.
+        try:
+            self._env = lmdb.open(str(path), map_size=map_size_bytes, max_dbs=8,
+                                  subdir=True, metasync=False, sync=True,
+                                  readahead=False, lock=True)
+        except lmdb.Error as exc:
+            raise StorageError(f"cannot open the LMDB index at {path}: {exc}") from exc
+        self._meta = self._env.open_db(b"meta")
+        self._topics = self._env.open_db(b"topics")
+        self._offsets = self._env.open_db(b"offsets")
+        self._times = self._env.open_db(b"times")
+        self._state = self._env.open_db(b"state")
+
+    # ---- transactions -------------------------------------------------
+
+    def _write(self, body: Callable[[lmdb.Transaction], T]) -> T:
+        """Run `body` in one write transaction, growing the map once if it is full."""
+        for attempt in range(2):
+            try:
+                with self._env.begin(write=True) as txn:
+                    return body(txn)
+            except lmdb.MapFullError:
+                if attempt:
+                    raise
+                self._env.set_mapsize(self._env.info()["map_size"] * 2)
+            except lmdb.Error as exc:
+                raise StorageError(f"LMDB write failed: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    def sync(self) -> None:
+        """Force LMDB's data and meta pages to disk."""
+        self._env.sync(True)
+
+    def close(self) -> None:
+        self._env.close()
+
+    # ---- topic registry -----------------------------------------------
+
+    def topics(self) -> list[TopicRecord]:
+        with self._env.begin(db=self._topics) as txn:
+            return [_decode_topic(k, v) for k, v in txn.cursor()]
+
+    def create_topic(self, name: str, partitions: int) -> TopicRecord:
+        def body(txn: lmdb.Transaction) -> TopicRecord:
+            raw = txn.get(b"next_partition_id", db=self._meta)
+            first = _PID.unpack(raw)[0] if raw else 0
+            txn.put(b"next_partition_id", _PID.pack(first + partitions), db=self._meta)
+            record = TopicRecord(name, tuple(range(first, first + partitions)))
+            txn.put(name.encode(), json.dumps({"ids": list(record.partition_ids)}).encode(),
+                    db=self._topics)
+            return record
+        record = self._write(body)
+        self.sync()
+        return record
+
+    def delete_topic(self, record: TopicRecord) -> None:
+        def body(txn: lmdb.Transaction) -> None:
+            txn.delete(record.name.encode(), db=self._topics)
+            for pid in record.partition_ids:
+                txn.delete(_PID.pack(pid), db=self._state)
+                _delete_prefix(txn.cursor(self._offsets), pid)
+                _delete_prefix(txn.cursor(self._times), pid)
+        self._write(body)
+        self.sync()
+
+    # ---- sparse indexes -----------------------------------------------
+
+    def commit(self, offsets: Iterable[tuple[int, int, int]], times: Iterable[tuple[int, int, int]],
+               states: Iterable[tuple[int, PartitionState]]) -> None:
+        """Write pending (pid, offset, position), (pid, ts, offset) and states in one txn."""
+        offset_items = [(_KEY.pack(pid, off), _I64.pack(pos)) for pid, off, pos in offsets]
+        time_items = [(_KEY.pack(pid, ts), _I64.pack(off)) for pid, ts, off in times]
+        state_items = [(_PID.pack(pid), _STATE.pack(s.high_watermark, s.applied_index))
+                       for pid, s in states]
+
+        def body(txn: lmdb.Transaction) -> None:
+            txn.cursor(self._offsets).putmulti(offset_items, append=False)
+            txn.cursor(self._times).putmulti(time_items, append=False)
+            txn.cursor(self._state).putmulti(state_items)
+        self._write(body)
+
+    def offset_floor(self, pid: int, offset: int) -> tuple[int, int] | None:
+        """(base offset, position) of the last entry with base offset <= `offset`."""
+        with self._env.begin(db=self._offsets) as txn:
+            return _floor(txn.cursor(), pid, offset)
+
+    def offset_entries_before(self, pid: int, offset: int, limit: int) -> list[tuple[int, int]]:
+        """Up to `limit` entries below `offset`, newest first: recovery's candidates."""
+        out: list[tuple[int, int]] = []
+        with self._env.begin(db=self._offsets) as txn:
+            cursor = txn.cursor()
+            found = cursor.set_range(_KEY.pack(pid, offset))
+            step = cursor.prev if found else cursor.last
+            while step() and len(out) < limit:
+                entry_pid, entry_offset = _KEY.unpack(cursor.key())
+                if entry_pid != pid:
+                    break
+                out.append((entry_offset, _I64.unpack(cursor.value())[0]))
+        return out
+
+    def time_floor(self, pid: int, timestamp: int) -> tuple[int, int] | None:
+        """(max timestamp so far, base offset) of the last entry with ts < `timestamp`."""
+        with self._env.begin(db=self._times) as txn:
+            return _floor(txn.cursor(), pid, timestamp - 1)
+
+    def last_time_entry(self, pid: int) -> tuple[int, int] | None:
+        return self.time_floor(pid, 2**63 - 1)
+
+    def delete_offsets(self, pid: int, *, below: int | None = None, from_offset: int | None = None) -> None:
+        """Drop offset-index entries with base < below, or base >= from_offset."""
+        self._delete(self._offsets, pid, below, from_offset, lambda k, v: _KEY.unpack(k)[1])
+
+    def delete_times(self, pid: int, *, below: int | None = None, from_offset: int | None = None) -> None:
+        """Drop time-index entries whose batch offset is < below, or >= from_offset."""
+        self._delete(self._times, pid, below, from_offset, lambda k, v: _I64.unpack(v)[0])
+
+    def _delete(self, db: object, pid: int, below: int | None, from_offset: int | None,
+                offset_of: Callable[[bytes, bytes], int]) -> None:
+        # Both indexes grow with the offset, so what goes is a prefix or a suffix.
+        def body(txn: lmdb.Transaction) -> None:
+            if below is not None:
+                _delete_prefix(txn.cursor(db), pid, lambda k, v: offset_of(k, v) < below)
+            if from_offset is not None:
+                _delete_suffix(txn.cursor(db), pid, lambda k, v: offset_of(k, v) >= from_offset)
+        self._write(body)
+
+    # ---- partition state ----------------------------------------------
+
+    def load_state(self, pid: int) -> PartitionState:
+        with self._env.begin(db=self._state) as txn:
+            raw = txn.get(_PID.pack(pid))
+        return PartitionState(*_STATE.unpack(raw)) if raw else PartitionState()
+
+
+def _decode_topic(key: bytes, value: bytes) -> TopicRecord:
+    return TopicRecord(key.decode(), tuple(json.loads(value)["ids"]))
+
+
+def _floor(cursor: lmdb.Cursor, pid: int, key: int) -> tuple[int, int] | None:
+    """The last (key, value) of partition pid with key <= `key`."""
+    target = _KEY.pack(pid, key)
+    if cursor.set_range(target):
+        if cursor.key() == target:
+            return key, _I64.unpack(cursor.value())[0]
+        if not cursor.prev():
+            return None
+    elif not cursor.last():
+        return None
+    entry_pid, entry_key = _KEY.unpack(cursor.key())
+    if entry_pid != pid:
+        return None
+    return entry_key, _I64.unpack(cursor.value())[0]
+
+
+def _delete_prefix(cursor: lmdb.Cursor, pid: int,
+                   doomed: Callable[[bytes, bytes], bool] = lambda k, v: True) -> None:
+    """Delete pid's entries from the first one on, while `doomed` holds."""
+    prefix = _PID.pack(pid)
+    if not cursor.set_range(prefix):
+        return
+    while cursor.key()[:4] == prefix and doomed(cursor.key(), cursor.value()):
+        if not cursor.delete():
+            return
+
+
+def _delete_suffix(cursor: lmdb.Cursor, pid: int, doomed: Callable[[bytes, bytes], bool]) -> None:
+    """Delete pid's entries from the last one back, while `doomed` holds."""
+    prefix = _PID.pack(pid)
+    if cursor.set_range(_PID.pack(pid + 1)):
+        positioned = cursor.prev()
+    else:
+        positioned = cursor.last()
+    keys = []
+    while positioned and cursor.key()[:4] == prefix and doomed(cursor.key(), cursor.value()):
+        keys.append(cursor.key())
+        positioned = cursor.prev()
+    for key in keys:
+        if cursor.set_key(key):
+            cursor.delete()

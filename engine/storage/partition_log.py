@@ -1,0 +1,531 @@
+"""PartitionLog: the append-only log of one partition, as segments plus a sparse index.
+
+Invariants (asserted where cheap):
+  log_start_offset <= high_watermark <= log_end_offset
+  segments are contiguous: segment i+1 starts at the offset after segment i's last batch
+  offsets are dense: every appended batch starts at the previous log_end_offset
+  readers only see batches wholly below the high watermark
+
+Durability and recovery. Segment bytes are the truth. The LMDB offset/time
+index is a sparse hint (one entry per `index_interval_bytes`) committed in
+groups, so after a crash it may lag the segment (uncommitted entries) or lead
+it (the segment tail was lost). On open the active segment is scanned from the
+last index entry that still points at a valid batch, with native CRC checks;
+the file is truncated at the first invalid byte and what is valid is
+re-indexed. Sealed segments were complete when rolled and are not rescanned.
+
+Neighbours: Segment (segment.py) does the file I/O through native code;
+IndexStore (index.py) holds the index and partition state; LogManager
+(log_manager.py) owns all partition logs of a data directory and schedules
+index commits, fsyncs and retention.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config import Config
+from engine.errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
+from engine.records import layout
+from engine.records.batch import decode_batch, read_header
+from engine.storage.index import IndexStore, PartitionState
+from engine.storage.segment import Segment, list_segment_offsets
+from native import ffi, lib
+
+log = logging.getLogger(__name__)
+
+_SCAN_ERRORS = {
+    lib.RK_ERR_TRUNCATED: "truncated batch",
+    lib.RK_ERR_LENGTH: "batch length out of bounds",
+    lib.RK_ERR_MAGIC: "magic byte is not 2",
+    lib.RK_ERR_CRC: "CRC32C mismatch",
+    lib.RK_ERR_COUNT: "record count disagrees with lastOffsetDelta",
+    lib.RK_ERR_OFFSET: "base offset not contiguous",
+}
+# batches per native scan call during recovery (bounds the entries buffer)
+_RECOVERY_ENTRIES_MAX = 4096
+# index entries recovery tries, newest first, before rescanning the whole segment
+_RECOVERY_CANDIDATES_MAX = 64
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Where an append landed: offsets [base_offset, last_offset]."""
+
+    base_offset: int
+    last_offset: int
+    batch_count: int
+    record_count: int
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class LogSlice:
+    """Whole batches served by a read, without copying them.
+
+    `buffer` is a read-only view of the segment's mapping; `segment_path` and
+    `file_position` locate the same bytes for sendfile.
+    """
+
+    buffer: memoryview
+    segment_path: Path | None
+    file_position: int
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.buffer)
+
+
+class PartitionLog:
+    """One partition's log: append, read, truncate, roll, retention, recovery."""
+
+    def __init__(self, name: str, directory: Path, pid: int, index: IndexStore, config: Config) -> None:
+        self.name = name
+        self.directory = directory
+        self.pid = pid
+        self._index = index
+        self._config = config
+        self._segments: list[Segment] = []
+        self._segment_bases: list[int] = []
+        self._log_end_offset = 0
+        self._high_watermark = 0
+        self._applied_index = 0
+        self._bytes_since_index = 0
+        self._max_timestamp = -1     # running max of batch maxTimestamp
+        self._last_time_entry = -1   # largest timestamp in the time index
+        self._pending_offsets: list[int] = []    # [offset] sorted, not yet in LMDB
+        self._pending_positions: list[int] = []  # file position per pending offset
+        self._pending_times: list[tuple[int, int]] = []  # (timestamp, offset)
+        self._state_dirty = False
+        self._dirty_since_sync = False
+        self._scan_state = ffi.new("rk_scan_state *")
+        self._entries = ffi.new("rk_index_entry[]", 1)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create partition directory {directory}: {exc.strerror}") from exc
+        self._open()
+
+    # ---- offsets -----------------------------------------------------
+
+    @property
+    def log_start_offset(self) -> int:
+        return self._segments[0].base_offset
+
+    @property
+    def log_end_offset(self) -> int:
+        return self._log_end_offset
+
+    @property
+    def high_watermark(self) -> int:
+        return self._high_watermark
+
+    @property
+    def applied_index(self) -> int:
+        """Last Raft index applied to this log (0 when not replicated)."""
+        return self._applied_index
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(segment.size_bytes for segment in self._segments)
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        return tuple(self._segments)
+
+    def set_high_watermark(self, offset: int, applied_index: int | None = None) -> None:
+        """Move the readers' bound; it must fall on a batch boundary within the log."""
+        if not self.log_start_offset <= offset <= self._log_end_offset:
+            raise OffsetOutOfRangeError(self.name, offset, self.log_start_offset, self._log_end_offset)
+        self._high_watermark = offset
+        if applied_index is not None:
+            self._applied_index = applied_index
+        self._state_dirty = True
+
+    # ---- append ------------------------------------------------------
+
+    def append(self, batches: bytes | bytearray | memoryview, leader_epoch: int = -1) -> AppendResult:
+        """Validate and append whole record batches; returns the offsets they got.
+
+        Nothing is written unless every batch is valid (CorruptRecordError,
+        RecordTooLargeError); a failed write (StorageError) leaves the log as
+        it was.
+        """
+        size = len(batches)
+        if size == 0:
+            raise CorruptRecordError("no record batches", 0)
+        self._maybe_roll(size)
+        data = ffi.from_buffer(batches)
+        state = self._validate(data, size)
+        base_offset = self._log_end_offset
+        active = self._segments[-1]
+        position = active.size_bytes
+        active.append(data, size, base_offset, leader_epoch)
+        self._remember_entries(state.entry_count, position)
+        self._log_end_offset = state.next_offset
+        self._bytes_since_index = state.bytes_since_index
+        self._max_timestamp = state.max_timestamp
+        if self._config.fsync == "always":
+            active.sync()
+        else:
+            self._dirty_since_sync = True
+        return AppendResult(base_offset, state.next_offset - 1, state.batch_count,
+                            state.record_count, size)
+
+    def _validate(self, data: object, size: int) -> "ffi.CData":
+        state = self._scan_state
+        state.check_crc = 1
+        state.check_offsets = 0
+        state.max_batch_bytes = self._config.max_batch_bytes
+        state.index_interval_bytes = self._config.index_interval_bytes
+        state.next_offset = self._log_end_offset
+        state.bytes_since_index = self._bytes_since_index
+        state.max_timestamp = self._max_timestamp
+        state.batch_count = state.record_count = 0
+        capacity = size // self._config.index_interval_bytes + 2
+        if len(self._entries) < capacity:
+            self._entries = ffi.new("rk_index_entry[]", capacity)
+        lib.rk_scan(data, size, state, self._entries, len(self._entries))
+        if state.error != lib.RK_OK or state.valid_bytes != size:
+            self._raise_scan_error(state.error, data, state.valid_bytes)
+        return state
+
+    def _raise_scan_error(self, error: int, data: object, position: int) -> None:
+        if error == lib.RK_ERR_LENGTH:
+            batch_length = int.from_bytes(ffi.buffer(data)[position + 8:position + 12], "big", signed=True)
+            if batch_length + layout.LOG_OVERHEAD > self._config.max_batch_bytes:
+                raise RecordTooLargeError(
+                    f"batch at byte {position} is {batch_length + layout.LOG_OVERHEAD} bytes, "
+                    f"over the {self._config.max_batch_bytes}-byte limit of {self.name}")
+        raise CorruptRecordError(_SCAN_ERRORS.get(error, f"error {error}"), position)
+
+    def _remember_entries(self, count: int, file_position: int) -> None:
+        for i in range(count):
+            entry = self._entries[i]
+            self._pending_offsets.append(entry.base_offset)
+            self._pending_positions.append(file_position + entry.position)
+            if entry.max_timestamp > self._last_time_entry:
+                self._pending_times.append((entry.max_timestamp, entry.base_offset))
+                self._last_time_entry = entry.max_timestamp
+
+    def _maybe_roll(self, incoming_bytes: int) -> None:
+        active = self._segments[-1]
+        if active.size_bytes == 0:
+            return
+        too_big = active.size_bytes + incoming_bytes > self._config.segment_bytes
+        too_old = int(time.time() * 1000) - active.created_ms >= self._config.segment_ms
+        if too_big or too_old:
+            self.roll()
+
+    def roll(self) -> None:
+        """Seal the active segment and start a new one at the log end offset."""
+        active = self._segments[-1]
+        if self._config.fsync != "never":
+            active.sync()
+        active.seal()
+        segment = Segment(self.directory, self._log_end_offset, create=True,
+                          map_capacity_bytes=self._map_capacity())
+        self._segments.append(segment)
+        self._segment_bases.append(segment.base_offset)
+        self._bytes_since_index = 0
+        if self._config.fsync != "never":
+            _fsync_directory(self.directory)
+
+    def _map_capacity(self) -> int:
+        return self._config.segment_bytes + self._config.max_batch_bytes
+
+    # ---- read --------------------------------------------------------
+
+    def read(self, offset: int, max_bytes: int) -> LogSlice:
+        """Whole batches from the one containing `offset`, below the high watermark.
+
+        At most `max_bytes` unless the first batch alone is larger (it is then
+        returned whole, as Kafka does). Empty at the high watermark.
+        """
+        high_watermark = self._high_watermark
+        if not self.log_start_offset <= offset <= high_watermark:
+            raise OffsetOutOfRangeError(self.name, offset, self.log_start_offset, high_watermark)
+        if offset == high_watermark:
+            return LogSlice(memoryview(b""), None, 0)
+        segment = self._segment_for(offset)
+        view = segment.view()
+        data = ffi.from_buffer(view)
+        position = lib.rk_seek_offset(data, len(view), self._index_floor(segment, offset), offset)
+        size = lib.rk_span(data, len(view), position, max_bytes, high_watermark)
+        return LogSlice(view[position:position + size], segment.path, position)
+
+    def offset_for_timestamp(self, timestamp_ms: int) -> int | None:
+        """Offset of the first record with timestamp >= timestamp_ms, below the high
+        watermark; None if there is none (Kafka's ListOffsets by timestamp)."""
+        start = self._time_floor(timestamp_ms)
+        segment_index = bisect.bisect_right(self._segment_bases, start) - 1
+        position = None
+        for segment in self._segments[segment_index:]:
+            view = segment.view()
+            data = ffi.from_buffer(view)
+            if position is None:
+                position = lib.rk_seek_offset(data, len(view), self._index_floor(segment, start), start)
+            position = lib.rk_seek_timestamp(data, len(view), position, timestamp_ms)
+            if position < len(view):
+                return self._first_record_at_or_after(view, position, timestamp_ms)
+            position = 0
+        return None
+
+    def _first_record_at_or_after(self, view: memoryview, position: int, timestamp_ms: int) -> int | None:
+        header = read_header(view, position)
+        if header.last_offset >= self._high_watermark:
+            return None
+        batch = view[position:position + header.size_bytes]
+        for record in decode_batch(header, batch, self.name, 0, position):
+            if record.timestamp_ms >= timestamp_ms:
+                return record.offset
+        return header.base_offset
+
+    def _segment_for(self, offset: int) -> Segment:
+        return self._segments[bisect.bisect_right(self._segment_bases, offset) - 1]
+
+    def _index_floor(self, segment: Segment, offset: int) -> int:
+        """Position in `segment` of the last indexed batch at or before `offset` (else 0)."""
+        i = bisect.bisect_right(self._pending_offsets, offset) - 1
+        if i >= 0:
+            found = self._pending_offsets[i] >= segment.base_offset
+            return self._pending_positions[i] if found else 0
+        entry = self._index.offset_floor(self.pid, offset)
+        if entry is None or entry[0] < segment.base_offset:
+            return 0
+        return entry[1]
+
+    def _time_floor(self, timestamp_ms: int) -> int:
+        """Offset of the last time-index entry whose running max < timestamp_ms."""
+        i = bisect.bisect_left(self._pending_times, (timestamp_ms, -1)) - 1
+        if i >= 0:
+            return self._pending_times[i][1]
+        entry = self._index.time_floor(self.pid, timestamp_ms)
+        if entry is None or entry[1] < self.log_start_offset:
+            return self.log_start_offset
+        return entry[1]
+
+    # ---- index commits -----------------------------------------------
+
+    @property
+    def pending_index_entries(self) -> int:
+        return len(self._pending_offsets) + len(self._pending_times)
+
+    def drain_pending(self) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]],
+                                     list[tuple[int, PartitionState]]]:
+        """Hand pending index entries and state to the caller's commit."""
+        pid = self.pid
+        offsets = [(pid, o, p) for o, p in zip(self._pending_offsets, self._pending_positions)]
+        times = [(pid, ts, o) for ts, o in self._pending_times if ts >= 0]
+        states = [(pid, PartitionState(self._high_watermark, self._applied_index))] if self._state_dirty else []
+        self._pending_offsets, self._pending_positions, self._pending_times = [], [], []
+        self._state_dirty = False
+        return offsets, times, states
+
+    def commit_index(self) -> None:
+        """Commit this log's pending index entries and state on their own."""
+        self._index.commit(*self.drain_pending())
+
+    def sync(self, force: bool = False) -> None:
+        """fsync the active segment if anything was appended since the last sync."""
+        if self._dirty_since_sync or force:
+            self._segments[-1].sync()
+            self._dirty_since_sync = False
+
+    # ---- truncation and retention ------------------------------------
+
+    def truncate(self, offset: int) -> int:
+        """Remove every batch whose last offset is >= `offset` (Raft log repair).
+
+        A batch straddling `offset` goes whole, as in Kafka. Returns the new
+        log end offset (<= offset); the high watermark follows it down.
+        """
+        if offset >= self._log_end_offset:
+            return self._log_end_offset
+        if offset < self.log_start_offset:
+            raise OffsetOutOfRangeError(self.name, offset, self.log_start_offset, self._log_end_offset)
+        self.commit_index()
+        k = bisect.bisect_right(self._segment_bases, offset) - 1
+        segment = self._segments[k]
+        view = segment.view()
+        position = lib.rk_seek_offset(ffi.from_buffer(view), len(view),
+                                      self._index_floor(segment, offset), offset)
+        new_end = read_header(view, position).base_offset if position < len(view) else offset
+        del view
+        for doomed in self._segments[k + 1:]:
+            doomed.delete()
+        del self._segments[k + 1:], self._segment_bases[k + 1:]
+        segment.truncate(position)
+        segment.make_active(self._map_capacity())
+        self._index.delete_offsets(self.pid, from_offset=new_end)
+        self._index.delete_times(self.pid, from_offset=new_end)
+        self._log_end_offset = new_end
+        self._high_watermark = min(self._high_watermark, new_end)
+        self._state_dirty = True
+        self._reset_tail_state(position)
+        self.commit_index()
+        return new_end
+
+    def enforce_retention(self, now_ms: int | None = None) -> int:
+        """Delete the oldest whole segments past retention.bytes or retention.ms.
+
+        Never the active segment, never data at or above the high watermark.
+        Returns how many segments were deleted.
+        """
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        total = self.size_bytes
+        deleted = 0
+        while len(self._segments) > 1 and self._segments[1].base_offset <= self._high_watermark:
+            first = self._segments[0]
+            over_bytes = 0 <= self._config.retention_bytes <= total - first.size_bytes
+            over_age = (self._config.retention_ms >= 0
+                        and _segment_timestamp(first) < now_ms - self._config.retention_ms)
+            if not (over_bytes or over_age):
+                break
+            total -= first.size_bytes
+            first.delete()
+            del self._segments[0], self._segment_bases[0]
+            deleted += 1
+        if deleted:
+            self.commit_index()
+            self._index.delete_offsets(self.pid, below=self.log_start_offset)
+            self._index.delete_times(self.pid, below=self.log_start_offset)
+        return deleted
+
+    # ---- open and recovery -------------------------------------------
+
+    def _open(self) -> None:
+        state = self._index.load_state(self.pid)
+        bases = list_segment_offsets(self.directory)
+        if not bases:
+            bases = [0]
+            Segment(self.directory, 0, create=True).close()
+            _fsync_directory(self.directory)
+        self._segments = [Segment(self.directory, base, create=False) for base in bases]
+        self._segment_bases = list(bases)
+        self._applied_index = state.applied_index
+        self._recover_active_segment()
+        self._high_watermark = max(self.log_start_offset, min(state.high_watermark, self._log_end_offset))
+
+    def _recover_active_segment(self) -> None:
+        active = self._segments[-1]
+        active.make_active(self._map_capacity())
+        position, offset = self._recovery_start(active)
+        self._index.delete_offsets(self.pid, from_offset=offset + 1)
+        self._index.delete_times(self.pid, from_offset=offset + 1)
+        last_time = self._index.last_time_entry(self.pid)
+        self._last_time_entry = last_time[0] if last_time else -1
+        self._max_timestamp = max(self._last_time_entry, self._max_timestamp_before(last_time, position))
+        view = active.view()
+        end, next_offset = self._scan_tail(view, position, offset)
+        del view
+        if end < active.size_bytes:
+            log.warning("%s: truncating %s from %d to %d bytes: invalid data after offset %d",
+                        self.name, active.path.name, active.size_bytes, end, next_offset)
+            active.truncate(end)
+        self._log_end_offset = next_offset
+        self.commit_index()
+
+    def _recovery_start(self, active: Segment) -> tuple[int, int]:
+        """(position, base offset) of the newest index entry of `active` that points
+        at a valid batch; the segment start if none does."""
+        view = active.view()
+        data = ffi.from_buffer(view)
+        candidates = self._index.offset_entries_before(self.pid, 2**63 - 1, _RECOVERY_CANDIDATES_MAX)
+        for offset, position in candidates:
+            if offset < active.base_offset:
+                break
+            if position >= len(view) or position <= 0:
+                continue
+            state = self._recovery_scan_state(offset)
+            lib.rk_scan(data + position, min(len(view) - position, self._config.max_batch_bytes),
+                        state, self._entries, 0)
+            if state.batch_count >= 1:
+                return position, offset
+        return 0, active.base_offset
+
+    def _recovery_scan_state(self, next_offset: int) -> "ffi.CData":
+        state = ffi.new("rk_scan_state *")
+        state.check_crc = 1
+        state.check_offsets = 1
+        state.max_batch_bytes = self._config.max_batch_bytes
+        state.index_interval_bytes = self._config.index_interval_bytes
+        state.next_offset = next_offset
+        state.max_timestamp = -1
+        return state
+
+    def _scan_tail(self, view: memoryview, position: int, offset: int) -> tuple[int, int]:
+        """Validate from `position` on, re-indexing as appends would; returns
+        (end of the valid prefix, next offset)."""
+        data = ffi.from_buffer(view)
+        state = self._recovery_scan_state(offset)
+        state.max_timestamp = self._max_timestamp
+        entries = ffi.new("rk_index_entry[]", _RECOVERY_ENTRIES_MAX)
+        self._entries = entries
+        while position < len(view):
+            lib.rk_scan(data + position, len(view) - position, state, entries, len(entries))
+            self._remember_entries(state.entry_count, position)
+            position += state.valid_bytes
+            if state.error != lib.RK_OK or state.valid_bytes == 0:
+                break
+        self._bytes_since_index = state.bytes_since_index
+        self._max_timestamp = state.max_timestamp
+        return position, state.next_offset
+
+    def _max_timestamp_before(self, last_time: tuple[int, int] | None, active_position: int) -> int:
+        """Running max of batch timestamps before `active_position` of the active
+        segment, starting from the newest time-index entry (batches before it are
+        covered by its timestamp)."""
+        from_offset = last_time[1] if last_time else self.log_start_offset
+        first = max(0, bisect.bisect_right(self._segment_bases, from_offset) - 1)
+        best = -1
+        for segment in self._segments[first:-1]:
+            best = max(best, segment.max_timestamp())
+        view = self._segments[-1].view()
+        best = max(best, lib.rk_max_timestamp(ffi.from_buffer(view), len(view), 0, active_position))
+        return best
+
+    def _reset_tail_state(self, end_position: int) -> None:
+        """Recompute the index cursor state after the active segment was cut."""
+        active = self._segments[-1]
+        entry = self._index.offset_floor(self.pid, self._log_end_offset - 1)
+        indexed_position = entry[1] if entry and entry[0] >= active.base_offset else 0
+        self._bytes_since_index = end_position - indexed_position
+        last_time = self._index.last_time_entry(self.pid)
+        self._last_time_entry = last_time[0] if last_time else -1
+        self._max_timestamp = max(self._last_time_entry, self._max_timestamp_before(last_time, end_position))
+
+    # ---- lifecycle ---------------------------------------------------
+
+    def close(self) -> None:
+        """Commit the index, sync per the fsync policy and release files."""
+        self.commit_index()
+        if self._config.fsync != "never":
+            self.sync()
+        for segment in self._segments:
+            segment.close()
+
+    def abandon(self) -> None:
+        """Release files without committing anything: what a crash leaves behind."""
+        for segment in self._segments:
+            segment.close()
+
+
+def _segment_timestamp(segment: Segment) -> int:
+    """What retention.ms compares: the newest batch timestamp, else the file mtime."""
+    newest = segment.max_timestamp()
+    if newest >= 0:
+        return newest
+    return int(os.stat(segment.path).st_mtime * 1000)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
