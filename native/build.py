@@ -56,6 +56,7 @@ typedef struct {
 
 uint32_t rk_crc32c(uint32_t crc, const uint8_t *buf, size_t len);
 int rk_crc32c_hardware(void);
+uint32_t rk_crc32c_portable(uint32_t crc, const uint8_t *buf, size_t len);
 int32_t rk_murmur2(const uint8_t *buf, size_t len);
 int64_t rk_scan(const uint8_t *buf, size_t len, rk_scan_state *st,
                 rk_index_entry *entries, size_t max_entries);

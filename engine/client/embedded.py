@@ -69,6 +69,8 @@ class Raftka:
         base = config or Config()
         self.config = base.replace(data_dir=Path(data_dir), **settings)
         self._manager = LogManager(self.config)
+        for log in self._manager.logs():  # unreplicated: whatever recovered is committed
+            log.set_high_watermark(log.log_end_offset)
         self._lock = threading.RLock()
         self._appended = threading.Condition(self._lock)
         self._round_robin: dict[str, Iterator[int]] = {}

@@ -17,6 +17,7 @@ Databases and their encodings (integers big-endian so keys sort numerically):
 from __future__ import annotations
 
 import json
+import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import Callable, Iterable, TypeVar
 import lmdb
 
 from engine.errors import StorageError
+
+log = logging.getLogger(__name__)
 
 _PID = struct.Struct(">I")
 _KEY = struct.Struct(">Iq")
@@ -128,18 +131,30 @@ class IndexStore:
     # ---- sparse indexes -----------------------------------------------
 
     def commit(self, offsets: Iterable[tuple[int, int, int]], times: Iterable[tuple[int, int, int]],
-               states: Iterable[tuple[int, PartitionState]]) -> None:
-        """Write pending (pid, offset, position), (pid, ts, offset) and states in one txn."""
+               states: Iterable[tuple[int, PartitionState]]) -> bool:
+        """Write (pid, offset, position), (pid, ts, offset) entries and states in one txn.
+
+        Index entries are hints (segments are the truth, recovery rebuilds
+        them), so a failed commit (disk full) is logged and reported, not
+        raised: lookups then start from an older entry and walk further.
+        """
         offset_items = [(_KEY.pack(pid, off), _I64.pack(pos)) for pid, off, pos in offsets]
         time_items = [(_KEY.pack(pid, ts), _I64.pack(off)) for pid, ts, off in times]
         state_items = [(_PID.pack(pid), _STATE.pack(s.high_watermark, s.applied_index))
                        for pid, s in states]
+        if not (offset_items or time_items or state_items):
+            return True
 
         def body(txn: lmdb.Transaction) -> None:
-            txn.cursor(self._offsets).putmulti(offset_items, append=False)
-            txn.cursor(self._times).putmulti(time_items, append=False)
+            txn.cursor(self._offsets).putmulti(offset_items)
+            txn.cursor(self._times).putmulti(time_items)
             txn.cursor(self._state).putmulti(state_items)
-        self._write(body)
+        try:
+            self._write(body)
+        except StorageError as exc:
+            log.warning("index commit of %d entries skipped: %s", len(offset_items) + len(time_items), exc)
+            return False
+        return True
 
     def offset_floor(self, pid: int, offset: int) -> tuple[int, int] | None:
         """(base offset, position) of the last entry with base offset <= `offset`."""

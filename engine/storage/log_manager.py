@@ -144,8 +144,7 @@ class LogManager:
             offsets += o
             times += t
             states += s
-        if offsets or times or states:
-            self._index.commit(offsets, times, states)
+        self._index.commit(offsets, times, states)
         self._last_commit = time.monotonic()
 
     def tick(self) -> None:
@@ -176,7 +175,6 @@ class LogManager:
             return
         self._closed = True
         try:
-            self.commit_index()
             for log in self._logs.values():
                 log.close()
             self._index.sync()

@@ -222,8 +222,11 @@ class PartitionLog:
             self.roll()
 
     def roll(self) -> None:
-        """Seal the active segment and start a new one at the log end offset."""
+        """Seal the active segment and start a new one at the log end offset
+        (nothing to do while the active segment is empty)."""
         active = self._segments[-1]
+        if active.size_bytes == 0:
+            return
         if self._config.fsync != "never":
             active.sync()
         active.seal()
@@ -354,15 +357,17 @@ class PartitionLog:
         view = segment.view()
         position = lib.rk_seek_offset(ffi.from_buffer(view), len(view),
                                       self._index_floor(segment, offset), offset)
-        new_end = read_header(view, position).base_offset if position < len(view) else offset
+        new_end = read_header(view, position).base_offset
         del view
+        # index entries first: a stale entry past the cut would misplace reads,
+        # a missing one only makes them walk further
+        self._index.delete_offsets(self.pid, from_offset=new_end)
+        self._index.delete_times(self.pid, from_offset=new_end)
         for doomed in self._segments[k + 1:]:
             doomed.delete()
         del self._segments[k + 1:], self._segment_bases[k + 1:]
         segment.truncate(position)
         segment.make_active(self._map_capacity())
-        self._index.delete_offsets(self.pid, from_offset=new_end)
-        self._index.delete_times(self.pid, from_offset=new_end)
         self._log_end_offset = new_end
         self._high_watermark = min(self._high_watermark, new_end)
         self._state_dirty = True
