@@ -214,7 +214,13 @@ def _decode_topic(key: bytes, value: bytes) -> TopicRecord:
 
 
 def _floor(cursor: lmdb.Cursor, pid: int, key: int) -> tuple[int, int] | None:
-    """The last (key, value) of partition pid with key <= `key`."""
+    """The last (key, value) of partition pid with key <= `key`.
+
+    Keys are non-negative (offsets, timestamps >= 0), and a negative one
+    would sort after them all as big-endian bytes, so it has no floor.
+    """
+    if key < 0:
+        return None
     target = _KEY.pack(pid, key)
     if cursor.set_range(target):
         if cursor.key() == target:

@@ -158,9 +158,11 @@ class PartitionLog:
         size = len(batches)
         if size == 0:
             raise CorruptRecordError("no record batches", 0)
-        self._maybe_roll(size)
         data = ffi.from_buffer(batches)
-        state = self._validate(data, size)
+        state = self._scan(data, size, check_crc=True)
+        if self._roll_due(size):
+            self.roll()
+            state = self._scan(data, size, check_crc=False)  # index entries for the new segment
         base_offset = self._log_end_offset
         active = self._segments[-1]
         position = active.size_bytes
@@ -176,9 +178,10 @@ class PartitionLog:
         return AppendResult(base_offset, state.next_offset - 1, state.batch_count,
                             state.record_count, size)
 
-    def _validate(self, data: object, size: int) -> "ffi.CData":
+    def _scan(self, data: object, size: int, check_crc: bool) -> "ffi.CData":
+        """Validate `data` and work out its offsets and index entries, writing nothing."""
         state = self._scan_state
-        state.check_crc = 1
+        state.check_crc = int(check_crc)
         state.check_offsets = 0
         state.max_batch_bytes = self._config.max_batch_bytes
         state.index_interval_bytes = self._config.index_interval_bytes
@@ -212,14 +215,13 @@ class PartitionLog:
                 self._pending_times.append((entry.max_timestamp, entry.base_offset))
                 self._last_time_entry = entry.max_timestamp
 
-    def _maybe_roll(self, incoming_bytes: int) -> None:
+    def _roll_due(self, incoming_bytes: int) -> bool:
         active = self._segments[-1]
         if active.size_bytes == 0:
-            return
+            return False
         too_big = active.size_bytes + incoming_bytes > self._config.segment_bytes
         too_old = int(time.time() * 1000) - active.created_ms >= self._config.segment_ms
-        if too_big or too_old:
-            self.roll()
+        return too_big or too_old
 
     def roll(self) -> None:
         """Seal the active segment and start a new one at the log end offset
@@ -247,7 +249,9 @@ class PartitionLog:
         """Whole batches from the one containing `offset`, below the high watermark.
 
         At most `max_bytes` unless the first batch alone is larger (it is then
-        returned whole, as Kafka does). Empty at the high watermark.
+        returned whole, as Kafka does); never past the end of the segment
+        holding `offset` (the next read continues in the next one). Empty at
+        the high watermark.
         """
         high_watermark = self._high_watermark
         if not self.log_start_offset <= offset <= high_watermark:
