@@ -221,6 +221,7 @@ class PartitionLogMachine(RuleBasedStateMachine):
         active.batches = kept
         self.log = self._open()
         self.high_watermark = max(self.log_start, min(self.committed_high_watermark, self.log_end))
+        self.committed_high_watermark = self.high_watermark  # recovery stores what it found
 
     @rule(timestamp_ms=st.integers(0, 21_000))
     def offset_for_timestamp(self, timestamp_ms):

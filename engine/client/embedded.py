@@ -83,7 +83,7 @@ class Raftka:
     def create_topic(self, name: str, partitions: int | None = None) -> None:
         """Create a topic (Kafka naming rules) with `partitions` partitions."""
         with self._lock:
-            self._manager.create_topic(name, partitions or self.config.default_partitions)
+            self._manager.create_topic(name, self.config.default_partitions if partitions is None else partitions)
 
     def delete_topic(self, name: str) -> None:
         with self._lock:

@@ -419,6 +419,9 @@ class PartitionLog:
         self._applied_index = state.applied_index
         self._recover_active_segment()
         self._high_watermark = max(self.log_start_offset, min(state.high_watermark, self._log_end_offset))
+        if self._high_watermark != state.high_watermark:  # recovery lost data under it
+            self._state_dirty = True
+            self.commit_index()
 
     def _recover_active_segment(self) -> None:
         active = self._segments[-1]
