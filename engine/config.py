@@ -35,8 +35,11 @@ class Config:
     # retention.bytes (-1 = unlimited) / retention.ms (-1 = unlimited)
     retention_bytes: int = -1
     retention_ms: int = 7 * DAY_MS
-    # index.interval.bytes: one sparse index entry per this many log bytes
-    index_interval_bytes: int = 4096
+    # index.interval.bytes: one sparse index entry per this many log bytes.
+    # Kafka's 4096 suits its mmap'd index arrays; an LMDB entry costs ~1 us to
+    # commit, while walking 64 KiB of batch headers in C to find an offset
+    # costs well under that, so we index 16x more sparsely.
+    index_interval_bytes: int = 64 * 1024
     # message.max.bytes: the largest record batch accepted, header included
     max_batch_bytes: int = 1024 * 1024 + 12
     fsync: FsyncPolicy = "never"

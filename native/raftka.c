@@ -289,32 +289,56 @@ static int64_t write_all(int fd, struct iovec *iov, int cnt, int64_t at) {
     return total;
 }
 
+/* Rewrites the header fields the broker owns in one batch's first 16 bytes. */
+static inline void patch_header(uint8_t *patch, int64_t offset, int32_t leader_epoch) {
+    put_be64(patch + RK_BASE_OFFSET_OFF, offset);
+    if (leader_epoch >= 0) put_be32(patch + RK_LEADER_EPOCH_OFF, leader_epoch);
+}
+
+static int64_t finish_append(int fd, int64_t file_position, int64_t written) {
+    if (written < 0) {
+        int saved = (int)-written;
+        while (ftruncate(fd, (off_t)file_position) < 0 && errno == EINTR) {}
+        return -saved;
+    }
+    return written;
+}
+
 /*
  * Writes already validated batches at file_position, giving them offsets
  * first_offset, first_offset + count0, ... and (if leader_epoch >= 0) that
- * partitionLeaderEpoch. The input buffer is not modified: each batch goes
- * out as a patched 16-byte prefix plus the rest straight from `buf`.
- * Returns bytes written, or -errno after truncating back to file_position,
- * so a failed append leaves the file as it was.
+ * partitionLeaderEpoch. With in_place the caller's (writable) buffer gets the
+ * new header fields and goes out in one write; otherwise the buffer is not
+ * modified: each batch goes out as a patched 16-byte prefix plus the rest
+ * straight from `buf`. Returns bytes written, or -errno after truncating back
+ * to file_position, so a failed append leaves the file as it was.
  */
-int64_t rk_append(int fd, int64_t file_position, const uint8_t *buf, size_t len,
-                  int64_t first_offset, int32_t leader_epoch) {
+int64_t rk_append(int fd, int64_t file_position, uint8_t *buf, size_t len,
+                  int64_t first_offset, int32_t leader_epoch, int in_place) {
     size_t batches = 0;
     for (size_t pos = 0; pos + RK_HEADER_SIZE <= len;
          pos += (size_t)be32(buf + pos + RK_BATCH_LENGTH_OFF) + RK_LOG_OVERHEAD)
         batches++;
+    int64_t offset = first_offset;
+    if (in_place) {
+        for (size_t pos = 0, i = 0; i < batches; i++) {
+            patch_header(buf + pos, offset, leader_epoch);
+            offset += be32(buf + pos + RK_RECORD_COUNT_OFF);
+            pos += (size_t)be32(buf + pos + RK_BATCH_LENGTH_OFF) + RK_LOG_OVERHEAD;
+        }
+        struct iovec whole = { .iov_base = buf, .iov_len = len };
+        return finish_append(fd, file_position, write_all(fd, &whole, 1, file_position));
+    }
     uint8_t *patches = malloc(batches * RK_PATCH_SIZE + 1);
     struct iovec *iov = malloc(batches * 2 * sizeof(struct iovec) + 1);
     if (!patches || !iov) { free(patches); free(iov); return -ENOMEM; }
-    int64_t offset = first_offset;
     size_t pos = 0;
     for (size_t i = 0; i < batches; i++) {
         const uint8_t *p = buf + pos;
         size_t size = (size_t)be32(p + RK_BATCH_LENGTH_OFF) + RK_LOG_OVERHEAD;
         uint8_t *patch = patches + i * RK_PATCH_SIZE;
         memcpy(patch, p, RK_PATCH_SIZE);
-        put_be64(patch + RK_BASE_OFFSET_OFF, offset);
-        if (leader_epoch >= 0) put_be32(patch + RK_LEADER_EPOCH_OFF, leader_epoch);
+        patch_header(patch, offset, leader_epoch);
         iov[2 * i].iov_base = patch;
         iov[2 * i].iov_len = RK_PATCH_SIZE;
         iov[2 * i + 1].iov_base = (void *)(p + RK_PATCH_SIZE);
@@ -325,12 +349,7 @@ int64_t rk_append(int fd, int64_t file_position, const uint8_t *buf, size_t len,
     int64_t written = write_all(fd, iov, (int)(2 * batches), file_position);
     free(patches);
     free(iov);
-    if (written < 0) {
-        int saved = (int)-written;
-        while (ftruncate(fd, (off_t)file_position) < 0 && errno == EINTR) {}
-        return -saved;
-    }
-    return written;
+    return finish_append(fd, file_position, written);
 }
 
 /* ---- header walks over stored (already validated) batches -------------- */
@@ -371,15 +390,18 @@ int64_t rk_seek_timestamp(const uint8_t *buf, size_t len, int64_t pos, int64_t t
  * Bytes of whole batches from pos to serve a read: batches whose last offset
  * is below end_offset (the high watermark), at most max_bytes of them but
  * always the first one, as Kafka does so an oversized batch still makes
- * progress.
+ * progress. *next_offset is the offset after the last batch included
+ * (unchanged if none is).
  */
 int64_t rk_span(const uint8_t *buf, size_t len, int64_t pos, int64_t max_bytes,
-                int64_t end_offset) {
+                int64_t end_offset, int64_t *next_offset) {
     int64_t total = 0, size;
     while ((size = stored_batch_size(buf, len, pos + total)) > 0) {
-        if (stored_last_offset(buf + pos + total) >= end_offset) break;
+        int64_t last = stored_last_offset(buf + pos + total);
+        if (last >= end_offset) break;
         if (total > 0 && total + size > max_bytes) break;
         total += size;
+        *next_offset = last + 1;
     }
     return total;
 }

@@ -93,12 +93,12 @@ int32_t rk_murmur2(const uint8_t *buf, size_t len);
 
 int64_t rk_scan(const uint8_t *buf, size_t len, rk_scan_state *st,
                 rk_index_entry *entries, size_t max_entries);
-int64_t rk_append(int fd, int64_t file_position, const uint8_t *buf, size_t len,
-                  int64_t first_offset, int32_t leader_epoch);
+int64_t rk_append(int fd, int64_t file_position, uint8_t *buf, size_t len,
+                  int64_t first_offset, int32_t leader_epoch, int in_place);
 int64_t rk_seek_offset(const uint8_t *buf, size_t len, int64_t pos, int64_t target_offset);
 int64_t rk_seek_timestamp(const uint8_t *buf, size_t len, int64_t pos, int64_t target_timestamp);
 int64_t rk_span(const uint8_t *buf, size_t len, int64_t pos, int64_t max_bytes,
-                int64_t end_offset);
+                int64_t end_offset, int64_t *next_offset);
 int64_t rk_max_timestamp(const uint8_t *buf, size_t len, int64_t pos, int64_t end_pos);
 /* read-only shared mapping of a segment; may extend past EOF (never read there) */
 uint8_t *rk_map(int fd, int64_t length);

@@ -49,9 +49,7 @@ class Harness:
         while offset < self.log.high_watermark:
             chunk = self.log.read(offset, 1 << 20)
             out += chunk.buffer
-            offset = read_header(chunk.buffer, 0).base_offset
-            for header, _ in iter_batches(chunk.buffer):
-                offset = header.last_offset + 1
+            offset = chunk.next_offset
         return bytes(out)
 
 
@@ -86,6 +84,22 @@ def test_appended_batches_carry_their_offsets_and_leader_epoch_and_a_still_valid
     headers = [h for h, _ in iter_batches(log.read(0, 1 << 20).buffer)]
     assert [(h.base_offset, h.partition_leader_epoch) for h in headers] == [(0, -1), (2, 7)]
     assert len(list(parse_records(log.read(0, 1 << 20).buffer))) == 4  # CRC still checks
+
+
+def test_a_writable_buffer_gets_its_headers_rewritten_in_place_and_stores_the_same_bytes(harness):
+    log = harness.log
+    log.append(make_batch(2))
+    readonly = make_batch(3, seed=4)
+    writable = bytearray(readonly)
+    log.append(writable, leader_epoch=3)
+    log.append(readonly, leader_epoch=3)
+    assert (read_header(writable).base_offset, read_header(writable).partition_leader_epoch) == (2, 3)
+    assert read_header(readonly).base_offset == 0  # read-only input is never modified
+    commit_all(log)
+    stored = [bytes(b) for _, b in iter_batches(log.read(2, 1 << 20).buffer)]
+    assert stored[0] == bytes(writable)
+    assert read_header(stored[1]).base_offset == 5
+    assert stored[1][8:] == stored[0][8:]  # same batch, same epoch, only the base offset differs
 
 
 def test_read_respects_max_bytes_but_always_returns_one_whole_batch(harness):

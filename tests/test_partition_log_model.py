@@ -97,8 +97,8 @@ class PartitionLogMachine(RuleBasedStateMachine):
 
     @rule(counts=st.lists(st.integers(1, 5), min_size=1, max_size=4),
           value_size=st.integers(0, 300), timestamp=st.integers(0, 20_000),
-          seed=st.integers(0, 2**16), corrupt=st.booleans())
-    def append(self, counts, value_size, timestamp, seed, corrupt):
+          seed=st.integers(0, 2**16), corrupt=st.booleans(), writable=st.booleans())
+    def append(self, counts, value_size, timestamp, seed, corrupt, writable):
         rng = random.Random(seed)
         built = []
         for count in counts:
@@ -115,7 +115,7 @@ class PartitionLogMachine(RuleBasedStateMachine):
             with pytest.raises((CorruptRecordError, RecordTooLargeError)):
                 self.log.append(bytes(broken))
             return
-        result = self.log.append(data)
+        result = self.log.append(bytearray(data) if writable else data)
         assert result.base_offset == self.log_end
         active = self.segments[-1]
         if active.batches and active.size + len(data) > SEGMENT_BYTES:
@@ -250,10 +250,11 @@ class PartitionLogMachine(RuleBasedStateMachine):
         got = bytearray()
         offset = self.log_start
         while offset < self.high_watermark:
-            chunk = self.log.read(offset, 2000).buffer
-            assert chunk, f"empty read at {offset} below high watermark {self.high_watermark}"
-            got += chunk
-            offset = [h.last_offset for h, _ in iter_batches(chunk)][-1] + 1
+            chunk = self.log.read(offset, 2000)
+            assert chunk.size_bytes, f"empty read at {offset} below high watermark {self.high_watermark}"
+            got += chunk.buffer
+            assert chunk.next_offset == [h.last_offset for h, _ in iter_batches(chunk.buffer)][-1] + 1
+            offset = chunk.next_offset
         assert bytes(got) == readable
 
 

@@ -155,7 +155,7 @@ class Raftka:
             targets.append(sticky)
         return targets
 
-    def _encode(self, records: list[Record], compression: Compression | str, now_ms: int) -> bytes:
+    def _encode(self, records: list[Record], compression: Compression | str, now_ms: int) -> bytearray:
         """Encode as few batches as fit under max_batch_bytes."""
         limit = self.config.max_batch_bytes
         out = bytearray()
@@ -165,7 +165,7 @@ class Raftka:
                 raise RecordTooLargeError(
                     f"a record of {len(batch)} bytes as a batch exceeds max_batch_bytes={limit}")
             out += batch
-        return bytes(out)
+        return out  # writable: the log patches offsets in place and writes it in one go
 
     # ---- read --------------------------------------------------------
 

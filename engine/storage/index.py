@@ -65,10 +65,11 @@ class IndexStore:
         # power loss can at worst undo the last commit, never corrupt the
         # environment (MDB_NOMETASYNC). Commits are grouped, so this is rare.
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             self._env = lmdb.open(str(path), map_size=map_size_bytes, max_dbs=8,
                                   subdir=True, metasync=False, sync=True,
                                   readahead=False, lock=True)
-        except lmdb.Error as exc:
+        except (lmdb.Error, OSError) as exc:
             raise StorageError(f"cannot open the LMDB index at {path}: {exc}") from exc
         self._meta = self._env.open_db(b"meta")
         self._topics = self._env.open_db(b"topics")

@@ -74,6 +74,7 @@ class LogSlice:
     buffer: memoryview
     segment_path: Path | None
     file_position: int
+    next_offset: int  # where the next read continues
 
     @property
     def size_bytes(self) -> int:
@@ -104,6 +105,7 @@ class PartitionLog:
         self._dirty_since_sync = False
         self._scan_state = ffi.new("rk_scan_state *")
         self._entries = ffi.new("rk_index_entry[]", 1)
+        self._next_offset_out = ffi.new("int64_t *")
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -153,7 +155,10 @@ class PartitionLog:
 
         Nothing is written unless every batch is valid (CorruptRecordError,
         RecordTooLargeError); a failed write (StorageError) leaves the log as
-        it was.
+        it was. A writable buffer (the broker's receive buffer, a bytearray)
+        gets baseOffset and partitionLeaderEpoch rewritten in place and goes
+        to disk in one write; a read-only one is left untouched and written
+        as a patched header plus the rest of each batch.
         """
         size = len(batches)
         if size == 0:
@@ -166,7 +171,7 @@ class PartitionLog:
         base_offset = self._log_end_offset
         active = self._segments[-1]
         position = active.size_bytes
-        active.append(data, size, base_offset, leader_epoch)
+        active.append(data, size, base_offset, leader_epoch, in_place=not memoryview(batches).readonly)
         self._remember_entries(state.entry_count, position)
         self._log_end_offset = state.next_offset
         self._bytes_since_index = state.bytes_since_index
@@ -257,13 +262,15 @@ class PartitionLog:
         if not self.log_start_offset <= offset <= high_watermark:
             raise OffsetOutOfRangeError(self.name, offset, self.log_start_offset, high_watermark)
         if offset == high_watermark:
-            return LogSlice(memoryview(b""), None, 0)
+            return LogSlice(memoryview(b""), None, 0, offset)
         segment = self._segment_for(offset)
         view = segment.view()
         data = ffi.from_buffer(view)
         position = lib.rk_seek_offset(data, len(view), self._index_floor(segment, offset), offset)
-        size = lib.rk_span(data, len(view), position, max_bytes, high_watermark)
-        return LogSlice(view[position:position + size], segment.path, position)
+        next_offset = self._next_offset_out
+        next_offset[0] = offset
+        size = lib.rk_span(data, len(view), position, max_bytes, high_watermark, next_offset)
+        return LogSlice(view[position:position + size], segment.path, position, next_offset[0])
 
     def offset_for_timestamp(self, timestamp_ms: int) -> int | None:
         """Offset of the first record with timestamp >= timestamp_ms, below the high

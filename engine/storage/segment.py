@@ -86,13 +86,16 @@ class Segment:
         self._map_capacity_bytes = 0
         self._view = None
 
-    def append(self, data: object, size_bytes: int, first_offset: int, leader_epoch: int) -> None:
-        """Write validated batches (a cffi buffer) giving them offsets from first_offset.
+    def append(self, data: object, size_bytes: int, first_offset: int, leader_epoch: int,
+               in_place: bool) -> None:
+        """Write validated batches (a cffi buffer) giving them offsets from first_offset;
+        `in_place` rewrites their headers in the (writable) buffer itself.
 
         On failure the file is truncated back, so the segment is unchanged.
         """
         assert self._fd is not None, f"{self.path.name} is sealed"
-        written = lib.rk_append(self._fd, self.size_bytes, data, size_bytes, first_offset, leader_epoch)
+        written = lib.rk_append(self._fd, self.size_bytes, data, size_bytes, first_offset, leader_epoch,
+                                int(in_place))
         if written < 0:
             raise StorageError(f"append to {self.path} failed: {os.strerror(-written)}")
         assert written == size_bytes, f"wrote {written} of {size_bytes} bytes"
