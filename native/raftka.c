@@ -50,13 +50,18 @@ static inline void put_be32(uint8_t *p, int32_t v) {
 /* ---- CRC32C (Castagnoli, reflected polynomial 0x82F63B78) -------------- */
 
 #define CRC32C_POLY 0x82F63B78u
-/* bytes per lane of the 3-way interleaved hardware loop */
-#define CRC_LANE_BYTES 4096
+/* Bytes per lane of the 3-way interleaved hardware loop: big lanes for long
+ * buffers, small ones so 1 KiB batches still run three lanes at once. */
+#define CRC_LANE_BIG 4096
+#define CRC_LANE_SMALL 256
+#define CRC_LANE_TINY 64
 
+/* shift_*[k][b]: the raw register after a lane's worth of zero bytes,
+ * starting from byte b in position k; joins lanes computed in parallel. */
+static uint32_t shift_big[4][256];
+static uint32_t shift_small[4][256];
+static uint32_t shift_tiny[4][256];
 static uint32_t crc_table[8][256];
-/* shift_table[k][b]: the raw register after CRC_LANE_BYTES zero bytes,
- * starting from byte b in position k; lets three lanes run in parallel. */
-static uint32_t shift_table[4][256];
 static int crc_hw = -1;
 
 static void crc_init_tables(void) {
@@ -101,44 +106,56 @@ static uint64_t crc_raw_hw_serial(uint64_t c, const uint8_t *p, size_t n) {
     return c;
 }
 
-static inline uint32_t crc_shift_lane(uint32_t c) {
-    return shift_table[0][c & 0xff] ^ shift_table[1][(c >> 8) & 0xff] ^
-           shift_table[2][(c >> 16) & 0xff] ^ shift_table[3][c >> 24];
+static inline uint32_t crc_shift(const uint32_t table[4][256], uint32_t c) {
+    return table[0][c & 0xff] ^ table[1][(c >> 8) & 0xff] ^
+           table[2][(c >> 16) & 0xff] ^ table[3][c >> 24];
 }
 
 /* Three independent lanes hide the 3-cycle latency of the crc32 instruction;
- * the lanes are joined by the linear "append CRC_LANE_BYTES zeros" map. */
+ * the lanes are joined by the linear "append `lane` zero bytes" map. */
 __attribute__((target("sse4.2")))
-static uint32_t crc_raw_hw(uint32_t crc, const uint8_t *p, size_t n) {
-    uint64_t c0 = crc;
-    while (n >= 3 * CRC_LANE_BYTES) {
+static uint64_t crc_three_lanes(uint64_t c0, const uint8_t **pp, size_t *np, size_t lane,
+                                const uint32_t table[4][256]) {
+    const uint8_t *p = *pp;
+    size_t n = *np;
+    while (n >= 3 * lane) {
         uint64_t c1 = 0, c2 = 0;
-        const uint8_t *p1 = p + CRC_LANE_BYTES, *p2 = p + 2 * CRC_LANE_BYTES;
-        for (size_t i = 0; i < CRC_LANE_BYTES; i += 8) {
+        const uint8_t *p1 = p + lane, *p2 = p + 2 * lane;
+        for (size_t i = 0; i < lane; i += 8) {
             uint64_t w0, w1, w2;
             memcpy(&w0, p + i, 8); memcpy(&w1, p1 + i, 8); memcpy(&w2, p2 + i, 8);
             c0 = _mm_crc32_u64(c0, w0);
             c1 = _mm_crc32_u64(c1, w1);
             c2 = _mm_crc32_u64(c2, w2);
         }
-        c0 = crc_shift_lane((uint32_t)c0) ^ (uint32_t)c1;
-        c0 = crc_shift_lane((uint32_t)c0) ^ (uint32_t)c2;
-        p += 3 * CRC_LANE_BYTES; n -= 3 * CRC_LANE_BYTES;
+        c0 = crc_shift(table, (uint32_t)c0) ^ (uint32_t)c1;
+        c0 = crc_shift(table, (uint32_t)c0) ^ (uint32_t)c2;
+        p += 3 * lane; n -= 3 * lane;
     }
-    return (uint32_t)crc_raw_hw_serial(c0, p, n);
+    *pp = p;
+    *np = n;
+    return c0;
 }
 
-static void crc_init_shift_table(void) {
-    static const uint8_t zeros[CRC_LANE_BYTES];
+__attribute__((target("sse4.2")))
+static uint32_t crc_raw_hw(uint32_t crc, const uint8_t *p, size_t n) {
+    uint64_t c = crc_three_lanes(crc, &p, &n, CRC_LANE_BIG, shift_big);
+    c = crc_three_lanes(c, &p, &n, CRC_LANE_SMALL, shift_small);
+    c = crc_three_lanes(c, &p, &n, CRC_LANE_TINY, shift_tiny);
+    return (uint32_t)crc_raw_hw_serial(c, p, n);
+}
+
+static void crc_init_shift_table(size_t lane, uint32_t table[4][256]) {
+    static const uint8_t zeros[CRC_LANE_BIG];
     uint32_t basis[32];
     for (int bit = 0; bit < 32; bit++)
-        basis[bit] = (uint32_t)crc_raw_hw_serial(1u << bit, zeros, CRC_LANE_BYTES);
+        basis[bit] = (uint32_t)crc_raw_hw_serial(1u << bit, zeros, lane);
     for (int k = 0; k < 4; k++)
         for (uint32_t b = 0; b < 256; b++) {
             uint32_t v = 0;
             for (int i = 0; i < 8; i++)
                 if (b & (1u << i)) v ^= basis[k * 8 + i];
-            shift_table[k][b] = v;
+            table[k][b] = v;
         }
 }
 #endif
@@ -149,7 +166,9 @@ static void crc_init(void) {
 #if defined(__x86_64__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("sse4.2")) {
-        crc_init_shift_table();
+        crc_init_shift_table(CRC_LANE_BIG, shift_big);
+        crc_init_shift_table(CRC_LANE_SMALL, shift_small);
+        crc_init_shift_table(CRC_LANE_TINY, shift_tiny);
         crc_hw = 1;
         return;
     }
@@ -315,20 +334,20 @@ static int64_t finish_append(int fd, int64_t file_position, int64_t written) {
  */
 int64_t rk_append(int fd, int64_t file_position, uint8_t *buf, size_t len,
                   int64_t first_offset, int32_t leader_epoch, int in_place) {
-    size_t batches = 0;
-    for (size_t pos = 0; pos + RK_HEADER_SIZE <= len;
-         pos += (size_t)be32(buf + pos + RK_BATCH_LENGTH_OFF) + RK_LOG_OVERHEAD)
-        batches++;
     int64_t offset = first_offset;
     if (in_place) {
-        for (size_t pos = 0, i = 0; i < batches; i++) {
+        for (size_t pos = 0; pos + RK_HEADER_SIZE <= len;
+             pos += (size_t)be32(buf + pos + RK_BATCH_LENGTH_OFF) + RK_LOG_OVERHEAD) {
             patch_header(buf + pos, offset, leader_epoch);
             offset += be32(buf + pos + RK_RECORD_COUNT_OFF);
-            pos += (size_t)be32(buf + pos + RK_BATCH_LENGTH_OFF) + RK_LOG_OVERHEAD;
         }
         struct iovec whole = { .iov_base = buf, .iov_len = len };
         return finish_append(fd, file_position, write_all(fd, &whole, 1, file_position));
     }
+    size_t batches = 0;
+    for (size_t pos = 0; pos + RK_HEADER_SIZE <= len;
+         pos += (size_t)be32(buf + pos + RK_BATCH_LENGTH_OFF) + RK_LOG_OVERHEAD)
+        batches++;
     uint8_t *patches = malloc(batches * RK_PATCH_SIZE + 1);
     struct iovec *iov = malloc(batches * 2 * sizeof(struct iovec) + 1);
     if (!patches || !iov) { free(patches); free(iov); return -ENOMEM; }
@@ -434,3 +453,4 @@ uint8_t *rk_map(int fd, int64_t length) {
 void rk_unmap(uint8_t *addr, int64_t length) {
     if (addr) munmap(addr, (size_t)length);
 }
+

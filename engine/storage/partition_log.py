@@ -212,13 +212,17 @@ class PartitionLog:
         raise CorruptRecordError(_SCAN_ERRORS.get(error, f"error {error}"), position)
 
     def _remember_entries(self, count: int, file_position: int) -> None:
-        for i in range(count):
-            entry = self._entries[i]
-            self._pending_offsets.append(entry.base_offset)
-            self._pending_positions.append(file_position + entry.position)
-            if entry.max_timestamp > self._last_time_entry:
-                self._pending_times.append((entry.max_timestamp, entry.base_offset))
-                self._last_time_entry = entry.max_timestamp
+        if not count:
+            return
+        # rk_index_entry is three int64s: position, base_offset, max_timestamp
+        flat = ffi.unpack(ffi.cast("int64_t *", self._entries), 3 * count)
+        offsets = flat[1::3]
+        self._pending_offsets += offsets
+        self._pending_positions += [file_position + p for p in flat[0::3]]
+        for timestamp, offset in zip(flat[2::3], offsets):
+            if timestamp > self._last_time_entry:
+                self._pending_times.append((timestamp, offset))
+                self._last_time_entry = timestamp
 
     def _roll_due(self, incoming_bytes: int) -> bool:
         active = self._segments[-1]
