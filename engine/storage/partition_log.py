@@ -27,6 +27,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from engine.config import Config
 from engine.errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
@@ -52,8 +53,7 @@ _RECOVERY_ENTRIES_MAX = 4096
 _RECOVERY_CANDIDATES_MAX = 64
 
 
-@dataclass(frozen=True, slots=True)
-class AppendResult:
+class AppendResult(NamedTuple):
     """Where an append landed: offsets [base_offset, last_offset]."""
 
     base_offset: int
@@ -104,6 +104,9 @@ class PartitionLog:
         self._state_dirty = False
         self._dirty_since_sync = False
         self._scan_state = ffi.new("rk_scan_state *")
+        self._scan_state.check_offsets = 0
+        self._scan_state.max_batch_bytes = config.max_batch_bytes
+        self._scan_state.index_interval_bytes = config.index_interval_bytes
         self._entries = ffi.new("rk_index_entry[]", 1)
         self._next_offset_out = ffi.new("int64_t *")
         try:
@@ -186,10 +189,7 @@ class PartitionLog:
     def _scan(self, data: object, size: int, check_crc: bool) -> "ffi.CData":
         """Validate `data` and work out its offsets and index entries, writing nothing."""
         state = self._scan_state
-        state.check_crc = int(check_crc)
-        state.check_offsets = 0
-        state.max_batch_bytes = self._config.max_batch_bytes
-        state.index_interval_bytes = self._config.index_interval_bytes
+        state.check_crc = check_crc
         state.next_offset = self._log_end_offset
         state.bytes_since_index = self._bytes_since_index
         state.max_timestamp = self._max_timestamp
@@ -228,9 +228,8 @@ class PartitionLog:
         active = self._segments[-1]
         if active.size_bytes == 0:
             return False
-        too_big = active.size_bytes + incoming_bytes > self._config.segment_bytes
-        too_old = int(time.time() * 1000) - active.created_ms >= self._config.segment_ms
-        return too_big or too_old
+        return (active.size_bytes + incoming_bytes > self._config.segment_bytes
+                or time.time() >= active.created_ms / 1000 + self._config.segment_ms / 1000)
 
     def roll(self) -> None:
         """Seal the active segment and start a new one at the log end offset
