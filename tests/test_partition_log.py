@@ -344,3 +344,28 @@ def test_unusable_data_directory_is_a_clear_storage_error(tmp_path):
     not_a_dir.write_text("x")
     with pytest.raises(StorageError, match="unusable"):
         engine.open(not_a_dir / "data")
+
+
+def test_segments_roll_by_age(tmp_path):
+    import time
+    h = Harness(tmp_path, segment_ms=20)
+    h.log.append(make_batch(1))
+    time.sleep(0.05)
+    h.log.append(make_batch(1, seed=1))
+    assert [s.base_offset for s in h.log.segments] == [0, 1]
+
+
+@pytest.mark.parametrize("policy", ["never", "interval", "always"])
+def test_every_fsync_policy_keeps_appends_across_reopen(tmp_path, policy):
+    import engine
+    with engine.open(tmp_path, fsync=policy, fsync_interval_ms=1, segment_bytes=2048) as rk:
+        rk.create_topic("t")
+        sent = rk.produce_batch("t", [Record(b"%d" % i * 50) for i in range(100)])
+        rk.flush()
+    with engine.open(tmp_path, fsync=policy) as rk:
+        assert [r.offset for r in rk.read("t", 0)] == [m.offset for m in sent]
+
+
+def test_an_unknown_fsync_policy_is_refused():
+    with pytest.raises(ValueError, match="fsync must be one of"):
+        Config(fsync="sometimes")
