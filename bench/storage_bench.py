@@ -236,8 +236,12 @@ def peak_rss_bytes() -> int:
 def run_rss(workdir: Path, volume_bytes: int) -> dict[str, float]:
     directory = workdir / "rss"
     directory.mkdir()
+    # cwd: `python -m` puts it first on sys.path, and run from a source tree it
+    # would shadow the installed packages with ones lacking the built extension
     out = subprocess.run([sys.executable, "-m", "bench.storage_bench", "--rss-child", str(directory),
-                          "--rss-bytes", str(volume_bytes)], capture_output=True, text=True, check=True)
+                          "--rss-bytes", str(volume_bytes)], capture_output=True, text=True, cwd=directory)
+    if out.returncode != 0:
+        raise RuntimeError(f"RSS measurement child failed:\n{out.stderr}")
     shutil.rmtree(directory)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["target_bytes"] = RSS_TARGET_BYTES
