@@ -33,7 +33,7 @@ from engine.partitioner import partition_for_key
 from engine.records.batch import ConsumerRecord, Headers, Record, build_batch, parse_records
 from engine.records.compression import Compression
 from engine.storage.log_manager import LogManager
-from engine.storage.partition_log import AppendResult
+from engine.storage.partition_log import AppendResult, LogSlice
 
 # bytes a read pulls from the log per step
 READ_CHUNK_BYTES = 1024 * 1024
@@ -197,7 +197,8 @@ class Raftka:
                 if remaining == 0:
                     return
 
-    def _next_chunk(self, topic: str, partition: int, offset: int, timeout_s: float | None):
+    def _next_chunk(self, topic: str, partition: int, offset: int, timeout_s: float | None) -> LogSlice | None:
+        """The next non-empty read from `offset`, waiting per timeout_s; None when it expires."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._lock:
             while True:

@@ -175,7 +175,7 @@ class PartitionLog:
         active = self._segments[-1]
         position = active.size_bytes
         active.append(data, size, base_offset, leader_epoch, in_place=not memoryview(batches).readonly)
-        self._remember_entries(state.entry_count, position)
+        self._remember_entries(self._entries, state.entry_count, position)
         self._log_end_offset = state.next_offset
         self._bytes_since_index = state.bytes_since_index
         self._max_timestamp = state.max_timestamp
@@ -211,11 +211,13 @@ class PartitionLog:
                     f"over the {self._config.max_batch_bytes}-byte limit of {self.name}")
         raise CorruptRecordError(_SCAN_ERRORS.get(error, f"error {error}"), position)
 
-    def _remember_entries(self, count: int, file_position: int) -> None:
+    def _remember_entries(self, entries: "ffi.CData", count: int, file_position: int) -> None:
+        """Queue the first `count` native index entries (positions relative to
+        file_position) for the next index commit."""
         if not count:
             return
         # rk_index_entry is three int64s: position, base_offset, max_timestamp
-        flat = ffi.unpack(ffi.cast("int64_t *", self._entries), 3 * count)
+        flat = ffi.unpack(ffi.cast("int64_t *", entries), 3 * count)
         offsets = flat[1::3]
         self._pending_offsets += offsets
         self._pending_positions += [file_position + p for p in flat[0::3]]
@@ -487,10 +489,9 @@ class PartitionLog:
         state = self._recovery_scan_state(offset)
         state.max_timestamp = self._max_timestamp
         entries = ffi.new("rk_index_entry[]", _RECOVERY_ENTRIES_MAX)
-        self._entries = entries
         while position < len(view):
             lib.rk_scan(data + position, len(view) - position, state, entries, len(entries))
-            self._remember_entries(state.entry_count, position)
+            self._remember_entries(entries, state.entry_count, position)
             position += state.valid_bytes
             if state.error != lib.RK_OK or state.valid_bytes == 0:
                 break
