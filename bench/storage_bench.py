@@ -293,7 +293,7 @@ def write_chart(pairs: list[Pair], path: Path) -> None:
 
 def run(out_dir: Path, quick: bool, workdir_parent: str | None) -> dict:
     volume = 256 * MIB if quick else GIB
-    repeats = 3 if quick else 5
+    repeats = 3 if quick else 7
     rss_volume = GIB if quick else 4 * GIB
     workdir = Path(tempfile.mkdtemp(prefix="raftka-bench-", dir=workdir_parent))
     try:
