@@ -362,6 +362,9 @@ class PartitionLog:
 
         A batch straddling `offset` goes whole, as in Kafka. Returns the new
         log end offset (<= offset); the high watermark follows it down.
+        Views from read() over the removed bytes must not be touched after
+        this (the file shrinks under the mapping); Raft only truncates above
+        the high watermark, where read() never hands out views.
         """
         if offset >= self._log_end_offset:
             return self._log_end_offset
