@@ -1,0 +1,125 @@
+"""raft/ wire layer: the message codec, framing and the peer handshake refuse
+anything but well-formed, authenticated traffic, without executing any of it."""
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+from hypothesis import given, strategies as st
+
+from raft.codec import MAX_DEPTH, CodecError, decode, encode
+from raft.frames import FrameDecoder, FrameError, FrameKind, encode_frame
+from raft.handshake import AUTH_SIZE, MAGIC, Acceptor, AuthError, Dialer
+
+scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
+           | st.floats(allow_nan=False) | st.binary(max_size=64) | st.text(max_size=16))
+messages = st.recursive(
+    scalars,
+    lambda inner: (st.lists(inner, max_size=4) | st.lists(inner, max_size=4).map(tuple)
+                   | st.dictionaries(st.text(max_size=8) | st.integers(0, 9), inner, max_size=4)),
+    max_leaves=30)
+
+
+@given(messages)
+def test_any_message_round_trips_with_its_types(message):
+    assert decode(encode(message)) == message
+    assert type(decode(encode(message))) is type(message)
+
+
+def test_a_pysyncobj_append_entries_message_round_trips():
+    message = {"type": "append_entries", "term": 7, "commit_index": 41, "prevLogIdx": 40,
+               "prevLogTerm": 6, "entries": [(b"\x01batch", 41, 7), (b"\x01more", 42, 7)]}
+    assert decode(encode(message)) == message
+
+
+@given(st.binary(max_size=200))
+def test_random_bytes_decode_to_a_value_or_a_codec_error_never_anything_else(data):
+    try:
+        decode(data)
+    except CodecError:
+        pass
+
+
+def test_a_pickle_payload_is_refused_not_executed():
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch /tmp/raftka-pwned",))
+    with pytest.raises(CodecError, match="unknown tag 0x80"):
+        decode(pickle.dumps(Boom()))
+    assert not os.path.exists("/tmp/raftka-pwned")
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"\x05\xff\xff\x03", "length"),           # bytes longer than what is left
+    (b"\x07\x10", "length"),                  # 8 items claimed, none present
+    (b"\x03" + b"\xff" * 11, "varint"),
+    (b"\x00\x00", "trailing"),
+    (b"\x06\x02\xff\xfe", "utf-8"),
+    (b"\x09\x02\x07\x00\x00", "unhashable"),   # a list as a dict key
+    (b"\x07\x02" * (MAX_DEPTH + 2), "deeper"),
+])
+def test_malformed_messages_are_refused_with_the_reason(data, reason):
+    with pytest.raises(CodecError, match=reason):
+        decode(data)
+
+
+def test_frames_split_across_reads_are_reassembled_in_order():
+    stream = encode_frame(3, FrameKind.RAFT_MESSAGE, b"first") + encode_frame(9, FrameKind.RAFT_MESSAGE, b"")
+    decoder = FrameDecoder()
+    frames = []
+    for i in range(len(stream)):
+        frames += decoder.feed(stream[i:i + 1])
+    assert [(f.group_id, f.payload) for f in frames] == [(3, b"first"), (9, b"")]
+    assert decoder.buffered_bytes == 0
+
+
+def test_an_oversized_frame_is_refused_from_its_header_alone():
+    decoder = FrameDecoder(max_frame_bytes=1024)
+    header_only = encode_frame(1, FrameKind.RAFT_MESSAGE, b"x" * 2000)[:9]
+    with pytest.raises(FrameError, match="outside"):
+        decoder.feed(header_only)
+
+
+@pytest.mark.parametrize("garbage", [b"\x00\x00\x00\x00" + b"\x00" * 5, b"GET / HTTP/1.1\r\n\r\n", b"\x00\x00\x00\x05\x00\x00\x00\x01\x63"])
+def test_garbage_streams_are_refused(garbage):
+    with pytest.raises(FrameError):
+        FrameDecoder(max_frame_bytes=1 << 20).feed(garbage)
+
+
+def handshake(acceptor_secret: bytes, dialer_secret: bytes) -> tuple[int, int]:
+    acceptor, dialer = Acceptor(acceptor_secret, node_id=1), Dialer(dialer_secret, node_id=2)
+    auth = dialer.receive_hello(acceptor.hello())
+    seen_dialer, ok = acceptor.receive_auth(auth)
+    return seen_dialer, dialer.receive_ok(ok)
+
+
+def test_peers_with_the_same_secret_learn_each_others_node_ids():
+    assert handshake(b"s3cret", b"s3cret") == (2, 1)
+
+
+def test_a_peer_with_the_wrong_secret_is_refused():
+    with pytest.raises(AuthError, match="does not hold the cluster secret"):
+        handshake(b"s3cret", b"guess")
+
+
+def test_a_recorded_auth_cannot_be_replayed_to_a_new_connection():
+    acceptor, dialer = Acceptor(b"s3cret", 1), Dialer(b"s3cret", 2)
+    recorded = dialer.receive_hello(acceptor.hello())
+    acceptor.receive_auth(recorded)
+    with pytest.raises(AuthError):
+        Acceptor(b"s3cret", 1).receive_auth(recorded)  # fresh nonce
+
+
+def test_an_acceptor_without_the_secret_is_detected_by_the_dialer():
+    impostor, dialer = Acceptor(b"other", 1), Dialer(b"s3cret", 2)
+    dialer.receive_hello(impostor.hello())
+    forged_ok = MAGIC + (1).to_bytes(4, "big") + os.urandom(32)
+    with pytest.raises(AuthError, match="acceptor does not hold the cluster secret"):
+        dialer.receive_ok(forged_ok)
+
+
+@pytest.mark.parametrize("message", [b"", b"RKP1", b"XXXX" + bytes(AUTH_SIZE - 4), pickle.dumps({"type": "x"})])
+def test_wrong_sized_or_foreign_handshake_messages_are_refused(message):
+    with pytest.raises(AuthError):
+        Acceptor(b"s3cret", 1).receive_auth(message)
