@@ -1,0 +1,304 @@
+"""PeerNetwork: the one authenticated TCP connection per broker pair that every
+Raft group of a broker shares.
+
+- The broker with the lower node id dials; the other accepts. Both sides run
+  the handshake (handshake.py) with the cluster secret before any frame is
+  read, and a peer must be one of the configured node ids.
+- After that the stream carries frames (frames.py) tagged with a group id;
+  RAFT_MESSAGE payloads are decoded with the pickle-free codec (codec.py)
+  and handed to the handler registered for that group.
+- Everything sent during one event-loop iteration (one tick of all groups)
+  goes to each peer in a single write.
+- Anything malformed (bad handshake, wrong secret, unknown peer, oversized
+  or garbage frame, undecodable payload) closes that one connection and logs
+  why; the network, its other connections and its groups carry on.
+- Outboxes are bounded: past `max_outbox_bytes` for a peer, sends are refused
+  (Raft retries), so a slow peer cannot grow memory without bound.
+
+Runs on one asyncio event loop; all callbacks come from that loop's thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from raft import handshake
+from raft.codec import CodecError, decode, encode
+from raft.frames import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameError, FrameKind, encode_frame
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[int, Any], None]
+PeerCallback = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class PeerNetworkConfig:
+    """Settings of one broker's peer network."""
+
+    node_id: int
+    secret: bytes
+    peers: dict[int, tuple[str, int]]       # node id -> (host, port), self excluded
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    max_outbox_bytes: int = 256 * 1024 * 1024
+    handshake_timeout_s: float = 5.0
+    reconnect_interval_s: float = 0.2
+
+
+class PeerNetwork:
+    """Connections to every peer broker, shared by all Raft groups of this broker."""
+
+    def __init__(self, config: PeerNetworkConfig) -> None:
+        if config.node_id in config.peers:
+            raise ValueError(f"node {config.node_id} lists itself as a peer")
+        self.config = config
+        self._handlers: dict[int, MessageHandler] = {}
+        self._links: dict[int, _PeerProtocol] = {}
+        self._dialing: set[int] = set()
+        self._on_connected: list[PeerCallback] = []
+        self._on_disconnected: list[PeerCallback] = []
+        self._server: asyncio.base_events.Server | None = None
+        self._dialer_task: asyncio.Task | None = None
+        self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- lifecycle -----------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._server = await self._loop.create_server(
+            lambda: _PeerProtocol(self, dialed_peer=None), self.config.listen_host, self.config.listen_port)
+        self._dialer_task = self._loop.create_task(self._dial_forever())
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The (host, port) the network listens on (the real port when 0 was asked)."""
+        assert self._server is not None, "start() first"
+        return self._server.sockets[0].getsockname()[:2]
+
+    async def close(self) -> None:
+        if self._dialer_task:
+            self._dialer_task.cancel()
+        if self._server:
+            self._server.close()
+            await self._server.wait_closed()
+        for link in list(self._links.values()):
+            link.close("network closing")
+
+    # ---- groups and peers ----------------------------------------------
+
+    def register_group(self, group_id: int, handler: MessageHandler) -> None:
+        self._handlers[group_id] = handler
+
+    def unregister_group(self, group_id: int) -> None:
+        self._handlers.pop(group_id, None)
+
+    def on_peer_connected(self, callback: PeerCallback) -> None:
+        self._on_connected.append(callback)
+
+    def on_peer_disconnected(self, callback: PeerCallback) -> None:
+        self._on_disconnected.append(callback)
+
+    @property
+    def connected_peers(self) -> set[int]:
+        return set(self._links)
+
+    def send(self, peer_id: int, group_id: int, message: Any) -> bool:
+        """Queue a message for a peer; False if it is not connected or is backed up."""
+        link = self._links.get(peer_id)
+        if link is None:
+            return False
+        frame = encode_frame(group_id, FrameKind.RAFT_MESSAGE, encode(message))
+        if link.backlog_bytes + len(frame) > self.config.max_outbox_bytes:
+            return False
+        link.queue(frame)
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+        return True
+
+    def flush(self) -> None:
+        """Write every queued frame, one write per peer."""
+        self._flush_scheduled = False
+        for link in self._links.values():
+            link.flush()
+
+    # ---- connection bookkeeping (called by _PeerProtocol) -----------------
+
+    def _authenticated(self, peer_id: int, link: "_PeerProtocol") -> bool:
+        if peer_id not in self.config.peers:
+            link.close(f"node {peer_id} is not a configured peer")
+            return False
+        old = self._links.get(peer_id)
+        if old is not None and old is not link:
+            old.close(f"replaced by a new connection from node {peer_id}")
+        self._links[peer_id] = link
+        log.info("node %d: connected to peer %d", self.config.node_id, peer_id)
+        for callback in self._on_connected:
+            callback(peer_id)
+        return True
+
+    def _lost(self, peer_id: int | None, link: "_PeerProtocol") -> None:
+        if peer_id is None or self._links.get(peer_id) is not link:
+            return
+        del self._links[peer_id]
+        log.info("node %d: lost peer %d", self.config.node_id, peer_id)
+        for callback in self._on_disconnected:
+            callback(peer_id)
+
+    def _deliver(self, peer_id: int, group_id: int, message: Any) -> None:
+        handler = self._handlers.get(group_id)
+        if handler is None:
+            log.debug("node %d: message for unknown group %d from %d dropped",
+                      self.config.node_id, group_id, peer_id)
+            return
+        handler(peer_id, message)
+
+    async def _dial_forever(self) -> None:
+        assert self._loop is not None
+        while True:
+            for peer_id, (host, port) in self.config.peers.items():
+                if peer_id > self.config.node_id and peer_id not in self._links and peer_id not in self._dialing:
+                    self._dialing.add(peer_id)
+                    self._loop.create_task(self._dial(peer_id, host, port))
+            await asyncio.sleep(self.config.reconnect_interval_s)
+
+    async def _dial(self, peer_id: int, host: str, port: int) -> None:
+        assert self._loop is not None
+        try:
+            await self._loop.create_connection(lambda: _PeerProtocol(self, dialed_peer=peer_id), host, port)
+        except OSError as exc:
+            log.debug("node %d: dialing peer %d at %s:%d failed: %s", self.config.node_id, peer_id, host, port, exc)
+        finally:
+            self._dialing.discard(peer_id)
+
+
+class _PeerProtocol(asyncio.Protocol):
+    """One peer connection: handshake, then frames."""
+
+    def __init__(self, network: PeerNetwork, dialed_peer: int | None) -> None:
+        self._network = network
+        self._config = network.config
+        self._dialed_peer = dialed_peer
+        self._transport: asyncio.Transport | None = None
+        self._peer_id: int | None = None
+        self._pending = bytearray()      # handshake bytes not yet consumed
+        self._outbox: list[bytes] = []
+        self._outbox_bytes = 0
+        self._decoder = FrameDecoder(self._config.max_frame_bytes)
+        self._acceptor: handshake.Acceptor | None = None
+        self._dialer: handshake.Dialer | None = None
+        self._hello_answered = False
+        self._closed = False
+        self._timeout: asyncio.TimerHandle | None = None
+
+    # ---- asyncio callbacks ---------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        loop = asyncio.get_running_loop()
+        self._timeout = loop.call_later(self._config.handshake_timeout_s, self._handshake_timed_out)
+        if self._dialed_peer is None:
+            self._acceptor = handshake.Acceptor(self._config.secret, self._config.node_id)
+            self._transport.write(self._acceptor.hello())
+        else:
+            self._dialer = handshake.Dialer(self._config.secret, self._config.node_id)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        try:
+            if self._peer_id is None:
+                data = self._handshake(data)
+                if self._peer_id is None or not data:
+                    return
+            for frame in self._decoder.feed(data):
+                self._network._deliver(self._peer_id, frame.group_id, decode(frame.payload))
+        except (handshake.AuthError, FrameError, CodecError) as exc:
+            self.close(f"{type(exc).__name__}: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._timeout:
+            self._timeout.cancel()
+        self._network._lost(self._peer_id, self)
+
+    # ---- handshake -----------------------------------------------------
+
+    def _take(self, data: bytes, size: int) -> bytes | None:
+        self._pending += data
+        if len(self._pending) < size:
+            return None
+        message = bytes(self._pending[:size])
+        del self._pending[:size]
+        return message
+
+    def _handshake(self, data: bytes) -> bytes:
+        """Consume handshake bytes; return whatever follows the handshake."""
+        if self._acceptor is not None:
+            auth = self._take(data, handshake.AUTH_SIZE)
+            if auth is None:
+                return b""
+            peer_id, ok = self._acceptor.receive_auth(auth)
+            self._transport.write(ok)
+            return self._finish_handshake(peer_id)
+        assert self._dialer is not None
+        if not self._hello_answered:
+            hello = self._take(data, handshake.HELLO_SIZE)
+            if hello is None:
+                return b""
+            self._transport.write(self._dialer.receive_hello(hello))
+            self._hello_answered = True
+            data = b""
+        ok = self._take(data, handshake.OK_SIZE)
+        if ok is None:
+            return b""
+        peer_id = self._dialer.receive_ok(ok)
+        if peer_id != self._dialed_peer:
+            raise handshake.AuthError(f"dialed node {self._dialed_peer} but node {peer_id} answered")
+        return self._finish_handshake(peer_id)
+
+    def _finish_handshake(self, peer_id: int) -> bytes:
+        if self._timeout:
+            self._timeout.cancel()
+        if not self._network._authenticated(peer_id, self):
+            return b""
+        self._peer_id = peer_id
+        rest = bytes(self._pending)
+        self._pending.clear()
+        return rest
+
+    def _handshake_timed_out(self) -> None:
+        if self._peer_id is None:
+            self.close(f"no handshake within {self._config.handshake_timeout_s} s")
+
+    # ---- sending -------------------------------------------------------
+
+    @property
+    def backlog_bytes(self) -> int:
+        buffered = self._transport.get_write_buffer_size() if self._transport else 0
+        return self._outbox_bytes + buffered
+
+    def queue(self, frame: bytes) -> None:
+        self._outbox.append(frame)
+        self._outbox_bytes += len(frame)
+
+    def flush(self) -> None:
+        if self._outbox and self._transport and not self._closed:
+            self._transport.write(b"".join(self._outbox))
+        self._outbox.clear()
+        self._outbox_bytes = 0
+
+    def close(self, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        peer = self._transport.get_extra_info("peername") if self._transport else None
+        log.warning("node %d: closing peer connection %s (node %s): %s",
+                    self._config.node_id, peer, self._peer_id, reason)
+        if self._transport:
+            self._transport.abort()
