@@ -91,14 +91,19 @@ async def append(leader: Broker, batch: bytes) -> int:
     return offset
 
 
+async def start_cluster(root: Path) -> tuple[dict[int, int], list[Broker], Broker]:
+    """Three brokers with one partition group; returns (ports, brokers, leader)."""
+    ports = dict(zip((1, 2, 3), free_ports(3)))
+    brokers = [Broker(root, i, ports) for i in (1, 2, 3)]
+    for b in brokers:
+        await b.start()
+    await wait_for(lambda: leader_of(brokers) is not None)
+    return ports, brokers, leader_of(brokers)
+
+
 def test_appends_commit_identically_on_all_replicas_and_survive_a_leader_stop(tmp_path):
     async def scenario():
-        ports = dict(zip((1, 2, 3), free_ports(3)))
-        brokers = [Broker(tmp_path, i, ports) for i in (1, 2, 3)]
-        for b in brokers:
-            await b.start()
-        await wait_for(lambda: leader_of(brokers) is not None)
-        leader = leader_of(brokers)
+        ports, brokers, leader = await start_cluster(tmp_path)
         offsets = [await append(leader, make_batch(3, seed=i)) for i in range(5)]
         assert offsets == [0, 3, 6, 9, 12]
         await wait_for(lambda: all(b.replica.log.high_watermark == 15 for b in brokers))
@@ -125,12 +130,7 @@ def test_appends_commit_identically_on_all_replicas_and_survive_a_leader_stop(tm
 
 def test_a_crashed_follower_restarts_and_converges_without_applying_anything_twice(tmp_path):
     async def scenario():
-        ports = dict(zip((1, 2, 3), free_ports(3)))
-        brokers = [Broker(tmp_path, i, ports) for i in (1, 2, 3)]
-        for b in brokers:
-            await b.start()
-        await wait_for(lambda: leader_of(brokers) is not None)
-        leader = leader_of(brokers)
+        ports, brokers, leader = await start_cluster(tmp_path)
         for i in range(4):
             await append(leader, make_batch(2, seed=i))
         follower = next(b for b in brokers if b is not leader)
