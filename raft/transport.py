@@ -64,6 +64,7 @@ class PeerNetwork:
         self._server: asyncio.base_events.Server | None = None
         self._dialer_task: asyncio.Task | None = None
         self._flush_scheduled = False
+        self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle -----------------------------------------------------
@@ -81,6 +82,7 @@ class PeerNetwork:
         return self._server.sockets[0].getsockname()[:2]
 
     async def close(self) -> None:
+        self._closing = True  # a dial still in flight must not register afterwards
         if self._dialer_task:
             self._dialer_task.cancel()
         if self._server:
@@ -130,6 +132,9 @@ class PeerNetwork:
     # ---- connection bookkeeping (called by _PeerProtocol) -----------------
 
     def _authenticated(self, peer_id: int, link: "_PeerProtocol") -> bool:
+        if self._closing:
+            link.close("network closing")
+            return False
         if peer_id not in self.config.peers:
             link.close(f"node {peer_id} is not a configured peer")
             return False

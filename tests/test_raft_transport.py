@@ -179,3 +179,22 @@ def test_a_peer_that_reconnects_replaces_its_old_connection():
         await still_serving(dialer, acceptor, received)
         await dialer.close(); await acceptor.close()
     asyncio.run(scenario())
+
+
+def test_a_dial_in_flight_when_the_network_closes_does_not_register():
+    async def scenario():
+        acceptor = PeerNetwork(PeerNetworkConfig(node_id=2, secret=SECRET, peers={1: ("127.0.0.1", 0)}))
+        await acceptor.start()
+        dialer = PeerNetwork(PeerNetworkConfig(node_id=1, secret=SECRET, peers={2: acceptor.address},
+                                               reconnect_interval_s=60))
+        await dialer.start()
+        await wait_for(lambda: dialer.connected_peers == {2})
+        dialer._links[2]._transport.abort()
+        await wait_for(lambda: dialer.connected_peers == set())
+        in_flight = asyncio.get_running_loop().create_task(dialer._dial(2, *acceptor.address))
+        await dialer.close()
+        await in_flight
+        await asyncio.sleep(0.2)
+        assert dialer.connected_peers == set()
+        await acceptor.close()
+    asyncio.run(scenario())
