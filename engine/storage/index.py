@@ -132,19 +132,19 @@ class IndexStore:
     # ---- sparse indexes -----------------------------------------------
 
     def commit(self, offsets: Iterable[tuple[int, int, int]], times: Iterable[tuple[int, int, int]],
-               states: Iterable[tuple[int, PartitionState]]) -> bool:
+               states: Iterable[tuple[int, PartitionState]]) -> None:
         """Write (pid, offset, position), (pid, ts, offset) entries and states in one txn.
 
         Index entries are hints (segments are the truth, recovery rebuilds
-        them), so a failed commit (disk full) is logged and reported, not
-        raised: lookups then start from an older entry and walk further.
+        them), so a failed commit (disk full) is logged, not raised: lookups
+        then start from an older entry and walk further.
         """
         offset_items = [(_KEY.pack(pid, off), _I64.pack(pos)) for pid, off, pos in offsets]
         time_items = [(_KEY.pack(pid, ts), _I64.pack(off)) for pid, ts, off in times]
         state_items = [(_PID.pack(pid), _STATE.pack(s.high_watermark, s.applied_index))
                        for pid, s in states]
         if not (offset_items or time_items or state_items):
-            return True
+            return
 
         def body(txn: lmdb.Transaction) -> None:
             txn.cursor(self._offsets).putmulti(offset_items)
@@ -154,8 +154,6 @@ class IndexStore:
             self._write(body)
         except StorageError as exc:
             log.warning("index commit of %d entries skipped: %s", len(offset_items) + len(time_items), exc)
-            return False
-        return True
 
     def offset_floor(self, pid: int, offset: int) -> tuple[int, int] | None:
         """(base offset, position) of the last entry with base offset <= `offset`."""

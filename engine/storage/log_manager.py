@@ -175,6 +175,7 @@ class LogManager:
             return
         self._closed = True
         try:
+            self.commit_index()  # one transaction for all logs; their own commits are then empty
             for log in self._logs.values():
                 log.close()
             self._index.sync()

@@ -230,8 +230,9 @@ class PartitionLog:
         active = self._segments[-1]
         if active.size_bytes == 0:
             return False
-        return (active.size_bytes + incoming_bytes > self._config.segment_bytes
-                or time.time() >= active.created_ms / 1000 + self._config.segment_ms / 1000)
+        too_big = active.size_bytes + incoming_bytes > self._config.segment_bytes
+        too_old = time.time() * 1000 - active.created_ms >= self._config.segment_ms
+        return too_big or too_old
 
     def roll(self) -> None:
         """Seal the active segment and start a new one at the log end offset
