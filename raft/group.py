@@ -2,38 +2,58 @@
 replicated command is "append these record batches" to a PartitionLog.
 
 - Commands travel over the broker's shared PeerNetwork through GroupTransport,
-  never pysyncobj's pickling TCP transport.
+  never pysyncobj's pickling TCP transport. A command is raw bytes,
+  `0x10 | leader epoch (i32) | record batches`, not a pickled method call, so
+  applying it copies nothing and unpickles nothing.
 - Apply is deterministic: the batches get base offset = log end offset and the
   leader epoch the leader stamped into the command, so every replica writes
-  the same bytes. High watermark = end of the last applied command.
+  the same bytes. Batches every replica rejects (corrupt) are rejected by all
+  alike, and the proposer gets the error. High watermark = end of the last
+  applied command.
 - Apply is idempotent across restarts: the partition state stores the high
   watermark together with the Raft index it was reached at. On start the log
   is cut back to that high watermark (anything later was never recorded as
   applied), and entries the journal replays at or below that index are
   skipped; the rest are applied again.
-- currentTerm and votedFor are durable: pysyncobj persists them only with a
-  journal file, so every replica has one.
-
-Not yet here (see the replication issue's notes): compaction of the journal
-with a small checkpoint, follower catch-up past the compaction point, and the
-metadata group.
+- The Raft log is a DiskJournal (journal.py): on disk, durable term and vote.
+- Compaction writes a small checkpoint (checkpoint.py) instead of pickling the
+  object: the Raft index, the log end offset at that index, and the two
+  boundary entries pysyncobj keeps. A follower that receives a checkpoint
+  beyond its own log fetches the missing offset range from the leader
+  (catch-up, below), applying later commands only once it has it.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import struct
 from pathlib import Path
 from typing import Any, Callable
 
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
+from pysyncobj import syncobj as _syncobj
 from pysyncobj.node import Node
 from pysyncobj.transport import Transport
 
+from engine.errors import CorruptRecordError, RecordTooLargeError
 from engine.storage.partition_log import PartitionLog
-from raft.transport import PeerNetwork
+from raft import checkpoint
+from raft.journal import JournalPath
 
 log = logging.getLogger(__name__)
 
 AppendCallback = Callable[[int | None, Exception | None], None]
+
+APPEND_COMMAND = 0x10                  # after pysyncobj's own command types 0..3
+APPEND_HEADER = struct.Struct(">Bi")   # command type, leader epoch
+MAX_MESSAGE_ENTRIES_BYTES = 8 * 1024 * 1024
+MAX_COMMAND_BYTES = MAX_MESSAGE_ENTRIES_BYTES - 1  # pysyncobj pickles entries at or above the batch size
+CATCH_UP_CHUNK_BYTES = 4 * 1024 * 1024
+CATCH_UP_RETRY_S = 0.5
+
+# pysyncobj's pipe notifier wakes its own tick thread; groups here are ticked
+# by RaftNode, so it would only cost two file descriptors per group.
+_syncobj.PIPE_NOTIFIER_ENABLED = False
 
 
 class NotLeaderError(Exception):
@@ -41,6 +61,7 @@ class NotLeaderError(Exception):
 
     def __init__(self, group_id: int, leader_id: int | None) -> None:
         super().__init__(f"group {group_id}: not the leader (leader is {leader_id})")
+        self.group_id = group_id
         self.leader_id = leader_id
 
 
@@ -57,21 +78,47 @@ class PeerNode(Node):
 
 
 class GroupTransport(Transport):
-    """pysyncobj's Transport for one group, over the broker's PeerNetwork."""
+    """pysyncobj's Transport for one group, over the broker's network (anything
+    with `send(peer_id, group_id, message) -> bool`: PeerNetwork, or the
+    simulation's network)."""
 
-    def __init__(self, network: PeerNetwork, group_id: int, peers: dict[int, PeerNode]) -> None:
+    def __init__(self, network: Any, group_id: int, peers: dict[int, PeerNode]) -> None:
         super().__init__(None, None, list(peers.values()))
         self._network = network
         self._group_id = group_id
         self._peers = peers
+        self.on_catch_up_message: Callable[[int, dict], None] | None = None
+        self.on_raft_message: Callable[[PeerNode, dict], None] | None = None
+        self.rewrite_outgoing: Callable[[dict], None] | None = None
+        self.on_activity: Callable[[], None] | None = None
 
     def send(self, node: PeerNode, message: Any) -> bool:
+        if self.rewrite_outgoing is not None:
+            self.rewrite_outgoing(message)
         return self._network.send(node.broker_id, self._group_id, message)
+
+    def send_to(self, peer_id: int, message: Any) -> bool:
+        return self._network.send(peer_id, self._group_id, message)
 
     def deliver(self, peer_id: int, message: Any) -> None:
         node = self._peers.get(peer_id)
-        if node is not None:
+        if node is None or not isinstance(message, dict):
+            return
+        kind = message.get("type")
+        if isinstance(kind, str) and kind.startswith("rk_"):
+            if self.on_catch_up_message is not None:
+                self.on_catch_up_message(peer_id, message)
+        elif "transmission" in message:
+            # pysyncobj unpickles chunked entries; we never send them (commands
+            # stay under the batch size), so a peer that does is refused.
+            log.warning("group %d: dropped a chunked-entry message from peer %d", self._group_id, peer_id)
+            return
+        elif self.on_raft_message is not None:
+            self.on_raft_message(node, message)
+        else:
             self._onMessageReceived(node, message)
+        if self.on_activity is not None:
+            self.on_activity()
 
     def peer_connected(self, peer_id: int) -> None:
         if peer_id in self._peers:
@@ -82,29 +129,63 @@ class GroupTransport(Transport):
             self._onNodeDisconnected(self._peers[peer_id])
 
 
-def raft_conf(journal_path: Path, **overrides: Any) -> SyncObjConf:
+class _NullPoller:
+    """RaftNode does the waiting; a group's tick must never block or poll."""
+
+    def subscribe(self, *args: Any) -> None:
+        pass
+
+    def unsubscribe(self, *args: Any) -> None:
+        pass
+
+    def poll(self, timeout: float) -> None:
+        pass
+
+
+def raft_conf(group_dir: Path, journal_fsync: bool = False, persist_vote: bool = True,
+              **overrides: Any) -> dict[str, Any]:
     """pysyncobj settings for a group ticked by RaftNode (never its own thread)."""
-    settings = dict(autoTick=False, journalFile=str(journal_path), appendEntriesUseBatch=True,
-                    commandsWaitLeader=False, dynamicMembershipChange=False,
-                    appendEntriesBatchSizeBytes=4 * 1024 * 1024)
+    settings: dict[str, Any] = dict(
+        autoTick=False, pollerType="select",
+        journalFile=JournalPath(group_dir / "journal", fsync=journal_fsync, persist_vote=persist_vote),
+        fullDumpFile=str(group_dir / "checkpoint"),
+        appendEntriesUseBatch=False,          # send each command at once, pipelined
+        appendEntriesBatchSizeBytes=MAX_MESSAGE_ENTRIES_BYTES,
+        commandsWaitLeader=False, dynamicMembershipChange=False,
+        raftMinTimeout=1.0, raftMaxTimeout=2.0, appendEntriesPeriod=0.25, leaderFallbackTimeout=2.0,
+        logCompactionMinEntries=2000, logCompactionMinTime=60.0, logCompactionBatchSize=1024 * 1024)
     settings.update(overrides)
-    return SyncObjConf(**settings)
+    return settings
 
 
 class PartitionReplica(SyncObj):
     """This broker's replica of one partition's Raft group."""
 
     def __init__(self, group_id: int, partition_log: PartitionLog, self_id: int, replica_ids: list[int],
-                 network: PeerNetwork, journal_path: Path, **raft_settings: Any) -> None:
+                 network: Any, group_dir: Path, journal_max_bytes: int = 128 * 1024 * 1024,
+                 **raft_settings: Any) -> None:
         self.group_id = group_id
         self.self_id = self_id
+        self.replica_ids = sorted(replica_ids)
+        self.group_dir = Path(group_dir)
+        self.group_dir.mkdir(parents=True, exist_ok=True)
+        self.journal_max_bytes = journal_max_bytes
         self._log = partition_log
         self._recorded_applied_index = partition_log.applied_index
         partition_log.truncate(partition_log.high_watermark)
+        self._catch_up: checkpoint.CatchUp | None = None
+        self._deferred: list[tuple[int, bytes]] = []    # (raft index, command) held during catch-up
         peers = {rid: PeerNode(rid) for rid in replica_ids if rid != self_id}
         self.transport = GroupTransport(network, group_id, peers)
-        super().__init__(PeerNode(self_id), list(peers.values()), raft_conf(journal_path, **raft_settings),
+        self.transport.on_catch_up_message = self._on_catch_up_message
+        self.transport.on_raft_message = self._on_raft_message
+        self.transport.rewrite_outgoing = self._rewrite_outgoing
+        self._verified_end: int | None = None   # see _on_append_entries
+        settings = raft_conf(self.group_dir, **raft_settings)
+        settings.update(serializer=self._write_checkpoint, deserializer=self._read_checkpoint)
+        super().__init__(PeerNode(self_id), list(peers.values()), SyncObjConf(**settings),
                          transport=self.transport)
+        self._poller = _NullPoller()
 
     # ---- leadership ----------------------------------------------------
 
@@ -126,26 +207,246 @@ class PartitionReplica(SyncObj):
     def log(self) -> PartitionLog:
         return self._log
 
+    @property
+    def catching_up(self) -> bool:
+        return self._catch_up is not None
+
+    def next_tick_due(self) -> float:
+        """When this group must tick again if nothing arrives (pysyncobj's clock)."""
+        if self._isLeader():
+            due = self._SyncObj__newAppendEntriesTime
+        else:
+            due = self._SyncObj__raftElectionDeadline
+        if self._catch_up is not None:
+            due = min(due, self._catch_up.retry_at)
+        return due
+
     # ---- appends -------------------------------------------------------
 
-    def propose_append(self, batches: bytes, callback: AppendCallback) -> None:
+    def propose_append(self, batches: bytes | bytearray | memoryview, callback: AppendCallback) -> None:
         """Replicate an append; `callback(base_offset, None)` once committed and
         applied here, or `callback(None, error)`. Leader only."""
         if not self.is_leader:
             raise NotLeaderError(self.group_id, self.leader_id)
+        if len(batches) + APPEND_HEADER.size > MAX_COMMAND_BYTES:
+            raise RecordTooLargeError(f"append of {len(batches)} bytes exceeds the replicated "
+                                      f"command limit of {MAX_COMMAND_BYTES - APPEND_HEADER.size}")
+        command = APPEND_HEADER.pack(APPEND_COMMAND, self.leader_epoch) + batches
 
-        def done(result: int | None, reason: int) -> None:
-            if reason == FAIL_REASON.SUCCESS:
-                callback(result, None)
-            else:
+        def done(result: Any, reason: int) -> None:
+            if reason != FAIL_REASON.SUCCESS:
                 callback(None, ReplicationError(f"group {self.group_id}: append failed, reason {reason}"))
-        self._apply_append(bytes(batches), self.leader_epoch, callback=done)
+            elif isinstance(result, Exception):
+                callback(None, result)
+            else:
+                callback(result, None)
+        self._applyCommand(command, done)
+        if self.transport.on_activity is not None:
+            self.transport.on_activity()
 
-    @replicated
-    def _apply_append(self, batches: bytes, leader_epoch: int) -> int | None:
+    def append(self, batches: bytes | bytearray | memoryview) -> "asyncio.Future[int]":
+        """Replicate an append; the future resolves to its base offset once
+        committed and applied here (or fails with ReplicationError or the
+        storage error every replica hit). Leader only."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def done(base_offset: int | None, error: Exception | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(base_offset)
+        self.propose_append(batches, done)
+        return future
+
+    def _SyncObj__doApplyCommand(self, command: bytes) -> Any:
+        if command[:1] != b"\x10":
+            return SyncObj._SyncObj__doApplyCommand(self, command)
         index = self._SyncObj__raftLastApplied + 1  # pysyncobj bumps it after the apply returns
         if index <= self._recorded_applied_index:
             return None  # applied before a restart; the journal replays it
-        result = self._log.append(batches, leader_epoch=leader_epoch)
+        if self._catch_up is not None:
+            self._deferred.append((index, command))
+            return None
+        return self._apply_append(index, command)
+
+    def _apply_append(self, index: int, command: bytes) -> int | Exception:
+        _, leader_epoch = APPEND_HEADER.unpack_from(command)
+        try:
+            result = self._log.append(memoryview(command)[APPEND_HEADER.size:], leader_epoch=leader_epoch)
+        except (CorruptRecordError, RecordTooLargeError) as error:
+            self._log.set_high_watermark(self._log.log_end_offset, applied_index=index)
+            return error
         self._log.set_high_watermark(self._log.log_end_offset, applied_index=index)
         return result.base_offset
+
+    # ---- pipelining fixes to pysyncobj's replication --------------------
+    #
+    # The leader sends every command at once (appendEntriesUseBatch off) and
+    # advances a follower's next index optimistically, so several messages are
+    # in flight. Stock pysyncobj then (a) moves the next index back to each
+    # acknowledged index, resending everything in flight, and (b) on the
+    # follower, deletes every entry after prevLogIdx before adding the ones
+    # received, even identical ones, which can shrink a follower's log below
+    # what it already acknowledged (a committed entry could then live on
+    # fewer than a majority). Raft deletes only on a term conflict. Both are
+    # fixed here, around pysyncobj's own handler.
+
+    def _on_raft_message(self, node: PeerNode, message: dict) -> None:
+        kind = message.get("type")
+        if kind == "append_entries" and "prevLogIdx" in message:
+            self._on_append_entries(node, message)
+        elif kind == "next_node_idx" and self._isLeader():
+            next_index = self._SyncObj__raftNextIndex
+            before = next_index.get(node)
+            self.transport._onMessageReceived(node, message)
+            if message.get("success") and not message.get("reset") and before is not None:
+                next_index[node] = max(before, next_index.get(node, 0))
+        else:
+            self.transport._onMessageReceived(node, message)
+
+    def _on_append_entries(self, node: PeerNode, message: dict) -> None:
+        journal = self._SyncObj__raftLog
+        last = journal.last_index()
+        entries = message.get("entries") or []
+        prev_index, prev_term = message.get("prevLogIdx"), message.get("prevLogTerm")
+        if not isinstance(prev_index, int) or journal.term_at(prev_index) != prev_term or prev_index >= last:
+            self.transport._onMessageReceived(node, message)  # nothing held past prev: stock path
+            return
+        matched = 0
+        for _command, index, term in entries:
+            if journal.term_at(index) != term:
+                break
+            matched += 1
+        if matched:
+            prev_index, prev_term = entries[matched - 1][1], entries[matched - 1][2]
+            entries = entries[matched:]
+        if entries or prev_index >= last:
+            message = dict(message, prevLogIdx=prev_index, prevLogTerm=prev_term, entries=list(entries))
+            self.transport._onMessageReceived(node, message)
+            return
+        # everything received is already held and we hold more: acknowledge
+        # only what the message verified, and keep the rest
+        commit_before = self._SyncObj__raftCommitIndex
+        self._verified_end = prev_index
+        try:
+            self.transport._onMessageReceived(
+                node, dict(message, prevLogIdx=last, prevLogTerm=journal.term_at(last), entries=[]))
+        finally:
+            self._verified_end = None
+        leader_commit = message.get("commit_index")
+        if isinstance(leader_commit, int) and self._SyncObj__raftCommitIndex > commit_before:
+            clamped = max(commit_before, min(leader_commit, prev_index))
+            self._SyncObj__raftCommitIndex = clamped
+            journal.setRaftCommitIndex(clamped)
+
+    def _rewrite_outgoing(self, message: Any) -> None:
+        if self._verified_end is not None and isinstance(message, dict) \
+                and message.get("type") == "next_node_idx" and message.get("success"):
+            message["next_node_idx"] = self._verified_end + 1
+
+    # ---- compaction and catch-up -----------------------------------------
+
+    def _SyncObj__tryLogCompaction(self) -> None:
+        if self._catch_up is not None:
+            return  # the checkpoint must describe a log we hold
+        journal = self._SyncObj__raftLog
+        if journal.size_bytes > self.journal_max_bytes:
+            self._SyncObj__forceLogCompaction = True
+        SyncObj._SyncObj__tryLogCompaction(self)
+
+    def _write_checkpoint(self, path: str, raft_data: tuple) -> None:
+        last_applied, previous, _cluster = raft_data
+        assert last_applied[1] == self._SyncObj__raftLastApplied, (last_applied[1], self._SyncObj__raftLastApplied)
+        # the stored state (high watermark at applied index) must not lag the
+        # checkpoint, or a restart would refetch what it already has
+        self._log.commit_index()
+        checkpoint.write(Path(path), checkpoint.Checkpoint(
+            applied_index=last_applied[1], log_end_offset=self._log.log_end_offset,
+            entries=(tuple(previous), tuple(last_applied))))
+
+    def _read_checkpoint(self, path: str) -> tuple:
+        point = checkpoint.read(Path(path))
+        if self._log.high_watermark < point.log_end_offset and point.applied_index > self._recorded_applied_index:
+            self._start_catch_up(point)
+        previous, last_applied = point.entries
+        cluster = {PeerNode(rid) for rid in self.replica_ids}
+        return last_applied, previous, cluster
+
+    def _start_catch_up(self, point: checkpoint.Checkpoint) -> None:
+        log.info("group %d on %d: checkpoint at offset %d is past our high watermark %d; catching up",
+                 self.group_id, self.self_id, point.log_end_offset, self._log.high_watermark)
+        self._log.truncate(self._log.high_watermark)
+        self._deferred.clear()
+        self._catch_up = checkpoint.CatchUp(target_offset=point.log_end_offset, applied_index=point.applied_index)
+        self._request_catch_up()
+
+    def _request_catch_up(self) -> None:
+        catch_up = self._catch_up
+        assert catch_up is not None
+        catch_up.retry_at = _syncobj.monotonicTime() + CATCH_UP_RETRY_S
+        source = self.leader_id
+        if source is None or source == self.self_id:
+            return  # retried on a later tick, when a leader is known
+        self.transport.send_to(source, {"type": "rk_fetch", "offset": self._log.log_end_offset,
+                                        "max_bytes": CATCH_UP_CHUNK_BYTES})
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:
+        if self._catch_up is not None:
+            # a replica missing committed data must not lead: push its election out
+            now = _syncobj.monotonicTime()
+            deadline = self._SyncObj__raftElectionDeadline
+            self._SyncObj__raftElectionDeadline = max(deadline, now + self._SyncObj__conf.raftMinTimeout)
+        super()._onTick(timeToWait)
+        if self._catch_up is not None and _syncobj.monotonicTime() >= self._catch_up.retry_at:
+            self._request_catch_up()
+
+    def _on_catch_up_message(self, peer_id: int, message: dict) -> None:
+        kind = message.get("type")
+        if kind == "rk_fetch":
+            self._serve_fetch(peer_id, message)
+        elif kind == "rk_fetch_data" and self._catch_up is not None:
+            self._receive_fetch(message)
+
+    def _serve_fetch(self, peer_id: int, message: dict) -> None:
+        offset, max_bytes = message.get("offset"), message.get("max_bytes")
+        if not isinstance(offset, int) or not isinstance(max_bytes, int) or max_bytes <= 0:
+            return
+        log_ = self._log
+        if not log_.log_start_offset <= offset < log_.high_watermark:
+            reply = {"type": "rk_fetch_data", "offset": offset, "data": b"", "high_watermark": log_.high_watermark}
+        else:
+            piece = log_.read(offset, min(max_bytes, CATCH_UP_CHUNK_BYTES))
+            reply = {"type": "rk_fetch_data", "offset": offset, "data": bytes(piece.buffer),
+                     "high_watermark": log_.high_watermark}
+        self.transport.send_to(peer_id, reply)
+
+    def _receive_fetch(self, message: dict) -> None:
+        catch_up = self._catch_up
+        assert catch_up is not None
+        data, offset = message.get("data"), message.get("offset")
+        if not isinstance(data, bytes) or offset != self._log.log_end_offset:
+            return  # stale or foreign answer; the retry timer asks again
+        if data:
+            self._log.append(data, leader_epoch=-1)  # offsets and epochs exactly as the leader has them
+            self._log.set_high_watermark(self._log.log_end_offset)
+        if self._log.log_end_offset >= catch_up.target_offset:
+            self._finish_catch_up()
+        elif data:
+            self._request_catch_up()
+
+    def _finish_catch_up(self) -> None:
+        catch_up = self._catch_up
+        assert catch_up is not None
+        if self._log.log_end_offset != catch_up.target_offset:
+            raise AssertionError(f"group {self.group_id}: caught up to {self._log.log_end_offset}, "
+                                 f"checkpoint says {catch_up.target_offset}")
+        self._log.set_high_watermark(self._log.log_end_offset, applied_index=catch_up.applied_index)
+        self._recorded_applied_index = catch_up.applied_index
+        self._catch_up = None
+        log.info("group %d on %d: caught up to offset %d", self.group_id, self.self_id, self._log.log_end_offset)
+        deferred, self._deferred = self._deferred, []
+        for index, command in deferred:
+            if index > self._recorded_applied_index:
+                self._apply_append(index, command)

@@ -16,7 +16,7 @@ from tests.conftest import make_batch
 
 SECRET = b"s"
 GROUP = 1
-FAST = dict(raftMinTimeout=0.3, raftMaxTimeout=0.6, appendEntriesPeriod=0.05, connectionTimeout=1.5)
+FAST = dict(raftMinTimeout=0.3, raftMaxTimeout=0.6, appendEntriesPeriod=0.05, leaderFallbackTimeout=0.6)
 
 
 class Broker:
@@ -31,7 +31,7 @@ class Broker:
         await self.node.start()
         log = PartitionLog("t-0", self.root / "t-0", 0, self.index, Config(data_dir=self.root))
         self.node.add_group(PartitionReplica(GROUP, log, self.node_id, list(self.ports), self.node.network,
-                                             self.root / "t-0.journal", **FAST))
+                                             self.root / "t-0.raft", **FAST))
 
     async def stop(self) -> None:
         log = self.replica.log
