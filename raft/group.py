@@ -73,7 +73,9 @@ class PeerNode(Node):
     """A pysyncobj node standing for a broker of the peer network."""
 
     def __init__(self, broker_id: int) -> None:
-        super().__init__(f"broker-{broker_id}")
+        # the id is the int itself: its hash, unlike a str's, is the same in
+        # every process, so set iteration (send order) replays from a seed
+        super().__init__(broker_id)
         self.broker_id = broker_id
 
 
@@ -181,6 +183,8 @@ class PartitionReplica(SyncObj):
         self.transport.on_raft_message = self._on_raft_message
         self.transport.rewrite_outgoing = self._rewrite_outgoing
         self._verified_end: int | None = None   # see _on_append_entries
+        self._stale_checkpoint_at: int | None = None  # see _on_snapshot_chunk
+        self._checkpoint_loaded = False
         settings = raft_conf(self.group_dir, **raft_settings)
         settings.update(serializer=self._write_checkpoint, deserializer=self._read_checkpoint)
         super().__init__(PeerNode(self_id), list(peers.values()), SyncObjConf(**settings),
@@ -297,6 +301,8 @@ class PartitionReplica(SyncObj):
         kind = message.get("type")
         if kind == "append_entries" and "prevLogIdx" in message:
             self._on_append_entries(node, message)
+        elif kind == "append_entries" and message.get("serialized") is not None:
+            self._on_snapshot_chunk(node, message)
         elif kind == "next_node_idx" and self._isLeader():
             next_index = self._SyncObj__raftNextIndex
             before = next_index.get(node)
@@ -340,6 +346,61 @@ class PartitionReplica(SyncObj):
             clamped = max(commit_before, min(leader_commit, prev_index))
             self._SyncObj__raftCommitIndex = clamped
             journal.setRaftCommitIndex(clamped)
+
+    def _on_snapshot_chunk(self, node: PeerNode, message: dict) -> None:
+        """A checkpoint that is not ahead of what this follower already holds
+        (a stale reset made the leader send it) must not wipe the journal:
+        pysyncobj would clear it, dropping entries we acknowledged."""
+        commit_before = self._SyncObj__raftCommitIndex
+        self._stale_checkpoint_at = None
+        self._checkpoint_loaded = False
+        try:
+            self.transport._onMessageReceived(node, message)
+        finally:
+            kept_at, self._stale_checkpoint_at, self._verified_end = self._stale_checkpoint_at, None, None
+        if self._checkpoint_loaded or self._SyncObj__raftCommitIndex <= commit_before:
+            return
+        # pysyncobj raises the commit index to the leader's on every chunk, even
+        # one that installs nothing: only entries a loaded or kept checkpoint
+        # verified may count as committed
+        leader_commit = message.get("commit_index")
+        clamped = commit_before
+        if kept_at is not None and isinstance(leader_commit, int):
+            clamped = max(commit_before, min(leader_commit, kept_at))
+        self._SyncObj__raftCommitIndex = clamped
+        self._SyncObj__raftLog.setRaftCommitIndex(clamped)
+
+    def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:
+        if clearJournal:
+            try:
+                point = checkpoint.read(Path(self._SyncObj__conf.fullDumpFile))
+            except (OSError, checkpoint.CheckpointError):
+                log.exception("group %d: unreadable checkpoint received", self.group_id)
+                return
+            _command, index, term = point.entries[1]
+            if self._SyncObj__raftLog.term_at(index) == term or index <= self._SyncObj__raftLastApplied:
+                # we hold that entry already: keep our log, acknowledge only up to it
+                self._stale_checkpoint_at = index
+                self._verified_end = index
+                return
+        else:
+            self._trim_journal_to_checkpoint()
+        SyncObj._SyncObj__loadDumpFile(self, clearJournal)
+        self._checkpoint_loaded = True
+
+    def _trim_journal_to_checkpoint(self) -> None:
+        """At start, a journal that still holds entries below the checkpoint
+        (killed between writing it and compacting) is compacted now; pysyncobj
+        would see its first entries differ from the checkpoint's and clear it,
+        losing everything after the checkpoint."""
+        path = Path(self._SyncObj__conf.fullDumpFile)
+        if not path.exists():
+            return
+        point = checkpoint.read(path)
+        journal = self._SyncObj__raftLog
+        (_c, prev_index, prev_term), (_c2, index, term) = point.entries
+        if journal.term_at(prev_index) == prev_term and journal.term_at(index) == term:
+            journal.deleteEntriesTo(prev_index - journal.first_index())
 
     def _rewrite_outgoing(self, message: Any) -> None:
         if self._verified_end is not None and isinstance(message, dict) \
@@ -390,7 +451,7 @@ class PartitionReplica(SyncObj):
         if source is None or source == self.self_id:
             return  # retried on a later tick, when a leader is known
         self.transport.send_to(source, {"type": "rk_fetch", "offset": self._log.log_end_offset,
-                                        "max_bytes": CATCH_UP_CHUNK_BYTES})
+                                        "end_offset": catch_up.target_offset, "max_bytes": CATCH_UP_CHUNK_BYTES})
 
     def _onTick(self, timeToWait: float = 0.0) -> None:
         if self._catch_up is not None:
@@ -410,14 +471,14 @@ class PartitionReplica(SyncObj):
             self._receive_fetch(message)
 
     def _serve_fetch(self, peer_id: int, message: dict) -> None:
-        offset, max_bytes = message.get("offset"), message.get("max_bytes")
-        if not isinstance(offset, int) or not isinstance(max_bytes, int) or max_bytes <= 0:
+        offset, end, max_bytes = message.get("offset"), message.get("end_offset"), message.get("max_bytes")
+        if not all(isinstance(v, int) for v in (offset, end, max_bytes)) or max_bytes <= 0:
             return
         log_ = self._log
-        if not log_.log_start_offset <= offset < log_.high_watermark:
+        if not log_.log_start_offset <= offset < min(end, log_.high_watermark):
             reply = {"type": "rk_fetch_data", "offset": offset, "data": b"", "high_watermark": log_.high_watermark}
         else:
-            piece = log_.read(offset, min(max_bytes, CATCH_UP_CHUNK_BYTES))
+            piece = log_.read(offset, min(max_bytes, CATCH_UP_CHUNK_BYTES), end_offset=end)
             reply = {"type": "rk_fetch_data", "offset": offset, "data": bytes(piece.buffer),
                      "high_watermark": log_.high_watermark}
         self.transport.send_to(peer_id, reply)

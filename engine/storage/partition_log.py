@@ -256,15 +256,16 @@ class PartitionLog:
 
     # ---- read --------------------------------------------------------
 
-    def read(self, offset: int, max_bytes: int) -> LogSlice:
-        """Whole batches from the one containing `offset`, below the high watermark.
+    def read(self, offset: int, max_bytes: int, end_offset: int | None = None) -> LogSlice:
+        """Whole batches from the one containing `offset`, below the high watermark
+        (and below `end_offset` if given, which must fall on a batch boundary).
 
         At most `max_bytes` unless the first batch alone is larger (it is then
         returned whole, as Kafka does); never past the end of the segment
         holding `offset` (the next read continues in the next one). Empty at
         the high watermark.
         """
-        high_watermark = self._high_watermark
+        high_watermark = self._high_watermark if end_offset is None else min(end_offset, self._high_watermark)
         if not self.log_start_offset <= offset <= high_watermark:
             raise OffsetOutOfRangeError(self.name, offset, self.log_start_offset, high_watermark)
         if offset == high_watermark:
