@@ -416,6 +416,10 @@ class PartitionReplica(SyncObj):
         if journal.size_bytes > self.journal_max_bytes:
             self._SyncObj__forceLogCompaction = True
         SyncObj._SyncObj__tryLogCompaction(self)
+        # Our serializer runs synchronously, but pysyncobj only notices it
+        # finished on its next call; until then it offers followers no
+        # checkpoint and its send loop spins on one that needs it. Finish now.
+        SyncObj._SyncObj__tryLogCompaction(self)
 
     def _write_checkpoint(self, path: str, raft_data: tuple) -> None:
         last_applied, previous, _cluster = raft_data

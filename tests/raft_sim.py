@@ -61,10 +61,14 @@ class Faults:
 
 
 class FakeClock:
+    """Advances by the step, and by a microsecond per reading: pysyncobj bounds
+    some loops by elapsed time, and real time always passes."""
+
     def __init__(self) -> None:
         self.now = 1000.0
 
     def __call__(self) -> float:
+        self.now += 1e-6
         return self.now
 
 
