@@ -22,6 +22,16 @@ def make_batch(count: int = 3, value_size: int = 16, timestamp_ms: int = 1_700_0
     return build_batch(records)
 
 
+def readable_bytes(log) -> bytes:
+    """Every byte a reader of `log` (a PartitionLog) can see: start to high watermark."""
+    out, offset = bytearray(), log.log_start_offset
+    while offset < log.high_watermark:
+        piece = log.read(offset, 1 << 20)
+        out += piece.buffer
+        offset = piece.next_offset
+    return bytes(out)
+
+
 @pytest.fixture
 def batch_factory():
     return make_batch

@@ -35,6 +35,7 @@ from engine.storage.index import IndexStore
 from engine.storage.partition_log import PartitionLog
 from raft import codec
 from raft.group import NotLeaderError, PartitionReplica
+from tests.conftest import readable_bytes
 
 GROUP = 1
 STEP_S = 0.01
@@ -308,12 +309,7 @@ class Simulation:
 
     @staticmethod
     def _readable(member: SimNode) -> bytes:
-        log, out, offset = member.replica.log, bytearray(), member.replica.log.log_start_offset
-        while offset < log.high_watermark:
-            piece = log.read(offset, 1 << 20)
-            out += piece.buffer
-            offset = piece.next_offset
-        return bytes(out)
+        return readable_bytes(member.replica.log)
 
     def describe(self) -> str:
         parts = []

@@ -15,7 +15,7 @@ from engine.records import layout
 from engine.records.batch import Record, build_batch, iter_batches, parse_records, read_header
 from engine.storage.index import IndexStore
 from engine.storage.partition_log import PartitionLog
-from tests.conftest import make_batch
+from tests.conftest import make_batch, readable_bytes
 
 
 class Harness:
@@ -44,13 +44,7 @@ class Harness:
         return self.log
 
     def all_bytes(self) -> bytes:
-        out = bytearray()
-        offset = self.log.log_start_offset
-        while offset < self.log.high_watermark:
-            chunk = self.log.read(offset, 1 << 20)
-            out += chunk.buffer
-            offset = chunk.next_offset
-        return bytes(out)
+        return readable_bytes(self.log)
 
 
 @pytest.fixture

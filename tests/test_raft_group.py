@@ -12,7 +12,8 @@ from engine.storage.partition_log import PartitionLog
 from raft.group import PartitionReplica
 from raft.node import RaftNode
 from raft.transport import PeerNetwork, PeerNetworkConfig
-from tests.conftest import make_batch
+from raft.local_cluster import free_ports
+from tests.conftest import make_batch, readable_bytes
 
 SECRET = b"s"
 GROUP = 1
@@ -51,23 +52,7 @@ class Broker:
         return self.node.group(GROUP)
 
     def readable_bytes(self) -> bytes:
-        log, out, offset = self.replica.log, bytearray(), self.replica.log.log_start_offset
-        while offset < log.high_watermark:
-            piece = log.read(offset, 1 << 20)
-            out += piece.buffer
-            offset = piece.next_offset
-        return bytes(out)
-
-
-def free_ports(count: int) -> list[int]:
-    import socket
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+        return readable_bytes(self.replica.log)
 
 
 async def wait_for(predicate, timeout_s: float = 10.0) -> None:
