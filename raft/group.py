@@ -182,8 +182,7 @@ class PartitionReplica(SyncObj):
         self.transport.on_catch_up_message = self._on_catch_up_message
         self.transport.on_raft_message = self._on_raft_message
         self.transport.rewrite_outgoing = self._rewrite_outgoing
-        self._verified_end: int | None = None   # see _on_append_entries
-        self._stale_checkpoint_at: int | None = None  # see _on_snapshot_chunk
+        self._verified_end: int | None = None   # last index an incoming message verified; see _rewrite_outgoing
         self._checkpoint_loaded = False
         settings = raft_conf(self.group_dir, **raft_settings)
         settings.update(serializer=self._write_checkpoint, deserializer=self._read_checkpoint)
@@ -277,13 +276,13 @@ class PartitionReplica(SyncObj):
 
     def _apply_append(self, index: int, command: bytes) -> int | Exception:
         _, leader_epoch = APPEND_HEADER.unpack_from(command)
+        outcome: int | Exception
         try:
-            result = self._log.append(memoryview(command)[APPEND_HEADER.size:], leader_epoch=leader_epoch)
+            outcome = self._log.append(memoryview(command)[APPEND_HEADER.size:], leader_epoch=leader_epoch).base_offset
         except (CorruptRecordError, RecordTooLargeError) as error:
-            self._log.set_high_watermark(self._log.log_end_offset, applied_index=index)
-            return error
+            outcome = error  # every replica rejects it alike; the index is applied all the same
         self._log.set_high_watermark(self._log.log_end_offset, applied_index=index)
-        return result.base_offset
+        return outcome
 
     # ---- pipelining fixes to pysyncobj's replication --------------------
     #
@@ -341,32 +340,31 @@ class PartitionReplica(SyncObj):
                 node, dict(message, prevLogIdx=last, prevLogTerm=journal.term_at(last), entries=[]))
         finally:
             self._verified_end = None
-        leader_commit = message.get("commit_index")
-        if isinstance(leader_commit, int) and self._SyncObj__raftCommitIndex > commit_before:
-            clamped = max(commit_before, min(leader_commit, prev_index))
-            self._SyncObj__raftCommitIndex = clamped
-            journal.setRaftCommitIndex(clamped)
+        self._commit_no_further_than(prev_index, commit_before, message.get("commit_index"))
 
     def _on_snapshot_chunk(self, node: PeerNode, message: dict) -> None:
         """A checkpoint that is not ahead of what this follower already holds
         (a stale reset made the leader send it) must not wipe the journal:
         pysyncobj would clear it, dropping entries we acknowledged."""
         commit_before = self._SyncObj__raftCommitIndex
-        self._stale_checkpoint_at = None
         self._checkpoint_loaded = False
         try:
             self.transport._onMessageReceived(node, message)
         finally:
-            kept_at, self._stale_checkpoint_at, self._verified_end = self._stale_checkpoint_at, None, None
-        if self._checkpoint_loaded or self._SyncObj__raftCommitIndex <= commit_before:
+            kept_at, self._verified_end = self._verified_end, None  # set by _SyncObj__loadDumpFile
+        if not self._checkpoint_loaded:
+            # pysyncobj raises the commit index to the leader's on every chunk,
+            # even one that installs nothing
+            self._commit_no_further_than(kept_at, commit_before, message.get("commit_index"))
+
+    def _commit_no_further_than(self, verified_end: int | None, commit_before: int, leader_commit: Any) -> None:
+        """pysyncobj raised the commit index to min(leader's, our last index);
+        only entries this message verified, up to `verified_end`, may count."""
+        if self._SyncObj__raftCommitIndex <= commit_before:
             return
-        # pysyncobj raises the commit index to the leader's on every chunk, even
-        # one that installs nothing: only entries a loaded or kept checkpoint
-        # verified may count as committed
-        leader_commit = message.get("commit_index")
         clamped = commit_before
-        if kept_at is not None and isinstance(leader_commit, int):
-            clamped = max(commit_before, min(leader_commit, kept_at))
+        if verified_end is not None and isinstance(leader_commit, int):
+            clamped = max(commit_before, min(leader_commit, verified_end))
         self._SyncObj__raftCommitIndex = clamped
         self._SyncObj__raftLog.setRaftCommitIndex(clamped)
 
@@ -380,7 +378,6 @@ class PartitionReplica(SyncObj):
             _command, index, term = point.entries[1]
             if self._SyncObj__raftLog.term_at(index) == term or index <= self._SyncObj__raftLastApplied:
                 # we hold that entry already: keep our log, acknowledge only up to it
-                self._stale_checkpoint_at = index
                 self._verified_end = index
                 return
         else:
