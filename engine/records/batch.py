@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from engine.errors import CorruptRecordError
 from engine.records import layout
+from engine.records.varint import get_varint, put_varint
 from engine.records.compression import Compression, compress, decompress
 from native import ffi, lib
 
@@ -91,34 +92,26 @@ def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
 
 # ---- encoding -------------------------------------------------------------
 
-def _put_varint(out: bytearray, value: int) -> None:
-    value = (value << 1) ^ (value >> 63)  # zigzag
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-
-
 def _put_bytes(out: bytearray, data: bytes | None) -> None:
     if data is None:
         out.append(1)  # zigzag(-1)
         return
-    _put_varint(out, len(data))
+    put_varint(out, len(data))
     out += data
 
 
 def _encode_record(out: bytearray, offset_delta: int, timestamp_delta: int,
                    record: Record) -> None:
     body = bytearray(b"\x00")  # record attributes: unused, always 0
-    _put_varint(body, timestamp_delta)
-    _put_varint(body, offset_delta)
+    put_varint(body, timestamp_delta)
+    put_varint(body, offset_delta)
     _put_bytes(body, record.key)
     _put_bytes(body, record.value)
-    _put_varint(body, len(record.headers))
+    put_varint(body, len(record.headers))
     for header_key, header_value in record.headers:
         _put_bytes(body, header_key.encode("utf-8"))
         _put_bytes(body, header_value)
-    _put_varint(out, len(body))
+    put_varint(out, len(body))
     out += body
 
 
@@ -159,24 +152,8 @@ def build_batch(
 
 # ---- decoding -------------------------------------------------------------
 
-def _get_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    shift = 0
-    result = 0
-    while True:
-        if pos >= len(buf):
-            raise IndexError("varint runs past the end of the records")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return (result >> 1) ^ -(result & 1), pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint longer than 10 bytes")
-
-
 def _get_bytes(buf: bytes, pos: int) -> tuple[bytes | None, int]:
-    length, pos = _get_varint(buf, pos)
+    length, pos = get_varint(buf, pos)
     if length < 0:
         return None, pos
     if pos + length > len(buf):
@@ -223,14 +200,14 @@ def _decode_records(payload: bytes, header: BatchHeader, topic: str,
     records = []
     pos = 0
     for _ in range(header.record_count):
-        length, pos = _get_varint(payload, pos)
+        length, pos = get_varint(payload, pos)
         end = pos + length
         pos += 1  # record attributes
-        timestamp_delta, pos = _get_varint(payload, pos)
-        offset_delta, pos = _get_varint(payload, pos)
+        timestamp_delta, pos = get_varint(payload, pos)
+        offset_delta, pos = get_varint(payload, pos)
         key, pos = _get_bytes(payload, pos)
         value, pos = _get_bytes(payload, pos)
-        header_count, pos = _get_varint(payload, pos)
+        header_count, pos = get_varint(payload, pos)
         headers = []
         for _ in range(header_count):
             header_key, pos = _get_bytes(payload, pos)
