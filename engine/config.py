@@ -50,17 +50,50 @@ class Config:
     index_commit_max_pending: int = 65536
     lmdb_map_size_bytes: int = 16 * GIB
     default_partitions: int = 1
+    # the Kafka listener, and the address clients are told to use (empty/0: the listener's)
+    host: str = "127.0.0.1"
+    port: int = 9092
+    advertised_host: str = ""
+    advertised_port: int = 0
+    # ---- cluster (a single node needs none of these) ----
+    # broker.id / node.id
+    node_id: int = 1
+    # the other brokers' peer (Raft) addresses: ((node id, host, port), ...)
+    peers: tuple[tuple[int, str, int], ...] = ()
+    peer_host: str = "127.0.0.1"
+    peer_port: int = 0
+    # shared by every broker; peers authenticate with it (HMAC challenge)
+    cluster_secret: str = ""
+    # default.replication.factor, capped at the number of brokers
+    default_replication_factor: int = 1
+    # replica.lag.time.max.ms: a follower out of the ISR after this long behind
+    replica_lag_time_max_ms: int = 10_000
 
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, got {self.fsync!r}")
         positive = ("segment_bytes", "index_interval_bytes", "max_batch_bytes",
                     "fsync_interval_ms", "index_commit_interval_ms",
-                    "index_commit_max_pending", "lmdb_map_size_bytes", "default_partitions")
+                    "index_commit_max_pending", "lmdb_map_size_bytes", "default_partitions",
+                    "default_replication_factor", "replica_lag_time_max_ms")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "peers", tuple(sorted((int(i), str(h), int(p)) for i, h, p in self.peers)))
+        if any(peer_id == self.node_id for peer_id, _, _ in self.peers):
+            raise ValueError(f"node {self.node_id} lists itself among its peers")
+        if self.peers and not self.cluster_secret:
+            raise ValueError("a cluster with peers needs cluster_secret")
+
+    @property
+    def advertised_address(self) -> tuple[str, int]:
+        return self.advertised_host or self.host, self.advertised_port or self.port
+
+    @property
+    def broker_ids(self) -> list[int]:
+        """Every broker of the cluster, this one included."""
+        return sorted([self.node_id, *(peer_id for peer_id, _, _ in self.peers)])
 
     def replace(self, **changes: object) -> "Config":
         """A copy with some settings changed."""

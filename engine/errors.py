@@ -23,6 +23,9 @@ class ErrorCode(enum.IntEnum):
     UNSUPPORTED_VERSION = 35
     TOPIC_ALREADY_EXISTS = 36
     INVALID_PARTITIONS = 37
+    INVALID_REPLICATION_FACTOR = 38
+    INVALID_CONFIG = 40
+    NOT_CONTROLLER = 41
     INVALID_REQUEST = 42
     UNSUPPORTED_FOR_MESSAGE_FORMAT = 43
     KAFKA_STORAGE_ERROR = 56
@@ -89,6 +92,25 @@ class InvalidPartitionsError(RaftkaError):
     """A partition count is not a positive integer within bounds."""
 
     error_code = ErrorCode.INVALID_PARTITIONS
+
+
+class InvalidReplicationFactorError(RaftkaError):
+    """A replication factor below 1 or above the number of live brokers."""
+
+    error_code = ErrorCode.INVALID_REPLICATION_FACTOR
+
+
+class InvalidConfigError(RaftkaError):
+    """A topic config name or value Raftka does not accept."""
+
+    error_code = ErrorCode.INVALID_CONFIG
+
+
+class NoControllerError(RaftkaError):
+    """The cluster metadata has no leader right now (an election is running),
+    or it did not answer in time: retry."""
+
+    error_code = ErrorCode.NOT_CONTROLLER
 
 
 class UnsupportedCompressionError(RaftkaError):

@@ -1,15 +1,18 @@
-"""The checkpoint a partition group's Raft log is compacted to, and the state of
-a follower catching up to one.
+"""The checkpoint a group's Raft log is compacted to, and the state of a
+follower catching up to one.
 
-The partition log itself is the state machine's data, so a checkpoint only
-has to say how far it goes: the Raft index applied and the log end offset it
-left. pysyncobj also keeps the two entries at the compaction boundary
-(previous and last applied) as the new start of its journal, and a follower
-may be sent the last one again, so they travel with their commands.
+For a partition group the partition log itself is the state machine's data,
+so a checkpoint only has to say how far it goes: the Raft index applied and
+the log end offset it left. A small in-memory state machine (the cluster
+metadata) instead puts its whole state in `state`. pysyncobj also keeps the
+two entries at the compaction boundary (previous and last applied) as the
+new start of its journal, and a follower may be sent the last one again, so
+they travel with their commands.
 
 File format (all integers big-endian):
-    magic "RKCP" | u8 version (1) | u64 applied_index | u64 log_end_offset
+    magic "RKCP" | u8 version (2) | u64 applied_index | u64 log_end_offset
     | 2 x (u64 raft index | u64 term | u32 size | command bytes)
+    | u32 size | state bytes
     | u32 crc32c of everything before it
 Written to a temporary file and renamed by pysyncobj's serializer; a file
 that fails any check is refused (CheckpointError), never half-used.
@@ -23,7 +26,7 @@ from pathlib import Path
 from engine.records.batch import crc32c
 
 MAGIC = b"RKCP"
-VERSION = 1
+VERSION = 2
 HEAD = struct.Struct(">4sBQQ")
 ENTRY = struct.Struct(">QQI")
 TRAILER = struct.Struct(">I")
@@ -40,6 +43,7 @@ class Checkpoint:
     applied_index: int
     log_end_offset: int
     entries: tuple[JournalEntry, JournalEntry]  # (previous, last applied)
+    state: bytes = b""                           # a state machine's snapshot, if it has one
 
 
 @dataclass
@@ -56,12 +60,14 @@ def encode(point: Checkpoint) -> bytes:
     for command, index, term in point.entries:
         out += ENTRY.pack(index, term, len(command))
         out += command
+    out += TRAILER.pack(len(point.state))
+    out += point.state
     out += TRAILER.pack(crc32c(out))
     return bytes(out)
 
 
 def decode(data: bytes) -> Checkpoint:
-    if len(data) < HEAD.size + 2 * ENTRY.size + TRAILER.size:
+    if len(data) < HEAD.size + 2 * ENTRY.size + 2 * TRAILER.size:
         raise CheckpointError(f"checkpoint of {len(data)} bytes is too short")
     (crc,) = TRAILER.unpack_from(data, len(data) - TRAILER.size)
     if crc32c(memoryview(data)[:-TRAILER.size]) != crc:
@@ -77,9 +83,15 @@ def decode(data: bytes) -> Checkpoint:
             raise CheckpointError("checkpoint entry runs past the end")
         entries.append((bytes(data[position:position + size]), index, term))
         position += size
+    if position + TRAILER.size > len(data) - TRAILER.size:
+        raise CheckpointError("checkpoint state size runs past the end")
+    (size,) = TRAILER.unpack_from(data, position)
+    position += TRAILER.size
+    state = bytes(data[position:position + size])
+    position += size
     if position != len(data) - TRAILER.size:
-        raise CheckpointError(f"{len(data) - TRAILER.size - position} stray bytes in checkpoint")
-    return Checkpoint(applied_index, log_end_offset, (entries[0], entries[1]))
+        raise CheckpointError(f"{len(data) - TRAILER.size - position} stray or missing bytes in checkpoint")
+    return Checkpoint(applied_index, log_end_offset, (entries[0], entries[1]), state)
 
 
 def write(path: Path, point: Checkpoint) -> None:

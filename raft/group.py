@@ -39,6 +39,7 @@ from engine.errors import CorruptRecordError, RecordTooLargeError
 from engine.storage.partition_log import PartitionLog
 from raft import checkpoint
 from raft.journal import JournalPath
+from raft.votes import VoteStore
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +90,18 @@ class GroupTransport(Transport):
         self._network = network
         self._group_id = group_id
         self._peers = peers
-        self.on_catch_up_message: Callable[[int, dict], None] | None = None
+        self.on_extension_message: Callable[[int, dict], None] | None = None
         self.on_raft_message: Callable[[PeerNode, dict], None] | None = None
-        self.rewrite_outgoing: Callable[[dict], None] | None = None
+        self.rewrite_outgoing: Callable[[PeerNode, dict], None] | None = None
         self.on_activity: Callable[[], None] | None = None
 
     def send(self, node: PeerNode, message: Any) -> bool:
         if self.rewrite_outgoing is not None:
-            self.rewrite_outgoing(message)
+            self.rewrite_outgoing(node, message)
         return self._network.send(node.broker_id, self._group_id, message)
+
+    def peer(self, peer_id: int) -> PeerNode | None:
+        return self._peers.get(peer_id)
 
     def send_to(self, peer_id: int, message: Any) -> bool:
         return self._network.send(peer_id, self._group_id, message)
@@ -108,8 +112,8 @@ class GroupTransport(Transport):
             return
         kind = message.get("type")
         if isinstance(kind, str) and kind.startswith("rk_"):
-            if self.on_catch_up_message is not None:
-                self.on_catch_up_message(peer_id, message)
+            if self.on_extension_message is not None:
+                self.on_extension_message(peer_id, message)
         elif "transmission" in message:
             # pysyncobj unpickles chunked entries; we never send them (commands
             # stay under the batch size), so a peer that does is refused.
@@ -145,11 +149,13 @@ class _NullPoller:
 
 
 def raft_conf(group_dir: Path, journal_fsync: bool = False, persist_vote: bool = True,
-              **overrides: Any) -> dict[str, Any]:
-    """pysyncobj settings for a group ticked by RaftNode (never its own thread)."""
+              vote_store: VoteStore | None = None, group_id: int = 0, **overrides: Any) -> dict[str, Any]:
+    """pysyncobj settings for a group ticked by RaftNode (never its own thread).
+    With `vote_store` (the node's), term and vote are made durable there."""
     settings: dict[str, Any] = dict(
         autoTick=False, pollerType="select",
-        journalFile=JournalPath(group_dir / "journal", fsync=journal_fsync, persist_vote=persist_vote),
+        journalFile=JournalPath(group_dir / "journal", fsync=journal_fsync, persist_vote=persist_vote,
+                                vote_store=vote_store, group_id=group_id),
         fullDumpFile=str(group_dir / "checkpoint"),
         appendEntriesUseBatch=False,          # send each command at once, pipelined
         appendEntriesBatchSizeBytes=MAX_MESSAGE_ENTRIES_BYTES,
@@ -160,35 +166,36 @@ def raft_conf(group_dir: Path, journal_fsync: bool = False, persist_vote: bool =
     return settings
 
 
-class PartitionReplica(SyncObj):
-    """This broker's replica of one partition's Raft group."""
+class RaftGroup(SyncObj):
+    """This broker's member of one Raft group, ticked by RaftNode over the shared
+    PeerNetwork: what every group has in common (leadership, pipelining fixes,
+    compaction to a checkpoint). Subclasses say what a command does."""
 
-    def __init__(self, group_id: int, partition_log: PartitionLog, self_id: int, replica_ids: list[int],
-                 network: Any, group_dir: Path, journal_max_bytes: int = 128 * 1024 * 1024,
-                 **raft_settings: Any) -> None:
+    def __init__(self, group_id: int, self_id: int, replica_ids: list[int], network: Any, group_dir: Path,
+                 journal_max_bytes: int = 128 * 1024 * 1024, **raft_settings: Any) -> None:
         self.group_id = group_id
         self.self_id = self_id
         self.replica_ids = sorted(replica_ids)
         self.group_dir = Path(group_dir)
         self.group_dir.mkdir(parents=True, exist_ok=True)
         self.journal_max_bytes = journal_max_bytes
-        self._log = partition_log
-        self._recorded_applied_index = partition_log.applied_index
-        partition_log.truncate(partition_log.high_watermark)
-        self._catch_up: checkpoint.CatchUp | None = None
-        self._deferred: list[tuple[int, bytes]] = []    # (raft index, command) held during catch-up
         peers = {rid: PeerNode(rid) for rid in replica_ids if rid != self_id}
         self.transport = GroupTransport(network, group_id, peers)
-        self.transport.on_catch_up_message = self._on_catch_up_message
         self.transport.on_raft_message = self._on_raft_message
         self.transport.rewrite_outgoing = self._rewrite_outgoing
         self._verified_end: int | None = None   # last index an incoming message verified; see _rewrite_outgoing
         self._checkpoint_loaded = False
-        settings = raft_conf(self.group_dir, **raft_settings)
+        self._caught_up_at: dict[int, float] = {}  # follower -> last time its log reached our commit index
+        self._commit_sent: dict[int, int] = {}     # follower -> commit index in our last append_entries to it
+        self._stale_peers: set[int] = set()        # followers that refused a coalesced heartbeat
+        settings = raft_conf(self.group_dir, group_id=group_id, **raft_settings)
         settings.update(serializer=self._write_checkpoint, deserializer=self._read_checkpoint)
         super().__init__(PeerNode(self_id), list(peers.values()), SyncObjConf(**settings),
                          transport=self.transport)
         self._poller = _NullPoller()
+        if not peers:
+            # a group of one has no one to split the vote with: elect at once
+            self._SyncObj__raftElectionDeadline = _syncobj.monotonicTime()
 
     # ---- leadership ----------------------------------------------------
 
@@ -206,39 +213,89 @@ class PartitionReplica(SyncObj):
         """The Raft term: Kafka's leader epoch for this partition."""
         return self.raftCurrentTerm
 
-    @property
-    def log(self) -> PartitionLog:
-        return self._log
-
-    @property
-    def catching_up(self) -> bool:
-        return self._catch_up is not None
+    def in_sync_replicas(self, max_lag_s: float = 10.0) -> list[int]:
+        """Kafka's ISR as the leader sees it: itself, and each follower whose log
+        reached the leader's commit index within the last `max_lag_s` seconds
+        (replica.lag.time.max.ms). Only the leader knows; others answer []."""
+        if not self._isLeader():
+            self._caught_up_at.clear()
+            return []
+        now = _syncobj.monotonicTime()
+        commit = self._SyncObj__raftCommitIndex
+        in_sync = [self.self_id]
+        for node, match in self._SyncObj__raftMatchIndex.items():
+            if match >= commit:
+                self._caught_up_at[node.broker_id] = now
+            if now - self._caught_up_at.setdefault(node.broker_id, now) <= max_lag_s:
+                in_sync.append(node.broker_id)
+        return sorted(in_sync)
 
     def next_tick_due(self) -> float:
         """When this group must tick again if nothing arrives (pysyncobj's clock)."""
         if self._isLeader():
-            due = self._SyncObj__newAppendEntriesTime
+            return self._SyncObj__newAppendEntriesTime
+        return self._SyncObj__raftElectionDeadline
+
+    # ---- coalesced heartbeats (RaftNode sends them, one message per peer) ----
+    #
+    # An idle group (everything committed, applied and known to every
+    # connected follower) needs heartbeats only to keep its followers from
+    # electing. pysyncobj would send one append_entries per group and peer
+    # every appendEntriesPeriod, and tick the group for it; with a thousand
+    # groups that dominates the CPU. Instead RaftNode gathers every idle
+    # group's (id, term, last index, commit index) into one message per peer;
+    # a follower whose own state matches exactly resets its election timer
+    # and nothing else, and acknowledges. Anything that does not match is
+    # refused, and the leader falls back to pysyncobj's own append_entries
+    # for that group. Heartbeats carry no entries and commit nothing, so
+    # Raft's safety does not depend on them.
+
+    def coalesced_heartbeat(self, now: float, hold_s: float) -> list[int] | None:
+        """[group, term, last index, commit index] if this group leads and is
+        idle; pysyncobj's own heartbeat is then held off for `hold_s`."""
+        if not self._isLeader():
+            return None
+        last = self._SyncObj__getCurrentLogIndex()
+        commit = self._SyncObj__raftCommitIndex
+        if commit != last or self._SyncObj__raftLastApplied != commit:
+            return None
+        match, next_index = self._SyncObj__raftMatchIndex, self._SyncObj__raftNextIndex
+        for node in self._SyncObj__connectedNodes:
+            if (match.get(node) != last or next_index.get(node) != last + 1
+                    or self._commit_sent.get(node.broker_id) != commit or node.broker_id in self._stale_peers):
+                return None
+        self._SyncObj__newAppendEntriesTime = now + hold_s
+        return [self.group_id, self.raftCurrentTerm, last, commit]
+
+    def accept_coalesced_heartbeat(self, leader_id: int, term: int, last: int, commit: int, now: float) -> bool:
+        """As a follower: True (and the election timer restarted) when this
+        heartbeat's leader, term, log end and commit index are exactly ours."""
+        if (self._isLeader() or term != self.raftCurrentTerm or self.leader_id != leader_id
+                or self._SyncObj__getCurrentLogIndex() != last or self._SyncObj__raftCommitIndex != commit
+                or self._SyncObj__raftLastApplied != commit or not self._may_compact()):
+            return False
+        self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()
+        return True
+
+    def coalesced_heartbeat_answered(self, peer_id: int, accepted: bool, now: float) -> None:
+        node = self.transport.peer(peer_id)
+        if node is None or not self._isLeader():
+            return
+        if accepted:
+            self._SyncObj__lastResponseTime[node] = now
         else:
-            due = self._SyncObj__raftElectionDeadline
-        if self._catch_up is not None:
-            due = min(due, self._catch_up.retry_at)
-        return due
+            self._stale_peers.add(peer_id)
+            self._SyncObj__newAppendEntriesTime = 0.0   # pysyncobj's own append_entries at the next tick
 
-    # ---- appends -------------------------------------------------------
-
-    def propose_append(self, batches: bytes | bytearray | memoryview, callback: AppendCallback) -> None:
-        """Replicate an append; `callback(base_offset, None)` once committed and
-        applied here, or `callback(None, error)`. Leader only."""
+    def _propose(self, command: bytes, callback: Callable[[Any, Exception | None], None]) -> None:
+        """Replicate `command`; `callback(result of applying it here, None)` once
+        committed and applied, or `callback(None, error)`. Leader only."""
         if not self.is_leader:
             raise NotLeaderError(self.group_id, self.leader_id)
-        if len(batches) + APPEND_HEADER.size > MAX_COMMAND_BYTES:
-            raise RecordTooLargeError(f"append of {len(batches)} bytes exceeds the replicated "
-                                      f"command limit of {MAX_COMMAND_BYTES - APPEND_HEADER.size}")
-        command = APPEND_HEADER.pack(APPEND_COMMAND, self.leader_epoch) + batches
 
         def done(result: Any, reason: int) -> None:
             if reason != FAIL_REASON.SUCCESS:
-                callback(None, ReplicationError(f"group {self.group_id}: append failed, reason {reason}"))
+                callback(None, ReplicationError(f"group {self.group_id}: command failed, reason {reason}"))
             elif isinstance(result, Exception):
                 callback(None, result)
             else:
@@ -247,42 +304,18 @@ class PartitionReplica(SyncObj):
         if self.transport.on_activity is not None:
             self.transport.on_activity()
 
-    def append(self, batches: bytes | bytearray | memoryview) -> "asyncio.Future[int]":
-        """Replicate an append; the future resolves to its base offset once
-        committed and applied here (or fails with ReplicationError or the
-        storage error every replica hit). Leader only."""
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    def _propose_future(self, command: bytes) -> "asyncio.Future[Any]":
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
-        def done(base_offset: int | None, error: Exception | None) -> None:
+        def done(result: Any, error: Exception | None) -> None:
             if future.done():
                 return
             if error is not None:
                 future.set_exception(error)
             else:
-                future.set_result(base_offset)
-        self.propose_append(batches, done)
+                future.set_result(result)
+        self._propose(command, done)
         return future
-
-    def _SyncObj__doApplyCommand(self, command: bytes) -> Any:
-        if command[:1] != b"\x10":
-            return SyncObj._SyncObj__doApplyCommand(self, command)
-        index = self._SyncObj__raftLastApplied + 1  # pysyncobj bumps it after the apply returns
-        if index <= self._recorded_applied_index:
-            return None  # applied before a restart; the journal replays it
-        if self._catch_up is not None:
-            self._deferred.append((index, command))
-            return None
-        return self._apply_append(index, command)
-
-    def _apply_append(self, index: int, command: bytes) -> int | Exception:
-        _, leader_epoch = APPEND_HEADER.unpack_from(command)
-        outcome: int | Exception
-        try:
-            outcome = self._log.append(memoryview(command)[APPEND_HEADER.size:], leader_epoch=leader_epoch).base_offset
-        except (CorruptRecordError, RecordTooLargeError) as error:
-            outcome = error  # every replica rejects it alike; the index is applied all the same
-        self._log.set_high_watermark(self._log.log_end_offset, applied_index=index)
-        return outcome
 
     # ---- pipelining fixes to pysyncobj's replication --------------------
     #
@@ -303,6 +336,7 @@ class PartitionReplica(SyncObj):
         elif kind == "append_entries" and message.get("serialized") is not None:
             self._on_snapshot_chunk(node, message)
         elif kind == "next_node_idx" and self._isLeader():
+            self._stale_peers.discard(node.broker_id)
             next_index = self._SyncObj__raftNextIndex
             before = next_index.get(node)
             self.transport._onMessageReceived(node, message)
@@ -399,16 +433,20 @@ class PartitionReplica(SyncObj):
         if journal.term_at(prev_index) == prev_term and journal.term_at(index) == term:
             journal.deleteEntriesTo(prev_index - journal.first_index())
 
-    def _rewrite_outgoing(self, message: Any) -> None:
+    def _rewrite_outgoing(self, node: PeerNode, message: Any) -> None:
+        if not isinstance(message, dict):
+            return
+        if message.get("type") == "append_entries" and "commit_index" in message:
+            self._commit_sent[node.broker_id] = message["commit_index"]
         if self._verified_end is not None and isinstance(message, dict) \
                 and message.get("type") == "next_node_idx" and message.get("success"):
             message["next_node_idx"] = self._verified_end + 1
 
-    # ---- compaction and catch-up -----------------------------------------
+    # ---- compaction ------------------------------------------------------
 
     def _SyncObj__tryLogCompaction(self) -> None:
-        if self._catch_up is not None:
-            return  # the checkpoint must describe a log we hold
+        if not self._may_compact():
+            return
         journal = self._SyncObj__raftLog
         if journal.size_bytes > self.journal_max_bytes:
             self._SyncObj__forceLogCompaction = True
@@ -417,6 +455,94 @@ class PartitionReplica(SyncObj):
         # finished on its next call; until then it offers followers no
         # checkpoint and its send loop spins on one that needs it. Finish now.
         SyncObj._SyncObj__tryLogCompaction(self)
+
+    def _may_compact(self) -> bool:
+        return True
+
+    def _write_checkpoint(self, path: str, raft_data: tuple) -> None:
+        raise NotImplementedError
+
+    def _read_checkpoint(self, path: str) -> tuple:
+        raise NotImplementedError
+
+
+class PartitionReplica(RaftGroup):
+    """This broker's replica of one partition's Raft group."""
+
+    def __init__(self, group_id: int, partition_log: PartitionLog, self_id: int, replica_ids: list[int],
+                 network: Any, group_dir: Path, journal_max_bytes: int = 128 * 1024 * 1024,
+                 **raft_settings: Any) -> None:
+        self._log = partition_log
+        self._recorded_applied_index = partition_log.applied_index
+        partition_log.truncate(partition_log.high_watermark)
+        self._catch_up: checkpoint.CatchUp | None = None
+        self._deferred: list[tuple[int, bytes]] = []    # (raft index, command) held during catch-up
+        super().__init__(group_id, self_id, replica_ids, network, group_dir, journal_max_bytes, **raft_settings)
+        self.transport.on_extension_message = self._on_extension_message
+
+    @property
+    def log(self) -> PartitionLog:
+        return self._log
+
+    @property
+    def catching_up(self) -> bool:
+        return self._catch_up is not None
+
+    def next_tick_due(self) -> float:
+        due = super().next_tick_due()
+        if self._catch_up is not None:
+            due = min(due, self._catch_up.retry_at)
+        return due
+
+    # ---- appends -------------------------------------------------------
+
+    def propose_append(self, batches: bytes | bytearray | memoryview, callback: AppendCallback) -> None:
+        """Replicate an append; `callback(base_offset, None)` once committed and
+        applied here, or `callback(None, error)`. Leader only."""
+        if not self.is_leader:
+            raise NotLeaderError(self.group_id, self.leader_id)
+        if len(batches) + APPEND_HEADER.size > MAX_COMMAND_BYTES:
+            raise RecordTooLargeError(f"append of {len(batches)} bytes exceeds the replicated "
+                                      f"command limit of {MAX_COMMAND_BYTES - APPEND_HEADER.size}")
+        self._propose(APPEND_HEADER.pack(APPEND_COMMAND, self.leader_epoch) + batches, callback)
+
+    def append(self, batches: bytes | bytearray | memoryview) -> "asyncio.Future[int]":
+        """Replicate an append; the future resolves to its base offset once
+        committed and applied here (or fails with ReplicationError or the
+        storage error every replica hit). Leader only."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def done(base_offset: int | None, error: Exception | None) -> None:
+            if not future.done():
+                future.set_exception(error) if error is not None else future.set_result(base_offset)
+        self.propose_append(batches, done)
+        return future
+
+    def _SyncObj__doApplyCommand(self, command: bytes) -> Any:
+        if command[:1] != b"\x10":
+            return SyncObj._SyncObj__doApplyCommand(self, command)
+        index = self._SyncObj__raftLastApplied + 1  # pysyncobj bumps it after the apply returns
+        if index <= self._recorded_applied_index:
+            return None  # applied before a restart; the journal replays it
+        if self._catch_up is not None:
+            self._deferred.append((index, command))
+            return None
+        return self._apply_append(index, command)
+
+    def _apply_append(self, index: int, command: bytes) -> int | Exception:
+        _, leader_epoch = APPEND_HEADER.unpack_from(command)
+        outcome: int | Exception
+        try:
+            outcome = self._log.append(memoryview(command)[APPEND_HEADER.size:], leader_epoch=leader_epoch).base_offset
+        except (CorruptRecordError, RecordTooLargeError) as error:
+            outcome = error  # every replica rejects it alike; the index is applied all the same
+        self._log.set_high_watermark(self._log.log_end_offset, applied_index=index)
+        return outcome
+
+    # ---- checkpoint and catch-up -------------------------------------------
+    def _may_compact(self) -> bool:
+        return self._catch_up is None  # the checkpoint must describe a log we hold
+
 
     def _write_checkpoint(self, path: str, raft_data: tuple) -> None:
         last_applied, previous, _cluster = raft_data
@@ -464,7 +590,7 @@ class PartitionReplica(SyncObj):
         if self._catch_up is not None and _syncobj.monotonicTime() >= self._catch_up.retry_at:
             self._request_catch_up()
 
-    def _on_catch_up_message(self, peer_id: int, message: dict) -> None:
+    def _on_extension_message(self, peer_id: int, message: dict) -> None:
         kind = message.get("type")
         if kind == "rk_fetch":
             self._serve_fetch(peer_id, message)

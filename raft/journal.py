@@ -38,6 +38,7 @@ from pysyncobj import syncobj as _syncobj
 from pysyncobj.journal import Journal
 
 from engine.records.batch import crc32c
+from raft.votes import VoteStore
 
 RECORD_HEADER = struct.Struct("<IIQQ")
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
@@ -78,7 +79,8 @@ class DiskJournal(Journal):
     """pysyncobj's Raft log for one group, on disk with a small in-memory index."""
 
     def __init__(self, directory: Path, fsync: bool = False, segment_bytes: int = DEFAULT_SEGMENT_BYTES,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, persist_vote: bool = True) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, persist_vote: bool = True,
+                 vote_store: "VoteStore | None" = None, group_id: int = 0) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
@@ -91,6 +93,12 @@ class DiskJournal(Journal):
         self._cached_bytes = 0
         self._meta = self._load_meta()
         self._meta_dirty = False
+        # with a node's VoteStore, term and vote are made durable there, many
+        # groups per fsync; the meta file keeps them only as a hint
+        self.vote_store, self.group_id = vote_store, group_id
+        stored = vote_store.get(group_id) if vote_store is not None else None
+        if stored is not None and stored[0] >= self._meta["term"]:
+            self._meta["term"], self._meta["voted_for"] = stored
         self._recover()
 
     # ---- pysyncobj's Journal interface ---------------------------------
@@ -166,7 +174,11 @@ class DiskJournal(Journal):
     def setCurrentTerm(self, term: int, votedForNodeId: Any) -> None:
         self._meta["term"] = term
         self._meta["voted_for"] = votedForNodeId
-        self._store_meta(durable=True)
+        if self.vote_store is not None and self.persist_vote:
+            self.vote_store.put(self.group_id, term, votedForNodeId)
+            self._meta_dirty = True
+        else:
+            self._store_meta(durable=True)
 
     def getCurrentTerm(self) -> int:
         return self._meta["term"]

@@ -1,10 +1,11 @@
-"""A replication node as a process: one broker's RaftNode with a replica of every
-partition of one topic, and a small local control port to append to and
-inspect them.
+"""A replication node as a process: one broker's ClusterController (metadata
+group, partition groups, storage), which creates the topic "replicated"
+(RF = every broker) through the metadata, and a small local control port to
+append to and inspect its partitions.
 
 This is how the real-process tests and the replication benchmark drive a
 cluster of separate processes (real sockets, real SIGKILL) before the Kafka
-broker fronts the same RaftNode; the broker's produce path will call
+broker fronts the same controller; the broker's produce path will call
 `PartitionReplica.append` exactly as `_append` does here.
 
 Control protocol (TCP, big-endian, pipelined, answered in request order):
@@ -13,8 +14,9 @@ Control protocol (TCP, big-endian, pipelined, answered in request order):
   op 1 APPEND  body: u32 partition | record batches
                response body: i64 base_offset | i32 leader_id (-1 unknown)
   op 2 STATUS  body: empty; response body: JSON (node, partitions: leader,
-               term, high_watermark, log_end_offset, catching_up)
-error_code is a Kafka error code (engine.errors.ErrorCode).
+               term, high_watermark, log_end_offset, catching_up; metadata)
+error_code is a Kafka error code (engine.errors.ErrorCode). The control port
+opens once this broker hosts every partition of the topic.
 
 Run: python -m raft.server --node-id 1 --data-dir D --peer-port P1
        --control-port C1 --peers 2=127.0.0.1:P2,3=127.0.0.1:P3 --partitions 1
@@ -33,12 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.cluster.controller import ClusterController, MetadataCommandError
 from engine.config import Config
-from engine.errors import ErrorCode, RaftkaError
-from engine.storage.log_manager import LogManager
+from engine.errors import ErrorCode, NoControllerError, RaftkaError
 from raft.group import NotLeaderError, PartitionReplica, ReplicationError
-from raft.node import RaftNode
-from raft.transport import PeerNetwork, PeerNetworkConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ APPEND_BODY = struct.Struct(">I")
 APPEND_RESULT = struct.Struct(">qi")
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 APPEND_TIMEOUT_S = 10.0
+HOSTING_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -65,57 +66,61 @@ class ServerConfig:
 
 
 class ReplicationServer:
-    """RaftNode + LogManager + the control port of one broker process."""
+    """ClusterController + the control port of one broker process."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.logs = LogManager(Config(data_dir=config.data_dir))
-        if TOPIC not in self.logs.topics():
-            self.logs.create_topic(TOPIC, config.partitions)
-        self.node = RaftNode(PeerNetwork(PeerNetworkConfig(
-            node_id=config.node_id, secret=config.secret, peers=config.peers, listen_port=config.peer_port)))
+        self.controller = ClusterController(Config(
+            data_dir=config.data_dir, node_id=config.node_id, peer_port=config.peer_port,
+            cluster_secret=config.secret.decode(),
+            peers=tuple((i, host, port) for i, (host, port) in config.peers.items())), **config.raft_settings)
         self._server: asyncio.base_events.Server | None = None
-        self._duties: asyncio.Task | None = None
 
     async def start(self) -> None:
-        await self.node.start()
-        replica_ids = sorted([self.config.node_id, *self.config.peers])
-        for partition in range(self.config.partitions):
-            self.node.add_group(PartitionReplica(
-                partition + 1, self.logs.log(TOPIC, partition), self.config.node_id, replica_ids,
-                self.node.network, self.config.data_dir / "raft" / f"{TOPIC}-{partition}",
-                **self.config.raft_settings))
-        self._server = await asyncio.get_running_loop().create_server(
+        await self.controller.start()
+        await self.controller.wait_ready(HOSTING_TIMEOUT_S)
+        await self._create_topic()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HOSTING_TIMEOUT_S
+        while any(self.replica(p) is None for p in range(self.config.partitions)):
+            if loop.time() > deadline:
+                raise TimeoutError(f"node {self.config.node_id}: partitions not hosted in {HOSTING_TIMEOUT_S} s")
+            await asyncio.sleep(0.02)
+        self._server = await loop.create_server(
             lambda: _ControlProtocol(self), "127.0.0.1", self.config.control_port)
-        self._duties = asyncio.get_running_loop().create_task(self._periodic_duties())
+
+    async def _create_topic(self) -> None:
+        """Every node tries once all brokers registered; one succeeds."""
+        brokers = len(self.config.peers) + 1
+        while TOPIC not in self.controller.state.topics:
+            if len(self.controller.state.brokers) < brokers:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                await self.controller.create_topic(TOPIC, self.config.partitions, brokers)
+            except MetadataCommandError as error:
+                if error.error_code != ErrorCode.TOPIC_ALREADY_EXISTS:
+                    raise
+            except NoControllerError:
+                continue
 
     async def stop(self) -> None:
-        if self._duties:
-            self._duties.cancel()
         if self._server:
             self._server.close()
-        await self.node.stop()
-        self.logs.close()
+        await self.controller.stop()
 
-    async def _periodic_duties(self) -> None:
-        while True:
-            await asyncio.sleep(0.1)
-            try:
-                self.logs.tick()
-            except Exception:
-                log.exception("node %d: storage duties failed", self.config.node_id)
-
-    def replica(self, partition: int) -> PartitionReplica:
-        return self.node.group(partition + 1)
+    def replica(self, partition: int) -> PartitionReplica | None:
+        return self.controller.replica(TOPIC, partition)
 
     def status(self) -> dict[str, Any]:
         partitions = {}
         for partition in range(self.config.partitions):
             r = self.replica(partition)
-            partitions[partition] = {"leader": r.leader_id, "term": r.leader_epoch,
-                                     "high_watermark": r.log.high_watermark,
-                                     "log_end_offset": r.log.log_end_offset, "catching_up": r.catching_up}
-        return {"node": self.config.node_id, "partitions": partitions}
+            if r is not None:
+                partitions[partition] = {"leader": r.leader_id, "term": r.leader_epoch,
+                                         "high_watermark": r.log.high_watermark,
+                                         "log_end_offset": r.log.log_end_offset, "catching_up": r.catching_up}
+        return {"node": self.config.node_id, "partitions": partitions, "metadata": self.controller.status()}
 
 
 class _ControlProtocol(asyncio.Protocol):
@@ -165,6 +170,8 @@ class _ControlProtocol(asyncio.Protocol):
         if partition >= self._server.config.partitions:
             return _append_response(correlation, ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, -1, -1)
         replica = self._server.replica(partition)
+        if replica is None:
+            return _append_response(correlation, ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, -1, -1)
         try:
             base_offset = await asyncio.wait_for(replica.append(memoryview(body)[APPEND_BODY.size:]),
                                                  APPEND_TIMEOUT_S)

@@ -56,6 +56,7 @@ class PeerNetwork:
         if config.node_id in config.peers:
             raise ValueError(f"node {config.node_id} lists itself as a peer")
         self.config = config
+        self.before_flush: Callable[[], None] | None = None
         self._handlers: dict[int, MessageHandler] = {}
         self._links: dict[int, _PeerProtocol] = {}
         self._dialing: set[int] = set()
@@ -124,8 +125,11 @@ class PeerNetwork:
         return True
 
     def flush(self) -> None:
-        """Write every queued frame, one write per peer."""
+        """Write every queued frame, one write per peer (after `before_flush`,
+        which makes the votes those frames reflect durable)."""
         self._flush_scheduled = False
+        if self.before_flush is not None:
+            self.before_flush()
         for link in self._links.values():
             link.flush()
 

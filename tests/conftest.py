@@ -1,8 +1,10 @@
 """Shared fixtures: batches built by our builder, fresh data directories."""
 from __future__ import annotations
 
+import asyncio
 import os
 import random
+from typing import Callable
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -35,3 +37,12 @@ def readable_bytes(log) -> bytes:
 @pytest.fixture
 def batch_factory():
     return make_batch
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    """Poll `predicate` on the running loop until true; fail after `timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)

@@ -13,7 +13,7 @@ from raft.group import PartitionReplica
 from raft.node import RaftNode
 from raft.transport import PeerNetwork, PeerNetworkConfig
 from raft.local_cluster import free_ports
-from tests.conftest import make_batch, readable_bytes
+from tests.conftest import make_batch, readable_bytes, wait_for
 
 SECRET = b"s"
 GROUP = 1
@@ -53,14 +53,6 @@ class Broker:
 
     def readable_bytes(self) -> bytes:
         return readable_bytes(self.replica.log)
-
-
-async def wait_for(predicate, timeout_s: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 def leader_of(brokers):
@@ -131,5 +123,25 @@ def test_a_crashed_follower_restarts_and_converges_without_applying_anything_twi
         assert restarted.replica.log.log_end_offset == 12
         assert len({b.readable_bytes() for b in everyone}) == 1
         for b in everyone:
+            await b.stop()
+    asyncio.run(scenario())
+
+
+def test_an_idle_group_is_kept_alive_by_coalesced_node_heartbeats_not_per_group_messages(tmp_path):
+    async def scenario():
+        ports, brokers, leader = await start_cluster(tmp_path)
+        await append(leader, make_batch(2))
+        await wait_for(lambda: all(b.replica.log.high_watermark == 2 for b in brokers))
+        await asyncio.sleep(0.5)   # the followers learn the final commit index
+        sent: list[str] = []
+        send = leader.replica.transport.send
+        leader.replica.transport.send = lambda node, message: (sent.append(message.get("type")), send(node, message))[1]
+        terms = [b.replica.leader_epoch for b in brokers]
+        await asyncio.sleep(2.0)   # over three election timeouts (FAST: 0.3-0.6 s)
+        assert sent.count("append_entries") == 0, "pysyncobj's per-group heartbeats still ran"
+        assert [b.replica.leader_epoch for b in brokers] == terms and leader.replica.is_leader
+        assert await append(leader, make_batch(1)) == 2   # and the group is as live as ever
+        await wait_for(lambda: all(b.replica.log.high_watermark == 3 for b in brokers))
+        for b in brokers:
             await b.stop()
     asyncio.run(scenario())

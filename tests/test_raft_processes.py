@@ -1,6 +1,7 @@
 """Three replication node processes on 127.0.0.1 (raft/server.py): acknowledged
-appends survive SIGKILL of the leader, a new leader takes appends, and the
-killed node rejoins with segment files byte-identical to the others'."""
+appends survive SIGKILL of the leader, a new leader takes appends and is
+recorded in every survivor's cluster metadata, and the killed node rejoins
+with segment files byte-identical to the others'."""
 from __future__ import annotations
 
 import asyncio
@@ -96,6 +97,18 @@ async def wait_converged(appenders: list[Appender], cluster: LocalCluster) -> No
     raise AssertionError(f"replicas did not converge: {ends}")
 
 
+async def recorded_leader(appender: Appender, node_id: int, wanted, timeout_s: float = 10.0) -> tuple[int, int]:
+    """(leader, epoch) of the appender's partition in node_id's metadata, once `wanted(leader, epoch)`."""
+    deadline = time.monotonic() + timeout_s
+    client = await appender.client(node_id)
+    while True:
+        record = (await client.status())["metadata"]["topics"]["replicated"][appender.partition]
+        if wanted(record["leader"], record["epoch"]):
+            return record["leader"], record["epoch"]
+        assert time.monotonic() < deadline, f"node {node_id} metadata still records {record}"
+        await asyncio.sleep(0.05)
+
+
 def test_leader_sigkill_loses_no_acknowledged_append_and_the_node_rejoins_byte_identical(tmp_path):
     cluster = LocalCluster(tmp_path, nodes=3, partitions=PARTITIONS)
     cluster.start()
@@ -116,6 +129,7 @@ async def _scenario(cluster: LocalCluster) -> None:
             await asyncio.gather(*(a.append_one() for a in appenders))
         victim = await appenders[0].leader()
         assert victim is not None
+        before = await recorded_leader(appenders[0], victim, lambda leader, epoch: leader == victim)
 
         keep_going = True
 
@@ -132,6 +146,11 @@ async def _scenario(cluster: LocalCluster) -> None:
         keep_going = False
         await asyncio.gather(*background)
         assert failover_s < DEADLINE_S
+        # every survivor's metadata (the metadata group, replicated) names the new leader
+        for node_id in cluster.members:
+            if node_id != victim:
+                await recorded_leader(appenders[0], node_id,
+                                      lambda leader, epoch: leader not in (victim, -1) and epoch > before[1])
 
         cluster.restart(victim)
         await wait_converged(appenders, cluster)

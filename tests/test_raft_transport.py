@@ -13,17 +13,10 @@ import pytest
 from raft import handshake
 from raft.frames import FrameKind, encode_frame
 from raft.transport import PeerNetwork, PeerNetworkConfig
+from tests.conftest import wait_for
 
 SECRET = b"cluster-secret"
 GROUP = 7
-
-
-async def wait_for(predicate, timeout_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 async def two_brokers(**settings):

@@ -43,6 +43,7 @@ class TopicRecord:
 
     name: str
     partition_ids: tuple[int, ...]
+    topic_id: bytes = b""   # the cluster's id of this topic incarnation (empty when embedded)
 
     @property
     def partitions(self) -> int:
@@ -106,18 +107,27 @@ class IndexStore:
         with self._env.begin(db=self._topics) as txn:
             return [_decode_topic(k, v) for k, v in txn.cursor()]
 
-    def create_topic(self, name: str, partitions: int) -> TopicRecord:
+    def create_topic(self, name: str, partitions: int, topic_id: bytes = b"") -> TopicRecord:
+        return self._put_topic(TopicRecord(name, (), topic_id), partitions)
+
+    def add_partitions(self, record: TopicRecord, count: int) -> TopicRecord:
+        """The topic with `count` more partitions (new storage ids)."""
+        return self._put_topic(record, count)
+
+    def _put_topic(self, record: TopicRecord, new_partitions: int) -> TopicRecord:
         def body(txn: lmdb.Transaction) -> TopicRecord:
             raw = txn.get(b"next_partition_id", db=self._meta)
             first = _PID.unpack(raw)[0] if raw else 0
-            txn.put(b"next_partition_id", _PID.pack(first + partitions), db=self._meta)
-            record = TopicRecord(name, tuple(range(first, first + partitions)))
-            txn.put(name.encode(), json.dumps({"ids": list(record.partition_ids)}).encode(),
+            txn.put(b"next_partition_id", _PID.pack(first + new_partitions), db=self._meta)
+            updated = TopicRecord(record.name, record.partition_ids + tuple(range(first, first + new_partitions)),
+                                  record.topic_id)
+            txn.put(record.name.encode(), json.dumps({"ids": list(updated.partition_ids),
+                                                      "topic_id": updated.topic_id.hex()}).encode(),
                     db=self._topics)
-            return record
-        record = self._write(body)
+            return updated
+        updated = self._write(body)
         self.sync()
-        return record
+        return updated
 
     def delete_topic(self, record: TopicRecord) -> None:
         def body(txn: lmdb.Transaction) -> None:
@@ -209,7 +219,8 @@ class IndexStore:
 
 
 def _decode_topic(key: bytes, value: bytes) -> TopicRecord:
-    return TopicRecord(key.decode(), tuple(json.loads(value)["ids"]))
+    fields = json.loads(value)
+    return TopicRecord(key.decode(), tuple(fields["ids"]), bytes.fromhex(fields.get("topic_id", "")))
 
 
 def _floor(cursor: lmdb.Cursor, pid: int, key: int) -> tuple[int, int] | None:

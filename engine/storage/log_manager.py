@@ -71,7 +71,9 @@ class LogManager:
 
     # ---- topics ------------------------------------------------------
 
-    def create_topic(self, name: str, partitions: int) -> TopicRecord:
+    def create_topic(self, name: str, partitions: int, topic_id: bytes = b"") -> TopicRecord:
+        """A new topic of `partitions` empty logs. `topic_id` names this
+        incarnation of the topic in a cluster (see TopicRecord)."""
         validate_topic_name(name)
         if not isinstance(partitions, int) or not 0 < partitions <= PARTITIONS_MAX:
             raise InvalidPartitionsError(
@@ -82,7 +84,23 @@ class LogManager:
             stale = self._partition_dir(name, partition)
             if stale.exists():  # left by a delete that crashed before removing it
                 shutil.rmtree(stale)
-        topic = self._index.create_topic(name, partitions)
+        topic = self._index.create_topic(name, partitions, topic_id)
+        self._topics[name] = topic
+        self._open_logs(topic)
+        return topic
+
+    def add_partitions(self, name: str, total: int) -> TopicRecord:
+        """Grow a topic to `total` partitions (Kafka never shrinks one)."""
+        topic = self.topic(name)
+        if not isinstance(total, int) or not topic.partitions < total <= PARTITIONS_MAX:
+            raise InvalidPartitionsError(
+                f"topic {name!r} has {topic.partitions} partitions; the new count must be in "
+                f"({topic.partitions}, {PARTITIONS_MAX}], got {total!r}")
+        for partition in range(topic.partitions, total):
+            stale = self._partition_dir(name, partition)
+            if stale.exists():
+                shutil.rmtree(stale)
+        topic = self._index.add_partitions(topic, total - topic.partitions)
         self._topics[name] = topic
         self._open_logs(topic)
         return topic
@@ -101,6 +119,9 @@ class LogManager:
             return self._topics[name]
         except KeyError:
             raise UnknownTopicOrPartitionError(f"unknown topic {name!r}") from None
+
+    def topic_records(self) -> list[TopicRecord]:
+        return list(self._topics.values())
 
     def topics(self) -> dict[str, int]:
         """Topic name -> partition count."""
@@ -122,6 +143,8 @@ class LogManager:
 
     def _open_logs(self, topic: TopicRecord) -> None:
         for partition, pid in enumerate(topic.partition_ids):
+            if (topic.name, partition) in self._logs:
+                continue
             name = f"{topic.name}-{partition}"
             self._logs[(topic.name, partition)] = PartitionLog(
                 name, self._partition_dir(topic.name, partition), pid, self._index, self.config)

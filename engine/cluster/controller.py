@@ -1,0 +1,359 @@
+"""ClusterController: one broker's part in the cluster.
+
+It owns the broker's RaftNode (peer network and every Raft group), its
+LogManager, and its member of the metadata group, and keeps three things true:
+
+- the partition groups running here are exactly those the metadata assigns
+  to this broker (`_reconcile`, after every metadata change): a new topic or
+  partition starts a PartitionReplica, a deleted one is stopped and its data
+  removed, and a topic recreated under the same name starts from empty;
+- the metadata says who leads each partition: a partition's leader records
+  its leader epoch and ISR there when they change, so every broker can
+  answer Kafka's Metadata;
+- admin operations (register, create/delete topics, add partitions) work from
+  any broker: a command is proposed on the metadata leader, forwarded to it
+  over the peer network when that is another broker.
+
+Nothing here runs on another thread: Raft ticks, applies, reconciliation and
+the Kafka server (issue 4) share the broker's event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from engine.cluster import metadata
+from engine.cluster.metadata import METADATA_GROUP_ID, ClusterState, PartitionInfo
+from engine.config import Config
+from engine.errors import (ErrorCode, InvalidPartitionsError, InvalidReplicationFactorError, NoControllerError,
+                           RaftkaError, UnknownTopicOrPartitionError)
+from engine.storage.log_manager import PARTITIONS_MAX, LogManager, validate_topic_name
+from raft.group import NotLeaderError, PartitionReplica, ReplicationError
+from raft.node import RaftNode
+from raft.state_machine import StateMachineReplica
+from raft.transport import PeerNetwork, PeerNetworkConfig
+from raft.votes import VoteStore
+
+log = logging.getLogger(__name__)
+
+DUTY_INTERVAL_S = 0.1
+LEADERSHIP_REPORT_INTERVAL_S = 0.5
+FORWARD_TIMEOUT_S = 2.0
+ADMIN_TIMEOUT_S = 15.0
+
+
+class MetadataCommandError(RaftkaError):
+    """The metadata refused a command with this Kafka error code."""
+
+    def __init__(self, code: int, what: str) -> None:
+        self.error_code = ErrorCode(code)
+        super().__init__(f"{what}: {self.error_code.name}")
+
+
+class ClusterController:
+    """See the module docstring."""
+
+    def __init__(self, config: Config, **raft_settings: Any) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.raft_settings = dict(raft_settings)
+        self.raft_dir = config.data_dir / "raft"
+        self.logs = LogManager(config)
+        self.state = ClusterState()
+        self.state.on_change(self._metadata_changed)
+        network = PeerNetwork(PeerNetworkConfig(
+            node_id=config.node_id, secret=config.cluster_secret.encode(),
+            peers={peer_id: (host, port) for peer_id, host, port in config.peers},
+            listen_host=config.peer_host, listen_port=config.peer_port))
+        self.node = RaftNode(network, VoteStore(self.raft_dir / "votes"))
+        self.raft_settings["vote_store"] = self.node.votes
+        self.metadata: StateMachineReplica | None = None
+        self._replicas: dict[tuple[str, int], PartitionReplica] = {}
+        self._reporting: set[tuple[str, int]] = set()      # leader reports in flight
+        self._forwarded: dict[int, asyncio.Future[int]] = {}
+        self._forward_ids = itertools.count(1)
+        self._reconcile_scheduled = False
+        self._reconciled_version = -1
+        self._registered = False
+        self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.node.start()
+        self.metadata = StateMachineReplica(METADATA_GROUP_ID, self.state, self.node_id, self.config.broker_ids,
+                                            self.node.network, self.raft_dir / "metadata", **self.raft_settings)
+        self.metadata.transport.on_extension_message = self._on_forwarded
+        self.node.add_group(self.metadata)
+        self._tasks = [self._loop.create_task(self._duties()), self._loop.create_task(self._register())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for future in self._forwarded.values():
+            if not future.done():
+                future.cancel()
+        await self.node.stop()
+        self._replicas.clear()
+        self.logs.close()
+
+    @property
+    def ready(self) -> bool:
+        """This broker has registered and its metadata has caught up with the leader's."""
+        return self._registered and self.metadata is not None and self.metadata._isReady()
+
+    async def wait_ready(self, timeout_s: float = 30.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not self.ready:
+            if loop.time() > deadline:
+                raise NoControllerError(f"node {self.node_id}: metadata not ready after {timeout_s} s")
+            await asyncio.sleep(0.02)
+
+    # ---- what the broker asks ---------------------------------------------
+
+    @property
+    def controller_id(self) -> int:
+        """The metadata group's leader (Kafka's controller), -1 while unknown."""
+        leader = self.metadata.leader_id if self.metadata is not None else None
+        return -1 if leader is None else leader
+
+    def replica(self, topic: str, partition: int) -> PartitionReplica | None:
+        """This broker's replica of the partition, None when it hosts none."""
+        return self._replicas.get((topic, partition))
+
+    def replicas(self) -> dict[tuple[str, int], PartitionReplica]:
+        return dict(self._replicas)
+
+    def partition_leader(self, topic: str, partition: int) -> tuple[int, int]:
+        """(leader id, leader epoch) as this broker knows them, (-1, -1) when unknown:
+        the local replica's view if it hosts one and a leader is known (it is
+        the freshest), otherwise what the metadata records."""
+        replica = self._replicas.get((topic, partition))
+        if replica is not None and replica.leader_id is not None:
+            return replica.leader_id, replica.leader_epoch
+        info = self.state.partition(topic, partition)
+        return (info.leader, info.leader_epoch) if info is not None else (-1, -1)
+
+    # ---- admin operations ---------------------------------------------------
+
+    async def create_topic(self, name: str, partitions: int | None = None, replication_factor: int | None = None,
+                           configs: dict[str, str] | None = None) -> None:
+        validate_topic_name(name)
+        partitions = self.config.default_partitions if partitions in (None, -1) else partitions
+        if not isinstance(partitions, int) or not 0 < partitions <= PARTITIONS_MAX:
+            raise InvalidPartitionsError(f"partitions must be in [1, {PARTITIONS_MAX}], got {partitions!r}")
+        brokers = sorted(self.state.brokers)
+        if replication_factor in (None, -1):
+            replication_factor = min(self.config.default_replication_factor, max(len(brokers), 1))
+        if not isinstance(replication_factor, int) or not 0 < replication_factor <= len(brokers):
+            raise InvalidReplicationFactorError(
+                f"replication factor {replication_factor!r} with {len(brokers)} registered brokers")
+        replicas = metadata.assign_replicas(brokers, partitions, replication_factor, start=len(self.state.topics))
+        await self.propose(metadata.create_topic(name, os.urandom(16), replicas, dict(configs or {})),
+                           f"create topic {name!r}")
+
+    async def delete_topic(self, name: str) -> None:
+        await self.propose(metadata.delete_topic(name), f"delete topic {name!r}")
+
+    async def create_partitions(self, name: str, total: int) -> None:
+        topic = self.state.topics.get(name)
+        if topic is None:
+            raise UnknownTopicOrPartitionError(f"unknown topic {name!r}")
+        current = len(topic.partitions)
+        if not isinstance(total, int) or not current < total <= PARTITIONS_MAX:
+            raise InvalidPartitionsError(f"topic {name!r} has {current} partitions; cannot grow it to {total!r}")
+        replication_factor = len(topic.partitions[0].replicas)
+        brokers = sorted(self.state.brokers)
+        replicas = metadata.assign_replicas(brokers, total - current, replication_factor,
+                                            first_partition=current, start=len(self.state.topics))
+        await self.propose(metadata.create_partitions(name, replicas), f"add partitions to {name!r}")
+
+    async def propose(self, command: bytes, what: str, timeout_s: float = ADMIN_TIMEOUT_S) -> None:
+        """Commit a metadata command, wherever the metadata leader is; raise
+        MetadataCommandError if the state machine refused it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            code = await self._propose_once(command)
+            if code is not None:
+                break
+            if loop.time() > deadline:
+                raise NoControllerError(f"{what}: no metadata leader answered within {timeout_s} s")
+            await asyncio.sleep(0.05)
+        if code != ErrorCode.NONE:
+            raise MetadataCommandError(code, what)
+
+    async def _propose_once(self, command: bytes) -> int | None:
+        """The command's error code, or None when it should be retried."""
+        assert self.metadata is not None
+        leader = self.metadata.leader_id
+        try:
+            if leader == self.node_id:
+                return await asyncio.wait_for(self.metadata.propose(command), FORWARD_TIMEOUT_S)
+            if leader is None:
+                return None
+            request_id = next(self._forward_ids)
+            future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._forwarded[request_id] = future
+            try:
+                self.metadata.transport.send_to(leader, {"type": "rk_propose", "id": request_id, "command": command})
+                self.node.mark_active(METADATA_GROUP_ID)
+                code = await asyncio.wait_for(future, FORWARD_TIMEOUT_S)
+            finally:
+                self._forwarded.pop(request_id, None)
+            return None if code == ErrorCode.NOT_CONTROLLER else code
+        except (NotLeaderError, ReplicationError, asyncio.TimeoutError):
+            return None
+
+    def _on_forwarded(self, peer_id: int, message: dict) -> None:
+        kind, request_id = message.get("type"), message.get("id")
+        if not isinstance(request_id, int):
+            return
+        if kind == "rk_proposed":
+            future = self._forwarded.get(request_id)
+            code = message.get("error")
+            if future is not None and not future.done() and isinstance(code, int):
+                future.set_result(code)
+        elif kind == "rk_propose" and isinstance(message.get("command"), bytes):
+            asyncio.get_running_loop().create_task(self._serve_forwarded(peer_id, request_id, message["command"]))
+
+    async def _serve_forwarded(self, peer_id: int, request_id: int, command: bytes) -> None:
+        assert self.metadata is not None
+        try:
+            code = await asyncio.wait_for(self.metadata.propose(command), FORWARD_TIMEOUT_S)
+        except (NotLeaderError, ReplicationError, asyncio.TimeoutError):
+            code = int(ErrorCode.NOT_CONTROLLER)
+        self.metadata.transport.send_to(peer_id, {"type": "rk_proposed", "id": request_id, "error": code})
+        self.node.mark_active(METADATA_GROUP_ID)
+
+    # ---- keeping this broker in line with the metadata ----------------------
+
+    async def _register(self) -> None:
+        host, port = self.config.advertised_address
+        while True:
+            try:
+                await self.propose(metadata.register_broker(self.node_id, host, port), "register broker")
+                self._registered = True
+                return
+            except NoControllerError:
+                continue
+            except RaftkaError:
+                log.exception("node %d: registration refused", self.node_id)
+                return
+
+    def _metadata_changed(self) -> None:
+        if not self._reconcile_scheduled and self._loop is not None:
+            self._reconcile_scheduled = True
+            self._loop.call_soon(self._reconcile)
+
+    def _reconcile(self) -> None:
+        """Start and stop partition groups to match the metadata. Only once the
+        metadata caught up with the leader's: a restarted broker replays an
+        older prefix first, which lacks topics it already hosts."""
+        self._reconcile_scheduled = False
+        if self.metadata is None or not self.metadata._isReady():
+            return
+        self._reconciled_version = self.state.version
+        wanted: dict[tuple[str, int], PartitionInfo] = {}
+        for topic in self.state.topics.values():
+            for partition, info in enumerate(topic.partitions):
+                if self.node_id in info.replicas:
+                    wanted[(topic.name, partition)] = info
+        for key, replica in list(self._replicas.items()):
+            info = wanted.get(key)
+            if info is None or info.group_id != replica.group_id:
+                self._stop_replica(key)
+        for record in self.logs.topic_records():
+            topic = self.state.topics.get(record.name)
+            if topic is None or topic.topic_id != record.topic_id:
+                log.info("node %d: removing local data of topic %r (deleted or recreated)", self.node_id, record.name)
+                for partition in range(record.partitions):
+                    self._stop_replica((record.name, partition))
+                self.logs.delete_topic(record.name)
+        for key, info in sorted(wanted.items()):
+            if key not in self._replicas:
+                self._start_replica(key, info)
+        self._remove_orphan_group_dirs()
+
+    def _start_replica(self, key: tuple[str, int], info: PartitionInfo) -> None:
+        name, partition = key
+        topic = self.state.topics[name]
+        local = {r.name: r for r in self.logs.topic_records()}.get(name)
+        if local is None:
+            self.logs.create_topic(name, len(topic.partitions), topic.topic_id)
+        elif local.partitions < len(topic.partitions):
+            self.logs.add_partitions(name, len(topic.partitions))
+        replica = PartitionReplica(info.group_id, self.logs.log(name, partition), self.node_id, info.replicas,
+                                   self.node.network, self.raft_dir / str(info.group_id), **self.raft_settings)
+        self._replicas[key] = replica
+        self.node.add_group(replica)
+
+    def _stop_replica(self, key: tuple[str, int]) -> None:
+        replica = self._replicas.pop(key, None)
+        if replica is not None:
+            self.node.remove_group(replica.group_id)
+            self.node.votes.forget(replica.group_id)
+            shutil.rmtree(replica.group_dir, ignore_errors=True)
+
+    def _remove_orphan_group_dirs(self) -> None:
+        running = {str(r.group_id) for r in self._replicas.values()}
+        if not self.raft_dir.exists():
+            return
+        for path in self.raft_dir.iterdir():
+            if path.name.isdigit() and path.name not in running:
+                shutil.rmtree(path, ignore_errors=True)
+
+    async def _duties(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_report = loop.time()
+        while True:
+            await asyncio.sleep(DUTY_INTERVAL_S)
+            try:
+                self.logs.tick()
+                if self._reconciled_version != self.state.version:
+                    self._reconcile()
+                if loop.time() >= next_report:
+                    next_report = loop.time() + LEADERSHIP_REPORT_INTERVAL_S
+                    self._report_leadership()
+            except Exception:
+                log.exception("node %d: periodic duties failed", self.node_id)
+
+    def _report_leadership(self) -> None:
+        """Record in the metadata each partition this broker leads whose
+        recorded leader, epoch or ISR is out of date."""
+        lag_s = self.config.replica_lag_time_max_ms / 1000
+        for key, replica in self._replicas.items():
+            if key in self._reporting or not replica.is_leader:
+                continue
+            info = self.state.partition(*key)
+            isr = replica.in_sync_replicas(lag_s)
+            if info is None or (info.leader, info.leader_epoch, info.isr) == (self.node_id, replica.leader_epoch, isr):
+                continue
+            self._reporting.add(key)
+            command = metadata.record_leader(key[0], key[1], replica.group_id, self.node_id, replica.leader_epoch, isr)
+            task = asyncio.get_running_loop().create_task(self._report(command))
+            task.add_done_callback(lambda _t, key=key: self._reporting.discard(key))
+
+    async def _report(self, command: bytes) -> None:
+        try:
+            await self.propose(command, "record leader", timeout_s=FORWARD_TIMEOUT_S)
+        except RaftkaError as error:
+            log.debug("node %d: leader report not recorded: %s", self.node_id, error)
+
+    def status(self) -> dict[str, Any]:
+        """What this broker knows, for tests and the control port."""
+        return {
+            "node": self.node_id, "controller": self.controller_id, "ready": self.ready,
+            "brokers": sorted(self.state.brokers),
+            "topics": {t.name: [{"group": p.group_id, "replicas": p.replicas, "leader": p.leader,
+                                 "epoch": p.leader_epoch, "isr": p.isr} for p in t.partitions]
+                       for t in self.state.topics.values()},
+        }

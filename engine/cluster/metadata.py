@@ -1,0 +1,230 @@
+"""Cluster metadata: brokers, topics, each partition's replica set and Raft group,
+and the current leader, leader epoch and ISR of every partition.
+
+ClusterState is the deterministic state machine of the metadata Raft group
+(group 0, every broker a member): commands are built by the functions below
+and encoded with raft.codec (no pickle), applied in commit order on every
+broker, and answer an ErrorCode. Any broker can then answer Kafka's Metadata
+from its own copy. Leaders report themselves (`record_leader`); a report
+with an older epoch than the one held, or for a partition group that no
+longer exists (the topic was deleted and recreated), changes nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from engine.errors import ErrorCode, RaftkaError
+from engine.storage.log_manager import PARTITIONS_MAX, validate_topic_name
+from raft import codec
+
+METADATA_GROUP_ID = 0
+SNAPSHOT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BrokerInfo:
+    node_id: int
+    host: str
+    port: int
+    rack: str | None = None
+
+
+@dataclass
+class PartitionInfo:
+    group_id: int                  # the partition's Raft group, unique in the cluster's lifetime
+    replicas: list[int]
+    leader: int = -1               # -1: none reported yet
+    leader_epoch: int = -1
+    isr: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TopicInfo:
+    name: str
+    topic_id: bytes                # 16 bytes (Kafka's topic UUID)
+    partitions: list[PartitionInfo]
+    configs: dict[str, str]
+
+
+def register_broker(node_id: int, host: str, port: int, rack: str | None = None) -> bytes:
+    return codec.encode({"op": "register_broker", "id": node_id, "host": host, "port": port, "rack": rack})
+
+
+def create_topic(name: str, topic_id: bytes, replicas: list[list[int]], configs: dict[str, str]) -> bytes:
+    return codec.encode({"op": "create_topic", "name": name, "topic_id": topic_id,
+                         "replicas": replicas, "configs": configs})
+
+
+def delete_topic(name: str) -> bytes:
+    return codec.encode({"op": "delete_topic", "name": name})
+
+
+def create_partitions(name: str, new_replicas: list[list[int]]) -> bytes:
+    return codec.encode({"op": "create_partitions", "name": name, "replicas": new_replicas})
+
+
+def record_leader(name: str, partition: int, group_id: int, leader: int, epoch: int, isr: list[int]) -> bytes:
+    return codec.encode({"op": "record_leader", "name": name, "partition": partition, "group": group_id,
+                         "leader": leader, "epoch": epoch, "isr": isr})
+
+
+def assign_replicas(broker_ids: Iterable[int], partitions: int, replication_factor: int,
+                    first_partition: int = 0, start: int = 0) -> list[list[int]]:
+    """Kafka's round robin: partition p's replicas are the `replication_factor`
+    brokers from position start + p, so leaders (the first replica) spread."""
+    brokers = sorted(broker_ids)
+    n = len(brokers)
+    return [[brokers[(start + p + k) % n] for k in range(replication_factor)]
+            for p in range(first_partition, first_partition + partitions)]
+
+
+class ClusterState:
+    """The metadata state machine; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.brokers: dict[int, BrokerInfo] = {}
+        self.topics: dict[str, TopicInfo] = {}
+        self.next_group_id = METADATA_GROUP_ID + 1
+        self.version = 0   # bumped by every apply that changed something
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every apply that changed the state."""
+        self._listeners.append(listener)
+
+    def partition(self, name: str, partition: int) -> PartitionInfo | None:
+        topic = self.topics.get(name)
+        if topic is None or not 0 <= partition < len(topic.partitions):
+            return None
+        return topic.partitions[partition]
+
+    # ---- applying commands ---------------------------------------------
+
+    def apply(self, payload: bytes | memoryview) -> int:
+        try:
+            command = codec.decode(payload)
+            handler = _HANDLERS[command["op"]]
+            outcome = handler(self, command)
+        except RaftkaError as error:
+            return int(error.error_code)
+        except (codec.CodecError, KeyError, TypeError, ValueError):
+            return int(ErrorCode.INVALID_REQUEST)   # every replica refuses it alike
+        if outcome == ErrorCode.NONE:
+            self._changed()
+        return int(outcome)
+
+    def _changed(self) -> None:
+        self.version += 1
+        for listener in self._listeners:
+            listener()
+
+    def _register_broker(self, c: dict) -> ErrorCode:
+        info = BrokerInfo(_int(c["id"]), _str(c["host"]), _int(c["port"]),
+                          None if c.get("rack") is None else _str(c["rack"]))
+        if self.brokers.get(info.node_id) == info:
+            return ErrorCode.NONE
+        self.brokers[info.node_id] = info
+        return ErrorCode.NONE
+
+    def _create_topic(self, c: dict) -> ErrorCode:
+        name = _str(c["name"])
+        validate_topic_name(name)
+        if name in self.topics:
+            return ErrorCode.TOPIC_ALREADY_EXISTS
+        replicas = self._valid_assignment(c["replicas"], 0)
+        configs = {_str(k): _str(v) for k, v in dict(c["configs"]).items()}
+        topic_id = c["topic_id"]
+        if not isinstance(topic_id, bytes) or len(topic_id) != 16:
+            return ErrorCode.INVALID_REQUEST
+        self.topics[name] = TopicInfo(name, topic_id, self._new_partitions(replicas), configs)
+        return ErrorCode.NONE
+
+    def _delete_topic(self, c: dict) -> ErrorCode:
+        if self.topics.pop(_str(c["name"]), None) is None:
+            return ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
+        return ErrorCode.NONE
+
+    def _create_partitions(self, c: dict) -> ErrorCode:
+        topic = self.topics.get(_str(c["name"]))
+        if topic is None:
+            return ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
+        replicas = self._valid_assignment(c["replicas"], len(topic.partitions))
+        topic.partitions += self._new_partitions(replicas)
+        return ErrorCode.NONE
+
+    def _record_leader(self, c: dict) -> ErrorCode:
+        info = self.partition(_str(c["name"]), _int(c["partition"]))
+        if info is None or info.group_id != _int(c["group"]):
+            return ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
+        leader, epoch = _int(c["leader"]), _int(c["epoch"])
+        isr = sorted(_int(i) for i in c["isr"])
+        if epoch < info.leader_epoch or leader not in info.replicas or not set(isr) <= set(info.replicas):
+            return ErrorCode.INVALID_REQUEST   # a stale or foreign report
+        if (leader, epoch, isr) == (info.leader, info.leader_epoch, info.isr):
+            return ErrorCode.NONE
+        info.leader, info.leader_epoch, info.isr = leader, epoch, isr
+        return ErrorCode.NONE
+
+    def _valid_assignment(self, replicas: Any, existing: int) -> list[list[int]]:
+        if not isinstance(replicas, list) or not replicas or existing + len(replicas) > PARTITIONS_MAX:
+            raise _Refused(ErrorCode.INVALID_PARTITIONS)
+        out = []
+        for replica_set in replicas:
+            ids = [_int(i) for i in replica_set]
+            if not ids or len(set(ids)) != len(ids) or not set(ids) <= set(self.brokers):
+                raise _Refused(ErrorCode.INVALID_REPLICATION_FACTOR)
+            out.append(ids)
+        return out
+
+    def _new_partitions(self, replicas: list[list[int]]) -> list[PartitionInfo]:
+        first = self.next_group_id
+        self.next_group_id += len(replicas)
+        return [PartitionInfo(first + i, ids) for i, ids in enumerate(replicas)]
+
+    # ---- snapshots ---------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        return codec.encode({
+            "version": SNAPSHOT_VERSION, "next_group_id": self.next_group_id,
+            "brokers": [[b.node_id, b.host, b.port, b.rack] for b in self.brokers.values()],
+            "topics": [[t.name, t.topic_id, t.configs,
+                        [[p.group_id, p.replicas, p.leader, p.leader_epoch, p.isr] for p in t.partitions]]
+                       for t in self.topics.values()]})
+
+    def restore(self, snapshot: bytes) -> None:
+        data = codec.decode(snapshot)
+        if data.get("version") != SNAPSHOT_VERSION:
+            raise ValueError(f"metadata snapshot version {data.get('version')!r} is not {SNAPSHOT_VERSION}")
+        self.next_group_id = data["next_group_id"]
+        self.brokers = {b[0]: BrokerInfo(*b) for b in data["brokers"]}
+        self.topics = {name: TopicInfo(name, topic_id, [PartitionInfo(*p) for p in partitions], dict(configs))
+                       for name, topic_id, configs, partitions in data["topics"]}
+        self._changed()
+
+
+class _Refused(RaftkaError):
+    def __init__(self, code: ErrorCode) -> None:
+        super().__init__(code.name)
+        self.error_code = code
+
+
+_HANDLERS: dict[str, Callable[[ClusterState, dict], ErrorCode]] = {
+    "register_broker": ClusterState._register_broker,
+    "create_topic": ClusterState._create_topic,
+    "delete_topic": ClusterState._delete_topic,
+    "create_partitions": ClusterState._create_partitions,
+    "record_leader": ClusterState._record_leader,
+}
+
+
+def _int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value

@@ -1,0 +1,237 @@
+"""Cluster metadata: the state machine's rules, and three brokers (one process,
+real loopback sockets, real LMDB and Raft groups) whose metadata group
+creates, hosts, grows and deletes topics, and records each partition's
+leader, epoch and ISR, across a leader stop and a broker restart."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from engine.cluster import metadata
+from engine.cluster.controller import ClusterController, MetadataCommandError
+from engine.cluster.metadata import ClusterState
+from engine.config import Config
+from engine.errors import ErrorCode, InvalidReplicationFactorError, InvalidTopicError
+from raft.local_cluster import free_ports
+from tests.conftest import make_batch, wait_for
+
+FAST = dict(raftMinTimeout=0.3, raftMaxTimeout=0.6, appendEntriesPeriod=0.05, leaderFallbackTimeout=0.6)
+TOPIC_ID = bytes(range(16))
+
+
+# ---- the state machine ------------------------------------------------------
+
+def state_with_brokers(*ids: int) -> ClusterState:
+    state = ClusterState()
+    for node_id in ids:
+        assert state.apply(metadata.register_broker(node_id, "127.0.0.1", 9090 + node_id)) == ErrorCode.NONE
+    return state
+
+
+def test_create_topic_allocates_one_raft_group_per_partition_never_reused():
+    state = state_with_brokers(1, 2, 3)
+    assert state.apply(metadata.create_topic("a", TOPIC_ID, [[1, 2], [2, 3]], {})) == ErrorCode.NONE
+    assert state.apply(metadata.delete_topic("a")) == ErrorCode.NONE
+    assert state.apply(metadata.create_topic("a", TOPIC_ID, [[3, 1]], {"retention.ms": "1000"})) == ErrorCode.NONE
+    topic = state.topics["a"]
+    assert [p.group_id for p in topic.partitions] == [3]
+    assert topic.configs == {"retention.ms": "1000"}
+
+
+def test_refused_commands_change_nothing():
+    state = state_with_brokers(1, 2)
+    state.apply(metadata.create_topic("a", TOPIC_ID, [[1, 2]], {}))
+    before = state.snapshot()
+    assert state.apply(metadata.create_topic("a", TOPIC_ID, [[1]], {})) == ErrorCode.TOPIC_ALREADY_EXISTS
+    assert state.apply(metadata.create_topic("b", TOPIC_ID, [[1, 7]], {})) == ErrorCode.INVALID_REPLICATION_FACTOR
+    assert state.apply(metadata.create_topic("b", TOPIC_ID, [[1, 1]], {})) == ErrorCode.INVALID_REPLICATION_FACTOR
+    assert state.apply(metadata.create_topic("b/c", TOPIC_ID, [[1]], {})) == ErrorCode.INVALID_TOPIC_EXCEPTION
+    assert state.apply(metadata.create_topic("b", b"short", [[1]], {})) == ErrorCode.INVALID_REQUEST
+    assert state.apply(metadata.delete_topic("nope")) == ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
+    assert state.apply(metadata.create_partitions("nope", [[1]])) == ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
+    assert state.apply(b"\x80\x04garbage") == ErrorCode.INVALID_REQUEST
+    assert state.apply(metadata.codec.encode({"op": "rm -rf"})) == ErrorCode.INVALID_REQUEST
+    assert state.snapshot() == before
+
+
+def test_leader_reports_with_an_older_epoch_or_for_a_recreated_topic_are_ignored():
+    state = state_with_brokers(1, 2, 3)
+    state.apply(metadata.create_topic("a", TOPIC_ID, [[1, 2, 3]], {}))
+    group = state.topics["a"].partitions[0].group_id
+    assert state.apply(metadata.record_leader("a", 0, group, 2, 5, [1, 2, 3])) == ErrorCode.NONE
+    assert state.apply(metadata.record_leader("a", 0, group, 1, 4, [1])) == ErrorCode.INVALID_REQUEST
+    assert state.apply(metadata.record_leader("a", 0, group + 1, 1, 9, [1])) == ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
+    assert state.apply(metadata.record_leader("a", 0, group, 7, 9, [7])) == ErrorCode.INVALID_REQUEST
+    info = state.partition("a", 0)
+    assert (info.leader, info.leader_epoch, info.isr) == (2, 5, [1, 2, 3])
+
+
+def test_snapshot_restores_the_same_state():
+    state = state_with_brokers(1, 2, 3)
+    state.apply(metadata.create_topic("a", TOPIC_ID, metadata.assign_replicas([1, 2, 3], 4, 2), {"k": "v"}))
+    state.apply(metadata.create_partitions("a", [[3, 1]]))
+    state.apply(metadata.record_leader("a", 4, state.topics["a"].partitions[4].group_id, 3, 2, [3]))
+    copy = ClusterState()
+    copy.restore(state.snapshot())
+    assert copy.snapshot() == state.snapshot()
+    assert copy.topics == state.topics and copy.brokers == state.brokers
+    assert copy.next_group_id == state.next_group_id
+
+
+def test_round_robin_assignment_spreads_first_replicas():
+    assert metadata.assign_replicas([3, 1, 2], 4, 2) == [[1, 2], [2, 3], [3, 1], [1, 2]]
+    assert metadata.assign_replicas([1, 2, 3], 2, 3, first_partition=1, start=1) == [[3, 1, 2], [1, 2, 3]]
+
+
+# ---- three brokers ----------------------------------------------------------
+
+class Cluster:
+    def __init__(self, root: Path, **raft_settings) -> None:
+        self.root = root
+        self.ids = [1, 2, 3]
+        self.ports = dict(zip(self.ids, free_ports(3)))
+        self.raft_settings = {**FAST, **raft_settings}
+        self.controllers: dict[int, ClusterController] = {}
+
+    def config(self, node_id: int) -> Config:
+        return Config(data_dir=self.root / f"b{node_id}", node_id=node_id, peer_port=self.ports[node_id],
+                      cluster_secret="secret", port=9000 + node_id, replica_lag_time_max_ms=2000,
+                      peers=tuple((i, "127.0.0.1", p) for i, p in self.ports.items() if i != node_id))
+
+    async def start(self, node_id: int) -> ClusterController:
+        controller = ClusterController(self.config(node_id), **self.raft_settings)
+        await controller.start()
+        self.controllers[node_id] = controller
+        return controller
+
+    async def stop(self, node_id: int) -> None:
+        await self.controllers.pop(node_id).stop()
+
+    async def close(self) -> None:
+        for node_id in list(self.controllers):
+            await self.stop(node_id)
+
+
+def settled(controllers, topic: str, partitions: int) -> bool:
+    """Every broker knows the topic, hosts its replicas, and the metadata
+    records a leader with a full ISR for each partition."""
+    for c in controllers:
+        info = c.state.topics.get(topic)
+        if info is None or len(info.partitions) != partitions:
+            return False
+        hosted = [k for k in c.replicas() if k[0] == topic]
+        if len(hosted) != sum(c.node_id in p.replicas for p in info.partitions):
+            return False
+        if any(p.leader < 0 or p.isr != sorted(p.replicas) for p in info.partitions):
+            return False
+    return True
+
+
+def with_cluster(scenario, tmp_path: Path, **raft_settings) -> None:
+    """Run `scenario(cluster)` against three started, ready brokers."""
+    async def run() -> None:
+        cluster = Cluster(tmp_path, **raft_settings)
+        try:
+            for node_id in cluster.ids:
+                await cluster.start(node_id)
+            for controller in cluster.controllers.values():
+                await controller.wait_ready()
+            await scenario(cluster)
+        finally:
+            await cluster.close()
+    asyncio.run(run())
+
+
+def test_any_broker_creates_a_topic_and_every_replica_hosts_it(tmp_path):
+    with_cluster(_any_broker_creates_a_topic_and_every_replica_hosts_it, tmp_path)
+
+
+async def _any_broker_creates_a_topic_and_every_replica_hosts_it(cluster):
+    controllers = list(cluster.controllers.values())
+    follower = next(c for c in controllers if c.controller_id != c.node_id)   # forwarded to the leader
+    await follower.create_topic("orders", partitions=3, replication_factor=3)
+    await wait_for(lambda: settled(controllers, "orders", 3))
+    for c in controllers:
+        assert c.state.snapshot() == controllers[0].state.snapshot()
+        assert sorted(c.state.brokers) == [1, 2, 3]
+        assert c.state.brokers[c.node_id].port == 9000 + c.node_id
+    leader_id, epoch = follower.partition_leader("orders", 0)
+    leader = cluster.controllers[leader_id].replica("orders", 0)
+    assert leader.is_leader and leader.leader_epoch == epoch
+    assert await asyncio.wait_for(leader.append(make_batch(1)), 10) == 0
+
+    with pytest.raises(MetadataCommandError) as refused:
+        await follower.create_topic("orders", partitions=1, replication_factor=1)
+    assert refused.value.error_code == ErrorCode.TOPIC_ALREADY_EXISTS
+    with pytest.raises(InvalidReplicationFactorError):
+        await follower.create_topic("wide", partitions=1, replication_factor=4)
+    with pytest.raises(InvalidTopicError):
+        await follower.create_topic("no spaces", partitions=1, replication_factor=1)
+
+
+def test_partitions_added_and_topic_deleted_on_every_broker(tmp_path):
+    with_cluster(_partitions_added_and_topic_deleted_on_every_broker, tmp_path)
+
+
+async def _partitions_added_and_topic_deleted_on_every_broker(cluster):
+    controllers = list(cluster.controllers.values())
+    await controllers[0].create_topic("t", partitions=1, replication_factor=2)
+    await wait_for(lambda: settled(controllers, "t", 1))
+    await controllers[2].create_partitions("t", 3)
+    await wait_for(lambda: settled(controllers, "t", 3))
+    hosting = [c for c in controllers if c.replicas()]
+    group_dirs = [r.group_dir for c in hosting for r in c.replicas().values()]
+    assert all(d.exists() for d in group_dirs)
+
+    await controllers[1].delete_topic("t")
+    await wait_for(lambda: all(not c.replicas() and "t" not in c.logs.topics() for c in controllers))
+    assert not any(d.exists() for d in group_dirs)
+    assert not any((c.config.data_dir / "t-0").exists() for c in controllers)
+
+
+def test_a_new_leader_is_recorded_with_a_higher_epoch_after_the_leader_stops(tmp_path):
+    with_cluster(_a_new_leader_is_recorded_with_a_higher_epoch_after_the_leader_stops, tmp_path)
+
+
+async def _a_new_leader_is_recorded_with_a_higher_epoch_after_the_leader_stops(cluster):
+    controllers = list(cluster.controllers.values())
+    await controllers[0].create_topic("p", partitions=1, replication_factor=3)
+    await wait_for(lambda: settled(controllers, "p", 1))
+    old = controllers[0].state.partition("p", 0)
+    old_leader, old_epoch = old.leader, old.leader_epoch
+    await cluster.stop(old_leader)
+    survivors = list(cluster.controllers.values())
+
+    def moved() -> bool:
+        infos = [c.state.partition("p", 0) for c in survivors]
+        return all(i.leader not in (-1, old_leader) and i.leader_epoch > old_epoch
+                   and old_leader not in i.isr for i in infos)
+    # the stopped broker leaves the ISR only after replica_lag_time_max_ms
+    await wait_for(moved, timeout_s=30)
+
+
+def test_a_restarted_broker_rebuilds_metadata_from_its_checkpoint_and_journal(tmp_path):
+    with_cluster(_restarted_broker_rebuilds_metadata, tmp_path, logCompactionMinEntries=4, logCompactionMinTime=0.1)
+
+
+async def _restarted_broker_rebuilds_metadata(cluster):
+    first = cluster.controllers[1]
+    for i in range(8):
+        await first.create_topic(f"t{i}", partitions=1, replication_factor=3)
+    await wait_for(lambda: all(settled(cluster.controllers.values(), f"t{i}", 1) for i in range(8)))
+    await asyncio.sleep(0.3)   # past logCompactionMinTime
+    await first.create_topic("last", partitions=1, replication_factor=3)
+    await wait_for(lambda: settled(cluster.controllers.values(), "last", 1))
+    assert (cluster.root / "b3" / "raft" / "metadata" / "checkpoint").exists()
+    leader = next(c.replica("t0", 0) for c in cluster.controllers.values() if c.replica("t0", 0).is_leader)
+    await asyncio.wait_for(leader.append(make_batch(1)), 10)
+
+    await cluster.stop(3)
+    restarted = await cluster.start(3)
+    await restarted.wait_ready()
+    expected = cluster.controllers[1].state
+    await wait_for(lambda: set(restarted.state.topics) == set(expected.topics) and len(restarted.replicas()) == 9)
+    assert restarted.state.next_group_id == expected.next_group_id
+    await wait_for(lambda: restarted.replica("t0", 0).log.high_watermark == 1)
