@@ -50,6 +50,11 @@ class Config:
     index_commit_max_pending: int = 65536
     lmdb_map_size_bytes: int = 16 * GIB
     default_partitions: int = 1
+    # auto.create.topics.enable: Metadata and Produce for an unknown topic create it
+    auto_create_topics: bool = True
+    # socket.request.max.bytes: a larger request closes its connection
+    max_request_bytes: int = 100 * MIB
+    cluster_id: str = "raftka"
     # the Kafka listener, and the address clients are told to use (empty/0: the listener's)
     host: str = "127.0.0.1"
     port: int = 9092
@@ -75,7 +80,7 @@ class Config:
         positive = ("segment_bytes", "index_interval_bytes", "max_batch_bytes",
                     "fsync_interval_ms", "index_commit_interval_ms",
                     "index_commit_max_pending", "lmdb_map_size_bytes", "default_partitions",
-                    "default_replication_factor", "replica_lag_time_max_ms")
+                    "default_replication_factor", "replica_lag_time_max_ms", "max_request_bytes")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -477,6 +477,7 @@ class PartitionReplica(RaftGroup):
         partition_log.truncate(partition_log.high_watermark)
         self._catch_up: checkpoint.CatchUp | None = None
         self._deferred: list[tuple[int, bytes]] = []    # (raft index, command) held during catch-up
+        self.on_high_watermark: Callable[[], None] | None = None   # the broker wakes waiting fetches
         super().__init__(group_id, self_id, replica_ids, network, group_dir, journal_max_bytes, **raft_settings)
         self.transport.on_extension_message = self._on_extension_message
 
@@ -537,6 +538,8 @@ class PartitionReplica(RaftGroup):
         except (CorruptRecordError, RecordTooLargeError) as error:
             outcome = error  # every replica rejects it alike; the index is applied all the same
         self._log.set_high_watermark(self._log.log_end_offset, applied_index=index)
+        if self.on_high_watermark is not None:
+            self.on_high_watermark()
         return outcome
 
     # ---- checkpoint and catch-up -------------------------------------------

@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from engine.cluster import metadata
 from engine.cluster.metadata import METADATA_GROUP_ID, ClusterState, PartitionInfo
@@ -81,6 +81,8 @@ class ClusterController:
         self._reconciled_version = -1
         self._registered = False
         self._tasks: list[asyncio.Task] = []
+        # the broker's hook on each partition replica this broker starts
+        self.on_replica_started: Callable[[tuple[str, int], PartitionReplica], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle ---------------------------------------------------------
@@ -295,6 +297,8 @@ class ClusterController:
                                    self.node.network, self.raft_dir / str(info.group_id), **self.raft_settings)
         self._replicas[key] = replica
         self.node.add_group(replica)
+        if self.on_replica_started is not None:
+            self.on_replica_started(key, replica)
 
     def _stop_replica(self, key: tuple[str, int]) -> None:
         replica = self._replicas.pop(key, None)

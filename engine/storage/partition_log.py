@@ -186,6 +186,14 @@ class PartitionLog:
         return AppendResult(base_offset, state.next_offset - 1, state.batch_count,
                             state.record_count, size)
 
+    def validate(self, batches: bytes | bytearray | memoryview) -> None:
+        """Raise what append() would for these batches (CorruptRecordError,
+        RecordTooLargeError), writing nothing: a leader checks a produce
+        before it enters the Raft log."""
+        if len(batches) == 0:
+            raise CorruptRecordError("no record batches", 0)
+        self._scan(ffi.from_buffer(batches), len(batches), check_crc=True)
+
     def _scan(self, data: object, size: int, check_crc: bool) -> "ffi.CData":
         """Validate `data` and work out its offsets and index entries, writing nothing."""
         state = self._scan_state

@@ -1,0 +1,1 @@
+"""The Kafka broker: asyncio server, request handlers, the `raftka serve` process."""

@@ -1,0 +1,294 @@
+"""What the broker answers to each Kafka API, over a ClusterController.
+
+Every handler takes a decoded Request and returns the response frame (bytes,
+or a list of buffers for Fetch), or None when the client expects no answer
+(Produce with acks=0). Errors are Kafka error codes in the response, per
+topic or partition as the protocol places them; nothing here raises for bad
+input.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable
+
+from engine.cluster.controller import ClusterController
+from engine.errors import ErrorCode, OffsetOutOfRangeError, RaftkaError
+from engine.protocol import kafka
+from engine.storage.log_manager import validate_topic_name
+from engine.protocol.kafka import FetchPartition, Request, build, nested, response_schema
+from raft.group import NotLeaderError, PartitionReplica, ReplicationError
+
+log = logging.getLogger(__name__)
+
+LATEST, EARLIEST = -1, -2
+AUTO_CREATE_TIMEOUT_S = 10.0
+
+Response = bytes | list[Any] | None
+
+
+class CommitWaiters:
+    """Fetches waiting for new data on some partitions, woken by commits."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[tuple[str, int], set[asyncio.Future[None]]] = {}
+
+    def wake(self, key: tuple[str, int]) -> None:
+        for future in self._waiting.pop(key, ()):
+            if not future.done():
+                future.set_result(None)
+
+    async def wait(self, keys: list[tuple[str, int]], timeout_s: float) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for key in keys:
+            self._waiting.setdefault(key, set()).add(future)
+        try:
+            await asyncio.wait_for(future, timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            for key in keys:
+                waiting = self._waiting.get(key)
+                if waiting is not None:
+                    waiting.discard(future)
+                    if not waiting:
+                        del self._waiting[key]
+
+
+class Handlers:
+    """One per broker; `handle(request)` answers any API in kafka.ADVERTISED."""
+
+    def __init__(self, controller: ClusterController) -> None:
+        self.controller = controller
+        self.config = controller.config
+        self.waiters = CommitWaiters()
+        self._table: dict[int, Callable[[Request], Awaitable[Response]]] = {
+            kafka.API_VERSIONS: self.api_versions, kafka.METADATA: self.metadata,
+            kafka.PRODUCE: self.produce, kafka.FETCH: self.fetch, kafka.LIST_OFFSETS: self.list_offsets,
+            kafka.CREATE_TOPICS: self.create_topics, kafka.DELETE_TOPICS: self.delete_topics,
+        }
+
+    def replica_started(self, key: tuple[str, int], replica: PartitionReplica) -> None:
+        replica.on_high_watermark = lambda: self.waiters.wake(key)
+
+    async def handle(self, request: Request) -> Response:
+        return await self._table[request.api_key](request)
+
+    def _answer(self, request: Request, **values: Any) -> bytes:
+        return kafka.encode_response(request.correlation_id, build(response_schema(request), **values))
+
+    # ---- ApiVersions, Metadata ---------------------------------------------
+
+    async def api_versions(self, request: Request) -> Response:
+        body = kafka.api_versions_body(response_schema(request))
+        return kafka.encode_response(request.correlation_id, body)
+
+    async def metadata(self, request: Request) -> Response:
+        schema = response_schema(request)
+        state = self.controller.state
+        requested = request.body.topics
+        if requested is None or (request.api_version == 0 and not requested):
+            names = sorted(state.topics)
+        else:
+            names = [t.name for t in requested]
+        allow_create = self.config.auto_create_topics and getattr(request.body, "allow_auto_topic_creation", True)
+        creating = set()
+        if allow_create:
+            creating = await self._auto_create([n for n in names if n not in state.topics])
+        broker_cls, topic_cls = nested(schema, "MetadataResponseBroker"), nested(schema, "MetadataResponseTopic")
+        partition_cls = nested(schema, "MetadataResponsePartition")
+        brokers = tuple(build(broker_cls, node_id=b.node_id, host=b.host, port=b.port, rack=b.rack)
+                        for b in sorted(state.brokers.values(), key=lambda b: b.node_id))
+        topics = []
+        for name in names:
+            topic = state.topics.get(name)
+            if topic is None:
+                code = ErrorCode.LEADER_NOT_AVAILABLE if name in creating else self._unknown_topic_code(name)
+                topics.append(build(topic_cls, error_code=code, name=name, is_internal=False, partitions=()))
+                continue
+            partitions = []
+            for index, info in enumerate(topic.partitions):
+                leader, _epoch = self.controller.partition_leader(name, index)
+                isr = tuple(info.isr) if info.isr else ((leader,) if leader >= 0 else ())
+                partitions.append(build(
+                    partition_cls, error_code=ErrorCode.NONE if leader >= 0 else ErrorCode.LEADER_NOT_AVAILABLE,
+                    partition_index=index, leader_id=leader, replica_nodes=tuple(info.replicas), isr_nodes=isr,
+                    offline_replicas=()))
+            topics.append(build(topic_cls, error_code=ErrorCode.NONE, name=name, is_internal=False,
+                                partitions=tuple(partitions)))
+        return kafka.encode_response(request.correlation_id, build(
+            schema, throttle_time=0, brokers=brokers, cluster_id=self.config.cluster_id,
+            controller_id=self.controller.controller_id, topics=tuple(topics)))
+
+    def _unknown_topic_code(self, name: str) -> int:
+        try:
+            validate_topic_name(name)
+        except RaftkaError as error:
+            return error.error_code
+        return ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
+
+    async def _auto_create(self, names: list[str]) -> set[str]:
+        """Create unknown topics with the defaults; the names now being created."""
+        created = set()
+        for name in names:
+            try:
+                await asyncio.wait_for(self.controller.create_topic(name), AUTO_CREATE_TIMEOUT_S)
+                created.add(name)
+            except RaftkaError as error:
+                if error.error_code == ErrorCode.TOPIC_ALREADY_EXISTS:
+                    created.add(name)
+                elif error.error_code != ErrorCode.INVALID_TOPIC_EXCEPTION:
+                    log.warning("auto-creating topic %r failed: %s", name, error)
+            except asyncio.TimeoutError:
+                log.warning("auto-creating topic %r timed out", name)
+        return created
+
+    # ---- Produce ---------------------------------------------------------------
+
+    def _leader_replica(self, topic: str, partition: int) -> tuple[PartitionReplica | None, int]:
+        """This broker's replica if it leads the partition, else the error code to answer."""
+        if self.controller.state.partition(topic, partition) is None:
+            return None, ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
+        replica = self.controller.replica(topic, partition)
+        if replica is None or not replica.is_leader:
+            return None, ErrorCode.NOT_LEADER_OR_FOLLOWER
+        return replica, ErrorCode.NONE
+
+    async def produce(self, request: Request) -> Response:
+        body = request.body
+        timeout_s = max(body.timeout.total_seconds(), 0.001)
+        jobs: list[tuple[str, int, Awaitable[tuple[int, int]]]] = []
+        for topic in body.topic_data:
+            for data in topic.partition_data:
+                jobs.append((topic.name, data.index, self._append(topic.name, data.index, data.records, timeout_s)))
+        results = await asyncio.gather(*(job for _, _, job in jobs))
+        if body.acks == 0:
+            return None
+        schema = response_schema(request)
+        topic_cls, partition_cls = nested(schema, "TopicProduceResponse"), nested(schema, "PartitionProduceResponse")
+        by_topic: dict[str, list[Any]] = {}
+        for (name, index, _), (code, base_offset) in zip(jobs, results):
+            by_topic.setdefault(name, []).append(build(
+                partition_cls, index=index, error_code=code, base_offset=base_offset, log_append_time=None))
+        return kafka.encode_response(request.correlation_id, build(
+            schema, throttle_time=0, responses=tuple(build(topic_cls, name=n, partition_responses=tuple(p))
+                                                     for n, p in by_topic.items())))
+
+    async def _append(self, topic: str, partition: int, records: bytes | None, timeout_s: float) -> tuple[int, int]:
+        """(error code, base offset) of one partition's part of a produce."""
+        replica, code = self._leader_replica(topic, partition)
+        if replica is None:
+            return code, -1
+        if not records:
+            return ErrorCode.CORRUPT_MESSAGE, -1
+        try:
+            replica.log.validate(records)
+            base_offset = await asyncio.wait_for(replica.append(records), timeout_s)
+        except NotLeaderError:
+            return ErrorCode.NOT_LEADER_OR_FOLLOWER, -1
+        except RaftkaError as error:
+            return error.error_code, -1
+        except (ReplicationError, asyncio.TimeoutError):
+            return ErrorCode.REQUEST_TIMED_OUT, -1
+        return ErrorCode.NONE, base_offset
+
+    # ---- Fetch, ListOffsets -------------------------------------------------------
+
+    async def fetch(self, request: Request) -> Response:
+        body = request.body
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(body.max_wait.total_seconds(), 0.0)
+        while True:
+            topics, total, errors = self._read_fetch(body)
+            remaining = deadline - loop.time()
+            if total >= body.min_bytes or errors or remaining <= 0:
+                return kafka.fetch_response(request.correlation_id, topics)
+            keys = [(t.topic, p.partition) for t in body.topics for p in t.partitions]
+            await self.waiters.wait(keys, remaining)
+
+    def _read_fetch(self, body: Any) -> tuple[list[tuple[str, list[FetchPartition]]], int, bool]:
+        budget = body.max_bytes
+        total, errors = 0, False
+        topics = []
+        for topic in body.topics:
+            partitions = []
+            for wanted in topic.partitions:
+                replica, code = self._leader_replica(topic.topic, wanted.partition)
+                high_watermark, records = -1, b""
+                if replica is not None:
+                    log_ = replica.log
+                    high_watermark = log_.high_watermark
+                    limit = min(wanted.partition_max_bytes, budget) if total else wanted.partition_max_bytes
+                    try:
+                        if limit > 0:
+                            records = log_.read(wanted.fetch_offset, limit).buffer
+                    except OffsetOutOfRangeError:
+                        code = ErrorCode.OFFSET_OUT_OF_RANGE
+                total += len(records)
+                budget -= len(records)
+                errors |= code != ErrorCode.NONE
+                partitions.append(FetchPartition(wanted.partition, code, high_watermark, records))
+            topics.append((topic.topic, partitions))
+        return topics, total, errors
+
+    async def list_offsets(self, request: Request) -> Response:
+        schema = response_schema(request)
+        topic_cls, partition_cls = nested(schema, "ListOffsetsTopicResponse"), nested(schema, "ListOffsetsPartitionResponse")
+        topics = []
+        for topic in request.body.topics:
+            partitions = []
+            for wanted in topic.partitions:
+                replica, code = self._leader_replica(topic.name, wanted.partition_index)
+                offset, timestamp = -1, -1
+                if replica is not None:
+                    log_ = replica.log
+                    if wanted.timestamp == LATEST:
+                        offset = log_.high_watermark
+                    elif wanted.timestamp == EARLIEST:
+                        offset = log_.log_start_offset
+                    else:
+                        found = log_.offset_for_timestamp(wanted.timestamp)
+                        offset = log_.high_watermark if found is None else found
+                        timestamp = wanted.timestamp if found is not None else -1
+                partitions.append(build(partition_cls, partition_index=wanted.partition_index, error_code=code,
+                                        timestamp=timestamp, offset=offset))
+            topics.append(build(topic_cls, name=topic.name, partitions=tuple(partitions)))
+        return self._answer(request, throttle_time=0, topics=tuple(topics))
+
+    # ---- CreateTopics, DeleteTopics ---------------------------------------------
+
+    async def create_topics(self, request: Request) -> Response:
+        result_cls = nested(response_schema(request), "CreatableTopicResult")
+        results = []
+        for topic in request.body.topics:
+            if topic.assignments:
+                code, message = ErrorCode.INVALID_REQUEST, "manual replica assignment is not supported"
+            elif request.body.validate_only:
+                code, message = await _outcome(_validate_topic_name(topic.name))
+            else:
+                configs = {c.name: c.value for c in topic.configs}
+                code, message = await _outcome(self.controller.create_topic(
+                    topic.name, topic.num_partitions, topic.replication_factor, configs))
+            results.append(build(result_cls, name=topic.name, error_code=code, error_message=message))
+        return self._answer(request, throttle_time=0, topics=tuple(results))
+
+    async def delete_topics(self, request: Request) -> Response:
+        result_cls = nested(response_schema(request), "DeletableTopicResult")
+        results = []
+        for name in request.body.topic_names:
+            code, _message = await _outcome(self.controller.delete_topic(name))
+            results.append(build(result_cls, name=name, error_code=code))
+        return self._answer(request, throttle_time=0, responses=tuple(results))
+
+
+async def _outcome(operation: Awaitable[None]) -> tuple[int, str | None]:
+    """(error code, message) of an admin operation."""
+    try:
+        await operation
+    except RaftkaError as error:
+        return error.error_code, str(error)
+    return ErrorCode.NONE, None
+
+
+async def _validate_topic_name(name: str) -> None:
+    validate_topic_name(name)

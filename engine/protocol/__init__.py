@@ -1,0 +1,1 @@
+"""The Kafka wire protocol: framing, the API versions we serve, kio glue."""

@@ -1,0 +1,230 @@
+"""A real `raftka serve` broker process driven by real Kafka clients
+(confluent-kafka / librdkafka, kafka-python, aiokafka, kcat) and by raw bytes
+on its socket: round trips are exact and ordered per key, and bad input gets
+an error code or closes only its own connection, writing nothing."""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import io
+import socket
+import struct
+import subprocess
+import time
+
+import pytest
+from kio.index import load_request_schema
+from kio.serial import entity_writer
+from kio.static.primitive import i16, i32
+
+from engine.errors import ErrorCode
+from engine.protocol import kafka
+from tests.broker_process import BrokerProcess
+from tests.conftest import make_batch
+
+TIMEOUT_S = 30
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    process = BrokerProcess(tmp_path_factory.mktemp("broker") / "data").start()
+    yield process
+    process.stop()
+
+
+def consume_all(bootstrap: str, topic: str, partitions: int, expected: int) -> list:
+    from confluent_kafka import Consumer, TopicPartition
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused", "enable.auto.commit": False})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    got, deadline = [], time.monotonic() + TIMEOUT_S
+    while len(got) < expected and time.monotonic() < deadline:
+        message = consumer.poll(0.5)
+        if message is not None:
+            assert message.error() is None, message.error()
+            got.append(message)
+    consumer.close()
+    return got
+
+
+def test_confluent_kafka_round_trip_keeps_per_key_order_and_reads_every_message_once(broker):
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    admin.create_topics([NewTopic("orders", 3, 1)])["orders"].result(TIMEOUT_S)
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all", "linger.ms": 5,
+                         "enable.idempotence": False})
+    failures = []
+    sent = [(f"key-{i % 11}".encode(), f"value-{i}".encode() * (i % 5 + 1)) for i in range(3000)]
+    for key, value in sent:
+        producer.produce("orders", key=key, value=value, headers=[("n", value[:8])],
+                         on_delivery=lambda error, _m: failures.append(error) if error else None)
+    assert producer.flush(TIMEOUT_S) == 0 and not failures
+    got = consume_all(broker.bootstrap, "orders", 3, len(sent))
+    assert sorted((m.key(), m.value()) for m in got) == sorted(sent)   # each exactly once, byte-equal
+    for key in {k for k, _ in sent}:
+        assert [m.value() for m in got if m.key() == key] == [v for k, v in sent if k == key]
+    assert len({m.partition() for m in got}) == 3
+
+
+def test_kafka_python_admin_and_round_trip_with_headers_and_timestamps(broker):
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    from kafka.admin import KafkaAdminClient, NewTopic
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    admin.create_topics([NewTopic("kp", 2, 1)])
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", enable_idempotence=False)
+    futures = [producer.send("kp", key=b"k%d" % (i % 3), value=b"v%d" % i, headers=[("h", b"%d" % i)],
+                             timestamp_ms=1_700_000_000_000 + i) for i in range(200)]
+    producer.flush()
+    assert all(f.get(TIMEOUT_S).offset >= 0 for f in futures)
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False, consumer_timeout_ms=5000)
+    consumer.assign([TopicPartition("kp", 0), TopicPartition("kp", 1)])
+    consumer.seek_to_beginning()
+    got = sorted(consumer, key=lambda m: int(m.value[1:]))
+    assert [(m.key, m.value, m.timestamp, m.headers) for m in got] == [
+        (b"k%d" % (i % 3), b"v%d" % i, 1_700_000_000_000 + i, [("h", b"%d" % i)]) for i in range(200)]
+    consumer.close()
+    assert admin.delete_topics(["kp"])
+    admin.close()
+
+
+def test_aiokafka_round_trip(broker):
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+    async def scenario() -> list:
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+        await producer.start()
+        try:
+            for i in range(100):
+                await producer.send_and_wait("aio", key=b"k", value=b"m%d" % i, headers=[("x", b"y")])
+        finally:
+            await producer.stop()
+        consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            consumer.assign([TopicPartition("aio", 0)])
+            await consumer.seek_to_beginning()
+            got = []
+            while len(got) < 100:
+                batch = await asyncio.wait_for(consumer.getmany(timeout_ms=1000), TIMEOUT_S)
+                for messages in batch.values():
+                    got += messages
+            return got
+        finally:
+            await consumer.stop()
+    got = asyncio.run(scenario())
+    assert [(m.key, m.value, list(m.headers)) for m in got] == [(b"k", b"m%d" % i, [("x", b"y")]) for i in range(100)]
+
+
+def test_kcat_lists_produces_and_consumes(broker):
+    listing = subprocess.run(["kcat", "-b", broker.bootstrap, "-L"], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert listing.returncode == 0 and "1 brokers" in listing.stdout, listing.stderr
+    lines = "".join(f"line {i}\n" for i in range(50))
+    produced = subprocess.run(["kcat", "-b", broker.bootstrap, "-P", "-t", "kc"], input=lines, text=True,
+                              capture_output=True, timeout=TIMEOUT_S)
+    assert produced.returncode == 0, produced.stderr
+    consumed = subprocess.run(["kcat", "-b", broker.bootstrap, "-C", "-t", "kc", "-o", "beginning", "-e", "-q"],
+                              capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert consumed.stdout == lines, consumed.stderr
+
+
+# ---- raw bytes on the socket ---------------------------------------------------
+
+def request_frame(api_key: int, version: int, correlation_id: int, body) -> bytes:
+    schema = load_request_schema(api_key, version)
+    header_schema = schema.__header_schema__
+    out = io.BytesIO()
+    entity_writer(header_schema)(out, header_schema(request_api_key=i16(api_key), request_api_version=i16(version),
+                                                    correlation_id=i32(correlation_id), client_id="raw"))
+    entity_writer(schema)(out, body)
+    return struct.pack(">i", len(out.getvalue())) + out.getvalue()
+
+
+def api_versions_frame(correlation_id: int) -> bytes:
+    return request_frame(18, 0, correlation_id, load_request_schema(18, 0)())
+
+
+def read_response(sock: socket.socket) -> bytes:
+    head = recv_exactly(sock, 4)
+    return recv_exactly(sock, struct.unpack(">i", head)[0])
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("closed by the broker")
+        data += chunk
+    return data
+
+
+def closed_by_broker(sock: socket.socket) -> bool:
+    sock.settimeout(5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def connect(broker) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", broker.port), timeout=5)
+
+
+@pytest.mark.parametrize("junk", [
+    b"\xff\xff\xff\xff" + b"x" * 8,                   # negative size
+    struct.pack(">i", 3) + b"abc",                  # shorter than a header
+    struct.pack(">i", 200 * 1024 * 1024),           # over max_request_bytes
+    struct.pack(">i", 12) + struct.pack(">hhi", 3, 4, 1) + b"\xff\xff\x00\x05",   # metadata body cut short
+    struct.pack(">i", 10) + b"\x00\x00\x00\x03" + b"\x00\x00\x00\x01\x00\x10",   # produce v3 header, no body
+], ids=["negative-size", "short", "oversized", "truncated-body", "missing-body"])
+def test_bad_frames_close_only_their_connection(broker, junk):
+    bystander = connect(broker)
+    bad = connect(broker)
+    bad.sendall(junk)
+    assert closed_by_broker(bad)
+    bystander.sendall(api_versions_frame(9))
+    assert struct.unpack_from(">ih", read_response(bystander)) == (9, ErrorCode.NONE)
+    assert "closed:" in broker.log_text()
+
+
+def test_an_unknown_api_gets_unsupported_version_and_the_connection_stays_usable(broker):
+    sock = connect(broker)
+    sock.sendall(struct.pack(">ihhi", 10, 999, 0, 41) + b"\x00\x00")
+    assert struct.unpack_from(">ih", read_response(sock)) == (41, ErrorCode.UNSUPPORTED_VERSION)
+    sock.sendall(api_versions_frame(42))
+    assert struct.unpack_from(">ih", read_response(sock)) == (42, ErrorCode.NONE)
+
+
+def test_a_newer_api_versions_gets_the_v0_fallback_with_our_ranges(broker):
+    sock = connect(broker)
+    sock.sendall(struct.pack(">ihhi", 10, 18, 99, 5) + b"\xff\xff")
+    body = read_response(sock)
+    correlation, error, count = struct.unpack_from(">ihi", body)
+    assert (correlation, error, count) == (5, ErrorCode.UNSUPPORTED_VERSION, len(kafka.ADVERTISED))
+
+
+def produce_frame(topic: str, records: bytes, correlation_id: int) -> bytes:
+    schema = load_request_schema(0, 3)
+    partition = kafka.nested(schema, "PartitionProduceData")(index=i32(0), records=records)
+    topic_data = kafka.nested(schema, "TopicProduceData")(name=topic, partition_data=(partition,))
+    body = schema(transactional_id=None, acks=i16(-1), timeout=datetime.timedelta(seconds=10),
+                  topic_data=(topic_data,))
+    return request_frame(0, 3, correlation_id, body)
+
+
+def test_a_batch_with_a_bad_crc_is_refused_with_corrupt_message_and_nothing_is_written(broker):
+    from confluent_kafka.admin import AdminClient, NewTopic
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    admin.create_topics([NewTopic("crc", 1, 1)])["crc"].result(TIMEOUT_S)
+    sock = connect(broker)
+    good = make_batch(3)
+    bad = bytearray(good)
+    bad[-1] ^= 0xFF
+    sock.sendall(produce_frame("crc", bytes(bad), 7))
+    response = read_response(sock)
+    assert response[:4] == struct.pack(">i", 7)
+    assert struct.pack(">h", ErrorCode.CORRUPT_MESSAGE) in response
+    sock.sendall(produce_frame("crc", good, 8))
+    assert struct.pack(">hq", ErrorCode.NONE, 0) in read_response(sock)   # offset 0: the bad one took nothing
+    got = consume_all(broker.bootstrap, "crc", 1, 3)
+    assert [m.offset() for m in got] == [0, 1, 2]

@@ -1,0 +1,76 @@
+"""The request parser under random and mutated input: it returns a Request or
+raises MalformedRequest / UnsupportedRequest, never anything else, and valid
+frames of every advertised API decode to what was written."""
+from __future__ import annotations
+
+import datetime
+import io
+
+from hypothesis import given, settings, strategies as st
+from kio.index import load_request_schema
+from kio.serial import entity_writer
+from kio.static.primitive import i16, i32
+
+from engine.protocol import kafka
+from tests.conftest import make_batch
+
+
+def frame(api_key: int, version: int, body) -> bytes:
+    """A request frame without its size prefix."""
+    schema = load_request_schema(api_key, version)
+    header = schema.__header_schema__
+    out = io.BytesIO()
+    entity_writer(header)(out, header(request_api_key=i16(api_key), request_api_version=i16(version),
+                                      correlation_id=i32(77), client_id="fuzz"))
+    entity_writer(schema)(out, body)
+    return out.getvalue()
+
+
+def valid_frames() -> list[bytes]:
+    metadata = load_request_schema(3, 4)
+    produce = load_request_schema(0, 3)
+    fetch = load_request_schema(1, 4)
+    partition = kafka.nested(produce, "PartitionProduceData")(index=i32(0), records=make_batch(2))
+    fetch_partition = kafka.nested(fetch, "FetchPartition")(partition=i32(0), fetch_offset=0, partition_max_bytes=i32(1 << 20))
+    return [
+        frame(18, 3, load_request_schema(18, 3)(client_software_name="fuzz", client_software_version="1")),
+        frame(3, 4, metadata(topics=(kafka.nested(metadata, "MetadataRequestTopic")(name="t"),),
+                             allow_auto_topic_creation=True)),
+        frame(0, 3, produce(transactional_id=None, acks=i16(-1), timeout=datetime.timedelta(seconds=1),
+                            topic_data=(kafka.nested(produce, "TopicProduceData")(name="t", partition_data=(partition,)),))),
+        frame(1, 4, fetch(replica_id=i32(-1), max_wait=datetime.timedelta(milliseconds=100), min_bytes=i32(1),
+                          max_bytes=i32(1 << 20), isolation_level=0,
+                          topics=(kafka.nested(fetch, "FetchTopic")(topic="t", partitions=(fetch_partition,)),))),
+    ]
+
+
+VALID = valid_frames()
+
+
+def parse(data: bytes):
+    try:
+        return kafka.read_request(data)
+    except (kafka.MalformedRequest, kafka.UnsupportedRequest):
+        return None
+
+
+def test_valid_frames_decode():
+    requests = [kafka.read_request(f) for f in VALID]
+    assert [(r.api_key, r.api_version, r.correlation_id) for r in requests] == [(18, 3, 77), (3, 4, 77), (0, 3, 77), (1, 4, 77)]
+    assert requests[2].body.topic_data[0].partition_data[0].records == make_batch(2)
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=200))
+def test_random_bytes_never_escape_the_parser(data):
+    parse(data)
+
+
+@settings(max_examples=1000)
+@given(st.sampled_from(VALID), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=8),
+       st.integers(0, 10_000))
+def test_mutated_valid_requests_never_escape_the_parser(original, flips, cut):
+    data = bytearray(original)
+    for position, value in flips:
+        data[position % len(data)] = value
+    parse(bytes(data[:max(cut, 1)] if cut < len(data) else data))
