@@ -90,6 +90,8 @@ class Config:
             raise ValueError(f"node {self.node_id} lists itself among its peers")
         if self.peers and not self.cluster_secret:
             raise ValueError("a cluster with peers needs cluster_secret")
+        if self.peers and not self.peer_port:
+            raise ValueError("a cluster with peers needs peer_port (the peers dial it)")
 
     @property
     def advertised_address(self) -> tuple[str, int]:
@@ -103,3 +105,76 @@ class Config:
     def replace(self, **changes: object) -> "Config":
         """A copy with some settings changed."""
         return dataclasses.replace(self, **changes)
+
+
+class ConfigError(ValueError):
+    """A configuration file or RAFTKA_* variable that cannot be used."""
+
+
+ENV_PREFIX = "RAFTKA_"
+
+
+def parse_peers(text: str) -> tuple[tuple[int, str, int], ...]:
+    """`2=host:port,3=host:port` -> ((2, host, port), (3, host, port))."""
+    peers = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            node, address = item.split("=", 1)
+            host, port = address.rsplit(":", 1)
+            peers.append((int(node), host, int(port)))
+        except ValueError:
+            raise ConfigError(f"peer {item!r} is not id=host:port") from None
+    return tuple(peers)
+
+
+def load_config(path: Path | None = None, environ: dict[str, str] | None = None, **overrides: object) -> Config:
+    """Config from a TOML file (keys are Config's field names; `peers` is a list
+    of {id, host, port} tables or an "id=host:port,..." string), then RAFTKA_*
+    environment variables (RAFTKA_NODE_ID, RAFTKA_PEERS, ...), then `overrides`."""
+    import os
+    import tomllib
+    values: dict[str, object] = {}
+    known = {f.name: f for f in dataclasses.fields(Config)}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"{path}: {error}") from None
+        for key, value in data.items():
+            if key not in known:
+                raise ConfigError(f"{path}: unknown setting {key!r}")
+            if key == "peers" and isinstance(value, list):
+                value = tuple((int(p["id"]), str(p["host"]), int(p["port"])) for p in value)
+            values[key] = value
+    for name, raw in (os.environ if environ is None else environ).items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key not in known:
+            continue   # RAFTKA_CLUSTER_SECRET style variables of other tools are not ours to refuse
+        values[key] = _from_text(key, known[key].type, raw)
+    values.update(overrides)
+    if isinstance(values.get("peers"), str):
+        values["peers"] = parse_peers(values["peers"])  # type: ignore[arg-type]
+    try:
+        return Config(**values)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from None
+
+
+def _from_text(key: str, annotation: object, raw: str) -> object:
+    kind = str(annotation)
+    if key == "peers":
+        return parse_peers(raw)
+    try:
+        if kind == "bool":
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        if kind == "int":
+            return int(raw)
+        if kind == "Path":
+            return Path(raw)
+    except ValueError:
+        raise ConfigError(f"{ENV_PREFIX}{key.upper()}={raw!r} is not a valid {kind}") from None
+    return raw
