@@ -28,6 +28,8 @@ class ErrorCode(enum.IntEnum):
     INVALID_CONFIG = 40
     NOT_CONTROLLER = 41
     INVALID_REQUEST = 42
+    OUT_OF_ORDER_SEQUENCE_NUMBER = 45
+    INVALID_PRODUCER_EPOCH = 47
     UNSUPPORTED_FOR_MESSAGE_FORMAT = 43
     KAFKA_STORAGE_ERROR = 56
     INVALID_RECORD = 87
@@ -112,6 +114,18 @@ class NoControllerError(RaftkaError):
     or it did not answer in time: retry."""
 
     error_code = ErrorCode.NOT_CONTROLLER
+
+
+class OutOfOrderSequenceError(RaftkaError):
+    """An idempotent producer's batch does not follow the last sequence stored."""
+
+    error_code = ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER
+
+
+class InvalidProducerEpochError(RaftkaError):
+    """A batch from an older epoch of a producer id that has moved on."""
+
+    error_code = ErrorCode.INVALID_PRODUCER_EPOCH
 
 
 class UnsupportedCompressionError(RaftkaError):

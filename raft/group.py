@@ -35,7 +35,11 @@ from pysyncobj import syncobj as _syncobj
 from pysyncobj.node import Node
 from pysyncobj.transport import Transport
 
-from engine.errors import CorruptRecordError, RecordTooLargeError
+from engine.errors import (CorruptRecordError, InvalidProducerEpochError, OutOfOrderSequenceError,
+                           RecordTooLargeError)
+from engine.records import layout
+from engine.records.batch import read_header
+from engine.storage.producer_state import REBUILD_SEGMENTS, ProducerState
 from engine.storage.partition_log import PartitionLog
 from raft import checkpoint
 from raft.journal import JournalPath
@@ -478,12 +482,17 @@ class PartitionReplica(RaftGroup):
         self._catch_up: checkpoint.CatchUp | None = None
         self._deferred: list[tuple[int, bytes]] = []    # (raft index, command) held during catch-up
         self.on_high_watermark: Callable[[], None] | None = None   # the broker wakes waiting fetches
+        self.producers = ProducerState()
+        self._rebuild_producer_state()
         super().__init__(group_id, self_id, replica_ids, network, group_dir, journal_max_bytes, **raft_settings)
         self.transport.on_extension_message = self._on_extension_message
 
     @property
     def log(self) -> PartitionLog:
         return self._log
+
+    def _rebuild_producer_state(self) -> None:
+        self.producers.rebuild([segment.view() for segment in self._log.segments[-REBUILD_SEGMENTS:]])
 
     @property
     def catching_up(self) -> bool:
@@ -531,11 +540,21 @@ class PartitionReplica(RaftGroup):
         return self._apply_append(index, command)
 
     def _apply_append(self, index: int, command: bytes) -> int | Exception:
+        """Append (or, for an idempotent producer's retry, answer the offset it
+        already has); every replica decides alike from the same log."""
         _, leader_epoch = APPEND_HEADER.unpack_from(command)
+        batches = memoryview(command)[APPEND_HEADER.size:]
         outcome: int | Exception
         try:
-            outcome = self._log.append(memoryview(command)[APPEND_HEADER.size:], leader_epoch=leader_epoch).base_offset
-        except (CorruptRecordError, RecordTooLargeError) as error:
+            header = read_header(batches) if len(batches) >= layout.HEADER_SIZE else None
+            duplicate = self.producers.check(header) if header is not None else None
+            if duplicate is not None:
+                outcome = duplicate
+            else:
+                outcome = self._log.append(batches, leader_epoch=leader_epoch).base_offset
+                if header is not None:
+                    self.producers.record(header, outcome)
+        except (CorruptRecordError, RecordTooLargeError, OutOfOrderSequenceError, InvalidProducerEpochError) as error:
             outcome = error  # every replica rejects it alike; the index is applied all the same
         self._log.set_high_watermark(self._log.log_end_offset, applied_index=index)
         if self.on_high_watermark is not None:
@@ -636,6 +655,7 @@ class PartitionReplica(RaftGroup):
         self._log.set_high_watermark(self._log.log_end_offset, applied_index=catch_up.applied_index)
         self._recorded_applied_index = catch_up.applied_index
         self._catch_up = None
+        self._rebuild_producer_state()
         log.info("group %d on %d: caught up to offset %d", self.group_id, self.self_id, self._log.log_end_offset)
         deferred, self._deferred = self._deferred, []
         for index, command in deferred:

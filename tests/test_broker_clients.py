@@ -52,7 +52,7 @@ def test_confluent_kafka_round_trip_keeps_per_key_order_and_reads_every_message_
     admin = AdminClient({"bootstrap.servers": broker.bootstrap})
     admin.create_topics([NewTopic("orders", 3, 1)])["orders"].result(TIMEOUT_S)
     producer = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all", "linger.ms": 5,
-                         "enable.idempotence": False})
+                         "enable.idempotence": True})
     failures = []
     sent = [(f"key-{i % 11}".encode(), f"value-{i}".encode() * (i % 5 + 1)) for i in range(3000)]
     for key, value in sent:
@@ -228,3 +228,26 @@ def test_a_batch_with_a_bad_crc_is_refused_with_corrupt_message_and_nothing_is_w
     assert struct.pack(">hq", ErrorCode.NONE, 0) in read_response(sock)   # offset 0: the bad one took nothing
     got = consume_all(broker.bootstrap, "crc", 1, 3)
     assert [m.offset() for m in got] == [0, 1, 2]
+
+
+def test_an_idempotent_retry_is_acknowledged_with_its_first_offset_and_written_once(broker):
+    from confluent_kafka.admin import AdminClient, NewTopic
+    from engine.records.batch import Record, build_batch
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    admin.create_topics([NewTopic("idem", 1, 1)])["idem"].result(TIMEOUT_S)
+    sock = connect(broker)
+
+    def produce(sequence: int, correlation_id: int) -> bytes:
+        batch = build_batch([Record(b"v%d" % sequence, b"k"), Record(b"w", b"k")], producer_id=12345,
+                            producer_epoch=0, base_sequence=sequence)
+        sock.sendall(produce_frame("idem", batch, correlation_id))
+        return read_response(sock)
+    deadline = time.monotonic() + TIMEOUT_S
+    while struct.pack(">hq", ErrorCode.NONE, 0) not in produce(0, 2):   # until its leader is elected
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert struct.pack(">hq", ErrorCode.NONE, 0) in produce(0, 3)     # the retry: same offset
+    assert struct.pack(">hq", ErrorCode.NONE, 2) in produce(2, 4)     # the next batch
+    assert struct.pack(">h", ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER) in produce(9, 5)
+    got = consume_all(broker.bootstrap, "idem", 1, 4)
+    assert [(m.offset(), m.value()) for m in got] == [(0, b"v0"), (1, b"w"), (2, b"v2"), (3, b"w")]

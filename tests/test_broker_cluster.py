@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -88,20 +89,66 @@ def test_rf3_produce_with_acks_all_and_consume_exactly_once_from_one_bootstrap_b
     assert {len(p.isrs) for p in topic.partitions.values()} == {3}
 
 
+def wait_for_leader(admin, topic: str) -> int:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        leader = admin.list_topics(topic, timeout=TIMEOUT_S).topics[topic].partitions[0].leader
+        if leader >= 0:
+            return leader
+        time.sleep(0.1)
+    raise AssertionError(f"{topic} has no leader")
+
+
 def test_a_produce_sent_to_a_follower_gets_not_leader_or_follower(cluster):
     from confluent_kafka.admin import AdminClient, NewTopic
     _process, base, _root = cluster
     admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{base}"})
     admin.create_topics([NewTopic("redirect", 1, 3)])["redirect"].result(TIMEOUT_S)
-    deadline = time.monotonic() + 20
-    leader = -1
-    while leader < 0 and time.monotonic() < deadline:
-        leader = admin.list_topics("redirect", timeout=TIMEOUT_S).topics["redirect"].partitions[0].leader
-        time.sleep(0.2)
+    leader = wait_for_leader(admin, "redirect")
     follower = next(node for node in range(1, NODES + 1) if node != leader)
     sock = socket.create_connection(("127.0.0.1", base + follower - 1), timeout=5)
     sock.sendall(produce_frame("redirect", make_batch(1), 3))
     assert struct.pack(">h", ErrorCode.NOT_LEADER_OR_FOLLOWER) in read_response(sock)
+
+
+def node_pids(cluster_pid: int) -> dict[int, int]:
+    """node id -> PID of the `raftka cluster` process's broker children."""
+    children = Path(f"/proc/{cluster_pid}/task/{cluster_pid}/children").read_text().split()
+    pids = {}
+    for pid in map(int, children):
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        config = next(arg for arg in command if arg.endswith(b"broker.toml"))
+        pids[int(Path(config.decode()).parent.name.split("-")[1])] = pid
+    return pids
+
+
+def test_an_idempotent_producer_loses_and_duplicates_nothing_when_the_leader_is_sigkilled(cluster):
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+    process, base, _root = cluster
+    bootstrap = ",".join(f"127.0.0.1:{base + i}" for i in range(NODES))
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic("failover", 1, 3)])["failover"].result(TIMEOUT_S)
+    wait_for_leader(admin, "failover")
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
+                         "linger.ms": 2, "message.timeout.ms": 60_000})
+    failures, acked = [], []
+
+    def delivered(error, message):
+        (failures if error else acked).append(error or message.value())
+    values = [b"m%05d" % i for i in range(3000)]
+    for i, value in enumerate(values):
+        producer.produce("failover", value=value, key=b"one-key", on_delivery=delivered)
+        producer.poll(0)
+        if i == 1000:   # appends in flight: some committed, their acks lost with the leader
+            leader = wait_for_leader(admin, "failover")
+            os.kill(node_pids(process.pid)[leader], signal.SIGKILL)
+        time.sleep(0.0005)
+    assert producer.flush(90) == 0
+    assert not failures and sorted(acked) == values
+    survivor = next(f"127.0.0.1:{base + i}" for i in range(NODES) if i + 1 != leader)
+    got = consume_all(survivor, "failover", 1, len(values))
+    assert [m.value() for m in got] == values       # each exactly once, in order
 
 
 def test_sigterm_stops_every_node(cluster):

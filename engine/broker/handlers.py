@@ -66,6 +66,7 @@ class Handlers:
             kafka.API_VERSIONS: self.api_versions, kafka.METADATA: self.metadata,
             kafka.PRODUCE: self.produce, kafka.FETCH: self.fetch, kafka.LIST_OFFSETS: self.list_offsets,
             kafka.CREATE_TOPICS: self.create_topics, kafka.DELETE_TOPICS: self.delete_topics,
+            kafka.INIT_PRODUCER_ID: self.init_producer_id,
         }
 
     def replica_started(self, key: tuple[str, int], replica: PartitionReplica) -> None:
@@ -254,6 +255,24 @@ class Handlers:
                                         timestamp=timestamp, offset=offset))
             topics.append(build(topic_cls, name=topic.name, partitions=tuple(partitions)))
         return self._answer(request, throttle_time=0, topics=tuple(topics))
+
+    # ---- InitProducerId ------------------------------------------------------
+
+    async def init_producer_id(self, request: Request) -> Response:
+        """Idempotent producers get a cluster-unique id, epoch 0 (transactions
+        are not supported)."""
+        if request.body.transactional_id is not None:
+            log.warning("InitProducerId for transactional id %r refused: transactions are not supported",
+                        request.body.transactional_id)
+            return self._answer(request, throttle_time=0, error_code=ErrorCode.INVALID_REQUEST,
+                                producer_id=-1, producer_epoch=-1)
+        code, producer_id = ErrorCode.NONE, -1
+        try:
+            producer_id = await self.controller.allocate_producer_id()
+        except RaftkaError as error:
+            code = error.error_code
+        return self._answer(request, throttle_time=0, error_code=code, producer_id=producer_id,
+                            producer_epoch=0 if producer_id >= 0 else -1)
 
     # ---- CreateTopics, DeleteTopics ---------------------------------------------
 

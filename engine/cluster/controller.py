@@ -45,6 +45,7 @@ DUTY_INTERVAL_S = 0.1
 LEADERSHIP_REPORT_INTERVAL_S = 0.5
 FORWARD_TIMEOUT_S = 2.0
 ADMIN_TIMEOUT_S = 15.0
+PRODUCER_ID_BLOCK = 1000
 
 
 class MetadataCommandError(RaftkaError):
@@ -80,6 +81,8 @@ class ClusterController:
         self._reconcile_scheduled = False
         self._reconciled_version = -1
         self._registered = False
+        self._producer_ids: list[int] | None = None    # [next, end) of this broker's block
+        self._producer_id_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         # the broker's hook on each partition replica this broker starts
         self.on_replica_started: Callable[[tuple[str, int], PartitionReplica], None] | None = None
@@ -177,6 +180,28 @@ class ClusterController:
         replicas = metadata.assign_replicas(brokers, total - current, replication_factor,
                                             first_partition=current, start=len(self.state.topics))
         await self.propose(metadata.create_partitions(name, replicas), f"add partitions to {name!r}")
+
+    async def allocate_producer_id(self) -> int:
+        """A producer id unique in the cluster's lifetime. Ids come in blocks
+        the metadata assigns to this broker; a restarted broker takes a new
+        block, so no id is handed out twice."""
+        async with self._producer_id_lock:
+            return await self._next_producer_id()
+
+    async def _next_producer_id(self) -> int:
+        if self._producer_ids is None or self._producer_ids[0] >= self._producer_ids[1]:
+            before = self.state.producer_id_blocks.get(self.node_id)
+            await self.propose(metadata.allocate_producer_ids(self.node_id, PRODUCER_ID_BLOCK), "allocate producer ids")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + ADMIN_TIMEOUT_S
+            while self.state.producer_id_blocks.get(self.node_id) == before:   # our copy applies it shortly
+                if loop.time() > deadline:
+                    raise NoControllerError("producer id block not applied here in time")
+                await asyncio.sleep(0.01)
+            self._producer_ids = list(self.state.producer_id_blocks[self.node_id])
+        producer_id = self._producer_ids[0]
+        self._producer_ids[0] += 1
+        return producer_id
 
     async def propose(self, command: bytes, what: str, timeout_s: float = ADMIN_TIMEOUT_S) -> None:
         """Commit a metadata command, wherever the metadata leader is; raise

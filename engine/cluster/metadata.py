@@ -69,6 +69,10 @@ def record_leader(name: str, partition: int, group_id: int, leader: int, epoch: 
                          "leader": leader, "epoch": epoch, "isr": isr})
 
 
+def allocate_producer_ids(node_id: int, count: int) -> bytes:
+    return codec.encode({"op": "allocate_producer_ids", "id": node_id, "count": count})
+
+
 def assign_replicas(broker_ids: Iterable[int], partitions: int, replication_factor: int,
                     first_partition: int = 0, start: int = 0) -> list[list[int]]:
     """Kafka's round robin: partition p's replicas are the `replication_factor`
@@ -86,6 +90,8 @@ class ClusterState:
         self.brokers: dict[int, BrokerInfo] = {}
         self.topics: dict[str, TopicInfo] = {}
         self.next_group_id = METADATA_GROUP_ID + 1
+        self.next_producer_id = 0
+        self.producer_id_blocks: dict[int, tuple[int, int]] = {}   # broker -> [first, end) it hands out
         self.version = 0   # bumped by every apply that changed something
         self._listeners: list[Callable[[], None]] = []
 
@@ -166,6 +172,14 @@ class ClusterState:
         info.leader, info.leader_epoch, info.isr = leader, epoch, isr
         return ErrorCode.NONE
 
+    def _allocate_producer_ids(self, c: dict) -> ErrorCode:
+        node_id, count = _int(c["id"]), _int(c["count"])
+        if node_id not in self.brokers or not 0 < count <= 1_000_000:
+            return ErrorCode.INVALID_REQUEST
+        self.producer_id_blocks[node_id] = (self.next_producer_id, self.next_producer_id + count)
+        self.next_producer_id += count
+        return ErrorCode.NONE
+
     def _valid_assignment(self, replicas: Any, existing: int) -> list[list[int]]:
         if not isinstance(replicas, list) or not replicas or existing + len(replicas) > PARTITIONS_MAX:
             raise _Refused(ErrorCode.INVALID_PARTITIONS)
@@ -187,6 +201,8 @@ class ClusterState:
     def snapshot(self) -> bytes:
         return codec.encode({
             "version": SNAPSHOT_VERSION, "next_group_id": self.next_group_id,
+            "next_producer_id": self.next_producer_id,
+            "producer_id_blocks": [[b, first, end] for b, (first, end) in self.producer_id_blocks.items()],
             "brokers": [[b.node_id, b.host, b.port, b.rack] for b in self.brokers.values()],
             "topics": [[t.name, t.topic_id, t.configs,
                         [[p.group_id, p.replicas, p.leader, p.leader_epoch, p.isr] for p in t.partitions]]
@@ -197,6 +213,8 @@ class ClusterState:
         if data.get("version") != SNAPSHOT_VERSION:
             raise ValueError(f"metadata snapshot version {data.get('version')!r} is not {SNAPSHOT_VERSION}")
         self.next_group_id = data["next_group_id"]
+        self.next_producer_id = data["next_producer_id"]
+        self.producer_id_blocks = {b: (first, end) for b, first, end in data["producer_id_blocks"]}
         self.brokers = {b[0]: BrokerInfo(*b) for b in data["brokers"]}
         self.topics = {name: TopicInfo(name, topic_id, [PartitionInfo(*p) for p in partitions], dict(configs))
                        for name, topic_id, configs, partitions in data["topics"]}
@@ -215,6 +233,7 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict], ErrorCode]] = {
     "delete_topic": ClusterState._delete_topic,
     "create_partitions": ClusterState._create_partitions,
     "record_leader": ClusterState._record_leader,
+    "allocate_producer_ids": ClusterState._allocate_producer_ids,
 }
 
 

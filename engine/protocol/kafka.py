@@ -29,7 +29,7 @@ from kio.static.primitive import i32
 from engine.errors import ErrorCode
 
 PRODUCE, FETCH, LIST_OFFSETS, METADATA = 0, 1, 2, 3
-API_VERSIONS, CREATE_TOPICS, DELETE_TOPICS = 18, 19, 20
+API_VERSIONS, CREATE_TOPICS, DELETE_TOPICS, INIT_PRODUCER_ID = 18, 19, 20, 22
 
 # api key -> (min, max) advertised in ApiVersions
 ADVERTISED: dict[int, tuple[int, int]] = {
@@ -40,6 +40,7 @@ ADVERTISED: dict[int, tuple[int, int]] = {
     API_VERSIONS: (0, 3),
     CREATE_TOPICS: (2, 3),
     DELETE_TOPICS: (1, 3),
+    INIT_PRODUCER_ID: (0, 1),
 }
 # advertised but refused: Produce before v3 cannot carry v2 record batches
 REFUSED: dict[int, range] = {PRODUCE: range(0, 3)}

@@ -1,0 +1,88 @@
+"""Idempotent producers: which batches of each producer id a partition holds,
+so a retried batch is acknowledged with its original offsets instead of being
+written twice, and a gap in sequence numbers is refused.
+
+Kafka keeps the last five batches' (first sequence, last sequence, base
+offset) per producer id; a producer has at most five requests in flight, so
+any retry falls in that window. The state is derived from the log only, so
+every replica that applied the same commands holds the same state (the
+decision is taken at apply time in the Raft group, not by the leader alone),
+and a restarted replica rebuilds it from the tail of its log.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import NamedTuple
+
+from engine.errors import InvalidProducerEpochError, OutOfOrderSequenceError
+from engine.records.batch import BatchHeader, iter_batches
+
+CACHED_BATCHES = 5
+NO_PRODUCER_ID = -1
+REBUILD_SEGMENTS = 2   # the tail of the log a restart rebuilds the state from
+
+
+class _Batch(NamedTuple):
+    first_sequence: int
+    last_sequence: int
+    base_offset: int
+
+
+class _Producer:
+    __slots__ = ("epoch", "batches")
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.batches: deque[_Batch] = deque(maxlen=CACHED_BATCHES)
+
+
+class ProducerState:
+    """Per-partition idempotence state; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._producers: dict[int, _Producer] = {}
+
+    def check(self, header: BatchHeader) -> int | None:
+        """None if the batch is new and may be appended; the base offset it was
+        stored at if it is a retry; raises OutOfOrderSequenceError or
+        InvalidProducerEpochError otherwise."""
+        if header.producer_id == NO_PRODUCER_ID:
+            return None
+        producer = self._producers.get(header.producer_id)
+        if producer is None:
+            return None   # first sight (or state past the rebuilt tail): accept its sequence
+        if header.producer_epoch < producer.epoch:
+            raise InvalidProducerEpochError(
+                f"producer {header.producer_id} epoch {header.producer_epoch} is older than {producer.epoch}")
+        if header.producer_epoch > producer.epoch:
+            if header.base_sequence != 0:
+                raise OutOfOrderSequenceError(
+                    f"producer {header.producer_id} new epoch {header.producer_epoch} starts at sequence "
+                    f"{header.base_sequence}, not 0")
+            return None
+        last_sequence = header.base_sequence + header.last_offset_delta
+        for batch in producer.batches:
+            if (batch.first_sequence, batch.last_sequence) == (header.base_sequence, last_sequence):
+                return batch.base_offset
+        expected = producer.batches[-1].last_sequence + 1 if producer.batches else header.base_sequence
+        if header.base_sequence != expected:
+            raise OutOfOrderSequenceError(
+                f"producer {header.producer_id} sent sequence {header.base_sequence}, expected {expected}")
+        return None
+
+    def record(self, header: BatchHeader, base_offset: int) -> None:
+        """Remember an appended batch."""
+        if header.producer_id == NO_PRODUCER_ID:
+            return
+        producer = self._producers.get(header.producer_id)
+        if producer is None or header.producer_epoch > producer.epoch:
+            producer = self._producers[header.producer_id] = _Producer(header.producer_epoch)
+        producer.batches.append(_Batch(header.base_sequence, header.base_sequence + header.last_offset_delta,
+                                       base_offset))
+
+    def rebuild(self, segment_views: list[memoryview]) -> None:
+        """Recompute from stored batches (the log's last segments, oldest first)."""
+        self._producers.clear()
+        for view in segment_views:
+            for header, _batch in iter_batches(view):
+                self.record(header, header.base_offset)

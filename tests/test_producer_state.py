@@ -1,0 +1,50 @@
+"""Idempotent producer state: a retried batch answers its original offset, a
+sequence gap or an older epoch is refused, and the state rebuilds from the
+stored batches alone."""
+from __future__ import annotations
+
+import pytest
+
+from engine.errors import InvalidProducerEpochError, OutOfOrderSequenceError
+from engine.records.batch import Record, build_batch, read_header
+from engine.storage.producer_state import CACHED_BATCHES, ProducerState
+
+
+def header(pid: int, epoch: int, sequence: int, count: int = 2, base_offset: int = 0):
+    batch = build_batch([Record(b"v", b"k")] * count, producer_id=pid, producer_epoch=epoch,
+                        base_sequence=sequence, base_offset=base_offset)
+    return read_header(batch), batch
+
+
+def test_a_retry_of_any_of_the_last_five_batches_answers_its_offset():
+    state = ProducerState()
+    for i in range(7):
+        h, _ = header(9, 0, 2 * i)
+        assert state.check(h) is None
+        state.record(h, 100 + 2 * i)
+    for i in range(7 - CACHED_BATCHES, 7):
+        assert state.check(header(9, 0, 2 * i)[0]) == 100 + 2 * i
+    with pytest.raises(OutOfOrderSequenceError):
+        state.check(header(9, 0, 0)[0])       # too old to be recognised: not a valid next batch either
+
+
+def test_a_gap_or_an_older_epoch_is_refused_and_a_new_epoch_restarts_at_zero():
+    state = ProducerState()
+    h, _ = header(9, 1, 0)
+    state.record(h, 0)
+    with pytest.raises(OutOfOrderSequenceError):
+        state.check(header(9, 1, 5)[0])
+    with pytest.raises(InvalidProducerEpochError):
+        state.check(header(9, 0, 2)[0])
+    with pytest.raises(OutOfOrderSequenceError):
+        state.check(header(9, 2, 7)[0])
+    assert state.check(header(9, 2, 0)[0]) is None
+    assert state.check(header(-1, -1, -1)[0]) is None     # not idempotent: always appended
+
+
+def test_state_rebuilds_from_stored_batches():
+    stored = b"".join(header(4, 0, 2 * i, base_offset=2 * i)[1] for i in range(3))
+    state = ProducerState()
+    state.rebuild([memoryview(stored)])
+    assert state.check(header(4, 0, 4)[0]) == 4
+    assert state.check(header(4, 0, 6)[0]) is None
