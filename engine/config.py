@@ -178,3 +178,31 @@ def _from_text(key: str, annotation: object, raw: str) -> object:
     except ValueError:
         raise ConfigError(f"{ENV_PREFIX}{key.upper()}={raw!r} is not a valid {kind}") from None
     return raw
+
+
+# Kafka's topic config names -> the Config field holding the broker default
+TOPIC_CONFIGS: dict[str, str] = {
+    "retention.ms": "retention_ms",
+    "retention.bytes": "retention_bytes",
+    "segment.bytes": "segment_bytes",
+    "segment.ms": "segment_ms",
+    "max.message.bytes": "max_batch_bytes",
+}
+# Kafka's broker config names -> Config fields
+BROKER_CONFIGS: dict[str, str] = {
+    "log.retention.ms": "retention_ms",
+    "log.retention.bytes": "retention_bytes",
+    "log.segment.bytes": "segment_bytes",
+    "log.roll.ms": "segment_ms",
+    "message.max.bytes": "max_batch_bytes",
+    "num.partitions": "default_partitions",
+    "default.replication.factor": "default_replication_factor",
+    "auto.create.topics.enable": "auto_create_topics",
+    "socket.request.max.bytes": "max_request_bytes",
+    "replica.lag.time.max.ms": "replica_lag_time_max_ms",
+}
+
+
+def config_text(value: object) -> str:
+    """A setting as Kafka shows it."""
+    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -251,3 +251,23 @@ def test_an_idempotent_retry_is_acknowledged_with_its_first_offset_and_written_o
     assert struct.pack(">h", ErrorCode.OUT_OF_ORDER_SEQUENCE_NUMBER) in produce(9, 5)
     got = consume_all(broker.bootstrap, "idem", 1, 4)
     assert [(m.offset(), m.value()) for m in got] == [(0, b"v0"), (1, b"w"), (2, b"v2"), (3, b"w")]
+
+
+def test_admin_grows_partitions_and_describes_topic_configs(broker):
+    from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions, NewTopic
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    admin.create_topics([NewTopic("grow", 1, 1, config={"retention.ms": "60000"})])["grow"].result(TIMEOUT_S)
+    admin.create_partitions([NewPartitions("grow", 4)])["grow"].result(TIMEOUT_S)
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(admin.list_topics("grow", timeout=TIMEOUT_S).topics["grow"].partitions) != 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    with pytest.raises(Exception, match="INVALID_PARTITIONS"):
+        admin.create_partitions([NewPartitions("grow", 2)])["grow"].result(TIMEOUT_S)
+    with pytest.raises(Exception, match="INVALID_CONFIG"):
+        admin.create_topics([NewTopic("badconf", 1, 1, config={"no.such": "1"})])["badconf"].result(TIMEOUT_S)
+    [described] = admin.describe_configs([ConfigResource("topic", "grow")]).values()
+    configs = described.result(TIMEOUT_S)
+    assert configs["retention.ms"].value == "60000" and configs["segment.bytes"].value == str(1 << 30)
+    [broker_configs] = admin.describe_configs([ConfigResource("broker", "1")]).values()
+    assert broker_configs.result(TIMEOUT_S)["auto.create.topics.enable"].value == "true"

@@ -13,7 +13,7 @@ from engine.cluster import metadata
 from engine.cluster.controller import ClusterController, MetadataCommandError
 from engine.cluster.metadata import ClusterState
 from engine.config import Config
-from engine.errors import ErrorCode, InvalidReplicationFactorError, InvalidTopicError
+from engine.errors import ErrorCode, InvalidConfigError, InvalidReplicationFactorError, InvalidTopicError
 from raft.local_cluster import free_ports
 from tests.conftest import make_batch, wait_for
 
@@ -235,3 +235,19 @@ async def _restarted_broker_rebuilds_metadata(cluster):
     await wait_for(lambda: set(restarted.state.topics) == set(expected.topics) and len(restarted.replicas()) == 9)
     assert restarted.state.next_group_id == expected.next_group_id
     await wait_for(lambda: restarted.replica("t0", 0).log.high_watermark == 1)
+
+
+def test_a_topic_config_reaches_its_partition_logs_on_every_replica(tmp_path):
+    with_cluster(_topic_config_reaches_its_partition_logs, tmp_path)
+
+
+async def _topic_config_reaches_its_partition_logs(cluster):
+    controllers = list(cluster.controllers.values())
+    await controllers[1].create_topic("short", partitions=2, replication_factor=3,
+                                      configs={"retention.ms": "60000", "segment.bytes": "1048576"})
+    await wait_for(lambda: settled(controllers, "short", 2))
+    for c in controllers:
+        for key, replica in c.replicas().items():
+            assert (replica.log.config.retention_ms, replica.log.config.segment_bytes) == (60000, 1048576), key
+    with pytest.raises(InvalidConfigError):
+        await controllers[0].create_topic("bad", partitions=1, replication_factor=1, configs={"retention.ms": "soon"})

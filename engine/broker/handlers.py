@@ -13,6 +13,7 @@ import logging
 from typing import Any, Awaitable, Callable
 
 from engine.cluster.controller import ClusterController
+from engine.config import BROKER_CONFIGS, TOPIC_CONFIGS, config_text
 from engine.errors import ErrorCode, OffsetOutOfRangeError, RaftkaError
 from engine.protocol import kafka
 from engine.storage.log_manager import validate_topic_name
@@ -22,6 +23,8 @@ from raft.group import NotLeaderError, PartitionReplica, ReplicationError
 log = logging.getLogger(__name__)
 
 LATEST, EARLIEST = -1, -2
+RESOURCE_TOPIC, RESOURCE_BROKER = 2, 4
+SOURCE_TOPIC, SOURCE_STATIC_BROKER, SOURCE_DEFAULT = 1, 4, 5   # DescribeConfigs config_source
 AUTO_CREATE_TIMEOUT_S = 10.0
 
 Response = bytes | list[Any] | None
@@ -66,7 +69,8 @@ class Handlers:
             kafka.API_VERSIONS: self.api_versions, kafka.METADATA: self.metadata,
             kafka.PRODUCE: self.produce, kafka.FETCH: self.fetch, kafka.LIST_OFFSETS: self.list_offsets,
             kafka.CREATE_TOPICS: self.create_topics, kafka.DELETE_TOPICS: self.delete_topics,
-            kafka.INIT_PRODUCER_ID: self.init_producer_id,
+            kafka.INIT_PRODUCER_ID: self.init_producer_id, kafka.CREATE_PARTITIONS: self.create_partitions,
+            kafka.DESCRIBE_CONFIGS: self.describe_configs,
         }
 
     def replica_started(self, key: tuple[str, int], replica: PartitionReplica) -> None:
@@ -298,6 +302,56 @@ class Handlers:
             code, _message = await _outcome(self.controller.delete_topic(name))
             results.append(build(result_cls, name=name, error_code=code))
         return self._answer(request, throttle_time=0, responses=tuple(results))
+
+
+    async def create_partitions(self, request: Request) -> Response:
+        result_cls = nested(response_schema(request), "CreatePartitionsTopicResult")
+        results = []
+        for topic in request.body.topics:
+            if topic.assignments is not None:
+                code, message = ErrorCode.INVALID_REQUEST, "manual replica assignment is not supported"
+            elif request.body.validate_only:
+                code, message = ErrorCode.NONE, None
+                current = self.controller.state.topics.get(topic.name)
+                if current is None:
+                    code, message = ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"unknown topic {topic.name!r}"
+                elif topic.count <= len(current.partitions):
+                    code, message = ErrorCode.INVALID_PARTITIONS, f"{topic.name!r} already has {len(current.partitions)}"
+            else:
+                code, message = await _outcome(self.controller.create_partitions(topic.name, topic.count))
+            results.append(build(result_cls, name=topic.name, error_code=code, error_message=message))
+        return self._answer(request, throttle_time=0, results=tuple(results))
+
+    async def describe_configs(self, request: Request) -> Response:
+        """Topic configs (the broker defaults, with the topic's own values
+        marked DYNAMIC_TOPIC_CONFIG) and this broker's settings, under Kafka's names."""
+        schema = response_schema(request)
+        result_cls, entry_cls = nested(schema, "DescribeConfigsResult"), nested(schema, "DescribeConfigsResourceResult")
+        results = []
+        for resource in request.body.resources:
+            code, message, entries = ErrorCode.NONE, None, {}
+            if resource.resource_type == RESOURCE_TOPIC:
+                topic = self.controller.state.topics.get(resource.resource_name)
+                if topic is None:
+                    code, message = ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"unknown topic {resource.resource_name!r}"
+                else:
+                    for name, field_name in TOPIC_CONFIGS.items():
+                        own = topic.configs.get(name)
+                        entries[name] = (own if own is not None else config_text(getattr(self.config, field_name)),
+                                         SOURCE_TOPIC if own is not None else SOURCE_DEFAULT)
+            elif resource.resource_type == RESOURCE_BROKER and resource.resource_name in ("", str(self.controller.node_id)):
+                entries = {name: (config_text(getattr(self.config, f)), SOURCE_STATIC_BROKER)
+                           for name, f in BROKER_CONFIGS.items()}
+            else:
+                code, message = ErrorCode.INVALID_REQUEST, f"cannot describe resource {resource.resource_type}/{resource.resource_name!r}"
+            wanted = resource.configuration_keys
+            configs = tuple(build(entry_cls, name=name, value=value, read_only=True, config_source=source,
+                                  is_sensitive=False, synonyms=())
+                            for name, (value, source) in entries.items() if wanted is None or name in wanted)
+            results.append(build(result_cls, error_code=code, error_message=message,
+                                 resource_type=resource.resource_type, resource_name=resource.resource_name,
+                                 configs=configs))
+        return self._answer(request, throttle_time=0, results=tuple(results))
 
 
 async def _outcome(operation: Awaitable[None]) -> tuple[int, str | None]:

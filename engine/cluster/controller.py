@@ -29,8 +29,8 @@ from typing import Any, Callable
 
 from engine.cluster import metadata
 from engine.cluster.metadata import METADATA_GROUP_ID, ClusterState, PartitionInfo
-from engine.config import Config
-from engine.errors import (ErrorCode, InvalidPartitionsError, InvalidReplicationFactorError, NoControllerError,
+from engine.config import TOPIC_CONFIGS, Config
+from engine.errors import (ErrorCode, InvalidConfigError, InvalidPartitionsError, InvalidReplicationFactorError, NoControllerError,
                            RaftkaError, UnknownTopicOrPartitionError)
 from engine.storage.log_manager import PARTITIONS_MAX, LogManager, validate_topic_name
 from raft.group import NotLeaderError, PartitionReplica, ReplicationError
@@ -161,8 +161,14 @@ class ClusterController:
         if not isinstance(replication_factor, int) or not 0 < replication_factor <= len(brokers):
             raise InvalidReplicationFactorError(
                 f"replication factor {replication_factor!r} with {len(brokers)} registered brokers")
+        configs = dict(configs or {})
+        for key, value in configs.items():
+            if key not in TOPIC_CONFIGS:
+                raise InvalidConfigError(f"unknown topic config {key!r}; supported: {sorted(TOPIC_CONFIGS)}")
+            if value is None or not value.lstrip("-").isdigit():
+                raise InvalidConfigError(f"topic config {key}={value!r} is not an integer")
         replicas = metadata.assign_replicas(brokers, partitions, replication_factor, start=len(self.state.topics))
-        await self.propose(metadata.create_topic(name, os.urandom(16), replicas, dict(configs or {})),
+        await self.propose(metadata.create_topic(name, os.urandom(16), replicas, configs),
                            f"create topic {name!r}")
 
     async def delete_topic(self, name: str) -> None:
@@ -309,6 +315,15 @@ class ClusterController:
             if key not in self._replicas:
                 self._start_replica(key, info)
         self._remove_orphan_group_dirs()
+        for (name, _partition), replica in self._replicas.items():
+            topic_config = self._topic_config(self.state.topics[name].configs)
+            if replica.log.config != topic_config:
+                replica.log.reconfigure(topic_config)
+
+    def _topic_config(self, configs: dict[str, str]) -> Config:
+        """The broker's settings with a topic's own (validated at creation) on top."""
+        overrides = {TOPIC_CONFIGS[k]: int(v) for k, v in configs.items() if k in TOPIC_CONFIGS}
+        return self.config.replace(**overrides) if overrides else self.config
 
     def _start_replica(self, key: tuple[str, int], info: PartitionInfo) -> None:
         name, partition = key

@@ -30,6 +30,7 @@ from engine.errors import ErrorCode
 
 PRODUCE, FETCH, LIST_OFFSETS, METADATA = 0, 1, 2, 3
 API_VERSIONS, CREATE_TOPICS, DELETE_TOPICS, INIT_PRODUCER_ID = 18, 19, 20, 22
+DESCRIBE_CONFIGS, CREATE_PARTITIONS = 32, 37
 
 # api key -> (min, max) advertised in ApiVersions
 ADVERTISED: dict[int, tuple[int, int]] = {
@@ -41,6 +42,8 @@ ADVERTISED: dict[int, tuple[int, int]] = {
     CREATE_TOPICS: (2, 3),
     DELETE_TOPICS: (1, 3),
     INIT_PRODUCER_ID: (0, 1),
+    DESCRIBE_CONFIGS: (1, 2),
+    CREATE_PARTITIONS: (0, 1),
 }
 # advertised but refused: Produce before v3 cannot carry v2 record batches
 REFUSED: dict[int, range] = {PRODUCE: range(0, 3)}

@@ -186,6 +186,16 @@ class PartitionLog:
         return AppendResult(base_offset, state.next_offset - 1, state.batch_count,
                             state.record_count, size)
 
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a topic's own settings (retention, segment size and age, max
+        batch size); they take effect from the next append, roll or retention run."""
+        self._config = config
+        self._scan_state.max_batch_bytes = config.max_batch_bytes
+
     def validate(self, batches: bytes | bytearray | memoryview) -> None:
         """Raise what append() would for these batches (CorruptRecordError,
         RecordTooLargeError), writing nothing: a leader checks a produce
