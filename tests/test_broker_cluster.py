@@ -5,7 +5,6 @@ gets NOT_LEADER_OR_FOLLOWER; SIGTERM stops the whole cluster."""
 from __future__ import annotations
 
 import os
-import random
 import signal
 import socket
 import struct
@@ -17,28 +16,11 @@ from pathlib import Path
 import pytest
 
 from engine.errors import ErrorCode
+from raft.local_cluster import consecutive_free_ports
 from tests.conftest import make_batch
 from tests.test_broker_clients import TIMEOUT_S, consume_all, produce_frame, read_response
 
 NODES = 3
-
-
-def consecutive_free_ports(count: int) -> int:
-    for _ in range(100):
-        base = random.randint(20000, 60000 - count)
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                s.bind(("127.0.0.1", port))
-                sockets.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no consecutive free ports")
 
 
 @pytest.fixture(scope="module")
