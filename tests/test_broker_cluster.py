@@ -140,3 +140,37 @@ def test_sigterm_stops_every_node(cluster):
     for node in range(NODES):
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", base + node), timeout=1).close()
+
+
+def test_a_broker_waits_for_peers_that_start_late(tmp_path):
+    from engine.broker.broker import READY_LOG_INTERVAL_S
+    from engine.broker.local_cluster import write_configs
+    base = consecutive_free_ports(NODES)
+    configs = write_configs(NODES, base, tmp_path)
+    env = dict(os.environ, RAFTKA_CLUSTER_SECRET="late-secret")
+    processes = []
+
+    def spawn(config: Path) -> subprocess.Popen:
+        log = open(config.parent / "broker.log", "ab")
+        process = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--config", str(config)],
+                                   stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+        processes.append(process)
+        return process
+    try:
+        first = spawn(configs[0])
+        time.sleep(READY_LOG_INTERVAL_S + 2)
+        assert first.poll() is None, "the lone broker gave up"
+        assert "waiting for a majority" in (configs[0].parent / "broker.log").read_text()
+        for config in configs[1:]:
+            spawn(config)
+        for process in processes:
+            assert "ready" in process.stdout.readline()
+        listing = subprocess.run(["kcat", "-b", f"127.0.0.1:{base}", "-L"], capture_output=True, text=True,
+                                 timeout=TIMEOUT_S)
+        assert "3 brokers" in listing.stdout, listing.stderr
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.kill(process.pid, signal.SIGTERM)
+        for process in processes:
+            process.wait(30)

@@ -11,8 +11,11 @@ from engine.broker.handlers import Handlers
 from engine.broker.server import KafkaServer
 from engine.cluster.controller import ClusterController
 from engine.config import Config
+from engine.errors import NoControllerError
 
 log = logging.getLogger(__name__)
+
+READY_LOG_INTERVAL_S = 10.0
 
 
 class Broker:
@@ -32,7 +35,13 @@ class Broker:
             # registered with the port actually bound
             self.controller.config = self.config = self.config.replace(advertised_port=self.port)
         await self.controller.start()
-        await self.controller.wait_ready()
+        while True:   # peers on other hosts may start much later: wait for them, saying so
+            try:
+                await self.controller.wait_ready(READY_LOG_INTERVAL_S)
+                return
+            except NoControllerError:
+                log.warning("node %d: waiting for a majority of %s to elect the metadata leader",
+                            self.config.node_id, self.config.broker_ids)
 
     async def stop(self) -> None:
         await self.server.stop()
