@@ -39,9 +39,13 @@ def cluster(tmp_path_factory):
             break
     assert "cluster of 3 ready" in lines[-1], "".join(lines)
     yield process, base, root
-    if process.poll() is None:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
+    if process.poll() is None:   # a test stopped early: stop the cluster as a user would
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def test_rf3_produce_with_acks_all_and_consume_exactly_once_from_one_bootstrap_broker(cluster):
@@ -131,6 +135,29 @@ def test_an_idempotent_producer_loses_and_duplicates_nothing_when_the_leader_is_
     survivor = next(f"127.0.0.1:{base + i}" for i in range(NODES) if i + 1 != leader)
     got = consume_all(survivor, "failover", 1, len(values))
     assert [m.value() for m in got] == values       # each exactly once, in order
+
+
+def test_nodes_do_not_outlive_a_sigkilled_cluster_process(tmp_path):
+    base = consecutive_free_ports(NODES)
+    process = subprocess.Popen([sys.executable, "-m", "engine.cli", "cluster", "--nodes", str(NODES),
+                                "--base-port", str(base), "--data-dir", str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while "cluster of" not in (line := process.stdout.readline()):
+        assert line, "cluster exited before it was ready"
+    nodes = list(node_pids(process.pid).values())
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 30
+    while any(is_broker(pid) for pid in nodes):
+        assert time.monotonic() < deadline, "broker processes outlived their cluster"
+        time.sleep(0.2)
+
+
+def is_broker(pid: int) -> bool:
+    try:
+        return b"engine.cli" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def test_sigterm_stops_every_node(cluster):

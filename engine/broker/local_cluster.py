@@ -10,6 +10,7 @@ keep running.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import signal
@@ -22,6 +23,7 @@ from pathlib import Path
 from raft.local_cluster import free_ports
 
 READY_TIMEOUT_S = 60.0
+PR_SET_PDEATHSIG = 1
 
 
 def write_configs(nodes: int, base_port: int, data_dir: Path) -> list[Path]:
@@ -56,7 +58,8 @@ def run_cluster(nodes: int, base_port: int, data_dir: Path) -> int:
         for config in configs:
             log = open(config.parent / "broker.log", "ab")
             processes.append(subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--config", str(config)],
-                                              stdout=subprocess.PIPE, stderr=log, env=env))
+                                              stdout=subprocess.PIPE, stderr=log, env=env,
+                                              preexec_fn=_die_with_parent))
         for i, process in enumerate(processes, 1):
             line = _ready_line(process, READY_TIMEOUT_S)
             if line is None:
@@ -77,6 +80,15 @@ def run_cluster(nodes: int, base_port: int, data_dir: Path) -> int:
         return 0
     finally:
         _stop_all(processes)
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when `raftka cluster` dies, even by SIGKILL (Linux
+    PR_SET_PDEATHSIG), so no broker outlives its cluster."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass   # not Linux: Ctrl-C and SIGTERM still stop every node
 
 
 def _ready_line(process: subprocess.Popen, timeout_s: float) -> str | None:
