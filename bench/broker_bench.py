@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,11 +27,12 @@ import time
 from pathlib import Path
 
 from bench.storage_bench import measure_raw_write, mb_s
+from engine.broker.broker import READY_PATTERN
+from engine.broker.local_cluster import stop_processes
 from raft.local_cluster import consecutive_free_ports
 
 PARTITIONS = 3
 TOPIC = "bench"
-READY = re.compile(r"ready on [\d.]+:(\d+)")
 
 
 class Brokers:
@@ -59,22 +57,17 @@ class Brokers:
             line = self.process.stdout.readline()
             if not line:
                 raise RuntimeError("broker exited before it was ready")
-            match = READY.search(line)
+            match = READY_PATTERN.search(line)
             if self.nodes == 1 and match:
-                self.bootstrap = f"127.0.0.1:{match.group(1)}"
+                self.bootstrap = f"127.0.0.1:{match.group(2)}"
                 return self
             if "cluster of" in line:
                 return self
         raise TimeoutError("brokers not ready in 120 s")
 
     def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        if self.process is not None:
+            stop_processes([self.process], grace_s=30)
 
 
 def create_topic(bootstrap: str, replication_factor: int) -> None:

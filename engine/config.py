@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import tomllib
 from pathlib import Path
 from typing import Literal
 
@@ -131,8 +133,6 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None,
     """Config from a TOML file (keys are Config's field names; `peers` is a list
     of {id, host, port} tables or an "id=host:port,..." string), then RAFTKA_*
     environment variables (RAFTKA_NODE_ID, RAFTKA_PEERS, ...), then `overrides`."""
-    import os
-    import tomllib
     values: dict[str, object] = {}
     known = {f.name: f for f in dataclasses.fields(Config)}
     if path is not None:

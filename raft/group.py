@@ -509,24 +509,21 @@ class PartitionReplica(RaftGroup):
     def propose_append(self, batches: bytes | bytearray | memoryview, callback: AppendCallback) -> None:
         """Replicate an append; `callback(base_offset, None)` once committed and
         applied here, or `callback(None, error)`. Leader only."""
-        if not self.is_leader:
-            raise NotLeaderError(self.group_id, self.leader_id)
-        if len(batches) + APPEND_HEADER.size > MAX_COMMAND_BYTES:
-            raise RecordTooLargeError(f"append of {len(batches)} bytes exceeds the replicated "
-                                      f"command limit of {MAX_COMMAND_BYTES - APPEND_HEADER.size}")
-        self._propose(APPEND_HEADER.pack(APPEND_COMMAND, self.leader_epoch) + batches, callback)
+        self._propose(self._append_command(batches), callback)
 
     def append(self, batches: bytes | bytearray | memoryview) -> "asyncio.Future[int]":
         """Replicate an append; the future resolves to its base offset once
         committed and applied here (or fails with ReplicationError or the
         storage error every replica hit). Leader only."""
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        return self._propose_future(self._append_command(batches))
 
-        def done(base_offset: int | None, error: Exception | None) -> None:
-            if not future.done():
-                future.set_exception(error) if error is not None else future.set_result(base_offset)
-        self.propose_append(batches, done)
-        return future
+    def _append_command(self, batches: bytes | bytearray | memoryview) -> bytes:
+        if not self.is_leader:
+            raise NotLeaderError(self.group_id, self.leader_id)
+        if len(batches) + APPEND_HEADER.size > MAX_COMMAND_BYTES:
+            raise RecordTooLargeError(f"append of {len(batches)} bytes exceeds the replicated "
+                                      f"command limit of {MAX_COMMAND_BYTES - APPEND_HEADER.size}")
+        return APPEND_HEADER.pack(APPEND_COMMAND, self.leader_epoch) + batches
 
     def _SyncObj__doApplyCommand(self, command: bytes) -> Any:
         if command[:1] != b"\x10":

@@ -70,8 +70,7 @@ class VoteStore:
         if self._votes.get(group_id) == (term, voted_for):
             return
         self._votes[group_id] = (term, voted_for)
-        body = RECORD.pack(0, group_id, term, -1 if voted_for is None else voted_for)[4:]
-        self._pending += struct.pack(">I", crc32c(body)) + body
+        self._pending += _record(group_id, term, voted_for)
 
     def forget(self, group_id: int) -> None:
         """Drop a deleted group's vote (at the next compaction)."""
@@ -86,10 +85,7 @@ class VoteStore:
         if not self._pending:
             return
         data, self._pending = bytes(self._pending), bytearray()
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        _write_all(self._fd, data)
         os.fdatasync(self._fd)
         self._size += len(data)
         self.syncs += 1
@@ -98,13 +94,10 @@ class VoteStore:
 
     def _compact(self) -> None:
         temporary = self.path.with_suffix(".tmp")
-        out = bytearray()
-        for group, (term, voted_for) in self._votes.items():
-            body = RECORD.pack(0, group, term, -1 if voted_for is None else voted_for)[4:]
-            out += struct.pack(">I", crc32c(body)) + body
+        out = b"".join(_record(group, term, voted_for) for group, (term, voted_for) in self._votes.items())
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            os.write(fd, out)
+            _write_all(fd, out)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -122,3 +115,14 @@ class VoteStore:
     def close(self) -> None:
         self.sync()
         os.close(self._fd)
+
+
+def _record(group_id: int, term: int, voted_for: int | None) -> bytes:
+    body = RECORD.pack(0, group_id, term, -1 if voted_for is None else voted_for)[4:]
+    return struct.pack(">I", crc32c(body)) + body
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

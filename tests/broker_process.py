@@ -1,15 +1,14 @@
 """A real `raftka serve` process for integration tests, stopped by its PID."""
 from __future__ import annotations
 
-import os
-import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-READY = re.compile(rb"ready on ([\d.]+):(\d+)")
+from engine.broker.broker import READY_PATTERN
+from engine.broker.local_cluster import stop_processes
+
 
 
 class BrokerProcess:
@@ -34,7 +33,7 @@ class BrokerProcess:
             line = self.process.stdout.readline()
             if not line:
                 raise RuntimeError(f"broker exited: {self.log_path.read_text(errors='replace')[-2000:]}")
-            match = READY.search(line)
+            match = READY_PATTERN.search(line.decode(errors="replace"))
             if match:
                 self.port = int(match.group(2))
                 return self
@@ -48,11 +47,6 @@ class BrokerProcess:
         return self.process is not None and self.process.poll() is None
 
     def stop(self) -> None:
-        if self.alive:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        if self.process is not None:
+            stop_processes([self.process])
         self.log_file.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.broker.local_cluster import stop_processes
 from engine.errors import ErrorCode
 from raft.local_cluster import consecutive_free_ports
 from tests.conftest import make_batch
@@ -39,13 +40,7 @@ def cluster(tmp_path_factory):
             break
     assert "cluster of 3 ready" in lines[-1], "".join(lines)
     yield process, base, root
-    if process.poll() is None:   # a test stopped early: stop the cluster as a user would
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
+    stop_processes([process], grace_s=30)   # if a test stopped early: SIGTERM, as a user would
 
 
 def test_rf3_produce_with_acks_all_and_consume_exactly_once_from_one_bootstrap_broker(cluster):
@@ -196,8 +191,4 @@ def test_a_broker_waits_for_peers_that_start_late(tmp_path):
                                  timeout=TIMEOUT_S)
         assert "3 brokers" in listing.stdout, listing.stderr
     finally:
-        for process in processes:
-            if process.poll() is None:
-                os.kill(process.pid, signal.SIGTERM)
-        for process in processes:
-            process.wait(30)
+        stop_processes(processes, grace_s=30)

@@ -129,6 +129,13 @@ def settled(controllers, topic: str, partitions: int) -> bool:
     return True
 
 
+async def create_settled(via: ClusterController, controllers, name: str, partitions: int, replication_factor: int,
+                         **options) -> None:
+    """Create a topic through `via` and wait until every broker hosts and leads it."""
+    await via.create_topic(name, partitions=partitions, replication_factor=replication_factor, **options)
+    await wait_for(lambda: settled(controllers, name, partitions))
+
+
 def with_cluster(scenario, tmp_path: Path, **raft_settings) -> None:
     """Run `scenario(cluster)` against three started, ready brokers."""
     async def run() -> None:
@@ -151,8 +158,7 @@ def test_any_broker_creates_a_topic_and_every_replica_hosts_it(tmp_path):
 async def _any_broker_creates_a_topic_and_every_replica_hosts_it(cluster):
     controllers = list(cluster.controllers.values())
     follower = next(c for c in controllers if c.controller_id != c.node_id)   # forwarded to the leader
-    await follower.create_topic("orders", partitions=3, replication_factor=3)
-    await wait_for(lambda: settled(controllers, "orders", 3))
+    await create_settled(follower, controllers, "orders", 3, 3)
     for c in controllers:
         assert c.state.snapshot() == controllers[0].state.snapshot()
         assert sorted(c.state.brokers) == [1, 2, 3]
@@ -177,8 +183,7 @@ def test_partitions_added_and_topic_deleted_on_every_broker(tmp_path):
 
 async def _partitions_added_and_topic_deleted_on_every_broker(cluster):
     controllers = list(cluster.controllers.values())
-    await controllers[0].create_topic("t", partitions=1, replication_factor=2)
-    await wait_for(lambda: settled(controllers, "t", 1))
+    await create_settled(controllers[0], controllers, "t", 1, 2)
     await controllers[2].create_partitions("t", 3)
     await wait_for(lambda: settled(controllers, "t", 3))
     hosting = [c for c in controllers if c.replicas()]
@@ -197,8 +202,7 @@ def test_a_new_leader_is_recorded_with_a_higher_epoch_after_the_leader_stops(tmp
 
 async def _a_new_leader_is_recorded_with_a_higher_epoch_after_the_leader_stops(cluster):
     controllers = list(cluster.controllers.values())
-    await controllers[0].create_topic("p", partitions=1, replication_factor=3)
-    await wait_for(lambda: settled(controllers, "p", 1))
+    await create_settled(controllers[0], controllers, "p", 1, 3)
     old = controllers[0].state.partition("p", 0)
     old_leader, old_epoch = old.leader, old.leader_epoch
     await cluster.stop(old_leader)
@@ -222,8 +226,7 @@ async def _restarted_broker_rebuilds_metadata(cluster):
         await first.create_topic(f"t{i}", partitions=1, replication_factor=3)
     await wait_for(lambda: all(settled(cluster.controllers.values(), f"t{i}", 1) for i in range(8)))
     await asyncio.sleep(0.3)   # past logCompactionMinTime
-    await first.create_topic("last", partitions=1, replication_factor=3)
-    await wait_for(lambda: settled(cluster.controllers.values(), "last", 1))
+    await create_settled(first, list(cluster.controllers.values()), "last", 1, 3)
     assert (cluster.root / "b3" / "raft" / "metadata" / "checkpoint").exists()
     leader = next(c.replica("t0", 0) for c in cluster.controllers.values() if c.replica("t0", 0).is_leader)
     await asyncio.wait_for(leader.append(make_batch(1)), 10)
@@ -243,9 +246,8 @@ def test_a_topic_config_reaches_its_partition_logs_on_every_replica(tmp_path):
 
 async def _topic_config_reaches_its_partition_logs(cluster):
     controllers = list(cluster.controllers.values())
-    await controllers[1].create_topic("short", partitions=2, replication_factor=3,
-                                      configs={"retention.ms": "60000", "segment.bytes": "1048576"})
-    await wait_for(lambda: settled(controllers, "short", 2))
+    await create_settled(controllers[1], controllers, "short", 2, 3,
+                         configs={"retention.ms": "60000", "segment.bytes": "1048576"})
     for c in controllers:
         for key, replica in c.replicas().items():
             assert (replica.log.config.retention_ms, replica.log.config.segment_bytes) == (60000, 1048576), key

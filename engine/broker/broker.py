@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 from typing import Any
 
@@ -16,6 +17,8 @@ from engine.errors import NoControllerError
 log = logging.getLogger(__name__)
 
 READY_LOG_INTERVAL_S = 10.0
+# the line `raftka serve` prints once it serves; tools that start brokers wait for it
+READY_PATTERN = re.compile(r"ready on ([\d.]+):(\d+)")
 
 
 class Broker:

@@ -13,7 +13,7 @@ import logging
 from typing import Any, Awaitable, Callable
 
 from engine.cluster.controller import ClusterController
-from engine.config import BROKER_CONFIGS, TOPIC_CONFIGS, config_text
+from engine.config import BROKER_CONFIGS, TOPIC_CONFIGS, Config, config_text
 from engine.errors import ErrorCode, OffsetOutOfRangeError, RaftkaError
 from engine.protocol import kafka
 from engine.storage.log_manager import validate_topic_name
@@ -63,7 +63,6 @@ class Handlers:
 
     def __init__(self, controller: ClusterController) -> None:
         self.controller = controller
-        self.config = controller.config
         self.waiters = CommitWaiters()
         self._table: dict[int, Callable[[Request], Awaitable[Response]]] = {
             kafka.API_VERSIONS: self.api_versions, kafka.METADATA: self.metadata,
@@ -72,6 +71,10 @@ class Handlers:
             kafka.INIT_PRODUCER_ID: self.init_producer_id, kafka.CREATE_PARTITIONS: self.create_partitions,
             kafka.DESCRIBE_CONFIGS: self.describe_configs,
         }
+
+    @property
+    def config(self) -> Config:
+        return self.controller.config   # the broker may update it (the bound port) after construction
 
     def replica_started(self, key: tuple[str, int], replica: PartitionReplica) -> None:
         replica.on_high_watermark = lambda: self.waiters.wake(key)

@@ -79,7 +79,7 @@ def run_cluster(nodes: int, base_port: int, data_dir: Path) -> int:
             stop.wait(0.5)
         return 0
     finally:
-        _stop_all(processes)
+        stop_processes(processes)
 
 
 def _die_with_parent() -> None:
@@ -100,11 +100,12 @@ def _ready_line(process: subprocess.Popen, timeout_s: float) -> str | None:
     return result[0] if result and "ready" in result[0] else None
 
 
-def _stop_all(processes: list[subprocess.Popen]) -> None:
+def stop_processes(processes: list[subprocess.Popen], grace_s: float = 15.0) -> None:
+    """SIGTERM each by PID; SIGKILL whatever still runs after `grace_s`."""
     for process in processes:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + grace_s
     for process in processes:
         try:
             process.wait(max(0.1, deadline - time.monotonic()))

@@ -24,7 +24,6 @@ import itertools
 import logging
 import os
 import shutil
-from pathlib import Path
 from typing import Any, Callable
 
 from engine.cluster import metadata
@@ -328,10 +327,10 @@ class ClusterController:
     def _start_replica(self, key: tuple[str, int], info: PartitionInfo) -> None:
         name, partition = key
         topic = self.state.topics[name]
-        local = {r.name: r for r in self.logs.topic_records()}.get(name)
-        if local is None:
+        local_partitions = self.logs.topics().get(name)
+        if local_partitions is None:
             self.logs.create_topic(name, len(topic.partitions), topic.topic_id)
-        elif local.partitions < len(topic.partitions):
+        elif local_partitions < len(topic.partitions):
             self.logs.add_partitions(name, len(topic.partitions))
         replica = PartitionReplica(info.group_id, self.logs.log(name, partition), self.node_id, info.replicas,
                                    self.node.network, self.raft_dir / str(info.group_id), **self.raft_settings)
