@@ -6,7 +6,9 @@ acks=all. Messages of 1 KiB and 100 B to a 3-partition topic. For each:
 producer MB/s and msgs/s (first produce to the last delivery report), one
 consumer reading it all back (assigned partitions, from offset 0), and the
 produce latency (librdkafka's per-message latency) p50/p99 at half the
-measured peak message rate. The physical limit measured in the same run: a
+measured peak message rate, measured after a warm-up so that connecting and
+InitProducerId are not counted. The CPU the client and the brokers used in
+each phase says which side was the limit. The physical limit measured in the same run: a
 raw sequential write of the same volume (in (b) every byte is written on
 three nodes, twice each: Raft journal and log).
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -33,6 +36,7 @@ from raft.local_cluster import consecutive_free_ports
 
 PARTITIONS = 3
 TOPIC = "bench"
+WARMUP_MESSAGES = 300
 
 
 class Brokers:
@@ -68,6 +72,64 @@ class Brokers:
     def __exit__(self, *exc: object) -> None:
         if self.process is not None:
             stop_processes([self.process], grace_s=30)
+
+    def pids(self) -> list[int]:
+        """The broker processes (`raftka cluster` and its nodes)."""
+        assert self.process is not None
+        pids, children = [self.process.pid], []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    ppid = int(_proc_stat(int(entry))[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                if ppid == self.process.pid:
+                    children.append(int(entry))
+        return pids + children
+
+
+def _proc_stat(pid: int) -> list[str]:
+    """/proc/PID/stat fields after the command name (state, ppid, ...)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def _cpu_s(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = _proc_stat(pid)
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
+    return total
+
+
+class CpuMeter:
+    """CPU used during a phase, in cores: this client process (librdkafka's
+    threads included) and the brokers. On 2 cores, client + brokers near 2
+    means the machine, not one side, was the limit; a client near 1 core
+    (the Python thread) means the load generator was."""
+
+    def __init__(self, brokers: Brokers) -> None:
+        self._pids = brokers.pids()
+
+    def __enter__(self) -> "CpuMeter":
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self._client = usage.ru_utime + usage.ru_stime
+        self._brokers = _cpu_s(self._pids)
+        self._wall = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self._wall
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.client_cores = (usage.ru_utime + usage.ru_stime - self._client) / wall
+        self.broker_cores = (_cpu_s(self._pids) - self._brokers) / wall
+
+    def record(self, into: dict) -> dict:
+        into.update(client_cores=round(self.client_cores, 2), broker_cores=round(self.broker_cores, 2))
+        return into
 
 
 def create_topic(bootstrap: str, replication_factor: int) -> None:
@@ -116,9 +178,14 @@ def produce_peak(bootstrap: str, acks: str, size: int, count: int) -> dict:
 
 
 def produce_latency(bootstrap: str, acks: str, size: int, rate: float, seconds: float) -> dict:
-    """Per-message latency at a steady `rate` messages per second."""
+    """Per-message latency at a steady `rate` messages per second, once the
+    producer is connected and has its producer id (a cold start would put
+    the first connections and InitProducerId into the tail)."""
     client = producer(bootstrap, acks)
     value = os.urandom(size)
+    for i in range(WARMUP_MESSAGES):
+        client.produce(TOPIC, value=value, partition=i % PARTITIONS)   # a connection to every leader
+    client.flush(60)
     latencies: list[float] = []
 
     def delivered(error, message) -> None:
@@ -166,8 +233,12 @@ def run_setup(workdir: Path, nodes: int, size: int, volume_bytes: int, latency_s
     shutil.rmtree(workdir, ignore_errors=True)
     with Brokers(workdir, nodes) as brokers:
         create_topic(brokers.bootstrap, min(nodes, 3))
-        produce = produce_peak(brokers.bootstrap, acks, size, count)
-        consume = consume_all(brokers.bootstrap, count)
+        with CpuMeter(brokers) as cpu:
+            produce = produce_peak(brokers.bootstrap, acks, size, count)
+        cpu.record(produce)
+        with CpuMeter(brokers) as cpu:
+            consume = consume_all(brokers.bootstrap, count)
+        cpu.record(consume)
         latency = produce_latency(brokers.bootstrap, acks, size, produce["msgs_s"] / 2, latency_s)
     shutil.rmtree(workdir, ignore_errors=True)
     return {"setup": f"{nodes} broker{'s' if nodes > 1 else ''}, acks={acks}", "nodes": nodes,
@@ -206,12 +277,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(result: dict) -> None:
     print(f"\nraw sequential write of the same volume: {result['raw_write_mb_s']:.0f} MB/s\n")
-    print("| setup | message | produce MB/s | produce msg/s | consume MB/s | consume msg/s | p50 / p99 ms at half peak |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| setup | message | produce MB/s | produce msg/s | consume MB/s | consume msg/s "
+          "| p50 / p99 ms at half peak | CPU cores client/brokers: produce, consume |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     for r in result["rows"]:
-        print(f"| {r['setup']} | {r['message_bytes']} B | {r['produce']['mb_s']:.1f} | {r['produce']['msgs_s']:.0f} "
-              f"| {r['consume']['mb_s']:.1f} | {r['consume']['msgs_s']:.0f} "
-              f"| {r['latency']['p50_ms']:.1f} / {r['latency']['p99_ms']:.1f} |")
+        p, c = r["produce"], r["consume"]
+        print(f"| {r['setup']} | {r['message_bytes']} B | {p['mb_s']:.1f} | {p['msgs_s']:.0f} "
+              f"| {c['mb_s']:.1f} | {c['msgs_s']:.0f} "
+              f"| {r['latency']['p50_ms']:.1f} / {r['latency']['p99_ms']:.1f} "
+              f"| {p['client_cores']:.2f}/{p['broker_cores']:.2f}, {c['client_cores']:.2f}/{c['broker_cores']:.2f} |")
 
 
 def write_chart(rows: list[dict], path: Path) -> None:

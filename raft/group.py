@@ -213,6 +213,14 @@ class RaftGroup(SyncObj):
         return leader.broker_id if isinstance(leader, PeerNode) else None
 
     @property
+    def leader_ready(self) -> bool:
+        """Leader, and every entry committed before its term is applied here
+        (its term's first entry, pysyncobj's no-op, is): state read from the
+        applied log is then complete."""
+        noop_index = self._SyncObj__noopIDx
+        return self.is_leader and noop_index is not None and self._SyncObj__raftLastApplied >= noop_index
+
+    @property
     def leader_epoch(self) -> int:
         """The Raft term: Kafka's leader epoch for this partition."""
         return self.raftCurrentTerm
@@ -237,6 +245,11 @@ class RaftGroup(SyncObj):
     def next_tick_due(self) -> float:
         """When this group must tick again if nothing arrives (pysyncobj's clock)."""
         if self._isLeader():
+            if not self._SyncObj__otherNodes and self._SyncObj__raftCommitIndex < self._SyncObj__getCurrentLogIndex() \
+                    and self._SyncObj__getCurrentLogTerm() == self._SyncObj__raftCurrentTerm:
+                # a group of one commits what it appended this tick at the next
+                # one; nothing else would tick it before the heartbeat period
+                return 0.0
             return self._SyncObj__newAppendEntriesTime
         return self._SyncObj__raftElectionDeadline
 

@@ -29,8 +29,10 @@ from kio.static.primitive import i32
 from engine.errors import ErrorCode
 
 PRODUCE, FETCH, LIST_OFFSETS, METADATA = 0, 1, 2, 3
+OFFSET_COMMIT, OFFSET_FETCH, FIND_COORDINATOR, JOIN_GROUP, HEARTBEAT = 8, 9, 10, 11, 12
+LEAVE_GROUP, SYNC_GROUP, DESCRIBE_GROUPS, LIST_GROUPS = 13, 14, 15, 16
 API_VERSIONS, CREATE_TOPICS, DELETE_TOPICS, INIT_PRODUCER_ID = 18, 19, 20, 22
-DESCRIBE_CONFIGS, CREATE_PARTITIONS = 32, 37
+DESCRIBE_CONFIGS, CREATE_PARTITIONS, DELETE_GROUPS, OFFSET_DELETE = 32, 37, 42, 47
 
 # api key -> (min, max) advertised in ApiVersions
 ADVERTISED: dict[int, tuple[int, int]] = {
@@ -38,12 +40,23 @@ ADVERTISED: dict[int, tuple[int, int]] = {
     FETCH: (4, 4),
     LIST_OFFSETS: (1, 3),
     METADATA: (0, 4),
+    OFFSET_COMMIT: (2, 3),
+    OFFSET_FETCH: (1, 3),
+    FIND_COORDINATOR: (0, 2),
+    JOIN_GROUP: (0, 2),           # v5+ would be static membership, not served
+    HEARTBEAT: (0, 1),
+    LEAVE_GROUP: (0, 1),
+    SYNC_GROUP: (0, 1),
+    DESCRIBE_GROUPS: (0, 2),
+    LIST_GROUPS: (0, 2),
     API_VERSIONS: (0, 3),
     CREATE_TOPICS: (2, 3),
     DELETE_TOPICS: (1, 3),
     INIT_PRODUCER_ID: (0, 1),
     DESCRIBE_CONFIGS: (1, 2),
     CREATE_PARTITIONS: (0, 1),
+    DELETE_GROUPS: (0, 1),
+    OFFSET_DELETE: (0, 0),
 }
 # advertised but refused: Produce before v3 cannot carry v2 record batches
 REFUSED: dict[int, range] = {PRODUCE: range(0, 3)}
@@ -71,6 +84,7 @@ class Request:
     correlation_id: int
     client_id: str | None
     body: Any
+    client_host: str = ""        # "/<address>" of the connection, as Kafka shows it
 
 
 def peek_header(frame: bytes) -> tuple[int, int, int]:
@@ -80,7 +94,7 @@ def peek_header(frame: bytes) -> tuple[int, int, int]:
     return _HEAD.unpack_from(frame)
 
 
-def read_request(frame: bytes) -> Request:
+def read_request(frame: bytes, client_host: str = "") -> Request:
     """Decode one request frame (the bytes after its size)."""
     api_key, api_version, correlation_id = peek_header(frame)
     supported = ADVERTISED.get(api_key)
@@ -96,7 +110,7 @@ def read_request(frame: bytes) -> Request:
         raise MalformedRequest(f"API {api_key} v{api_version}: {type(error).__name__}: {error}") from None
     if position != len(frame):
         raise MalformedRequest(f"API {api_key} v{api_version}: {len(frame) - position} trailing bytes")
-    return Request(api_key, api_version, correlation_id, getattr(header, "client_id", None), body)
+    return Request(api_key, api_version, correlation_id, getattr(header, "client_id", None), body, client_host)
 
 
 def response_schema(request: Request) -> type:

@@ -1,0 +1,98 @@
+"""A broker in this process, driven through its replicas and raw sockets.
+
+Fetch responses leave the broker straight from the segment mapping: a large
+fetch to a slow reader arrives whole and byte-exact, and the broker allocates
+no Python copy of the record bytes while sending it. A single-replica
+partition acknowledges appends as soon as they are written, not at its next
+heartbeat."""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import socket
+import struct
+import tracemalloc
+
+from kio.index import load_request_schema
+from kio.static.primitive import i32
+
+from engine.broker.broker import Broker
+from engine.config import Config
+from engine.protocol import kafka
+from tests.conftest import make_batch, wait_for
+from tests.test_broker_clients import request_frame
+
+FETCH_BYTES = 16 << 20
+
+
+def fetch_frame(topic: str, max_bytes: int) -> bytes:
+    fetch = load_request_schema(kafka.FETCH, 4)
+    partition = kafka.nested(fetch, "FetchPartition")(partition=i32(0), fetch_offset=0,
+                                                      partition_max_bytes=i32(max_bytes))
+    return request_frame(kafka.FETCH, 4, 9, fetch(
+        replica_id=i32(-1), max_wait=datetime.timedelta(milliseconds=0), min_bytes=i32(1), max_bytes=i32(max_bytes),
+        isolation_level=0, topics=(kafka.nested(fetch, "FetchTopic")(topic=topic, partitions=(partition,)),)))
+
+
+async def recv_exactly_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, buffer: bytearray) -> None:
+    view, got = memoryview(buffer), 0
+    while got < len(buffer):
+        received = await loop.sock_recv_into(sock, view[got:])
+        assert received, "closed by the broker"
+        got += received
+
+
+def test_a_large_fetch_to_a_slow_reader_arrives_whole_without_a_python_copy_of_the_records(tmp_path):
+    async def run() -> None:
+        broker = Broker(Config(data_dir=tmp_path / "data", port=0))
+        await broker.start()
+        try:
+            await broker.controller.create_topic("big", 1, 1)
+            await wait_for(lambda: (r := broker.controller.replica("big", 0)) is not None and r.is_leader)
+            replica = broker.controller.replica("big", 0)
+            batch = make_batch(count=64, value_size=8 << 10)   # ~512 KiB per batch
+            for _ in range(FETCH_BYTES // len(batch) + 1):
+                await replica.append(batch)
+            expected = bytes(replica.log.read(0, FETCH_BYTES).buffer)
+
+            loop = asyncio.get_running_loop()
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)   # the reader is slow: the broker waits on it
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", broker.port))
+            response = bytearray(4 + 4 + 4 + 4 + 2 + len("big") + 4 + 4 + 2 + 8 + 8 + 4 + 4 + len(expected))
+            tracemalloc.start()
+            try:
+                await loop.sock_sendall(sock, fetch_frame("big", FETCH_BYTES))
+                await asyncio.sleep(0.5)          # the broker fills the socket and must wait for the reader
+                await recv_exactly_into(loop, sock, response)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+                sock.close()
+            (size,) = struct.unpack_from(">i", response)
+            assert size == len(response) - 4
+            assert bytes(response[-len(expected):]) == expected
+            assert peak < len(expected) // 4, f"{peak} bytes allocated sending {len(expected)} bytes of records"
+        finally:
+            await broker.stop()
+
+    asyncio.run(run())
+
+
+def test_a_single_replica_partition_commits_appends_without_waiting_for_a_heartbeat(tmp_path):
+    async def run() -> None:
+        # heartbeats every 60 s: an append that waited for one would time out
+        broker = Broker(Config(data_dir=tmp_path / "data", port=0), appendEntriesPeriod=60.0,
+                        raftMinTimeout=200.0, raftMaxTimeout=400.0, leaderFallbackTimeout=400.0, connectionTimeout=400.0)
+        await broker.start()
+        try:
+            await broker.controller.create_topic("solo", 1, 1)
+            await wait_for(lambda: (r := broker.controller.replica("solo", 0)) is not None and r.is_leader)
+            replica = broker.controller.replica("solo", 0)
+            offsets = [await asyncio.wait_for(replica.append(make_batch(count=2, seed=i)), 5.0) for i in range(5)]
+            assert offsets == [0, 2, 4, 6, 8]
+        finally:
+            await broker.stop()
+
+    asyncio.run(asyncio.wait_for(run(), 30))
