@@ -75,6 +75,21 @@ class Config:
     default_replication_factor: int = 1
     # replica.lag.time.max.ms: a follower out of the ISR after this long behind
     replica_lag_time_max_ms: int = 10_000
+    # ---- consumer groups ----
+    # offsets.topic.num.partitions / offsets.topic.replication.factor (capped
+    # at the number of brokers): the internal __consumer_offsets topic
+    offsets_topic_partitions: int = 10
+    offsets_topic_replication_factor: int = 3
+    # group.initial.rebalance.delay.ms: a new group waits this long (extended
+    # by each member joining meanwhile) so its first members join one generation
+    group_initial_rebalance_delay_ms: int = 3000
+    # group.min/max.session.timeout.ms: the session timeouts members may ask for
+    group_min_session_timeout_ms: int = 6000
+    group_max_session_timeout_ms: int = 1_800_000
+    # group.max.size: members per group
+    group_max_size: int = 1000
+    # offset.metadata.max.bytes: the metadata string of a committed offset
+    offset_metadata_max_bytes: int = 4096
 
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
@@ -82,12 +97,18 @@ class Config:
         positive = ("segment_bytes", "index_interval_bytes", "max_batch_bytes",
                     "fsync_interval_ms", "index_commit_interval_ms",
                     "index_commit_max_pending", "lmdb_map_size_bytes", "default_partitions",
-                    "default_replication_factor", "replica_lag_time_max_ms", "max_request_bytes")
+                    "default_replication_factor", "replica_lag_time_max_ms", "max_request_bytes",
+                    "offsets_topic_partitions", "offsets_topic_replication_factor", "group_min_session_timeout_ms",
+                    "group_max_session_timeout_ms", "group_max_size")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "peers", tuple(sorted((int(i), str(h), int(p)) for i, h, p in self.peers)))
+        if self.group_initial_rebalance_delay_ms < 0:
+            raise ValueError(f"group_initial_rebalance_delay_ms must not be negative, got {self.group_initial_rebalance_delay_ms}")
+        if self.group_min_session_timeout_ms > self.group_max_session_timeout_ms:
+            raise ValueError("group_min_session_timeout_ms is above group_max_session_timeout_ms")
         if any(peer_id == self.node_id for peer_id, _, _ in self.peers):
             raise ValueError(f"node {self.node_id} lists itself among its peers")
         if self.peers and not self.cluster_secret:
@@ -200,6 +221,13 @@ BROKER_CONFIGS: dict[str, str] = {
     "auto.create.topics.enable": "auto_create_topics",
     "socket.request.max.bytes": "max_request_bytes",
     "replica.lag.time.max.ms": "replica_lag_time_max_ms",
+    "offsets.topic.num.partitions": "offsets_topic_partitions",
+    "offsets.topic.replication.factor": "offsets_topic_replication_factor",
+    "group.initial.rebalance.delay.ms": "group_initial_rebalance_delay_ms",
+    "group.min.session.timeout.ms": "group_min_session_timeout_ms",
+    "group.max.session.timeout.ms": "group_max_session_timeout_ms",
+    "group.max.size": "group_max_size",
+    "offset.metadata.max.bytes": "offset_metadata_max_bytes",
 }
 
 

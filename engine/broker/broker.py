@@ -8,6 +8,7 @@ import re
 import signal
 from typing import Any
 
+from engine.broker.groups import GroupService
 from engine.broker.handlers import Handlers
 from engine.broker.server import KafkaServer
 from engine.cluster.controller import ClusterController
@@ -27,7 +28,8 @@ class Broker:
     def __init__(self, config: Config, **raft_settings: Any) -> None:
         self.config = config
         self.controller = ClusterController(config, **raft_settings)
-        self.handlers = Handlers(self.controller)
+        self.groups = GroupService(self.controller)
+        self.handlers = Handlers(self.controller, self.groups)
         self.controller.on_replica_started = self.handlers.replica_started
         self.server = KafkaServer(self.handlers, config.max_request_bytes)
         self.port: int | None = None
@@ -38,6 +40,7 @@ class Broker:
             # registered with the port actually bound
             self.controller.config = self.config = self.config.replace(advertised_port=self.port)
         await self.controller.start()
+        await self.groups.start()
         while True:   # peers on other hosts may start much later: wait for them, saying so
             try:
                 await self.controller.wait_ready(READY_LOG_INTERVAL_S)
@@ -48,6 +51,7 @@ class Broker:
 
     async def stop(self) -> None:
         await self.server.stop()
+        await self.groups.stop()
         await self.controller.stop()
 
 

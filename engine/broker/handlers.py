@@ -12,7 +12,10 @@ import asyncio
 import logging
 from typing import Any, Awaitable, Callable
 
+from engine.broker.group_handlers import GroupHandlers
+from engine.broker.groups import GroupService
 from engine.cluster.controller import ClusterController
+from engine.groups.records import OFFSETS_TOPIC
 from engine.config import BROKER_CONFIGS, TOPIC_CONFIGS, Config, config_text
 from engine.errors import ErrorCode, OffsetOutOfRangeError, RaftkaError
 from engine.protocol import kafka
@@ -61,8 +64,9 @@ class CommitWaiters:
 class Handlers:
     """One per broker; `handle(request)` answers any API in kafka.ADVERTISED."""
 
-    def __init__(self, controller: ClusterController) -> None:
+    def __init__(self, controller: ClusterController, groups: GroupService) -> None:
         self.controller = controller
+        self.groups = groups
         self.waiters = CommitWaiters()
         self._table: dict[int, Callable[[Request], Awaitable[Response]]] = {
             kafka.API_VERSIONS: self.api_versions, kafka.METADATA: self.metadata,
@@ -70,6 +74,7 @@ class Handlers:
             kafka.CREATE_TOPICS: self.create_topics, kafka.DELETE_TOPICS: self.delete_topics,
             kafka.INIT_PRODUCER_ID: self.init_producer_id, kafka.CREATE_PARTITIONS: self.create_partitions,
             kafka.DESCRIBE_CONFIGS: self.describe_configs,
+            **GroupHandlers(groups).table(),
         }
 
     @property
@@ -78,6 +83,8 @@ class Handlers:
 
     def replica_started(self, key: tuple[str, int], replica: PartitionReplica) -> None:
         replica.on_high_watermark = lambda: self.waiters.wake(key)
+        if key[0] == OFFSETS_TOPIC:
+            self.groups.replica_started(key[1], replica)
 
     async def handle(self, request: Request) -> Response:
         return await self._table[request.api_key](request)
@@ -122,7 +129,7 @@ class Handlers:
                     partition_cls, error_code=ErrorCode.NONE if leader >= 0 else ErrorCode.LEADER_NOT_AVAILABLE,
                     partition_index=index, leader_id=leader, replica_nodes=tuple(info.replicas), isr_nodes=isr,
                     offline_replicas=()))
-            topics.append(build(topic_cls, error_code=ErrorCode.NONE, name=name, is_internal=False,
+            topics.append(build(topic_cls, error_code=ErrorCode.NONE, name=name, is_internal=name == OFFSETS_TOPIC,
                                 partitions=tuple(partitions)))
         return kafka.encode_response(request.correlation_id, build(
             schema, throttle_time=0, brokers=brokers, cluster_id=self.config.cluster_id,

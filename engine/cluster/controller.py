@@ -29,6 +29,7 @@ from typing import Any, Callable
 from engine.cluster import metadata
 from engine.cluster.metadata import METADATA_GROUP_ID, ClusterState, PartitionInfo
 from engine.config import TOPIC_CONFIGS, Config
+from engine.groups.records import OFFSETS_TOPIC
 from engine.errors import (ErrorCode, InvalidConfigError, InvalidPartitionsError, InvalidReplicationFactorError, NoControllerError,
                            RaftkaError, UnknownTopicOrPartitionError)
 from engine.storage.log_manager import PARTITIONS_MAX, LogManager, validate_topic_name
@@ -171,6 +172,8 @@ class ClusterController:
                            f"create topic {name!r}")
 
     async def delete_topic(self, name: str) -> None:
+        if name == OFFSETS_TOPIC:
+            raise RaftkaError(f"{OFFSETS_TOPIC} is internal: it holds every consumer group's offsets")
         await self.propose(metadata.delete_topic(name), f"delete topic {name!r}")
 
     async def create_partitions(self, name: str, total: int) -> None:

@@ -13,6 +13,11 @@ Databases and their encodings (integers big-endian so keys sort numerically):
   times       pid u32 | max timestamp so far i64 -> batch base offset i64
               sparse, only where the running maximum grew
   state       pid u32 -> high watermark i64 | applied raft index i64
+  group_offsets  group | topic (each u16 length + utf-8) | partition i32 -> a
+              committed offset (Kafka's offset value bytes, engine/groups/records.py)
+  groups      group (utf-8) -> group metadata (Kafka's group value bytes)
+  meta        b"groups_materialised/" pid u32 -> the next __consumer_offsets
+              offset of that partition not yet applied to the two above
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ _PID = struct.Struct(">I")
 _KEY = struct.Struct(">Iq")
 _I64 = struct.Struct(">q")
 _STATE = struct.Struct(">qq")
+_U16 = struct.Struct(">H")
+_MATERIALISED = b"groups_materialised/"
 
 T = TypeVar("T")
 
@@ -77,6 +84,8 @@ class IndexStore:
         self._offsets = self._env.open_db(b"offsets")
         self._times = self._env.open_db(b"times")
         self._state = self._env.open_db(b"state")
+        self._group_offsets = self._env.open_db(b"group_offsets")
+        self._groups = self._env.open_db(b"groups")
 
     # ---- transactions -------------------------------------------------
 
@@ -216,6 +225,91 @@ class IndexStore:
         with self._env.begin(db=self._state) as txn:
             raw = txn.get(_PID.pack(pid))
         return PartitionState(*_STATE.unpack(raw)) if raw else PartitionState()
+
+
+    # ---- consumer groups (materialised from __consumer_offsets) ------------
+
+    def group_materialised_offset(self, pid: int) -> int:
+        """The next offset of __consumer_offsets partition `pid` to materialise."""
+        with self._env.begin(db=self._meta) as txn:
+            raw = txn.get(_MATERIALISED + _PID.pack(pid))
+        return _I64.unpack(raw)[0] if raw else 0
+
+    def apply_group_changes(self, pid: int, changes: Iterable[GroupChange], next_offset: int) -> None:
+        """Apply upserts and deletions (value None) of committed offsets
+        ((group, topic, partition) keys) and group metadata (group keys), and
+        record `next_offset` as materialised, in one transaction."""
+        def body(txn: lmdb.Transaction) -> None:
+            for key, value in changes:
+                if isinstance(key, tuple):
+                    db, raw_key = self._group_offsets, _offset_key(*key)
+                else:
+                    db, raw_key = self._groups, key.encode()
+                if value is None:
+                    txn.delete(raw_key, db=db)
+                    if not isinstance(key, tuple):   # a deleted group loses its offsets too
+                        _delete_group_offsets(txn.cursor(self._group_offsets), key)
+                else:
+                    txn.put(raw_key, value, db=db)
+            txn.put(_MATERIALISED + _PID.pack(pid), _I64.pack(next_offset), db=self._meta)
+        self._write(body)
+
+    def forget_group_partition(self, pid: int) -> None:
+        def body(txn: lmdb.Transaction) -> None:
+            txn.delete(_MATERIALISED + _PID.pack(pid), db=self._meta)
+        self._write(body)
+
+    def group_value(self, group: str) -> bytes | None:
+        with self._env.begin(db=self._groups) as txn:
+            return txn.get(group.encode())
+
+    def group_offsets(self, group: str) -> list[tuple[str, int, bytes]]:
+        """(topic, partition, offset value) of every offset the group committed."""
+        prefix = _group_prefix(group)
+        found = []
+        with self._env.begin(db=self._group_offsets) as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(prefix):
+                for key, value in cursor:
+                    if not key.startswith(prefix):
+                        break
+                    (size,) = _U16.unpack_from(key, len(prefix))
+                    start = len(prefix) + 2
+                    topic = key[start:start + size].decode()
+                    (partition,) = _I32.unpack_from(key, start + size)
+                    found.append((topic, partition, value))
+        return found
+
+    def group_names(self) -> set[str]:
+        """Every group with metadata or committed offsets."""
+        with self._env.begin() as txn:
+            names = {key.decode() for key in txn.cursor(self._groups).iternext(values=False)}
+            for key in txn.cursor(self._group_offsets).iternext(values=False):
+                (size,) = _U16.unpack_from(key)
+                names.add(key[2:2 + size].decode())
+        return names
+
+
+GroupChange = tuple[tuple[str, str, int] | str, bytes | None]
+_I32 = struct.Struct(">i")
+
+
+def _group_prefix(group: str) -> bytes:
+    raw = group.encode()
+    return _U16.pack(len(raw)) + raw
+
+
+def _offset_key(group: str, topic: str, partition: int) -> bytes:
+    return _group_prefix(group) + _group_prefix(topic) + _I32.pack(partition)
+
+
+def _delete_group_offsets(cursor: lmdb.Cursor, group: str) -> None:
+    prefix = _group_prefix(group)
+    if not cursor.set_range(prefix):
+        return
+    while cursor.key().startswith(prefix):
+        if not cursor.delete():
+            return
 
 
 def _decode_topic(key: bytes, value: bytes) -> TopicRecord:

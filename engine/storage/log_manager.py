@@ -69,6 +69,11 @@ class LogManager:
         self._last_retention = now
         self._closed = False
 
+    @property
+    def index(self) -> IndexStore:
+        """The data directory's LMDB environment (consumer groups keep their view there too)."""
+        return self._index
+
     # ---- topics ------------------------------------------------------
 
     def create_topic(self, name: str, partitions: int, topic_id: bytes = b"") -> TopicRecord:

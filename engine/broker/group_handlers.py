@@ -1,0 +1,217 @@
+"""The consumer-group APIs on the wire: FindCoordinator, JoinGroup, SyncGroup,
+Heartbeat, LeaveGroup, OffsetCommit, OffsetFetch, ListGroups, DescribeGroups,
+DeleteGroups, OffsetDelete.
+
+Each decodes its kio request, asks the GroupService, and answers with Kafka's
+error codes in the places the protocol puts them; a GroupError from below is
+just its error code. Nothing here keeps state.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Awaitable, Callable
+
+from engine.broker.groups import GroupService
+from engine.errors import ErrorCode, GroupError
+from engine.groups.coordinator import GroupState
+from engine.groups.records import CommittedOffset
+from engine.protocol import kafka
+from engine.protocol.kafka import Request, build, nested, response_schema
+
+Handler = Callable[[Request], Awaitable[bytes]]
+
+
+def _answer(request: Request, **values: Any) -> bytes:
+    return kafka.encode_response(request.correlation_id, build(response_schema(request), throttle_time=0, **values))
+
+
+class GroupHandlers:
+    """The group APIs of one broker, over its GroupService."""
+
+    def __init__(self, service: GroupService) -> None:
+        self.service = service
+        self.metadata_max_bytes = service.controller.config.offset_metadata_max_bytes
+
+    def table(self) -> dict[int, Handler]:
+        return {
+            kafka.FIND_COORDINATOR: self.find_coordinator, kafka.JOIN_GROUP: self.join_group,
+            kafka.SYNC_GROUP: self.sync_group, kafka.HEARTBEAT: self.heartbeat, kafka.LEAVE_GROUP: self.leave_group,
+            kafka.OFFSET_COMMIT: self.offset_commit, kafka.OFFSET_FETCH: self.offset_fetch,
+            kafka.LIST_GROUPS: self.list_groups, kafka.DESCRIBE_GROUPS: self.describe_groups,
+            kafka.DELETE_GROUPS: self.delete_groups, kafka.OFFSET_DELETE: self.offset_delete,
+        }
+
+    async def find_coordinator(self, request: Request) -> bytes:
+        body = request.body
+        key = body.key
+        if getattr(body, "key_type", 0) != 0:
+            return _answer(request, error_code=ErrorCode.INVALID_REQUEST, error_message="transactions are not supported",
+                           node_id=-1, host="", port=-1)
+        try:
+            node_id, host, port = await self.service.find_coordinator(key)
+        except GroupError as error:
+            return _answer(request, error_code=error.error_code, error_message=str(error), node_id=-1, host="", port=-1)
+        return _answer(request, error_code=ErrorCode.NONE, error_message=None, node_id=node_id, host=host, port=port)
+
+    async def join_group(self, request: Request) -> bytes:
+        body = request.body
+        session_ms = int(body.session_timeout.total_seconds() * 1000)
+        rebalance = getattr(body, "rebalance_timeout", None)   # v0 has none: the session timeout serves
+        rebalance_ms = int(rebalance.total_seconds() * 1000) if rebalance is not None else session_ms
+        member_cls = nested(response_schema(request), "JoinGroupResponseMember")
+        try:
+            self.service.coordinating(body.group_id)
+            result = await self.service.coordinator.join(
+                body.group_id, body.member_id, request.client_id or "", request.client_host, session_ms, rebalance_ms,
+                body.protocol_type, tuple((p.name, p.metadata) for p in body.protocols))
+        except GroupError as error:
+            return _answer(request, error_code=error.error_code, generation_id=-1, protocol_name="", leader="",
+                           member_id=body.member_id, members=())
+        members = tuple(build(member_cls, member_id=member_id, metadata=metadata)
+                        for member_id, _instance, metadata in result.members)
+        return _answer(request, error_code=ErrorCode.NONE, generation_id=result.generation,
+                       protocol_name=result.protocol or "", leader=result.leader, member_id=result.member_id,
+                       members=members)
+
+    async def sync_group(self, request: Request) -> bytes:
+        body = request.body
+        try:
+            self.service.coordinating(body.group_id)
+            assignment = await self.service.coordinator.sync(
+                body.group_id, body.generation_id, body.member_id,
+                {a.member_id: a.assignment for a in body.assignments})
+        except GroupError as error:
+            return _answer(request, error_code=error.error_code, assignment=b"")
+        return _answer(request, error_code=ErrorCode.NONE, assignment=assignment)
+
+    async def heartbeat(self, request: Request) -> bytes:
+        body = request.body
+        code = ErrorCode.NONE
+        try:
+            self.service.coordinating(body.group_id)
+            self.service.coordinator.heartbeat(body.group_id, body.generation_id, body.member_id)
+        except GroupError as error:
+            code = error.error_code
+        return _answer(request, error_code=code)
+
+    async def leave_group(self, request: Request) -> bytes:
+        body = request.body
+        code = ErrorCode.NONE
+        try:
+            self.service.coordinating(body.group_id)
+            self.service.coordinator.leave(body.group_id, body.member_id)
+        except GroupError as error:
+            code = error.error_code
+        return _answer(request, error_code=code)
+
+    # ---- offsets --------------------------------------------------------------------
+
+    async def offset_commit(self, request: Request) -> bytes:
+        body = request.body
+        schema = response_schema(request)
+        topic_cls, partition_cls = nested(schema, "OffsetCommitResponseTopic"), nested(schema, "OffsetCommitResponsePartition")
+        now_ms = int(time.time() * 1000)
+        offsets: dict[tuple[str, int], CommittedOffset] = {}
+        codes: dict[tuple[str, int], ErrorCode] = {}
+        for topic in body.topics:
+            for p in topic.partitions:
+                metadata = p.committed_metadata or ""
+                if len(metadata.encode()) > self.metadata_max_bytes:
+                    codes[(topic.name, p.partition_index)] = ErrorCode.OFFSET_METADATA_TOO_LARGE
+                else:
+                    offsets[(topic.name, p.partition_index)] = CommittedOffset(p.committed_offset, -1, metadata, now_ms)
+        try:
+            await self.service.commit_offsets(body.group_id, body.generation_id_or_member_epoch, body.member_id, offsets)
+            codes.update((tp, ErrorCode.NONE) for tp in offsets)
+        except GroupError as error:
+            codes.update((tp, error.error_code) for tp in offsets)
+        topics = tuple(build(topic_cls, name=topic.name, partitions=tuple(
+            build(partition_cls, partition_index=p.partition_index, error_code=codes[(topic.name, p.partition_index)])
+            for p in topic.partitions)) for topic in body.topics)
+        return _answer(request, topics=topics)
+
+    async def offset_fetch(self, request: Request) -> bytes:
+        body = request.body
+        schema = response_schema(request)
+        topic_cls, partition_cls = nested(schema, "OffsetFetchResponseTopic"), nested(schema, "OffsetFetchResponsePartition")
+        try:
+            committed = self.service.committed_offsets(body.group_id)
+            code = ErrorCode.NONE
+        except GroupError as error:
+            committed, code = {}, error.error_code
+        if body.topics is None:     # v2+: every partition the group committed
+            wanted: dict[str, list[int]] = {}
+            for topic, partition in sorted(committed):
+                wanted.setdefault(topic, []).append(partition)
+        else:
+            wanted = {t.name: list(t.partition_indexes) for t in body.topics}
+        topics = []
+        for name, partitions in wanted.items():
+            entries = []
+            for index in partitions:
+                value = committed.get((name, index))
+                entries.append(build(partition_cls, partition_index=index,
+                                     committed_offset=value.offset if value else -1,
+                                     metadata=value.metadata if value else "", error_code=code))
+            topics.append(build(topic_cls, name=name, partitions=tuple(entries)))
+        return _answer(request, topics=tuple(topics), error_code=code)
+
+    async def offset_delete(self, request: Request) -> bytes:
+        body = request.body
+        schema = response_schema(request)
+        topic_cls, partition_cls = nested(schema, "OffsetDeleteResponseTopic"), nested(schema, "OffsetDeleteResponsePartition")
+        wanted = [(t.name, p.partition_index) for t in body.topics for p in t.partitions]
+        try:
+            outcome = await self.service.delete_offsets(body.group_id, wanted)
+        except GroupError as error:
+            return _answer(request, error_code=error.error_code, topics=())
+        topics = tuple(build(topic_cls, name=t.name, partitions=tuple(
+            build(partition_cls, partition_index=p.partition_index, error_code=outcome[(t.name, p.partition_index)])
+            for p in t.partitions)) for t in body.topics)
+        return _answer(request, error_code=ErrorCode.NONE, topics=topics)
+
+    # ---- admin ----------------------------------------------------------------------
+
+    async def list_groups(self, request: Request) -> bytes:
+        listed_cls = nested(response_schema(request), "ListedGroup")
+        groups = tuple(build(listed_cls, group_id=group_id, protocol_type=protocol_type)
+                       for group_id, protocol_type in self.service.listed_groups())
+        return _answer(request, error_code=ErrorCode.NONE, groups=groups)
+
+    async def describe_groups(self, request: Request) -> bytes:
+        schema = response_schema(request)
+        group_cls, member_cls = nested(schema, "DescribedGroup"), nested(schema, "DescribedGroupMember")
+        described = []
+        for group_id in request.body.groups:
+            try:
+                self.service.coordinating(group_id)
+            except GroupError as error:
+                described.append(build(group_cls, error_code=error.error_code, group_id=group_id, group_state="",
+                                       protocol_type="", protocol_data="", members=(), authorized_operations=-2147483648))
+                continue
+            group = self.service.coordinator.groups.get(group_id)
+            if group is None:
+                state = GroupState.EMPTY if group_id in self.service.store.group_names() else GroupState.DEAD
+                described.append(build(group_cls, error_code=ErrorCode.NONE, group_id=group_id, group_state=state.value,
+                                       protocol_type="", protocol_data="", members=(), authorized_operations=-2147483648))
+                continue
+            members = tuple(build(member_cls, member_id=m.member_id, client_id=m.client_id, client_host=m.client_host,
+                                  member_metadata=m.metadata(group.protocol) if group.protocol else b"",
+                                  member_assignment=m.assignment) for m in group.members.values())
+            described.append(build(group_cls, error_code=ErrorCode.NONE, group_id=group_id,
+                                   group_state=group.state.value, protocol_type=group.protocol_type or "",
+                                   protocol_data=group.protocol or "", members=members,
+                                   authorized_operations=-2147483648))
+        return _answer(request, groups=tuple(described))
+
+    async def delete_groups(self, request: Request) -> bytes:
+        result_cls = nested(response_schema(request), "DeletableGroupResult")
+        results = []
+        for group_id in request.body.groups_names:
+            code = ErrorCode.NONE
+            try:
+                await self.service.delete_group(group_id)
+            except GroupError as error:
+                code = error.error_code
+            results.append(build(result_cls, group_id=group_id, error_code=code))
+        return _answer(request, results=tuple(results))
