@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
+import queue
 import signal
 import socket
 import struct
@@ -62,11 +63,21 @@ class Member:
         self.errors: list = []
         self.assignment: set[int] = set()
         self._stop = threading.Event()
+        self._calls: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
 
+    def commit(self, timeout_s: float = 60.0) -> None:
+        """A synchronous commit of what was consumed, made on the polling thread
+        (librdkafka hands a commit's result to whichever thread polls)."""
+        done = threading.Event()
+        self._calls.put(lambda: (self.consumer.commit(asynchronous=False), done.set()))
+        assert done.wait(timeout_s), "commit did not complete"
+
     def _poll(self) -> None:
         while not self._stop.is_set():
+            while not self._calls.empty():
+                self._calls.get()()
             message = self.consumer.poll(0.2)
             self.assignment = {tp.partition for tp in self.consumer.assignment()}
             if message is None:
