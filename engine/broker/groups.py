@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import time
 
 from engine.cluster.controller import ClusterController
 from engine.errors import ErrorCode, GroupError, RaftkaError
+from engine.groups.consumer_protocol import PROTOCOL_TYPE, ProtocolFormatError, decode_subscription
 from engine.groups.coordinator import GROUP_TICK_S, GroupCoordinator, GroupSettings
 from engine.groups.records import OFFSETS_TOPIC, CommittedOffset, GroupRecord, partition_for_group
 from engine.groups.store import GroupStore, group_record, offset_records
@@ -205,8 +205,13 @@ class GroupService:
         """OffsetDelete: drop committed offsets of topics the group does not consume."""
         replica = self.coordinating(group_id)
         group = self.coordinator.groups.get(group_id)
-        subscribed = subscribed_topics(group.protocol_type, [m.metadata(group.protocol) for m in group.members.values()]) \
-            if group is not None and group.members and group.protocol else set()
+        subscribed = set()
+        if group is not None and group.protocol_type == PROTOCOL_TYPE and group.protocol:
+            for member in group.members.values():
+                try:
+                    subscribed.update(decode_subscription(member.metadata(group.protocol)))
+                except ProtocolFormatError:
+                    continue
         if group is None and group_id not in self.store.group_names():
             raise GroupError(ErrorCode.GROUP_ID_NOT_FOUND, group_id)
         outcome = {tp: ErrorCode.GROUP_SUBSCRIBED_TO_TOPIC if tp[0] in subscribed else ErrorCode.NONE for tp in partitions}
@@ -242,25 +247,3 @@ class GroupService:
     def _leads(self, partition: int) -> bool:
         replica = self.controller.replica(OFFSETS_TOPIC, partition)
         return replica is not None and replica.is_leader
-
-
-_I16, _I32 = struct.Struct(">h"), struct.Struct(">i")
-
-
-def subscribed_topics(protocol_type: str | None, metadata: list[bytes]) -> set[str]:
-    """The topics in consumer-protocol subscriptions (version i16 | topics
-    [string] | ...); other protocol types subscribe to nothing we know."""
-    topics: set[str] = set()
-    if protocol_type != "consumer":
-        return topics
-    for data in metadata:
-        try:
-            (count,) = _I32.unpack_from(data, 2)
-            position = 6
-            for _ in range(min(count, len(data))):
-                (size,) = _I16.unpack_from(data, position)
-                topics.add(data[position + 2:position + 2 + size].decode())
-                position += 2 + size
-        except (struct.error, UnicodeDecodeError):
-            continue
-    return topics

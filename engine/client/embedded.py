@@ -25,8 +25,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
+from engine.client.groups import EmbeddedGroups, GroupConsumer
 from engine.config import Config
 from engine.errors import InvalidPartitionsError, RecordTooLargeError
 from engine.partitioner import partition_for_key
@@ -74,6 +75,7 @@ class Raftka:
         self._lock = threading.RLock()
         self._appended = threading.Condition(self._lock)
         self._round_robin: dict[str, Iterator[int]] = {}
+        self._groups: EmbeddedGroups | None = None
         self._stopping = threading.Event()
         self._ticker = threading.Thread(target=self._tick_forever, name="raftka-tick", daemon=True)
         self._ticker.start()
@@ -221,6 +223,18 @@ class Raftka:
         with self._lock:
             return self._manager.log(topic, partition).offset_for_timestamp(timestamp_ms)
 
+    # ---- consumer groups ---------------------------------------------
+
+    def consumer(self, group_id: str, topics: Iterable[str], **settings: Any) -> GroupConsumer:
+        """Join consumer group `group_id` on `topics`: each partition is read
+        by exactly one member of the group (a queue), every group reads every
+        record (broadcast). Settings: auto_commit, auto_commit_interval_s,
+        session_timeout_s, rebalance_timeout_s, auto_offset_reset, client_id."""
+        with self._lock:
+            if self._groups is None:
+                self._groups = EmbeddedGroups(self)
+        return GroupConsumer(self, self._groups, group_id, list(topics), **settings)
+
     # ---- lifecycle ---------------------------------------------------
 
     def flush(self) -> None:
@@ -234,6 +248,8 @@ class Raftka:
             return self._manager.enforce_retention()
 
     def close(self) -> None:
+        if self._groups is not None:
+            self._groups.close()
         self._stopping.set()
         with self._lock:
             self._appended.notify_all()

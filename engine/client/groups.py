@@ -1,0 +1,307 @@
+"""Consumer groups in the embedded API: the broker's GroupCoordinator and
+GroupStore, run inside the process over an open data directory.
+
+    with engine.open("./data") as rk:
+        consumer = rk.consumer("billing", ["events"])      # joins the group
+        for record in consumer:                            # blocking; poll() does not block
+            handle(record)                                 # offsets auto-committed every 5 s
+
+EmbeddedGroups hosts the coordinator on an asyncio loop of its own thread
+(the coordinator is the same state machine the broker runs, so the rules are
+Kafka's: one member per partition, generations, session timeouts). Group
+metadata and committed offsets are appended to this data directory's
+`__consumer_offsets` topic in Kafka's record format and materialised into
+LMDB, exactly as a broker does after Raft commits them, and survive a
+reopen. Processes that want to share a group run `raftka serve` and use any
+Kafka client: the broker runs this same coordinator. GroupConsumer is a member
+that behaves like a Kafka consumer: it subscribes with Kafka's consumer
+protocol, assigns partitions with the range assignor when it leads, keeps
+its session alive from poll(), rejoins on a rebalance and commits its
+positions (automatically, or with commit()).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+
+from engine.errors import ErrorCode, GroupError
+from engine.groups import consumer_protocol
+from engine.groups.coordinator import GROUP_TICK_S, GroupCoordinator, GroupSettings
+from engine.groups.records import OFFSETS_TOPIC, CommittedOffset, GroupRecord, partition_for_group
+from engine.groups.store import GroupStore, group_record, offset_records
+from engine.records.batch import ConsumerRecord, build_batch, parse_records
+
+if TYPE_CHECKING:
+    from engine.client.embedded import Raftka
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CALL_TIMEOUT_S = 120.0
+READ_BYTES = 1 << 20
+REJOIN_ERRORS = (ErrorCode.REBALANCE_IN_PROGRESS, ErrorCode.ILLEGAL_GENERATION, ErrorCode.UNKNOWN_MEMBER_ID)
+
+
+class EmbeddedGroups:
+    """The coordinator of an embedded handle's groups; created on first use."""
+
+    def __init__(self, rk: "Raftka") -> None:
+        self._rk = rk
+        config = rk.config
+        self.partitions = config.offsets_topic_partitions
+        with rk._lock:
+            if OFFSETS_TOPIC not in rk._manager.topics():
+                rk._manager.create_topic(OFFSETS_TOPIC, self.partitions)
+            self.partitions = rk._manager.topics()[OFFSETS_TOPIC]
+            self.store = GroupStore(rk._manager.index)
+            for partition in range(self.partitions):
+                self.store.materialise(rk._manager.log(OFFSETS_TOPIC, partition))
+        self._loop = asyncio.new_event_loop()
+        self.coordinator = GroupCoordinator(GroupSettings(
+            min_session_timeout_ms=config.group_min_session_timeout_ms,
+            max_session_timeout_ms=config.group_max_session_timeout_ms,
+            initial_rebalance_delay_ms=config.group_initial_rebalance_delay_ms,
+            max_size=config.group_max_size), self._persist_group)
+        for group_id in self.store.group_names():
+            record = self.store.group(group_id)
+            if record is not None:   # the last generation's members had to rejoin anyway: start empty
+                self.coordinator.load(group_id, GroupRecord(record.protocol_type, record.generation, None, None,
+                                                            record.state_timestamp_ms))
+        self._thread = threading.Thread(target=self._run, name="raftka-groups", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.create_task(self._tick_forever())
+        self._loop.run_forever()
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(GROUP_TICK_S)
+            self.coordinator.tick()
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self.coordinator.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    # ---- calls from consumer threads ---------------------------------------------
+
+    def run(self, coroutine: Any, timeout_s: float = CALL_TIMEOUT_S) -> Any:
+        """Run a coroutine on the coordinator's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout_s)
+
+    def call(self, function: Callable[..., T], *args: Any) -> T:
+        async def call() -> T:
+            return function(*args)
+        return self.run(call())
+
+    # ---- durability -------------------------------------------------------------
+
+    def _append(self, group_id: str, batch: bytes) -> None:
+        with self._rk._lock:
+            partition_log = self._rk._manager.log(OFFSETS_TOPIC, partition_for_group(group_id, self.partitions))
+            partition_log.append(batch)
+            partition_log.set_high_watermark(partition_log.log_end_offset)   # unreplicated: written is committed
+            self.store.materialise(partition_log)
+
+    async def _persist_group(self, group_id: str, record: GroupRecord) -> None:
+        self._append(group_id, build_batch([group_record(group_id, record)]))
+
+    def commit(self, group_id: str, generation: int, member_id: str,
+               offsets: dict[tuple[str, int], CommittedOffset]) -> None:
+        self.call(self.coordinator.validate_commit, group_id, generation, member_id)
+        if offsets:
+            self._append(group_id, build_batch(offset_records(group_id, offsets)))
+
+    def committed(self, group_id: str) -> dict[tuple[str, int], CommittedOffset]:
+        with self._rk._lock:
+            return self.store.committed(group_id)
+
+
+class GroupConsumer:
+    """A member of a consumer group on an embedded handle (see the module docstring).
+
+    Not thread-safe: use one consumer from one thread, as with Kafka's.
+    """
+
+    def __init__(self, rk: "Raftka", groups: EmbeddedGroups, group_id: str, topics: list[str], *,
+                 auto_commit: bool = True, auto_commit_interval_s: float = 5.0, session_timeout_s: float = 10.0,
+                 rebalance_timeout_s: float = 30.0, auto_offset_reset: str = "earliest",
+                 client_id: str = "raftka-embedded") -> None:
+        if auto_offset_reset not in ("earliest", "latest"):
+            raise ValueError(f"auto_offset_reset must be 'earliest' or 'latest', got {auto_offset_reset!r}")
+        self._rk, self._groups = rk, groups
+        self.group_id, self.topics = group_id, list(topics)
+        self._auto_commit, self._auto_commit_interval_s = auto_commit, auto_commit_interval_s
+        self._session_ms, self._rebalance_ms = int(session_timeout_s * 1000), int(rebalance_timeout_s * 1000)
+        self._heartbeat_interval_s = session_timeout_s / 3
+        self._auto_offset_reset, self._client_id = auto_offset_reset, client_id
+        self.member_id = ""
+        self.generation = -1
+        self._positions: dict[tuple[str, int], int] = {}    # assigned partition -> next offset to read
+        self._next_heartbeat = self._next_commit = 0.0
+        self._closed = False
+        for topic in self.topics:
+            rk._manager.topic(topic)    # UnknownTopicOrPartitionError now, not at the first poll
+
+    # ---- membership ---------------------------------------------------------
+
+    def assignment(self) -> list[tuple[str, int]]:
+        """The partitions this member owns in the current generation."""
+        self._ensure_joined()
+        return sorted(self._positions)
+
+    def _ensure_joined(self) -> None:
+        while self.generation < 0:
+            self._join()
+
+    def _join(self) -> None:
+        subscription = consumer_protocol.encode_subscription(self.topics)
+        try:
+            result = self._groups.run(self._groups.coordinator.join(
+                self.group_id, self.member_id, self._client_id, "/embedded", self._session_ms, self._rebalance_ms,
+                consumer_protocol.PROTOCOL_TYPE, (("range", subscription),)))
+            self.member_id = result.member_id
+            assignments = self._assign(result.members) if result.member_id == result.leader else {}
+            assigned = self._groups.run(self._groups.coordinator.sync(
+                self.group_id, result.generation, self.member_id, assignments))
+        except GroupError as error:
+            if error.error_code == ErrorCode.UNKNOWN_MEMBER_ID:
+                self.member_id = ""
+            if error.error_code not in REJOIN_ERRORS:
+                raise
+            return
+        self.generation = result.generation
+        self._take(consumer_protocol.decode_assignment(assigned))
+        self._next_heartbeat = time.monotonic() + self._heartbeat_interval_s
+        self._next_commit = time.monotonic() + self._auto_commit_interval_s
+
+    def _assign(self, members: tuple[tuple[str, str | None, bytes], ...]) -> dict[str, bytes]:
+        subscriptions = {member_id: consumer_protocol.decode_subscription(metadata) for member_id, _i, metadata in members}
+        with self._rk._lock:
+            counts = self._rk._manager.topics()
+        plan = consumer_protocol.range_assign(subscriptions, counts)
+        return {member_id: consumer_protocol.encode_assignment(topics) for member_id, topics in plan.items()}
+
+    def _take(self, assignment: dict[str, list[int]]) -> None:
+        committed = self._groups.committed(self.group_id)
+        positions = {}
+        with self._rk._lock:
+            for topic, partitions in assignment.items():
+                for partition in partitions:
+                    partition_log = self._rk._manager.log(topic, partition)
+                    stored = committed.get((topic, partition))
+                    if stored is not None and partition_log.log_start_offset <= stored.offset <= partition_log.high_watermark:
+                        positions[(topic, partition)] = stored.offset
+                    elif self._auto_offset_reset == "earliest":
+                        positions[(topic, partition)] = partition_log.log_start_offset
+                    else:
+                        positions[(topic, partition)] = partition_log.high_watermark
+        self._positions = positions
+
+    def _duties(self) -> None:
+        """Heartbeat and auto-commit when due; on a rebalance, commit and rejoin."""
+        self._ensure_joined()
+        now = time.monotonic()
+        if self._auto_commit and now >= self._next_commit:
+            self._commit_quietly()
+            self._next_commit = now + self._auto_commit_interval_s
+        if now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + self._heartbeat_interval_s
+        try:
+            self._groups.call(self._groups.coordinator.heartbeat, self.group_id, self.generation, self.member_id)
+        except GroupError as error:
+            if error.error_code not in REJOIN_ERRORS:
+                raise
+            if error.error_code == ErrorCode.REBALANCE_IN_PROGRESS and self._auto_commit:
+                self._commit_quietly()
+            self._lose_assignment(error.error_code)
+            self._ensure_joined()
+
+    def _lose_assignment(self, code: ErrorCode) -> None:
+        if code == ErrorCode.UNKNOWN_MEMBER_ID:
+            self.member_id = ""
+        self.generation = -1
+        self._positions = {}
+
+    # ---- consuming ----------------------------------------------------------
+
+    def poll(self, timeout_s: float = 0.0, max_records: int = 500) -> list[ConsumerRecord]:
+        """The next records from this member's partitions, waiting up to
+        timeout_s for some (0: return at once)."""
+        if self._closed:
+            raise RuntimeError("the consumer is closed")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._duties()
+            records = self._read(max_records)
+            remaining_s = deadline - time.monotonic()
+            if records or remaining_s <= 0:
+                return records
+            with self._rk._appended:
+                self._rk._appended.wait(min(remaining_s, self._heartbeat_interval_s))
+
+    def _read(self, max_records: int) -> list[ConsumerRecord]:
+        records: list[ConsumerRecord] = []
+        with self._rk._lock:
+            for (topic, partition), position in self._positions.items():
+                chunk = self._rk._manager.log(topic, partition).read(position, READ_BYTES)
+                for record in parse_records(chunk.buffer, topic, partition, position):
+                    records.append(record)
+                    self._positions[(topic, partition)] = record.offset + 1
+                    if len(records) >= max_records:
+                        return records
+        return records
+
+    def __iter__(self) -> Iterator[ConsumerRecord]:
+        """Records as they come, blocking while there are none, until close()."""
+        while not self._closed:
+            yield from self.poll(self._heartbeat_interval_s)
+
+    # ---- offsets ------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Commit this member's positions (the next offset to read of each
+        partition it owns); GroupError (REBALANCE_IN_PROGRESS, ...) if the
+        group moved on, in which case the next poll rejoins."""
+        self._ensure_joined()
+        offsets = {tp: CommittedOffset(position, -1, "", int(time.time() * 1000))
+                   for tp, position in self._positions.items()}
+        self._groups.commit(self.group_id, self.generation, self.member_id, offsets)
+
+    def _commit_quietly(self) -> None:
+        try:
+            self.commit()
+        except GroupError as error:
+            log.info("group %r: auto-commit skipped: %s", self.group_id, error)
+
+    def committed(self) -> dict[tuple[str, int], int]:
+        """The group's committed offsets."""
+        return {tp: value.offset for tp, value in self._groups.committed(self.group_id).items()}
+
+    def close(self) -> None:
+        """Commit (when auto-committing) and leave the group, so its partitions move at once."""
+        if self._closed:
+            return
+        if self.generation >= 0:
+            if self._auto_commit:
+                self._commit_quietly()
+            try:
+                self._groups.call(self._groups.coordinator.leave, self.group_id, self.member_id)
+            except GroupError:
+                pass
+        self._closed = True
+
+    def __enter__(self) -> "GroupConsumer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
