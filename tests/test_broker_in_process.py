@@ -96,3 +96,32 @@ def test_a_single_replica_partition_commits_appends_without_waiting_for_a_heartb
             await broker.stop()
 
     asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_a_produce_request_larger_than_the_receive_buffer_is_received_whole_and_stored(tmp_path):
+    from engine.broker.server import RECEIVE_BYTES
+    from tests.test_broker_clients import produce_frame
+
+    async def run() -> None:
+        broker = Broker(Config(data_dir=tmp_path / "data", port=0))
+        await broker.start()
+        try:
+            await broker.controller.create_topic("large", 1, 1)
+            await wait_for(lambda: (r := broker.controller.replica("large", 0)) is not None and r.is_leader)
+            batch = make_batch(count=100, value_size=8 << 10)
+            assert len(batch) > RECEIVE_BYTES
+            reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+            writer.write(produce_frame("large", batch, 3))
+            await writer.drain()
+            head = await reader.readexactly(4)
+            response = await reader.readexactly(struct.unpack(">i", head)[0])
+            writer.close()
+            # correlation id, topics[1], name, partitions[1], index, error code, base offset
+            error_at = 4 + 4 + 2 + len("large") + 4 + 4
+            assert struct.unpack_from(">hq", response, error_at) == (0, 0)
+            replica = broker.controller.replica("large", 0)
+            assert replica.log.high_watermark == 100
+        finally:
+            await broker.stop()
+
+    asyncio.run(asyncio.wait_for(run(), 30))

@@ -143,7 +143,7 @@ class _Connection:
             if self._large_received < len(self._large):
                 return
             frame, self._large = self._large, None
-            self._dispatch(frame)
+            self._dispatch(memoryview(frame).toreadonly())   # kio reads only read-only buffers
         else:
             self._end += received
             self._cut_frames()
@@ -176,7 +176,7 @@ class _Connection:
             view[:remaining] = view[self._start:self._end]
             self._start, self._end = 0, remaining
 
-    def _dispatch(self, frame: bytes | bytearray) -> None:
+    def _dispatch(self, frame: bytes | memoryview) -> None:
         try:
             request = kafka.read_request(frame, self._client_host)
         except kafka.UnsupportedRequest as unsupported:
