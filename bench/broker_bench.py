@@ -132,14 +132,15 @@ class CpuMeter:
         return into
 
 
-def create_topic(bootstrap: str, replication_factor: int) -> None:
+def create_topic(bootstrap: str, replication_factor: int, topic: str = TOPIC, partitions: int = PARTITIONS) -> None:
+    """Create the topic and wait until every partition has a leader."""
     from confluent_kafka.admin import AdminClient, NewTopic
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    admin.create_topics([NewTopic(TOPIC, PARTITIONS, replication_factor)])[TOPIC].result(30)
-    deadline = time.monotonic() + 30
+    admin.create_topics([NewTopic(topic, partitions, replication_factor)])[topic].result(60)
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        partitions = admin.list_topics(TOPIC, timeout=10).topics[TOPIC].partitions
-        if all(p.leader >= 0 for p in partitions.values()):
+        found = admin.list_topics(topic, timeout=10).topics[topic].partitions
+        if len(found) == partitions and all(p.leader >= 0 for p in found.values()):
             return
         time.sleep(0.1)
     raise TimeoutError("topic partitions have no leaders")

@@ -42,14 +42,19 @@ async def recv_exactly_into(loop: asyncio.AbstractEventLoop, sock: socket.socket
         got += received
 
 
+async def leader_of_new_topic(broker: Broker, topic: str):
+    """Create a one-partition, one-replica topic and wait for its leader replica."""
+    await broker.controller.create_topic(topic, 1, 1)
+    await wait_for(lambda: (r := broker.controller.replica(topic, 0)) is not None and r.is_leader)
+    return broker.controller.replica(topic, 0)
+
+
 def test_a_large_fetch_to_a_slow_reader_arrives_whole_without_a_python_copy_of_the_records(tmp_path):
     async def run() -> None:
         broker = Broker(Config(data_dir=tmp_path / "data", port=0))
         await broker.start()
         try:
-            await broker.controller.create_topic("big", 1, 1)
-            await wait_for(lambda: (r := broker.controller.replica("big", 0)) is not None and r.is_leader)
-            replica = broker.controller.replica("big", 0)
+            replica = await leader_of_new_topic(broker, "big")
             batch = make_batch(count=64, value_size=8 << 10)   # ~512 KiB per batch
             for _ in range(FETCH_BYTES // len(batch) + 1):
                 await replica.append(batch)
@@ -87,9 +92,7 @@ def test_a_single_replica_partition_commits_appends_without_waiting_for_a_heartb
                         raftMinTimeout=200.0, raftMaxTimeout=400.0, leaderFallbackTimeout=400.0, connectionTimeout=400.0)
         await broker.start()
         try:
-            await broker.controller.create_topic("solo", 1, 1)
-            await wait_for(lambda: (r := broker.controller.replica("solo", 0)) is not None and r.is_leader)
-            replica = broker.controller.replica("solo", 0)
+            replica = await leader_of_new_topic(broker, "solo")
             offsets = [await asyncio.wait_for(replica.append(make_batch(count=2, seed=i)), 5.0) for i in range(5)]
             assert offsets == [0, 2, 4, 6, 8]
         finally:
@@ -106,8 +109,7 @@ def test_a_produce_request_larger_than_the_receive_buffer_is_received_whole_and_
         broker = Broker(Config(data_dir=tmp_path / "data", port=0))
         await broker.start()
         try:
-            await broker.controller.create_topic("large", 1, 1)
-            await wait_for(lambda: (r := broker.controller.replica("large", 0)) is not None and r.is_leader)
+            replica = await leader_of_new_topic(broker, "large")
             batch = make_batch(count=100, value_size=8 << 10)
             assert len(batch) > RECEIVE_BYTES
             reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
@@ -119,7 +121,6 @@ def test_a_produce_request_larger_than_the_receive_buffer_is_received_whole_and_
             # correlation id, topics[1], name, partitions[1], index, error code, base offset
             error_at = 4 + 4 + 2 + len("large") + 4 + 4
             assert struct.unpack_from(">hq", response, error_at) == (0, 0)
-            replica = broker.controller.replica("large", 0)
             assert replica.log.high_watermark == 100
         finally:
             await broker.stop()

@@ -24,18 +24,11 @@ from kio.static.primitive import i32
 from engine.errors import ErrorCode
 from engine.protocol import kafka
 from tests.broker_process import BrokerProcess
-from tests.test_broker_clients import read_response, request_frame
+from tests.test_broker_clients import broker, read_response, request_frame  # noqa: F401  (the broker fixture)
 
 TIMEOUT_S = 60
 SESSION_MS = 6000
 PARTITIONS = 6
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    process = BrokerProcess(tmp_path_factory.mktemp("groups") / "data").start()
-    yield process
-    process.stop()
 
 
 def create_and_fill(bootstrap: str, topic: str, count: int, partitions: int = PARTITIONS) -> list[tuple[bytes, bytes]]:
@@ -283,3 +276,28 @@ def test_a_member_with_another_protocol_type_is_refused_while_the_group_keeps_wo
         assert member.assignment == {0, 1} and not member.errors
     finally:
         member.close()
+
+
+def test_admin_lists_describes_and_deletes_groups(broker):
+    from confluent_kafka import ConsumerGroupState
+    from confluent_kafka.admin import AdminClient
+    create_and_fill(broker.bootstrap, "administered", 10, partitions=2)
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    member = Member(broker.bootstrap, "admin-group", "administered")
+    try:
+        wait_until(lambda: member.assignment == {0, 1}, TIMEOUT_S, "member assigned")
+        listed = admin.list_consumer_groups().result(TIMEOUT_S)
+        assert "admin-group" in {g.group_id for g in listed.valid}
+        described = admin.describe_consumer_groups(["admin-group"])["admin-group"].result(TIMEOUT_S)
+        assert described.state == ConsumerGroupState.STABLE
+        assert len(described.members) == 1
+        assert {tp.partition for tp in described.members[0].assignment.topic_partitions} == {0, 1}
+        refused = admin.delete_consumer_groups(["admin-group"])["admin-group"]
+        with pytest.raises(Exception, match="NON_EMPTY_GROUP|not empty"):
+            refused.result(TIMEOUT_S)
+        member.commit()
+    finally:
+        member.close()
+    admin.delete_consumer_groups(["admin-group"])["admin-group"].result(TIMEOUT_S)
+    listed = admin.list_consumer_groups().result(TIMEOUT_S)
+    assert "admin-group" not in {g.group_id for g in listed.valid}
