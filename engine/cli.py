@@ -6,8 +6,13 @@
                                        with a TOML config (RAFTKA_* variables override)
   raftka cluster [--nodes N] [--base-port P] [--data-dir D]
                                        a local N-process cluster until Ctrl-C
-  raftka bench [--quick] [--out DIR]   storage engine benchmark (the main job
-                                       until the cluster benchmark lands)
+  raftka bench [--quick] [--nodes N | --bootstrap B] ...
+                                       the main job: a local cluster (or a running
+                                       one) measured with Kafka clients against this
+                                       machine's limits (raftka bench --help)
+  raftka topics create|list|describe|delete, raftka produce, raftka consume,
+  raftka status                        operator commands against any broker
+                                       (--bootstrap, default 127.0.0.1:9092)
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ import logging
 import sys
 from pathlib import Path
 
+from engine.admin import add_commands as add_admin_commands
+from engine.admin import run as run_admin
 from engine.config import Config, ConfigError, load_config
 
 
@@ -33,17 +40,25 @@ def main(argv: list[str] | None = None) -> int:
     cluster.add_argument("--nodes", type=int, default=3)
     cluster.add_argument("--base-port", type=int, default=Config.port, help="node i listens on base + i - 1")
     cluster.add_argument("--data-dir", type=Path, default=Path("./raftka-cluster"))
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
+    add_admin_commands(commands)
     args, rest = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command in ("serve", "cluster") and rest:
+    if args.command != "bench" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if hasattr(args, "run"):
+        return run_admin(args)
+    if args.command != "serve":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         from engine.broker.broker import serve as serve_broker
-        flags = {k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir)) if v is not None}
+        flags = {k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir),
+                                   ("metrics_port", args.metrics_port)) if v is not None}
         try:
             config = load_config(args.config, **flags)
         except ConfigError as error:
             parser.error(str(error))
+        logging.basicConfig(level=logging.INFO,
+                            format=f"%(asctime)s %(levelname)s node {config.node_id} %(name)s: %(message)s")
         asyncio.run(serve_broker(config))
         return 0
     if args.command == "cluster":
@@ -52,10 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--nodes must be in [1, 9]")
         return run_cluster(args.nodes, args.base_port, args.data_dir)
     if args.command == "bench":
-        from bench.storage_bench import main as bench_main
-        return bench_main(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        from bench.cluster_bench import run as bench_run
+        return bench_run(rest)
     parser.print_help()
     return 2
 

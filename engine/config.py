@@ -62,6 +62,8 @@ class Config:
     port: int = 9092
     advertised_host: str = ""
     advertised_port: int = 0
+    # Prometheus metrics over HTTP on host:metrics_port (0: off)
+    metrics_port: int = 0
     # ---- cluster (a single node needs none of these) ----
     # broker.id / node.id
     node_id: int = 1

@@ -225,6 +225,13 @@ class RaftGroup(SyncObj):
         """The Raft term: Kafka's leader epoch for this partition."""
         return self.raftCurrentTerm
 
+    def follower_lag(self) -> dict[int, int]:
+        """Raft entries each follower's log is behind the leader's (leader only; {} elsewhere)."""
+        if not self._isLeader():
+            return {}
+        last = self._SyncObj__getCurrentLogIndex()
+        return {node.broker_id: max(last - match, 0) for node, match in self._SyncObj__raftMatchIndex.items()}
+
     def in_sync_replicas(self, max_lag_s: float = 10.0) -> list[int]:
         """Kafka's ISR as the leader sees it: itself, and each follower whose log
         reached the leader's commit index within the last `max_lag_s` seconds

@@ -36,6 +36,7 @@ class BrokerProcess:
             match = READY_PATTERN.search(line.decode(errors="replace"))
             if match:
                 self.port = int(match.group(2))
+                self.ready_line = line.decode(errors="replace")
                 return self
         raise TimeoutError("broker not ready")
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from engine.broker.groups import GroupService
 from engine.broker.handlers import Handlers
+from engine.broker.metrics import BrokerMetrics
 from engine.broker.server import KafkaServer
 from engine.cluster.controller import ClusterController
 from engine.config import Config
@@ -18,6 +19,7 @@ from engine.errors import NoControllerError
 log = logging.getLogger(__name__)
 
 READY_LOG_INTERVAL_S = 10.0
+TERM_OBSERVE_INTERVAL_S = 0.5
 # the line `raftka serve` prints once it serves; tools that start brokers wait for it
 READY_PATTERN = re.compile(r"ready on ([\d.]+):(\d+)")
 
@@ -33,6 +35,9 @@ class Broker:
         self.controller.on_replica_started = self.handlers.replica_started
         self.server = KafkaServer(self.handlers, config.max_request_bytes)
         self.port: int | None = None
+        self.metrics: BrokerMetrics | None = None
+        self.metrics_port: int | None = None
+        self._metrics_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.port = await self.server.start(self.config.host, self.config.port)
@@ -41,6 +46,10 @@ class Broker:
             self.controller.config = self.config = self.config.replace(advertised_port=self.port)
         await self.controller.start()
         await self.groups.start()
+        if self.config.metrics_port:
+            self.metrics = self.handlers.metrics = BrokerMetrics(self.controller, self.groups)
+            self.metrics_port = await self.metrics.start(self.config.host, self.config.metrics_port)
+            self._metrics_task = asyncio.get_running_loop().create_task(self._observe_terms())
         while True:   # peers on other hosts may start much later: wait for them, saying so
             try:
                 await self.controller.wait_ready(READY_LOG_INTERVAL_S)
@@ -49,7 +58,17 @@ class Broker:
                 log.warning("node %d: waiting for a majority of %s to elect the metadata leader",
                             self.config.node_id, self.config.broker_ids)
 
+    async def _observe_terms(self) -> None:
+        while True:
+            await asyncio.sleep(TERM_OBSERVE_INTERVAL_S)
+            assert self.metrics is not None
+            self.metrics.observe_terms(self.controller)
+
     async def stop(self) -> None:
+        if self.metrics is not None:
+            if self._metrics_task is not None:
+                self._metrics_task.cancel()
+            await self.metrics.stop()
         await self.server.stop()
         await self.groups.stop()
         await self.controller.stop()
@@ -64,6 +83,7 @@ async def serve(config: Config, **raft_settings: Any) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host, port = config.host, broker.port
-    print(f"raftka broker {config.node_id} ready on {host}:{port} (data in {config.data_dir})", flush=True)
+    metrics = f", metrics on http://{host}:{broker.metrics_port}/metrics" if broker.metrics_port else ""
+    print(f"raftka broker {config.node_id} ready on {host}:{port} (data in {config.data_dir}){metrics}", flush=True)
     await stop.wait()
     await broker.stop()

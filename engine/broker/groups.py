@@ -244,6 +244,9 @@ class GroupService:
                 found[group_id] = group.protocol_type or ""
         return sorted(found.items())
 
+    def coordinated_groups(self) -> list[str]:
+        return [group_id for group_id, _ in self.listed_groups()]
+
     def _leads(self, partition: int) -> bool:
         replica = self.controller.replica(OFFSETS_TOPIC, partition)
         return replica is not None and replica.is_leader

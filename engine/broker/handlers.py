@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Awaitable, Callable
 
 from engine.broker.group_handlers import GroupHandlers
 from engine.broker.groups import GroupService
+from engine.broker.metrics import BrokerMetrics
 from engine.cluster.controller import ClusterController
 from engine.groups.records import OFFSETS_TOPIC
+from engine.records.batch import iter_batches
 from engine.config import BROKER_CONFIGS, TOPIC_CONFIGS, Config, config_text
 from engine.errors import ErrorCode, OffsetOutOfRangeError, RaftkaError
 from engine.protocol import kafka
@@ -68,6 +71,7 @@ class Handlers:
         self.controller = controller
         self.groups = groups
         self.waiters = CommitWaiters()
+        self.metrics: BrokerMetrics | None = None    # set by the broker when metrics are on
         self._table: dict[int, Callable[[Request], Awaitable[Response]]] = {
             kafka.API_VERSIONS: self.api_versions, kafka.METADATA: self.metadata,
             kafka.PRODUCE: self.produce, kafka.FETCH: self.fetch, kafka.LIST_OFFSETS: self.list_offsets,
@@ -87,7 +91,15 @@ class Handlers:
             self.groups.replica_started(key[1], replica)
 
     async def handle(self, request: Request) -> Response:
-        return await self._table[request.api_key](request)
+        if self.metrics is None:
+            return await self._table[request.api_key](request)
+        started = time.perf_counter()
+        try:
+            return await self._table[request.api_key](request)
+        finally:
+            api = self.metrics.api(request.api_key)
+            self.metrics.requests.labels(api).inc()
+            self.metrics.request_seconds.labels(api).observe(time.perf_counter() - started)
 
     def _answer(self, request: Request, **values: Any) -> bytes:
         return kafka.encode_response(request.correlation_id, build(response_schema(request), **values))
@@ -198,7 +210,10 @@ class Handlers:
             return ErrorCode.CORRUPT_MESSAGE, -1
         try:
             replica.log.validate(records)
+            started = time.perf_counter()
             base_offset = await asyncio.wait_for(replica.append(records), timeout_s)
+            if self.metrics is not None:
+                self._count_produced(topic, records, time.perf_counter() - started)
         except NotLeaderError:
             return ErrorCode.NOT_LEADER_OR_FOLLOWER, -1
         except RaftkaError as error:
@@ -207,6 +222,12 @@ class Handlers:
             return ErrorCode.REQUEST_TIMED_OUT, -1
         return ErrorCode.NONE, base_offset
 
+    def _count_produced(self, topic: str, records: bytes, commit_s: float) -> None:
+        assert self.metrics is not None
+        self.metrics.commit_seconds.observe(commit_s)
+        self.metrics.bytes_in.labels(topic).inc(len(records))
+        self.metrics.records_in.labels(topic).inc(sum(h.record_count for h, _ in iter_batches(records)))
+
     # ---- Fetch, ListOffsets -------------------------------------------------------
 
     async def fetch(self, request: Request) -> Response:
@@ -214,17 +235,23 @@ class Handlers:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(body.max_wait.total_seconds(), 0.0)
         while True:
-            topics, total, errors = self._read_fetch(body)
+            topics, total, errors, served = self._read_fetch(body)
             remaining = deadline - loop.time()
             if total >= body.min_bytes or errors or remaining <= 0:
+                if self.metrics is not None:
+                    for topic, size, count in served:
+                        self.metrics.bytes_out.labels(topic).inc(size)
+                        self.metrics.records_out.labels(topic).inc(count)
                 return kafka.fetch_response(request.correlation_id, topics)
             keys = [(t.topic, p.partition) for t in body.topics for p in t.partitions]
             await self.waiters.wait(keys, remaining)
 
-    def _read_fetch(self, body: Any) -> tuple[list[tuple[str, list[FetchPartition]]], int, bool]:
+    def _read_fetch(self, body: Any) -> tuple[list[tuple[str, list[FetchPartition]]], int, bool,
+                                              list[tuple[str, int, int]]]:
+        """(topics, bytes, any error, (topic, bytes, records) served per partition)."""
         budget = body.max_bytes
         total, errors = 0, False
-        topics = []
+        topics, served = [], []
         for topic in body.topics:
             partitions = []
             for wanted in topic.partitions:
@@ -236,7 +263,9 @@ class Handlers:
                     limit = min(wanted.partition_max_bytes, budget) if total else wanted.partition_max_bytes
                     try:
                         if limit > 0:
-                            records = log_.read(wanted.fetch_offset, limit).buffer
+                            chunk = log_.read(wanted.fetch_offset, limit)
+                            records = chunk.buffer
+                            served.append((topic.topic, len(records), chunk.next_offset - wanted.fetch_offset))
                     except OffsetOutOfRangeError:
                         code = ErrorCode.OFFSET_OUT_OF_RANGE
                 total += len(records)
@@ -244,7 +273,7 @@ class Handlers:
                 errors |= code != ErrorCode.NONE
                 partitions.append(FetchPartition(wanted.partition, code, high_watermark, records))
             topics.append((topic.topic, partitions))
-        return topics, total, errors
+        return topics, total, errors, served
 
     async def list_offsets(self, request: Request) -> Response:
         schema = response_schema(request)
@@ -254,9 +283,9 @@ class Handlers:
             partitions = []
             for wanted in topic.partitions:
                 replica, code = self._leader_replica(topic.name, wanted.partition_index)
-                offset, timestamp = -1, -1
+                offset, timestamp, epoch = -1, -1, -1
                 if replica is not None:
-                    log_ = replica.log
+                    log_, epoch = replica.log, replica.leader_epoch
                     if wanted.timestamp == LATEST:
                         offset = log_.high_watermark
                     elif wanted.timestamp == EARLIEST:
@@ -266,7 +295,7 @@ class Handlers:
                         offset = log_.high_watermark if found is None else found
                         timestamp = wanted.timestamp if found is not None else -1
                 partitions.append(build(partition_cls, partition_index=wanted.partition_index, error_code=code,
-                                        timestamp=timestamp, offset=offset))
+                                        timestamp=timestamp, offset=offset, leader_epoch=epoch))
             topics.append(build(topic_cls, name=topic.name, partitions=tuple(partitions)))
         return self._answer(request, throttle_time=0, topics=tuple(topics))
 

@@ -38,7 +38,7 @@ DESCRIBE_CONFIGS, CREATE_PARTITIONS, DELETE_GROUPS, OFFSET_DELETE = 32, 37, 42, 
 ADVERTISED: dict[int, tuple[int, int]] = {
     PRODUCE: (0, 3),
     FETCH: (4, 4),
-    LIST_OFFSETS: (1, 3),
+    LIST_OFFSETS: (1, 4),         # v4 reports the leader epoch (the Raft term): `raftka status` shows it
     METADATA: (0, 4),
     OFFSET_COMMIT: (2, 3),
     OFFSET_FETCH: (1, 3),

@@ -1,0 +1,341 @@
+"""The operator commands of the `raftka` CLI: topics, produce, consume, status.
+
+They talk to any broker of a cluster through the Kafka protocol with
+confluent-kafka (librdkafka), as any Kafka tool would; nothing here reaches
+into a broker's files. Each returns an exit status: 0 done, 1 the cluster
+refused or failed (the message says why), 2 bad usage (argparse's own).
+Output is plain text, one line per item, so it pipes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, TextIO
+
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+TIMEOUT_S = 15.0
+
+
+class AdminError(Exception):
+    """The cluster refused a command or did not answer; exit status 1."""
+
+
+def _config(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    return {"bootstrap.servers": args.bootstrap, "socket.timeout.ms": int(TIMEOUT_S * 1000),
+            "logger": _QuietLogger(), **extra}
+
+
+class _QuietLogger:
+    """librdkafka's connection chatter stays out of the output; errors surface as results."""
+
+    def log(self, *_args: Any, **_kwargs: Any) -> None:
+        pass
+
+    def __getattr__(self, _name: str) -> Any:
+        return self.log
+
+
+def _admin(args: argparse.Namespace):
+    from confluent_kafka.admin import AdminClient
+    return AdminClient(_config(args))
+
+
+def _metadata(admin):
+    """The whole cluster's metadata (asking for one topic by name would auto-create it)."""
+    from confluent_kafka import KafkaException
+    try:
+        return admin.list_topics(timeout=TIMEOUT_S)
+    except KafkaException as error:
+        raise AdminError(f"no broker answered at the bootstrap address: {error.args[0].str()}") from None
+
+
+def _result(future, what: str) -> Any:
+    from confluent_kafka import KafkaException
+    try:
+        return future.result(TIMEOUT_S)
+    except KafkaException as error:
+        raise AdminError(f"{what}: {error.args[0].str()}") from None
+
+
+def _known_topic(metadata, topic: str) -> Any:
+    found = metadata.topics.get(topic)
+    if found is None or found.error is not None:
+        raise AdminError(f"unknown topic {topic!r}")
+    return found
+
+
+# ---- topics -------------------------------------------------------------------
+
+def topics_create(args: argparse.Namespace, out: TextIO) -> None:
+    from confluent_kafka.admin import NewTopic
+    admin = _admin(args)   # kept referenced until the result is in: librdkafka stops with its handle
+    partitions, replication = args.partitions, args.replication_factor
+    if partitions < 0 or replication < 0:    # CreateTopics v4's "broker default" is not served: ask for it
+        defaults = _broker_configs(admin)
+        partitions = partitions if partitions > 0 else int(defaults["num.partitions"])
+        replication = replication if replication > 0 else int(defaults["default.replication.factor"])
+    topic = NewTopic(args.name, partitions, replication, config=dict(args.config))
+    _result(admin.create_topics([topic])[args.name], f"creating topic {args.name!r}")
+    print(f"created topic {args.name}", file=out)
+
+
+def _broker_configs(admin) -> dict[str, str]:
+    from confluent_kafka.admin import ConfigResource, ResourceType
+    broker = next(iter(sorted(_metadata(admin).brokers)))
+    resource = ConfigResource(ResourceType.BROKER, str(broker))
+    entries = _result(admin.describe_configs([resource])[resource], f"reading broker {broker}'s settings")
+    return {name: entry.value for name, entry in entries.items()}
+
+
+def topics_list(args: argparse.Namespace, out: TextIO) -> None:
+    metadata = _metadata(_admin(args))
+    for name in sorted(metadata.topics):
+        print(f"{name}\t{len(metadata.topics[name].partitions)} partitions", file=out)
+
+
+def topics_describe(args: argparse.Namespace, out: TextIO) -> None:
+    metadata = _metadata(_admin(args))
+    names = [args.name] if args.name else sorted(metadata.topics)
+    for name in names:
+        topic = _known_topic(metadata, name)
+        print(f"{name}\tpartitions {len(topic.partitions)}", file=out)
+        for p in sorted(topic.partitions.values(), key=lambda p: p.id):
+            print(f"  partition {p.id}\tleader {p.leader}\treplicas {_ids(p.replicas)}\tisr {_ids(p.isrs)}", file=out)
+
+
+def topics_delete(args: argparse.Namespace, out: TextIO) -> None:
+    admin = _admin(args)
+    _result(admin.delete_topics([args.name])[args.name], f"deleting topic {args.name!r}")
+    print(f"deleted topic {args.name}", file=out)
+
+
+def _ids(ids: list[int]) -> str:
+    return ",".join(map(str, ids)) or "-"
+
+
+# ---- produce ------------------------------------------------------------------
+
+def produce(args: argparse.Namespace, out: TextIO, stdin: TextIO | None = None) -> None:
+    """Lines from stdin (or whole files with --file) as records; with
+    --key-separator, the text before it is the key."""
+    from confluent_kafka import Producer
+    _known_topic(_metadata(_admin(args)), args.topic)
+    producer = Producer(_config(args, **{"acks": args.acks, "enable.idempotence": args.acks == "all",
+                                         "message.timeout.ms": int(TIMEOUT_S * 2000)}))
+    failures: list[str] = []
+    sent = 0
+
+    def delivered(error, _message) -> None:
+        if error is not None:
+            failures.append(error.str())
+    for key, value in _records(args, stdin or sys.stdin):
+        while True:
+            try:
+                producer.produce(args.topic, value=value, key=key, partition=args.partition, on_delivery=delivered)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+        sent += 1
+    if producer.flush(TIMEOUT_S * 2):
+        raise AdminError(f"{len(producer)} records were not acknowledged in time")
+    if failures:
+        raise AdminError(f"{len(failures)} of {sent} records failed: {failures[0]}")
+    print(f"produced {sent} records to {args.topic}", file=sys.stderr)
+
+
+def _records(args: argparse.Namespace, stdin: TextIO):
+    if args.file:
+        for path in args.file:
+            try:
+                with open(path, "rb") as f:
+                    yield None, f.read()
+            except OSError as error:
+                raise AdminError(f"cannot read {path}: {error.strerror}") from None
+        return
+    for line in stdin:
+        line = line.rstrip("\n")
+        if args.key_separator and args.key_separator in line:
+            key, value = line.split(args.key_separator, 1)
+            yield key.encode(), value.encode()
+        else:
+            yield None, line.encode()
+
+
+# ---- consume ------------------------------------------------------------------
+
+def consume(args: argparse.Namespace, out: TextIO) -> None:
+    """Print records as lines (key, separator, value with --print-key); stop
+    at the end of the partitions unless --follow."""
+    from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
+    topic = _known_topic(_metadata(_admin(args)), args.topic)
+    settings = {"group.id": args.group or "raftka-cli", "enable.auto.commit": bool(args.group),
+                "auto.offset.reset": "earliest" if args.from_beginning else "latest",
+                "enable.partition.eof": True}
+    consumer = Consumer(_config(args, **settings))
+    partitions = [args.partition] if args.partition is not None else sorted(topic.partitions)
+    if args.group and args.offset is not None:
+        raise AdminError("--offset and --group do not go together: a group reads from its committed offsets")
+    if args.group:
+        consumer.subscribe([args.topic])
+    else:
+        start = args.offset if args.offset is not None else (OFFSET_BEGINNING if args.from_beginning else OFFSET_END)
+        consumer.assign([TopicPartition(args.topic, p, start) for p in partitions])
+    at_end: set[int] = set()
+    printed = 0
+    idle_deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while args.max_messages is None or printed < args.max_messages:
+            message = consumer.poll(0.5)
+            if message is None:
+                if not args.follow and time.monotonic() > idle_deadline:
+                    break
+                continue
+            if message.error():
+                if message.error().code() == KafkaError._PARTITION_EOF:
+                    at_end.add(message.partition())
+                    if not args.follow and not args.group and at_end >= set(partitions):
+                        break
+                    if not args.follow and args.group:
+                        idle_deadline = min(idle_deadline, time.monotonic() + 2.0)
+                    continue
+                raise AdminError(f"consuming {args.topic}: {message.error().str()}")
+            at_end.discard(message.partition())
+            value = (message.value() or b"").decode(errors="replace")
+            if args.print_key:
+                value = f"{(message.key() or b'').decode(errors='replace')}{args.key_separator or chr(9)}{value}"
+            print(value, file=out, flush=args.follow)
+            printed += 1
+            idle_deadline = time.monotonic() + TIMEOUT_S
+    finally:
+        consumer.close()
+
+
+# ---- status -------------------------------------------------------------------
+
+def status(args: argparse.Namespace, out: TextIO) -> None:
+    """Brokers; each partition's leader, replicas, ISR, high watermark and
+    leader epoch (its Raft term); each consumer group's lag."""
+    from confluent_kafka import TopicPartition
+    from confluent_kafka.admin import OffsetSpec
+    admin = _admin(args)
+    metadata = _metadata(admin)
+    controller = metadata.controller_id
+    print("brokers", file=out)
+    for broker in sorted(metadata.brokers.values(), key=lambda b: b.id):
+        print(f"  {broker.id}\t{broker.host}:{broker.port}{'  (controller)' if broker.id == controller else ''}", file=out)
+    wanted = {TopicPartition(name, p): OffsetSpec.latest()
+              for name, topic in metadata.topics.items() for p in topic.partitions}
+    latest = _result_map(admin.list_offsets(wanted, request_timeout=TIMEOUT_S)) if wanted else {}
+    print("partitions\ttopic\tpartition\tleader\treplicas\tisr\thigh watermark\traft term", file=out)
+    for name in sorted(metadata.topics):
+        for p in sorted(metadata.topics[name].partitions.values(), key=lambda p: p.id):
+            info = latest.get((name, p.id))
+            hw, term = (info.offset, info.leader_epoch) if info is not None else ("?", "?")
+            print(f"  {name}\t{p.id}\t{p.leader}\t{_ids(p.replicas)}\t{_ids(p.isrs)}\t{hw}\t{term if term is not None else '?'}",
+                  file=out)
+    print("consumer groups\tgroup\ttopic\tpartition\tcommitted\tlag", file=out)
+    for group, lags in group_lags(admin, latest).items():
+        for (topic, partition), (committed, lag) in sorted(lags.items()):
+            print(f"  {group}\t{topic}\t{partition}\t{committed}\t{lag}", file=out)
+
+
+def _result_map(futures: dict) -> dict[tuple[str, int], Any]:
+    found = {}
+    for tp, future in futures.items():
+        try:
+            found[(tp.topic, tp.partition)] = future.result(TIMEOUT_S)
+        except Exception:   # one partition without a leader right now: shown as "?"
+            continue
+    return found
+
+
+def group_lags(admin, latest: dict[tuple[str, int], Any]) -> dict[str, dict[tuple[str, int], tuple[int, int | str]]]:
+    """group -> (topic, partition) -> (committed offset, high watermark - committed)."""
+    from confluent_kafka import ConsumerGroupTopicPartitions
+    listed = _result(admin.list_consumer_groups(request_timeout=TIMEOUT_S), "listing consumer groups")
+    lags: dict[str, dict[tuple[str, int], tuple[int, int | str]]] = {}
+    for group in sorted(g.group_id for g in listed.valid):
+        futures = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)], request_timeout=TIMEOUT_S)
+        committed = _result(futures[group], f"offsets of group {group!r}")
+        lags[group] = {}
+        for tp in committed.topic_partitions:
+            if tp.offset < 0:
+                continue
+            end = latest.get((tp.topic, tp.partition))
+            lags[group][(tp.topic, tp.partition)] = (tp.offset, end.offset - tp.offset if end is not None else "?")
+    return lags
+
+
+# ---- argument parsing ------------------------------------------------------------
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """The operator subcommands of `raftka`."""
+    def command(name: str, help_text: str, parent=commands) -> argparse.ArgumentParser:
+        parser = parent.add_parser(name, help=help_text, description=help_text)
+        parser.add_argument("--bootstrap", "-b", default=DEFAULT_BOOTSTRAP,
+                            help=f"any broker, host:port[,...] (default {DEFAULT_BOOTSTRAP})")
+        return parser
+
+    topics = commands.add_parser("topics", help="create, list, describe or delete topics",
+                                 description="create, list, describe or delete topics")
+    verbs = topics.add_subparsers(dest="verb", metavar="VERB", required=True)
+    create = command("create", "create a topic", verbs)
+    create.add_argument("name")
+    create.add_argument("--partitions", "-p", type=int, default=-1, help="default: the broker's num.partitions")
+    create.add_argument("--replication-factor", "-r", type=int, default=-1,
+                        help="default: the broker's default.replication.factor")
+    create.add_argument("--config", "-c", action="append", default=[], type=_key_value,
+                        help="topic config key=value (retention.ms, segment.bytes, ...); repeatable")
+    create.set_defaults(run=topics_create)
+    command("list", "list topics", verbs).set_defaults(run=topics_list)
+    describe = command("describe", "partitions of a topic (or all) with leader, replicas, ISR", verbs)
+    describe.add_argument("name", nargs="?")
+    describe.set_defaults(run=topics_describe)
+    delete = command("delete", "delete a topic", verbs)
+    delete.add_argument("name")
+    delete.set_defaults(run=topics_delete)
+
+    producing = command("produce", "produce lines from stdin (or whole files) to a topic")
+    producing.add_argument("topic")
+    producing.add_argument("--key-separator", "-K", help="text before this in a line is the record key")
+    producing.add_argument("--file", "-f", action="append", help="send this file's content as one record; repeatable")
+    producing.add_argument("--partition", "-P", type=int, default=-1, help="default: by key (murmur2) or spread")
+    producing.add_argument("--acks", choices=("all", "1", "0"), default="all")
+    producing.set_defaults(run=produce)
+
+    consuming = command("consume", "print a topic's records, one per line")
+    consuming.add_argument("topic")
+    start = consuming.add_mutually_exclusive_group()
+    start.add_argument("--from-beginning", action="store_true", help="from the first record (default: new records)")
+    start.add_argument("--offset", "-o", type=int, help="from this offset of each partition read")
+    consuming.add_argument("--group", "-g", help="as a member of this consumer group, committing as it reads "
+                           "(from its committed offsets; with no commit yet, from the end or --from-beginning)")
+    consuming.add_argument("--partition", "-P", type=int, help="only this partition")
+    consuming.add_argument("--follow", "-F", action="store_true", help="keep waiting for new records")
+    consuming.add_argument("--max-messages", "-n", type=int, help="stop after this many")
+    consuming.add_argument("--print-key", action="store_true")
+    consuming.add_argument("--key-separator", "-K", help="between key and value with --print-key (default tab)")
+    consuming.set_defaults(run=consume)
+
+    command("status", "brokers, partitions (leader, replicas, ISR, high watermark, Raft term), group lag") \
+        .set_defaults(run=status)
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    return key, value
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        args.run(args, sys.stdout)
+    except AdminError as error:
+        print(f"raftka {args.command}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

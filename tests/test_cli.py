@@ -1,0 +1,125 @@
+"""The operator CLI (`raftka topics|produce|consume|status`) as a user runs it:
+subprocesses against a real broker process, including the error paths
+(unknown topic, no broker, bad flags), and the broker's Prometheus endpoint."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from raft.local_cluster import free_ports
+from tests.broker_process import BrokerProcess
+
+TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    process = BrokerProcess(tmp_path_factory.mktemp("cli") / "data", "--metrics-port", str(free_ports(1)[0]))
+    process.start()
+    yield process
+    process.stop()
+
+
+def raftka(*args: str, stdin: str = "", bootstrap: str | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "engine.cli", *args]
+    if bootstrap is not None:
+        command += ["--bootstrap", bootstrap]
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def test_topics_create_list_describe_and_delete(broker):
+    created = raftka("topics", "create", "cli-topic", "--partitions", "3", "--config", "retention.ms=60000",
+                     bootstrap=broker.bootstrap)
+    assert created.returncode == 0, created.stderr
+    listed = raftka("topics", "list", bootstrap=broker.bootstrap)
+    assert "cli-topic\t3 partitions" in listed.stdout
+    described = raftka("topics", "describe", "cli-topic", bootstrap=broker.bootstrap)
+    assert described.returncode == 0
+    assert len(re.findall(r"partition \d\tleader 1\treplicas 1\tisr 1", described.stdout)) == 3
+    again = raftka("topics", "create", "cli-topic", bootstrap=broker.bootstrap)
+    assert again.returncode == 1 and "TOPIC_ALREADY_EXISTS" in again.stderr
+    deleted = raftka("topics", "delete", "cli-topic", bootstrap=broker.bootstrap)
+    assert deleted.returncode == 0
+    assert "cli-topic" not in raftka("topics", "list", bootstrap=broker.bootstrap).stdout
+
+
+def test_produce_lines_with_keys_then_consume_them_back_in_order(broker):
+    assert raftka("topics", "create", "lines", "-p", "2", bootstrap=broker.bootstrap).returncode == 0
+    lines = [f"user-{i % 3}:event {i}" for i in range(30)]
+    produced = raftka("produce", "lines", "--key-separator", ":", stdin="\n".join(lines) + "\n",
+                      bootstrap=broker.bootstrap)
+    assert produced.returncode == 0, produced.stderr
+    assert "produced 30 records" in produced.stderr
+    consumed = raftka("consume", "lines", "--from-beginning", "--print-key", "--key-separator", ":",
+                      bootstrap=broker.bootstrap)
+    assert consumed.returncode == 0, consumed.stderr
+    got = consumed.stdout.splitlines()
+    assert sorted(got) == sorted(lines)
+    for user in ("user-0", "user-1", "user-2"):      # one key's records stay in order
+        assert [g for g in got if g.startswith(user)] == [line for line in lines if line.startswith(user)]
+
+
+def test_consume_from_an_offset_and_with_a_group_that_resumes(broker, tmp_path):
+    assert raftka("topics", "create", "offsets", "-p", "1", bootstrap=broker.bootstrap).returncode == 0
+    record = tmp_path / "blob.bin"
+    record.write_bytes(b"whole file as one record")
+    assert raftka("produce", "offsets", "--file", str(record), bootstrap=broker.bootstrap).returncode == 0
+    assert raftka("produce", "offsets", stdin="a\nb\nc\n", bootstrap=broker.bootstrap).returncode == 0
+    from_two = raftka("consume", "offsets", "--offset", "2", bootstrap=broker.bootstrap)
+    assert from_two.stdout.splitlines() == ["b", "c"]
+    first = raftka("consume", "offsets", "--group", "cli-group", "--from-beginning", "--max-messages", "2",
+                   bootstrap=broker.bootstrap)
+    assert first.stdout.splitlines() == ["whole file as one record", "a"]
+    time.sleep(1)
+    rest = raftka("consume", "offsets", "--group", "cli-group", bootstrap=broker.bootstrap)
+    assert rest.stdout.splitlines() == ["b", "c"]
+
+
+def test_status_shows_brokers_partitions_raft_terms_and_group_lag(broker):
+    assert raftka("topics", "create", "watched", "-p", "1", bootstrap=broker.bootstrap).returncode == 0
+    assert raftka("produce", "watched", stdin="1\n2\n3\n4\n", bootstrap=broker.bootstrap).returncode == 0
+    assert raftka("consume", "watched", "--group", "laggy", "--from-beginning", "--max-messages", "1",
+                  bootstrap=broker.bootstrap).returncode == 0
+    status = raftka("status", bootstrap=broker.bootstrap)
+    assert status.returncode == 0, status.stderr
+    assert re.search(r"^  1\t127\.0\.0\.1:\d+  \(controller\)$", status.stdout, re.M)
+    # topic, partition, leader, replicas, isr, high watermark, raft term (>= 1)
+    assert re.search(r"^  watched\t0\t1\t1\t1\t4\t[1-9]\d*$", status.stdout, re.M), status.stdout
+    assert re.search(r"^  laggy\twatched\t0\t1\t3$", status.stdout, re.M), status.stdout
+
+
+def test_errors_are_said_plainly_with_exit_codes(broker):
+    unknown = raftka("consume", "no-such-topic", bootstrap=broker.bootstrap)
+    assert unknown.returncode == 1 and "unknown topic 'no-such-topic'" in unknown.stderr
+    bad_name = raftka("topics", "create", "bad/name", bootstrap=broker.bootstrap)
+    assert bad_name.returncode == 1 and "bad/name" in bad_name.stderr
+    down = raftka("topics", "list", bootstrap=f"127.0.0.1:{free_ports(1)[0]}")
+    assert down.returncode == 1 and "no broker answered" in down.stderr
+    bad_flag = raftka("topics", "create", "x", "--partitions", "many", bootstrap=broker.bootstrap)
+    assert bad_flag.returncode == 2 and "invalid int value" in bad_flag.stderr
+    no_verb = raftka("topics")
+    assert no_verb.returncode == 2
+    bad_config = raftka("topics", "create", "x", "--config", "novalue", bootstrap=broker.bootstrap)
+    assert bad_config.returncode == 2 and "key=value" in bad_config.stderr
+    assert "--follow" in raftka("consume", "--help").stdout
+
+
+def test_the_metrics_endpoint_reports_traffic_terms_offsets_and_request_latency(broker):
+    assert raftka("topics", "create", "metered", "-p", "1", bootstrap=broker.bootstrap).returncode == 0
+    assert raftka("produce", "metered", stdin="x\ny\nz\n", bootstrap=broker.bootstrap).returncode == 0
+    assert raftka("consume", "metered", "--from-beginning", bootstrap=broker.bootstrap).returncode == 0
+    port = int(re.search(r"metrics on http://[\d.]+:(\d+)/metrics", broker.ready_line).group(1))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'raftka_topic_records_in_total{topic="metered"} 3.0' in text
+    assert 'raftka_topic_records_out_total{topic="metered"} 3.0' in text
+    assert re.search(r'raftka_partition_high_watermark\{partition="0",topic="metered"\} 3\.0', text)
+    assert re.search(r'raftka_partition_raft_term\{partition="0",topic="metered"\} [1-9]', text)
+    assert 'raftka_request_seconds_count{api="Produce"}' in text
+    assert "raftka_commit_seconds_count" in text
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
