@@ -123,3 +123,26 @@ def test_the_metrics_endpoint_reports_traffic_terms_offsets_and_request_latency(
     assert "raftka_commit_seconds_count" in text
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
+
+
+def test_raftka_bench_measures_a_running_cluster_and_writes_its_report(broker, tmp_path):
+    import json
+    run = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--bootstrap", broker.bootstrap, "--acks", "1",
+                          "--sizes", "1024", "--volume-mib", "2", "--partitions", "2", "--consumers", "2",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads((tmp_path / "cluster.json").read_text())
+    assert (tmp_path / "cluster.png").stat().st_size > 0
+    assert [r["workload"] for r in report["rows"]] == ["produce", "consume", "both"]
+    consume = report["rows"][1]["consume"]
+    assert consume["clients"] == 2 and consume["mb_s"] > 0 and consume["verdict"] in ("PASS", "MISS")
+    assert "| produce | 1024 B | produce |" in run.stdout
+
+
+def test_raftka_bench_refuses_bad_flags_and_reports_an_unreachable_cluster(tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--sizes", "big"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--sizes must be integers" in bad.stderr
+    down = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--bootstrap", f"127.0.0.1:{free_ports(1)[0]}",
+                           "--volume-mib", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=180)
+    assert down.returncode == 1 and "raftka bench failed" in down.stderr
