@@ -28,6 +28,7 @@ import json
 import multiprocessing
 import os
 import resource
+import signal
 import socket
 import statistics
 import sys
@@ -110,21 +111,22 @@ def consumer_process(bootstrap: str, topic: str, partitions: list[int], total: i
     first = last = 0.0
     deadline = started + timeout_s
     while consumed.value < total and time.perf_counter() < deadline:
+        asked = time.perf_counter()
         messages = [m for m in consumer.consume(10000, 0.2) if m.error() is None]
         if not messages:
             continue
+        first = first or asked           # from the call that brought the first records
         now = time.time()
         batch_bytes = sum(len(m.value()) for m in messages)
         e2e.extend(now - m.timestamp()[1] / 1000 for m in messages[::97])
         got, size = got + len(messages), size + batch_bytes
-        first = first or time.perf_counter()
         last = time.perf_counter()
         with consumed.get_lock():
             consumed.value += len(messages)
         with progress.get_lock():
             progress.value += batch_bytes
     consumer.close()
-    seconds = max(last - first, 1e-9) if got else time.perf_counter() - started
+    seconds = last - first if got else time.perf_counter() - started
     p50, p99 = _percentiles(e2e)
     results.put({"role": "consumer", "messages": got, "bytes": size, "seconds": seconds,
                  "p50_ms": p50, "p99_ms": p99, "cpu_cores": (_cpu_seconds() - cpu) / (time.perf_counter() - started)})
@@ -411,8 +413,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _interrupt(_signal: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run(argv: list[str] | None = None) -> int:
-    """main() with errors as an exit status: 1 for a failure, 130 for Ctrl-C."""
+    """main() with errors as an exit status: 1 for a failure, 130 for Ctrl-C
+    or SIGTERM (both stop the brokers and load generators and remove the
+    temporary data on the way out)."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return main(argv)
     except KeyboardInterrupt:

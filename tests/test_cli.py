@@ -3,11 +3,13 @@ subprocesses against a real broker process, including the error paths
 (unknown topic, no broker, bad flags), and the broker's Prometheus endpoint."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +148,38 @@ def test_raftka_bench_refuses_bad_flags_and_reports_an_unreachable_cluster(tmp_p
     down = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--bootstrap", f"127.0.0.1:{free_ports(1)[0]}",
                            "--volume-mib", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=180)
     assert down.returncode == 1 and "raftka bench failed" in down.stderr
+
+
+def descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = {int(c) for c in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            todo.extend(children - found)
+            found |= children
+    return found
+
+
+def test_ctrl_c_stops_the_benchs_brokers_and_load_generators_and_removes_its_data(tmp_path):
+    import signal
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    bench = subprocess.Popen([sys.executable, "-m", "engine.cli", "bench", "--quick", "--out", str(tmp_path / "out")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(scratch)})
+    deadline = time.monotonic() + 60
+    started: set[int] = set()
+    while time.monotonic() < deadline and len(started) < 5:     # the cluster, its 3 brokers, a load generator
+        started |= descendants(bench.pid)
+        time.sleep(0.2)
+    assert len(started) >= 5 and list(scratch.iterdir())
+    bench.send_signal(signal.SIGINT)
+    _out, err = bench.communicate(timeout=60)
+    assert bench.returncode == 130 and "interrupted" in err
+    time.sleep(1)
+    assert not [pid for pid in started if Path(f"/proc/{pid}").exists()
+                and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+    assert not list(scratch.iterdir())

@@ -59,7 +59,7 @@ def run_cluster(nodes: int, base_port: int, data_dir: Path) -> int:
             log = open(config.parent / "broker.log", "ab")
             processes.append(subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--config", str(config)],
                                               stdout=subprocess.PIPE, stderr=log, env=env,
-                                              preexec_fn=_die_with_parent))
+                                              preexec_fn=die_with_parent))
         for i, process in enumerate(processes, 1):
             line = _ready_line(process, READY_TIMEOUT_S)
             if line is None:
@@ -82,7 +82,7 @@ def run_cluster(nodes: int, base_port: int, data_dir: Path) -> int:
         stop_processes(processes)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: SIGTERM when `raftka cluster` dies, even by SIGKILL (Linux
     PR_SET_PDEATHSIG), so no broker outlives its cluster."""
     try:
