@@ -154,6 +154,16 @@ def producer(bootstrap: str, acks: str):
                      "compression.type": "none", "enable.idempotence": acks == "all"})
 
 
+def produce_waiting(client, topic: str, value: bytes, key: bytes, on_delivery=None) -> None:
+    """produce(), waiting for room when librdkafka's queue is full."""
+    while True:
+        try:
+            client.produce(topic, value=value, key=key, on_delivery=on_delivery)
+            return
+        except BufferError:
+            client.poll(0.005)
+
+
 def produce_peak(bootstrap: str, acks: str, size: int, count: int) -> dict:
     client = producer(bootstrap, acks)
     value = os.urandom(size)
@@ -164,12 +174,7 @@ def produce_peak(bootstrap: str, acks: str, size: int, count: int) -> dict:
             errors.append(error)
     started = time.perf_counter()
     for i in range(count):
-        while True:
-            try:
-                client.produce(TOPIC, value=value, key=b"%d" % (i % 1000), on_delivery=delivered)
-                break
-            except BufferError:
-                client.poll(0.01)
+        produce_waiting(client, TOPIC, value, b"%d" % (i % 1000), delivered)
         if i % 1000 == 0:
             client.poll(0)
     client.flush(300)

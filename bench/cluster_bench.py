@@ -38,7 +38,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.broker_bench import Brokers, create_topic, mb_s
+from bench.broker_bench import Brokers, create_topic, mb_s, produce_waiting, producer
 from bench.groups_bench import measure_raw_read
 from bench.storage_bench import measure_raw_write
 
@@ -62,11 +62,10 @@ def _percentiles(samples: list[float]) -> tuple[float, float]:
     return 1000 * samples[len(samples) // 2], 1000 * samples[min(len(samples) - 1, int(len(samples) * 0.99))]
 
 
-def producer_process(bootstrap: str, topic: str, acks: str, size: int, count: int, progress, results) -> None:
-    from confluent_kafka import Producer
-    client = Producer({"bootstrap.servers": bootstrap, "acks": acks, "linger.ms": 5, "batch.size": 1_000_000,
-                       "queue.buffering.max.kbytes": 512 * 1024, "queue.buffering.max.messages": 2_000_000,
-                       "compression.type": "none", "enable.idempotence": acks == "all"})
+def producer_process(bootstrap: str, topic: str, acks: str, size: int, count: int, duration_s: float,
+                     progress, results) -> None:
+    """Write `count` records, or for `duration_s` seconds when that is set."""
+    client = producer(bootstrap, acks)
     value = os.urandom(size)
     latencies: list[float] = []
     errors: list[str] = []
@@ -78,13 +77,11 @@ def producer_process(bootstrap: str, topic: str, acks: str, size: int, count: in
             latencies.append(message.latency())
     cpu, started = _cpu_seconds(), time.perf_counter()
     for i in range(count):
-        while True:
-            try:
-                client.produce(topic, value=value, key=b"%d" % (i % 1024), on_delivery=delivered)
-                break
-            except BufferError:
-                client.poll(0.005)
+        produce_waiting(client, topic, value, b"%d" % (i % 1024), delivered)
         if i % 500 == 499:
+            if duration_s and time.perf_counter() - started >= duration_s:
+                count = i + 1
+                break
             client.poll(0)
             with progress.get_lock():
                 progress.value += 500 * size
@@ -96,10 +93,10 @@ def producer_process(bootstrap: str, topic: str, acks: str, size: int, count: in
                  "errors": errors[:3], "error_count": len(errors)})
 
 
-def consumer_process(bootstrap: str, topic: str, partitions: list[int], total: int, timeout_s: float,
+def consumer_process(bootstrap: str, topic: str, partitions: list[int], target, timeout_s: float,
                      consumed, progress, results) -> None:
     """Read the partitions from offset 0 until all consumers together (the
-    shared `consumed` count) have read `total` records."""
+    shared `consumed` count) have read what the producers wrote (`target`)."""
     from confluent_kafka import Consumer, TopicPartition
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "raftka-bench", "enable.auto.commit": False,
                          "fetch.max.bytes": 64 << 20, "max.partition.fetch.bytes": 16 << 20,
@@ -110,7 +107,7 @@ def consumer_process(bootstrap: str, topic: str, partitions: list[int], total: i
     cpu, started = _cpu_seconds(), time.perf_counter()
     first = last = 0.0
     deadline = started + timeout_s
-    while consumed.value < total and time.perf_counter() < deadline:
+    while consumed.value < target.value and time.perf_counter() < deadline:
         asked = time.perf_counter()
         messages = [m for m in consumer.consume(10000, 0.2) if m.error() is None]
         if not messages:
@@ -134,32 +131,45 @@ def consumer_process(bootstrap: str, topic: str, partitions: list[int], total: i
 
 # ---- one workload --------------------------------------------------------------------
 
-class Workload:
-    """Runs producer and/or consumer processes and sums what they report."""
+UNKNOWN_TOTAL = 2**62   # what consumers aim at until timed producers say how much they wrote
 
-    def __init__(self, args: argparse.Namespace, bootstrap: str, topic: str, size: int, count: int) -> None:
-        self.args, self.bootstrap, self.topic, self.size, self.count = args, bootstrap, topic, size, count
+
+class Workload:
+    """Runs producer and/or consumer processes and collects what they report.
+    Producers write `count` records between them, or as many as they can in
+    `duration_s`; consumers read until all of them together have read what
+    the producers wrote (`target`, known once the producers are done)."""
+
+    def __init__(self, args: argparse.Namespace, bootstrap: str, topic: str, size: int, count: int,
+                 duration_s: float | None = None) -> None:
+        self.args, self.bootstrap, self.topic, self.size = args, bootstrap, topic, size
+        self.count, self.duration_s = count, duration_s
         self.context = multiprocessing.get_context("spawn")
         self.progress = self.context.Value("q", 0)      # bytes written or read so far
         self.consumed = self.context.Value("q", 0)      # records read by all consumers
+        self.target = self.context.Value("q", UNKNOWN_TOTAL if duration_s else self.total)
         self.results = self.context.Queue()
         self.processes: list = []
-
-    def start_producers(self) -> None:
-        per = self.count // self.args.producers
-        for _ in range(self.args.producers):
-            self._start(producer_process, (self.bootstrap, self.topic, self.args.acks, self.size, per))
+        self.producers = 0
 
     @property
     def total(self) -> int:
-        """Records the producers write: `count` rounded down to a multiple of producers."""
+        """Records a volume-bound run writes: `count` rounded down to a multiple of producers."""
         return (self.count // self.args.producers) * self.args.producers
+
+    def start_producers(self) -> None:
+        per = UNKNOWN_TOTAL if self.duration_s else self.count // self.args.producers
+        for _ in range(self.args.producers):
+            self._start(producer_process, (self.bootstrap, self.topic, self.args.acks, self.size, per,
+                                           self.duration_s or 0.0))
+        self.producers = self.args.producers
 
     def start_consumers(self, timeout_s: float) -> None:
         n = self.args.consumers
         for i in range(n):
             partitions = list(range(i, self.args.partitions, n))
-            self._start(consumer_process, (self.bootstrap, self.topic, partitions, self.total, timeout_s, self.consumed))
+            self._start(consumer_process, (self.bootstrap, self.topic, partitions, self.target, timeout_s,
+                                           self.consumed))
 
     def _start(self, target, args: tuple) -> None:
         process = self.context.Process(target=target, args=(*args, self.progress, self.results), daemon=True)
@@ -167,13 +177,16 @@ class Workload:
         self.processes.append(process)
 
     def wait(self, show) -> list[dict]:
-        reports = []
+        reports: list[dict] = []
         while len(reports) < len(self.processes):
             try:
                 reports.append(self.results.get(timeout=0.2))
             except Exception:   # queue.Empty: show progress, check the children
                 if all(not p.is_alive() for p in self.processes) and self.results.empty():
                     raise RuntimeError(f"{len(self.processes) - len(reports)} load generator(s) died") from None
+            produced = [r for r in reports if r["role"] == "producer"]
+            if self.producers and len(produced) == self.producers:
+                self.target.value = sum(r["messages"] for r in produced)
             show(self.progress.value)
         for p in self.processes:
             p.join(10)
@@ -184,6 +197,10 @@ class Workload:
             if p.is_alive():
                 p.terminate()
                 p.join(5)
+
+
+def produced_by(reports: list[dict]) -> int:
+    return sum(r["messages"] for r in reports if r["role"] == "producer")
 
 
 def summarise(reports: list[dict], role: str, target_mb_s: float, total: int) -> dict | None:
@@ -213,39 +230,37 @@ def run_workload(args: argparse.Namespace, bootstrap: str, kind: str, size: int,
     create_topic(bootstrap, args.replication_factor, topic, args.partitions)
     count = max(volume // size, args.producers)
     label = f"{kind:<8} {size:>6} B"
-    task = progress.add_task(label, total=count * size * (2 if kind == "both" else 1))
-    reports: list[dict] = []
+    task = progress.add_task(label, total=None if args.duration_s else count * size * (2 if kind == "both" else 1))
+    show = lambda done: progress.update(task, completed=done)   # noqa: E731
     if kind in ("produce", "consume"):
-        filling = Workload(args, bootstrap, topic, size, count)
-        try:
-            filling.start_producers()
-            reports = filling.wait(lambda done: progress.update(task, completed=done))
-        finally:
-            filling.stop()
+        reports = _run(Workload(args, bootstrap, topic, size, count, args.duration_s), show, producers=True)
+        total = produced_by(reports)
         if kind == "consume":
-            reports = []
-            reading = Workload(args, bootstrap, topic, size, count)
-            try:
-                reading.start_consumers(timeout_s=600)
-                reports = reading.wait(lambda done: progress.update(task, completed=done))
-            finally:
-                reading.stop()
+            reading = Workload(args, bootstrap, topic, size, total)   # what was written, read back
+            reports = _run(reading, show, consumers=True)
     else:
-        both = Workload(args, bootstrap, topic, size, count)
-        try:
-            both.start_consumers(timeout_s=600)
-            time.sleep(1.0)                     # consumers connected before the first record
-            both.start_producers()
-            reports = both.wait(lambda done: progress.update(task, completed=done))
-        finally:
-            both.stop()
-    progress.update(task, completed=count * size * (2 if kind == "both" else 1))
-    total = filling.total if kind != "both" else both.total
+        reports = _run(Workload(args, bootstrap, topic, size, count, args.duration_s), show,
+                       producers=True, consumers=True)
+        total = produced_by(reports)
+    progress.update(task, total=progress.tasks[task].completed or 1, completed=progress.tasks[task].completed or 1)
     consumed = summarise(reports, "consumer", CONSUMER_TARGET_MB_S, total)
     if consumed is not None and kind == "consume":   # records written earlier: their age is no latency
         consumed["p50_ms"] = consumed["p99_ms"] = None
     return {"workload": kind, "message_bytes": size, "messages": total,
             "produce": summarise(reports, "producer", PRODUCER_TARGET_MB_S, total), "consume": consumed}
+
+
+def _run(workload: Workload, show, producers: bool = False, consumers: bool = False) -> list[dict]:
+    try:
+        if consumers:
+            workload.start_consumers(timeout_s=600 + (workload.duration_s or 0))
+            if producers:
+                time.sleep(1.0)             # consumers connected before the first record
+        if producers:
+            workload.start_producers()
+        return workload.wait(show)
+    finally:
+        workload.stop()
 
 
 # ---- the physical reference ------------------------------------------------------------
@@ -289,7 +304,8 @@ def measure_reference(workdir: Path, volume: int) -> dict:
 def print_table(result: dict) -> None:
     ref = result["reference"]
     print(f"\nRaftka: {result['setup']}; {result['partitions']} partitions, {result['producers']} producer(s), "
-          f"{result['consumers']} consumer(s), {result['volume_bytes'] >> 20} MiB per workload")
+          f"{result['consumers']} consumer(s), " + (f"{result['duration_s']:g} s" if result.get("duration_s")
+                                                     else f"{result['volume_bytes'] >> 20} MiB") + " per workload")
     print(f"reference on this machine: raw write {ref['raw_write_mb_s']:.0f} MB/s, raw read "
           f"{ref['raw_read_mb_s']:.0f} MB/s, loopback TCP {ref['loopback_mb_s']:.0f} MB/s\n")
     print("| workload | msg | side | MB/s | msgs/s | per client MB/s | p50 / p99 ms | vs reference | target | result | generator CPU |")
@@ -346,7 +362,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--producers", type=int, default=1)
     parser.add_argument("--consumers", type=int, default=1)
-    parser.add_argument("--volume-mib", type=int, help="data per workload (default 64, --quick 16)")
+    amount = parser.add_mutually_exclusive_group()
+    amount.add_argument("--volume-mib", type=int, help="data per workload (default 64, --quick 16)")
+    amount.add_argument("--duration-s", type=float, help="produce for this long per workload instead of a volume")
     parser.add_argument("--acks", choices=("all", "1", "0"), default="all")
     parser.add_argument("--replication-factor", type=int, help="default min(brokers, 3)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="where cluster.json and .png go")
@@ -361,6 +379,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.workload_list = [w for w in args.workloads.split(",") if w]
     if not args.workload_list or set(args.workload_list) - set(WORKLOADS):
         parser.error(f"--workloads must be a comma-separated subset of {','.join(WORKLOADS)}")
+    if args.duration_s is not None and args.duration_s <= 0:
+        parser.error("--duration-s must be positive")
     for name in ("nodes", "partitions", "producers", "consumers", "volume_mib"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -405,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(run_workload(args, bootstrap, kind, size, volume, progress))
     result = {"setup": setup, "nodes": None if args.bootstrap else args.nodes, "acks": args.acks,
               "partitions": args.partitions, "producers": args.producers, "consumers": args.consumers,
-              "volume_bytes": volume, "quick": args.quick, "reference": reference, "rows": rows}
+              "volume_bytes": volume, "duration_s": args.duration_s, "quick": args.quick, "reference": reference,
+              "rows": rows}
     (args.out / "cluster.json").write_text(json.dumps(result, indent=1))
     print_table(result)
     write_chart(result, args.out / "cluster.png")

@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.broker_bench import Brokers, create_topic, mb_s, producer
+from bench.broker_bench import Brokers, create_topic, mb_s, produce_waiting, producer
 from bench.storage_bench import measure_raw_write
 
 TOPIC = "grouped"
@@ -40,12 +40,7 @@ def fill(bootstrap: str, count: int, acks: str) -> None:
     client = producer(bootstrap, acks)
     value = os.urandom(MESSAGE_BYTES)
     for i in range(count):
-        while True:
-            try:
-                client.produce(TOPIC, value=value, key=b"%d" % (i % 1000))
-                break
-            except BufferError:
-                client.poll(0.01)
+        produce_waiting(client, TOPIC, value, b"%d" % (i % 1000))
     if client.flush(300):
         raise RuntimeError("produce did not finish")
 

@@ -8,6 +8,7 @@ heartbeat."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import socket
 import struct
@@ -42,6 +43,17 @@ async def recv_exactly_into(loop: asyncio.AbstractEventLoop, sock: socket.socket
         got += received
 
 
+@contextlib.asynccontextmanager
+async def running_broker(tmp_path, **raft_settings):
+    """A broker in this process on a free port, stopped on the way out."""
+    broker = Broker(Config(data_dir=tmp_path / "data", port=0), **raft_settings)
+    await broker.start()
+    try:
+        yield broker
+    finally:
+        await broker.stop()
+
+
 async def leader_of_new_topic(broker: Broker, topic: str):
     """Create a one-partition, one-replica topic and wait for its leader replica."""
     await broker.controller.create_topic(topic, 1, 1)
@@ -51,9 +63,7 @@ async def leader_of_new_topic(broker: Broker, topic: str):
 
 def test_a_large_fetch_to_a_slow_reader_arrives_whole_without_a_python_copy_of_the_records(tmp_path):
     async def run() -> None:
-        broker = Broker(Config(data_dir=tmp_path / "data", port=0))
-        await broker.start()
-        try:
+        async with running_broker(tmp_path) as broker:
             replica = await leader_of_new_topic(broker, "big")
             batch = make_batch(count=64, value_size=8 << 10)   # ~512 KiB per batch
             for _ in range(FETCH_BYTES // len(batch) + 1):
@@ -79,8 +89,6 @@ def test_a_large_fetch_to_a_slow_reader_arrives_whole_without_a_python_copy_of_t
             assert size == len(response) - 4
             assert bytes(response[-len(expected):]) == expected
             assert peak < len(expected) // 4, f"{peak} bytes allocated sending {len(expected)} bytes of records"
-        finally:
-            await broker.stop()
 
     asyncio.run(run())
 
@@ -88,15 +96,12 @@ def test_a_large_fetch_to_a_slow_reader_arrives_whole_without_a_python_copy_of_t
 def test_a_single_replica_partition_commits_appends_without_waiting_for_a_heartbeat(tmp_path):
     async def run() -> None:
         # heartbeats every 60 s: an append that waited for one would time out
-        broker = Broker(Config(data_dir=tmp_path / "data", port=0), appendEntriesPeriod=60.0,
-                        raftMinTimeout=200.0, raftMaxTimeout=400.0, leaderFallbackTimeout=400.0, connectionTimeout=400.0)
-        await broker.start()
-        try:
+        slow_heartbeats = {"appendEntriesPeriod": 60.0, "raftMinTimeout": 200.0, "raftMaxTimeout": 400.0,
+                           "leaderFallbackTimeout": 400.0, "connectionTimeout": 400.0}
+        async with running_broker(tmp_path, **slow_heartbeats) as broker:
             replica = await leader_of_new_topic(broker, "solo")
             offsets = [await asyncio.wait_for(replica.append(make_batch(count=2, seed=i)), 5.0) for i in range(5)]
             assert offsets == [0, 2, 4, 6, 8]
-        finally:
-            await broker.stop()
 
     asyncio.run(asyncio.wait_for(run(), 30))
 
@@ -106,9 +111,7 @@ def test_a_produce_request_larger_than_the_receive_buffer_is_received_whole_and_
     from tests.test_broker_clients import produce_frame
 
     async def run() -> None:
-        broker = Broker(Config(data_dir=tmp_path / "data", port=0))
-        await broker.start()
-        try:
+        async with running_broker(tmp_path) as broker:
             replica = await leader_of_new_topic(broker, "large")
             batch = make_batch(count=100, value_size=8 << 10)
             assert len(batch) > RECEIVE_BYTES
@@ -122,7 +125,5 @@ def test_a_produce_request_larger_than_the_receive_buffer_is_received_whole_and_
             error_at = 4 + 4 + 2 + len("large") + 4 + 4
             assert struct.unpack_from(">hq", response, error_at) == (0, 0)
             assert replica.log.high_watermark == 100
-        finally:
-            await broker.stop()
 
     asyncio.run(asyncio.wait_for(run(), 30))

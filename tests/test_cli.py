@@ -141,6 +141,18 @@ def test_raftka_bench_measures_a_running_cluster_and_writes_its_report(broker, t
     assert "| produce | 1024 B | produce |" in run.stdout
 
 
+def test_raftka_bench_for_a_duration_reads_back_everything_the_producers_wrote(broker, tmp_path):
+    import json
+    run = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--bootstrap", broker.bootstrap, "--acks", "1",
+                          "--sizes", "512", "--duration-s", "2", "--workloads", "both", "--partitions", "2",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = json.loads((tmp_path / "cluster.json").read_text())["rows"][0]
+    assert row["messages"] > 1000
+    assert row["produce"]["msgs_s"] > 0 and row["consume"]["msgs_s"] > 0
+    assert "2 s per workload" in run.stdout
+
+
 def test_raftka_bench_refuses_bad_flags_and_reports_an_unreachable_cluster(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--sizes", "big"], capture_output=True,
                          text=True, timeout=60)

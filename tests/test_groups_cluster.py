@@ -47,6 +47,30 @@ def produce(bootstrap: str, values: list[bytes]) -> None:
     assert producer.flush(TIMEOUT_S) == 0
 
 
+def test_operator_status_against_the_cluster_lists_every_broker_and_replica_set(cluster):
+    import re
+    import subprocess
+    import sys
+    _process, base, _root = cluster
+    bootstrap = f"127.0.0.1:{base + 1}"
+    create = subprocess.run([sys.executable, "-m", "engine.cli", "topics", "create", "ops", "-p", "2", "-b", bootstrap],
+                            capture_output=True, text=True, timeout=60)
+    assert create.returncode == 0, create.stderr
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        status = subprocess.run([sys.executable, "-m", "engine.cli", "status", "-b", bootstrap],
+                                capture_output=True, text=True, timeout=60)
+        rows = re.findall(r"^  ops\t(\d)\t(\d)\t([\d,]+)\t([\d,]+)\t(\d+)\t(\d+)$", status.stdout, re.M)
+        if len(rows) == 2 and all(len(isr.split(",")) == 3 for *_x, isr, _hw, _term in rows) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert len(re.findall(r"^  \d\t127\.0\.0\.1:\d+", status.stdout, re.M)) == NODES, status.stdout
+    assert len(rows) == 2, status.stdout
+    for _partition, leader, replicas, isr, _hw, term in rows:
+        assert sorted(replicas.split(",")) == ["1", "2", "3"] and len(isr.split(",")) == 3, status.stdout
+        assert int(leader) in (1, 2, 3) and int(term) >= 1
+
+
 def test_the_group_survives_a_sigkilled_coordinator_with_its_committed_offsets_intact(cluster):
     process, base, _root = cluster
     bootstrap = ",".join(f"127.0.0.1:{base + i}" for i in range(NODES))
