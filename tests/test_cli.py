@@ -195,3 +195,18 @@ def test_ctrl_c_stops_the_benchs_brokers_and_load_generators_and_removes_its_dat
     assert not [pid for pid in started if Path(f"/proc/{pid}").exists()
                 and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
     assert not list(scratch.iterdir())
+
+
+def test_consume_follow_prints_records_as_they_arrive_until_stopped(broker):
+    import signal
+    assert raftka("topics", "create", "followed", "-p", "1", bootstrap=broker.bootstrap).returncode == 0
+    follower = subprocess.Popen([sys.executable, "-m", "engine.cli", "consume", "followed", "--follow",
+                                 "--bootstrap", broker.bootstrap], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)                    # subscribed at the end of the (empty) partition
+        assert raftka("produce", "followed", stdin="late arrival\n", bootstrap=broker.bootstrap).returncode == 0
+        assert follower.stdout.readline() == "late arrival\n"
+        assert follower.poll() is None   # still following
+    finally:
+        follower.send_signal(signal.SIGINT)
+        follower.wait(30)
