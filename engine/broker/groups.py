@@ -227,7 +227,7 @@ class GroupService:
             raise GroupError(ErrorCode.GROUP_ID_NOT_FOUND, group_id)
         tombstones = offset_records(group_id, {tp: None for tp in self.store.committed(group_id)})
         await self._append(group_id, replica, build_batch([*tombstones, group_record(group_id, None)]))
-        self.coordinator.mark_dead(group_id)
+        self.coordinator.unload(group_id)   # empty: nobody to tell
 
     def listed_groups(self) -> list[tuple[str, str]]:
         """(group id, protocol type) of the groups this broker coordinates."""

@@ -43,7 +43,7 @@ class GroupState(enum.Enum):
     PREPARING_REBALANCE = "PreparingRebalance"
     COMPLETING_REBALANCE = "CompletingRebalance"
     STABLE = "Stable"
-    DEAD = "Dead"
+    DEAD = "Dead"           # what DescribeGroups says of a group that does not exist (deleted, or never was)
 
 
 @dataclass(frozen=True)
@@ -310,7 +310,7 @@ class GroupCoordinator:
 
     def _member(self, group_id: str, member_id: str) -> tuple[Group, Member]:
         group = self.groups.get(group_id)
-        if group is None or group.state is GroupState.DEAD:
+        if group is None:
             raise GroupError(ErrorCode.UNKNOWN_MEMBER_ID, group_id, "no such group here")
         member = group.members.get(member_id)
         if member is None:
@@ -337,7 +337,7 @@ class GroupCoordinator:
         if not group_id:
             raise GroupError(ErrorCode.INVALID_GROUP_ID, group_id, "empty group id")
         group = self.groups.get(group_id)
-        if group is None or group.state is GroupState.DEAD:
+        if group is None:
             if generation < 0:
                 return
             raise GroupError(ErrorCode.ILLEGAL_GENERATION, group_id, "the group has no generation")
@@ -388,7 +388,7 @@ class GroupCoordinator:
         self.groups[group_id] = group
 
     def unload(self, group_id: str) -> None:
-        """Forget a group whose coordination moved elsewhere; waiting members
+        """Forget a group whose coordination moved elsewhere, or that was deleted; waiting members
         are told NOT_COORDINATOR and look the coordinator up again."""
         group = self.groups.pop(group_id, None)
         if group is None:
@@ -398,13 +398,8 @@ class GroupCoordinator:
 
     def check_deletable(self, group_id: str) -> None:
         group = self.groups.get(group_id)
-        if group is not None and group.state not in (GroupState.EMPTY, GroupState.DEAD):
+        if group is not None and group.state is not GroupState.EMPTY:
             raise GroupError(ErrorCode.NON_EMPTY_GROUP, group_id, f"{len(group.members)} members, state {group.state.value}")
-
-    def mark_dead(self, group_id: str) -> None:
-        group = self.groups.pop(group_id, None)
-        if group is not None:
-            group.state = GroupState.DEAD
 
     # ---- helpers -----------------------------------------------------------------
 
