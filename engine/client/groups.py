@@ -105,11 +105,10 @@ class EmbeddedGroups:
     # ---- durability -------------------------------------------------------------
 
     def _append(self, group_id: str, batch: bytes) -> None:
+        partition = partition_for_group(group_id, self.partitions)
         with self._rk._lock:
-            partition_log = self._rk._manager.log(OFFSETS_TOPIC, partition_for_group(group_id, self.partitions))
-            partition_log.append(batch)
-            partition_log.set_high_watermark(partition_log.log_end_offset)   # unreplicated: written is committed
-            self.store.materialise(partition_log)
+            self._rk.append_batches(OFFSETS_TOPIC, partition, batch)   # unreplicated: written is committed
+            self.store.materialise(self._rk._manager.log(OFFSETS_TOPIC, partition))
 
     async def _persist_group(self, group_id: str, record: GroupRecord) -> None:
         self._append(group_id, build_batch([group_record(group_id, record)]))

@@ -67,9 +67,6 @@ class GroupStore:
             log.error("%s: cannot materialise from offset %d: %s", name, min_offset, error)
             raise
 
-    def forget(self, partition_log: PartitionLog) -> None:
-        self._index.forget_group_partition(partition_log.pid)
-
     # ---- reading ------------------------------------------------------------
 
     def committed(self, group: str) -> dict[tuple[str, int], CommittedOffset]:
@@ -87,12 +84,11 @@ class GroupStore:
 def offset_records(group: str, offsets: dict[tuple[str, int], CommittedOffset | None]) -> list[Record]:
     """The records that commit (or, for None, delete) a group's offsets."""
     return [Record(records.encode_offset(value) if value is not None else None,
-                           key=records.encode_key(OffsetKey(group, topic, partition)))
+                   key=records.encode_key(OffsetKey(group, topic, partition)))
             for (topic, partition), value in offsets.items()]
 
 
 def group_record(group: str, value: GroupRecord | None) -> Record:
     """The record that stores (or, for None, deletes) a group's metadata."""
     return Record(records.encode_group(value) if value is not None else None,
-                          key=records.encode_key(GroupKey(group)))
-
+                  key=records.encode_key(GroupKey(group)))

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 _PID = struct.Struct(">I")
 _KEY = struct.Struct(">Iq")
 _I64 = struct.Struct(">q")
+_I32 = struct.Struct(">i")
 _STATE = struct.Struct(">qq")
 _U16 = struct.Struct(">H")
 _MATERIALISED = b"groups_materialised/"
@@ -226,7 +227,6 @@ class IndexStore:
             raw = txn.get(_PID.pack(pid))
         return PartitionState(*_STATE.unpack(raw)) if raw else PartitionState()
 
-
     # ---- consumer groups (materialised from __consumer_offsets) ------------
 
     def group_materialised_offset(self, pid: int) -> int:
@@ -252,11 +252,6 @@ class IndexStore:
                 else:
                     txn.put(raw_key, value, db=db)
             txn.put(_MATERIALISED + _PID.pack(pid), _I64.pack(next_offset), db=self._meta)
-        self._write(body)
-
-    def forget_group_partition(self, pid: int) -> None:
-        def body(txn: lmdb.Transaction) -> None:
-            txn.delete(_MATERIALISED + _PID.pack(pid), db=self._meta)
         self._write(body)
 
     def group_value(self, group: str) -> bytes | None:
@@ -290,8 +285,8 @@ class IndexStore:
         return names
 
 
+# a committed offset ((group, topic, partition) key) or group metadata (group key); None deletes it
 GroupChange = tuple[tuple[str, str, int] | str, bytes | None]
-_I32 = struct.Struct(">i")
 
 
 def _group_prefix(group: str) -> bytes:
