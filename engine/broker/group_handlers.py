@@ -9,7 +9,7 @@ just its error code. Nothing here keeps state.
 from __future__ import annotations
 
 import time
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 from engine.broker.groups import GroupService
 from engine.errors import ErrorCode, GroupError
@@ -19,10 +19,6 @@ from engine.protocol import kafka
 from engine.protocol.kafka import Request, build, nested, response_schema
 
 Handler = Callable[[Request], Awaitable[bytes]]
-
-
-def _answer(request: Request, **values: Any) -> bytes:
-    return kafka.encode_response(request.correlation_id, build(response_schema(request), throttle_time=0, **values))
 
 
 class GroupHandlers:
@@ -45,13 +41,13 @@ class GroupHandlers:
         body = request.body
         key = body.key
         if getattr(body, "key_type", 0) != 0:
-            return _answer(request, error_code=ErrorCode.INVALID_REQUEST, error_message="transactions are not supported",
+            return kafka.answer(request, error_code=ErrorCode.INVALID_REQUEST, error_message="transactions are not supported",
                            node_id=-1, host="", port=-1)
         try:
             node_id, host, port = await self.service.find_coordinator(key)
         except GroupError as error:
-            return _answer(request, error_code=error.error_code, error_message=str(error), node_id=-1, host="", port=-1)
-        return _answer(request, error_code=ErrorCode.NONE, error_message=None, node_id=node_id, host=host, port=port)
+            return kafka.answer(request, error_code=error.error_code, error_message=str(error), node_id=-1, host="", port=-1)
+        return kafka.answer(request, error_code=ErrorCode.NONE, error_message=None, node_id=node_id, host=host, port=port)
 
     async def join_group(self, request: Request) -> bytes:
         body = request.body
@@ -65,11 +61,11 @@ class GroupHandlers:
                 body.group_id, body.member_id, request.client_id or "", request.client_host, session_ms, rebalance_ms,
                 body.protocol_type, tuple((p.name, p.metadata) for p in body.protocols))
         except GroupError as error:
-            return _answer(request, error_code=error.error_code, generation_id=-1, protocol_name="", leader="",
+            return kafka.answer(request, error_code=error.error_code, generation_id=-1, protocol_name="", leader="",
                            member_id=body.member_id, members=())
         members = tuple(build(member_cls, member_id=member_id, metadata=metadata)
                         for member_id, _instance, metadata in result.members)
-        return _answer(request, error_code=ErrorCode.NONE, generation_id=result.generation,
+        return kafka.answer(request, error_code=ErrorCode.NONE, generation_id=result.generation,
                        protocol_name=result.protocol or "", leader=result.leader, member_id=result.member_id,
                        members=members)
 
@@ -81,8 +77,8 @@ class GroupHandlers:
                 body.group_id, body.generation_id, body.member_id,
                 {a.member_id: a.assignment for a in body.assignments})
         except GroupError as error:
-            return _answer(request, error_code=error.error_code, assignment=b"")
-        return _answer(request, error_code=ErrorCode.NONE, assignment=assignment)
+            return kafka.answer(request, error_code=error.error_code, assignment=b"")
+        return kafka.answer(request, error_code=ErrorCode.NONE, assignment=assignment)
 
     async def heartbeat(self, request: Request) -> bytes:
         body = request.body
@@ -92,7 +88,7 @@ class GroupHandlers:
             self.service.coordinator.heartbeat(body.group_id, body.generation_id, body.member_id)
         except GroupError as error:
             code = error.error_code
-        return _answer(request, error_code=code)
+        return kafka.answer(request, error_code=code)
 
     async def leave_group(self, request: Request) -> bytes:
         body = request.body
@@ -102,7 +98,7 @@ class GroupHandlers:
             self.service.coordinator.leave(body.group_id, body.member_id)
         except GroupError as error:
             code = error.error_code
-        return _answer(request, error_code=code)
+        return kafka.answer(request, error_code=code)
 
     # ---- offsets --------------------------------------------------------------------
 
@@ -128,7 +124,7 @@ class GroupHandlers:
         topics = tuple(build(topic_cls, name=topic.name, partitions=tuple(
             build(partition_cls, partition_index=p.partition_index, error_code=codes[(topic.name, p.partition_index)])
             for p in topic.partitions)) for topic in body.topics)
-        return _answer(request, topics=topics)
+        return kafka.answer(request, topics=topics)
 
     async def offset_fetch(self, request: Request) -> bytes:
         body = request.body
@@ -154,7 +150,7 @@ class GroupHandlers:
                                      committed_offset=value.offset if value else -1,
                                      metadata=value.metadata if value else "", error_code=code))
             topics.append(build(topic_cls, name=name, partitions=tuple(entries)))
-        return _answer(request, topics=tuple(topics), error_code=code)
+        return kafka.answer(request, topics=tuple(topics), error_code=code)
 
     async def offset_delete(self, request: Request) -> bytes:
         body = request.body
@@ -164,11 +160,11 @@ class GroupHandlers:
         try:
             outcome = await self.service.delete_offsets(body.group_id, wanted)
         except GroupError as error:
-            return _answer(request, error_code=error.error_code, topics=())
+            return kafka.answer(request, error_code=error.error_code, topics=())
         topics = tuple(build(topic_cls, name=t.name, partitions=tuple(
             build(partition_cls, partition_index=p.partition_index, error_code=outcome[(t.name, p.partition_index)])
             for p in t.partitions)) for t in body.topics)
-        return _answer(request, error_code=ErrorCode.NONE, topics=topics)
+        return kafka.answer(request, error_code=ErrorCode.NONE, topics=topics)
 
     # ---- admin ----------------------------------------------------------------------
 
@@ -176,7 +172,7 @@ class GroupHandlers:
         listed_cls = nested(response_schema(request), "ListedGroup")
         groups = tuple(build(listed_cls, group_id=group_id, protocol_type=protocol_type)
                        for group_id, protocol_type in self.service.listed_groups())
-        return _answer(request, error_code=ErrorCode.NONE, groups=groups)
+        return kafka.answer(request, error_code=ErrorCode.NONE, groups=groups)
 
     async def describe_groups(self, request: Request) -> bytes:
         schema = response_schema(request)
@@ -187,22 +183,21 @@ class GroupHandlers:
                 self.service.coordinating(group_id)
             except GroupError as error:
                 described.append(build(group_cls, error_code=error.error_code, group_id=group_id, group_state="",
-                                       protocol_type="", protocol_data="", members=(), authorized_operations=-2147483648))
+                                       protocol_type="", protocol_data="", members=()))
                 continue
             group = self.service.coordinator.groups.get(group_id)
-            if group is None:
+            if group is None:   # only offsets stored (Empty), or no such group (Dead)
                 state = GroupState.EMPTY if group_id in self.service.store.group_names() else GroupState.DEAD
                 described.append(build(group_cls, error_code=ErrorCode.NONE, group_id=group_id, group_state=state.value,
-                                       protocol_type="", protocol_data="", members=(), authorized_operations=-2147483648))
+                                       protocol_type="", protocol_data="", members=()))
                 continue
             members = tuple(build(member_cls, member_id=m.member_id, client_id=m.client_id, client_host=m.client_host,
                                   member_metadata=m.metadata(group.protocol) if group.protocol else b"",
                                   member_assignment=m.assignment) for m in group.members.values())
             described.append(build(group_cls, error_code=ErrorCode.NONE, group_id=group_id,
                                    group_state=group.state.value, protocol_type=group.protocol_type or "",
-                                   protocol_data=group.protocol or "", members=members,
-                                   authorized_operations=-2147483648))
-        return _answer(request, groups=tuple(described))
+                                   protocol_data=group.protocol or "", members=members))
+        return kafka.answer(request, groups=tuple(described))
 
     async def delete_groups(self, request: Request) -> bytes:
         result_cls = nested(response_schema(request), "DeletableGroupResult")
@@ -214,4 +209,4 @@ class GroupHandlers:
             except GroupError as error:
                 code = error.error_code
             results.append(build(result_cls, group_id=group_id, error_code=code))
-        return _answer(request, results=tuple(results))
+        return kafka.answer(request, results=tuple(results))

@@ -101,9 +101,6 @@ class Handlers:
             self.metrics.requests.labels(api).inc()
             self.metrics.request_seconds.labels(api).observe(time.perf_counter() - started)
 
-    def _answer(self, request: Request, **values: Any) -> bytes:
-        return kafka.encode_response(request.correlation_id, build(response_schema(request), **values))
-
     # ---- ApiVersions, Metadata ---------------------------------------------
 
     async def api_versions(self, request: Request) -> Response:
@@ -297,7 +294,7 @@ class Handlers:
                 partitions.append(build(partition_cls, partition_index=wanted.partition_index, error_code=code,
                                         timestamp=timestamp, offset=offset, leader_epoch=epoch))
             topics.append(build(topic_cls, name=topic.name, partitions=tuple(partitions)))
-        return self._answer(request, throttle_time=0, topics=tuple(topics))
+        return kafka.answer(request, topics=tuple(topics))
 
     # ---- InitProducerId ------------------------------------------------------
 
@@ -307,14 +304,14 @@ class Handlers:
         if request.body.transactional_id is not None:
             log.warning("InitProducerId for transactional id %r refused: transactions are not supported",
                         request.body.transactional_id)
-            return self._answer(request, throttle_time=0, error_code=ErrorCode.INVALID_REQUEST,
+            return kafka.answer(request, error_code=ErrorCode.INVALID_REQUEST,
                                 producer_id=-1, producer_epoch=-1)
         code, producer_id = ErrorCode.NONE, -1
         try:
             producer_id = await self.controller.allocate_producer_id()
         except RaftkaError as error:
             code = error.error_code
-        return self._answer(request, throttle_time=0, error_code=code, producer_id=producer_id,
+        return kafka.answer(request, error_code=code, producer_id=producer_id,
                             producer_epoch=0 if producer_id >= 0 else -1)
 
     # ---- CreateTopics, DeleteTopics ---------------------------------------------
@@ -332,7 +329,7 @@ class Handlers:
                 code, message = await _outcome(self.controller.create_topic(
                     topic.name, topic.num_partitions, topic.replication_factor, configs))
             results.append(build(result_cls, name=topic.name, error_code=code, error_message=message))
-        return self._answer(request, throttle_time=0, topics=tuple(results))
+        return kafka.answer(request, topics=tuple(results))
 
     async def delete_topics(self, request: Request) -> Response:
         result_cls = nested(response_schema(request), "DeletableTopicResult")
@@ -340,7 +337,7 @@ class Handlers:
         for name in request.body.topic_names:
             code, _message = await _outcome(self.controller.delete_topic(name))
             results.append(build(result_cls, name=name, error_code=code))
-        return self._answer(request, throttle_time=0, responses=tuple(results))
+        return kafka.answer(request, responses=tuple(results))
 
 
     async def create_partitions(self, request: Request) -> Response:
@@ -359,7 +356,7 @@ class Handlers:
             else:
                 code, message = await _outcome(self.controller.create_partitions(topic.name, topic.count))
             results.append(build(result_cls, name=topic.name, error_code=code, error_message=message))
-        return self._answer(request, throttle_time=0, results=tuple(results))
+        return kafka.answer(request, results=tuple(results))
 
     async def describe_configs(self, request: Request) -> Response:
         """Topic configs (the broker defaults, with the topic's own values
@@ -390,7 +387,7 @@ class Handlers:
             results.append(build(result_cls, error_code=code, error_message=message,
                                  resource_type=resource.resource_type, resource_name=resource.resource_name,
                                  configs=configs))
-        return self._answer(request, throttle_time=0, results=tuple(results))
+        return kafka.answer(request, results=tuple(results))
 
 
 async def _outcome(operation: Awaitable[None]) -> tuple[int, str | None]:

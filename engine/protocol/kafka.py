@@ -133,6 +133,13 @@ def build(schema: type, **values: Any) -> Any:
     return schema(**kwargs)
 
 
+def answer(request: Request, **values: Any) -> bytes:
+    """The whole response frame to `request`, built from plain values (see
+    build); the throttle time is 0 unless given."""
+    values.setdefault("throttle_time", 0)
+    return encode_response(request.correlation_id, build(response_schema(request), **values))
+
+
 def nested(schema: type, name: str) -> type:
     """A nested entity class of a kio schema's module (e.g. MetadataResponseTopic)."""
     return getattr(sys.modules[schema.__module__], name)
