@@ -1,4 +1,4 @@
 """Shim for cffi: `cffi_modules` has no pyproject.toml spelling yet."""
 from setuptools import setup
 
-setup(cffi_modules=["native/build.py:ffibuilder"])
+setup(cffi_modules=["native/build.py:ffibuilder", "native/build.py:loadgen_builder"])

@@ -7,19 +7,25 @@ workloads per message size (100 B, 1 KiB, 16 KiB by default), each on a
 fresh topic:
 - produce: producers write the volume;
 - consume: consumers read back what was produced (partitions split among them);
-- both: consumers read while producers write (end-to-end latency measured).
-Producers and consumers are confluent-kafka (librdkafka) clients in
-processes of their own, so the load generator does not share a GIL with
-anything; each reports the CPU it used, and a generator near one full core
-is reported as the bottleneck.
+- both: consumers read while producers write.
+Then latency at fixed load: a producer paced at 25% and 50% of the measured
+1 KiB peak (linger.ms=1), with a consumer reading along, reports p50/p99/p99.9
+acknowledgement and end-to-end latency from at least 10^5 samples per rate.
 
-In the same run it measures the physical reference: raw sequential write and
-read of the same volume, and loopback TCP throughput. Every result is given
-in MB/s and msgs/s, with p50/p99 latency, as a ratio to that reference and
-against the classic Kafka figures (50 MB/s per producer, 100 MB/s per
-consumer) as PASS/MISS. A missed target is a result, not an error: the exit
-status is non-zero only when something failed. JSON and a PNG chart go to
-bench/results/ (`--out`).
+The load generator is native (bench/loadgen.py: C loops over librdkafka, the
+library confluent-kafka uses), one process per producer or consumer, with
+throughput settings (linger.ms=5, 1 MB batches, no compression): it costs
+what librdkafka costs, not a Python call per message. A generator whose
+producing/polling thread was busy nearly all the time is reported as the
+bottleneck (GEN-BOUND), not as the broker's MISS.
+
+In the same run it measures the physical reference: the rate this machine
+durably writes the same bytes RF times (fdatasync'd sequential write / RF)
+next to produce, and loopback TCP next to consume. Every result is given in
+MB/s and msgs/s, as a ratio to that reference and against the classic Kafka
+figures (50 MB/s per producer, 100 MB/s per consumer) as PASS/MISS. A missed
+target is a result, not an error: the exit status is non-zero only when
+something failed. JSON and a PNG chart go to bench/results/ (`--out`).
 """
 from __future__ import annotations
 
@@ -38,14 +44,33 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.broker_bench import Brokers, create_topic, mb_s, produce_waiting, producer
-from bench.groups_bench import measure_raw_read
-from bench.storage_bench import measure_raw_write
+from bench import loadgen
+from bench.broker_bench import Brokers, create_topic, mb_s
 
 PRODUCER_TARGET_MB_S = 50.0     # the classic Kafka figure, per producer
 CONSUMER_TARGET_MB_S = 100.0    # per consumer
-GENERATOR_BOUND_CORES = 0.9     # a load generator using this much CPU was the bottleneck
+GENERATOR_BOUND_CORES = 0.9     # a generator thread this busy was the bottleneck
 WORKLOADS = ("produce", "consume", "both")
+LATENCY_LOADS = (0.25, 0.5)     # fractions of the measured peak msgs/s
+LATENCY_LINGER_MS = 1           # librdkafka's default 5 ms would be the floor of every figure
+LATENCY_SAMPLES = 100_000       # per rate, after the warm-up
+LATENCY_MIN_S = 2.0             # and at least this long
+LATENCY_WARMUP_S = 0.5          # connecting and metadata: not counted
+LATENCY_TARGETS_MS = {"p50": 5.0, "p99": 20.0, "p99.9": 50.0}   # at 50% of peak (issue 12)
+E2E_EVERY = 97                  # end-to-end samples in throughput runs: every 97th record
+
+
+def producer_settings(bootstrap: str, acks: str, linger_ms: int = 5) -> dict[str, object]:
+    """What a Kafka user sets for throughput; the same for every producer of a run."""
+    return {"bootstrap.servers": bootstrap, "acks": acks, "linger.ms": linger_ms, "batch.size": 1_000_000,
+            "compression.type": "none", "queue.buffering.max.kbytes": 512 * 1024,
+            "queue.buffering.max.messages": 1_000_000}
+
+
+def consumer_settings(bootstrap: str) -> dict[str, object]:
+    return {"bootstrap.servers": bootstrap, "group.id": "raftka-bench", "enable.auto.commit": False,
+            "fetch.max.bytes": 64 << 20, "max.partition.fetch.bytes": 16 << 20, "fetch.wait.max.ms": 100,
+            "queued.max.messages.kbytes": 256 * 1024}
 
 
 # ---- load generator processes -----------------------------------------------------
@@ -55,78 +80,38 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _percentiles(samples: list[float]) -> tuple[float, float]:
-    if not samples:
-        return 0.0, 0.0
-    samples.sort()
-    return 1000 * samples[len(samples) // 2], 1000 * samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+def _report(role: str, run: loadgen.Run, cpu_s: float, wall_s: float, warmup: int = 0) -> dict:
+    samples = run.latencies_us[warmup:]
+    return {"role": role, "messages": run.messages, "bytes": run.bytes, "seconds": run.seconds,
+            "failed": run.failed, "first_error": run.first_error, "latency_ms": loadgen.percentiles(samples),
+            "samples": len(samples), "thread_cores": run.thread_cores, "cpu_cores": cpu_s / max(wall_s, 1e-9)}
 
 
-def producer_process(bootstrap: str, topic: str, acks: str, size: int, count: int, duration_s: float,
-                     progress, results) -> None:
-    """Write `count` records, or for `duration_s` seconds when that is set."""
-    client = producer(bootstrap, acks)
-    value = os.urandom(size)
-    latencies: list[float] = []
-    errors: list[str] = []
-
-    def delivered(error, message) -> None:
-        if error is not None:
-            errors.append(str(error))
-        elif len(latencies) < 200_000:
-            latencies.append(message.latency())
+def producer_process(settings: dict, topic: str, size: int, count: int, duration_s: float, rate: float,
+                     samples: int, warmup: int, progress, results) -> None:
+    """Write `count` records (or for `duration_s` when set), paced at `rate` when set."""
     cpu, started = _cpu_seconds(), time.perf_counter()
-    for i in range(count):
-        produce_waiting(client, topic, value, b"%d" % (i % 1024), delivered)
-        if i % 500 == 499:
-            if duration_s and time.perf_counter() - started >= duration_s:
-                count = i + 1
-                break
-            client.poll(0)
-            with progress.get_lock():
-                progress.value += 500 * size
-    client.flush(600)
-    seconds = time.perf_counter() - started
-    p50, p99 = _percentiles(latencies)
-    results.put({"role": "producer", "messages": count, "bytes": count * size, "seconds": seconds,
-                 "p50_ms": p50, "p99_ms": p99, "cpu_cores": (_cpu_seconds() - cpu) / seconds,
-                 "errors": errors[:3], "error_count": len(errors)})
+    try:
+        run = loadgen.produce(settings, topic, size, count, duration_s, rate, samples=samples,
+                              every=1 if rate else max(1, count // max(samples, 1)), progress=progress)
+    except Exception as error:
+        results.put({"role": "producer", "error": str(error)})
+        return
+    results.put(_report("producer", run, _cpu_seconds() - cpu, time.perf_counter() - started, warmup))
 
 
-def consumer_process(bootstrap: str, topic: str, partitions: list[int], target, timeout_s: float,
-                     consumed, progress, results) -> None:
+def consumer_process(settings: dict, topic: str, partitions: list[int], target, timeout_s: float, samples: int,
+                     every: int, warmup: int, consumed, progress, results) -> None:
     """Read the partitions from offset 0 until all consumers together (the
     shared `consumed` count) have read what the producers wrote (`target`)."""
-    from confluent_kafka import Consumer, TopicPartition
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "raftka-bench", "enable.auto.commit": False,
-                         "fetch.max.bytes": 64 << 20, "max.partition.fetch.bytes": 16 << 20,
-                         "fetch.wait.max.ms": 100})
-    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-    got = size = 0
-    e2e: list[float] = []
     cpu, started = _cpu_seconds(), time.perf_counter()
-    first = last = 0.0
-    deadline = started + timeout_s
-    while consumed.value < target.value and time.perf_counter() < deadline:
-        asked = time.perf_counter()
-        messages = [m for m in consumer.consume(10000, 0.2) if m.error() is None]
-        if not messages:
-            continue
-        first = first or asked           # from the call that brought the first records
-        now = time.time()
-        batch_bytes = sum(len(m.value()) for m in messages)
-        e2e.extend(now - m.timestamp()[1] / 1000 for m in messages[::97])
-        got, size = got + len(messages), size + batch_bytes
-        last = time.perf_counter()
-        with consumed.get_lock():
-            consumed.value += len(messages)
-        with progress.get_lock():
-            progress.value += batch_bytes
-    consumer.close()
-    seconds = last - first if got else time.perf_counter() - started
-    p50, p99 = _percentiles(e2e)
-    results.put({"role": "consumer", "messages": got, "bytes": size, "seconds": seconds,
-                 "p50_ms": p50, "p99_ms": p99, "cpu_cores": (_cpu_seconds() - cpu) / (time.perf_counter() - started)})
+    try:
+        run = loadgen.consume(settings, topic, partitions, target, consumed, timeout_s, samples=samples,
+                              every=every, progress=progress)
+    except Exception as error:
+        results.put({"role": "consumer", "error": str(error)})
+        return
+    results.put(_report("consumer", run, _cpu_seconds() - cpu, time.perf_counter() - started, warmup))
 
 
 # ---- one workload --------------------------------------------------------------------
@@ -137,13 +122,16 @@ UNKNOWN_TOTAL = 2**62   # what consumers aim at until timed producers say how mu
 class Workload:
     """Runs producer and/or consumer processes and collects what they report.
     Producers write `count` records between them, or as many as they can in
-    `duration_s`; consumers read until all of them together have read what
-    the producers wrote (`target`, known once the producers are done)."""
+    `duration_s`, paced at `rate` msgs/s in all when set; consumers read
+    until all of them together have read what the producers wrote (`target`,
+    known once the producers are done)."""
 
     def __init__(self, args: argparse.Namespace, bootstrap: str, topic: str, size: int, count: int,
-                 duration_s: float | None = None) -> None:
+                 duration_s: float | None = None, rate: float = 0.0, linger_ms: int = 5, samples: int = 0,
+                 warmup: int = 0) -> None:
         self.args, self.bootstrap, self.topic, self.size = args, bootstrap, topic, size
-        self.count, self.duration_s = count, duration_s
+        self.count, self.duration_s, self.rate, self.linger_ms = count, duration_s, rate, linger_ms
+        self.samples, self.warmup = samples, warmup
         self.context = multiprocessing.get_context("spawn")
         self.progress = self.context.Value("q", 0)      # bytes written or read so far
         self.consumed = self.context.Value("q", 0)      # records read by all consumers
@@ -158,18 +146,22 @@ class Workload:
         return (self.count // self.args.producers) * self.args.producers
 
     def start_producers(self) -> None:
-        per = UNKNOWN_TOTAL if self.duration_s else self.count // self.args.producers
-        for _ in range(self.args.producers):
-            self._start(producer_process, (self.bootstrap, self.topic, self.args.acks, self.size, per,
-                                           self.duration_s or 0.0))
-        self.producers = self.args.producers
+        n = self.args.producers
+        per = UNKNOWN_TOTAL if self.duration_s else self.count // n
+        settings = producer_settings(self.bootstrap, self.args.acks, self.linger_ms)
+        samples = self.samples or 20_000
+        for _ in range(n):
+            self._start(producer_process, (settings, self.topic, self.size, per, self.duration_s or 0.0,
+                                           self.rate / n, samples // n + self.warmup, self.warmup))
+        self.producers = n
 
     def start_consumers(self, timeout_s: float) -> None:
         n = self.args.consumers
         for i in range(n):
             partitions = list(range(i, self.args.partitions, n))
-            self._start(consumer_process, (self.bootstrap, self.topic, partitions, self.target, timeout_s,
-                                           self.consumed))
+            every, samples = (1, self.samples // n + self.warmup) if self.samples else (E2E_EVERY, 20_000)
+            self._start(consumer_process, (consumer_settings(self.bootstrap), self.topic, partitions, self.target,
+                                           timeout_s, samples, every, self.warmup, self.consumed))
 
     def _start(self, target, args: tuple) -> None:
         process = self.context.Process(target=target, args=(*args, self.progress, self.results), daemon=True)
@@ -180,10 +172,14 @@ class Workload:
         reports: list[dict] = []
         while len(reports) < len(self.processes):
             try:
-                reports.append(self.results.get(timeout=0.2))
+                report = self.results.get(timeout=0.2)
             except Exception:   # queue.Empty: show progress, check the children
                 if all(not p.is_alive() for p in self.processes) and self.results.empty():
                     raise RuntimeError(f"{len(self.processes) - len(reports)} load generator(s) died") from None
+            else:
+                if "error" in report:
+                    raise RuntimeError(f"a {report['role']} failed: {report['error']}")
+                reports.append(report)
             produced = [r for r in reports if r["role"] == "producer"]
             if self.producers and len(produced) == self.producers:
                 self.target.value = sum(r["messages"] for r in produced)
@@ -203,6 +199,14 @@ def produced_by(reports: list[dict]) -> int:
     return sum(r["messages"] for r in reports if r["role"] == "producer")
 
 
+def verdict(per_client_mb_s: float, target_mb_s: float, generator_bound: bool) -> str:
+    """PASS/MISS against the classic figure; a saturated generator says nothing
+    about the broker, so it is GEN-BOUND rather than MISS."""
+    if per_client_mb_s >= target_mb_s:
+        return "PASS"
+    return "GEN-BOUND" if generator_bound else "MISS"
+
+
 def summarise(reports: list[dict], role: str, target_mb_s: float, total: int) -> dict | None:
     """The role's figures together; RuntimeError if a record was not delivered,
     or not read back exactly once."""
@@ -212,21 +216,27 @@ def summarise(reports: list[dict], role: str, target_mb_s: float, total: int) ->
     total_bytes = sum(r["bytes"] for r in mine)
     seconds = max(r["seconds"] for r in mine)
     per_client = [mb_s(r["bytes"], r["seconds"]) for r in mine]
-    errors = sum(r.get("error_count", 0) for r in mine)
+    failed = sum(r["failed"] for r in mine)
     handled = sum(r["messages"] for r in mine)
-    if errors or handled != total:
-        raise RuntimeError(f"{role}s handled {handled} of {total} records; {errors} delivery errors "
-                           f"{[r.get('errors') for r in mine if r.get('errors')]}")
+    if failed or handled != total:
+        errors = sorted({r["first_error"] for r in mine if r["first_error"]})
+        raise RuntimeError(f"{role}s handled {handled} of {total} records; {failed} failed (librdkafka errors {errors})")
     median_per_client = statistics.median(per_client)
-    return {"clients": len(mine), "mb_s": mb_s(total_bytes, seconds), "msgs_s": sum(r["messages"] for r in mine) / seconds,
-            "per_client_mb_s": median_per_client, "p50_ms": max(r["p50_ms"] for r in mine),
-            "p99_ms": max(r["p99_ms"] for r in mine), "generator_cores": max(r["cpu_cores"] for r in mine),
-            "generator_bound": max(r["cpu_cores"] for r in mine) >= GENERATOR_BOUND_CORES,
-            "target_mb_s": target_mb_s, "verdict": "PASS" if median_per_client >= target_mb_s else "MISS"}
+    bound = max(r["thread_cores"] for r in mine) >= GENERATOR_BOUND_CORES
+    latency = max((r["latency_ms"] for r in mine if r["latency_ms"]), key=lambda lat: lat["p99"], default={})
+    return {"clients": len(mine), "mb_s": mb_s(total_bytes, seconds), "msgs_s": handled / seconds,
+            "per_client_mb_s": median_per_client, "latency_ms": latency,
+            "generator_thread_cores": max(r["thread_cores"] for r in mine),
+            "generator_cores": max(r["cpu_cores"] for r in mine), "generator_bound": bound,
+            "target_mb_s": target_mb_s, "verdict": verdict(median_per_client, target_mb_s, bound)}
+
+
+def _topic(kind: str, size: int) -> str:
+    return f"raftka-bench-{kind}-{size}-{os.getpid()}-{int(time.time() * 1000) % 100000}"
 
 
 def run_workload(args: argparse.Namespace, bootstrap: str, kind: str, size: int, volume: int, progress) -> dict:
-    topic = f"raftka-bench-{kind}-{size}-{os.getpid()}-{int(time.time() * 1000) % 100000}"
+    topic = _topic(kind, size)
     create_topic(bootstrap, args.replication_factor, topic, args.partitions)
     count = max(volume // size, args.producers)
     label = f"{kind:<8} {size:>6} B"
@@ -245,9 +255,36 @@ def run_workload(args: argparse.Namespace, bootstrap: str, kind: str, size: int,
     progress.update(task, total=progress.tasks[task].completed or 1, completed=progress.tasks[task].completed or 1)
     consumed = summarise(reports, "consumer", CONSUMER_TARGET_MB_S, total)
     if consumed is not None and kind == "consume":   # records written earlier: their age is no latency
-        consumed["p50_ms"] = consumed["p99_ms"] = None
+        consumed["latency_ms"] = {}
     return {"workload": kind, "message_bytes": size, "messages": total,
             "produce": summarise(reports, "producer", PRODUCER_TARGET_MB_S, total), "consume": consumed}
+
+
+def run_latency(args: argparse.Namespace, bootstrap: str, size: int, peak_msgs_s: float, load: float,
+                progress) -> dict:
+    """A producer paced at `load` x the peak with a consumer reading along:
+    acknowledgement and end-to-end latency percentiles."""
+    rate = load * peak_msgs_s
+    warmup = int(rate * LATENCY_WARMUP_S)
+    count = max(LATENCY_SAMPLES, int(rate * LATENCY_MIN_S)) + warmup
+    topic = _topic(f"latency{int(load * 100)}", size)
+    create_topic(bootstrap, args.replication_factor, topic, args.partitions)
+    task = progress.add_task(f"latency  {int(load * 100):>3}% of peak", total=count * size * 2)
+    show = lambda done: progress.update(task, completed=done)   # noqa: E731
+    workload = Workload(args, bootstrap, topic, size, count, rate=rate, linger_ms=LATENCY_LINGER_MS,
+                        samples=count - warmup, warmup=warmup)
+    reports = _run(workload, show, producers=True, consumers=True)
+    produced = summarise(reports, "producer", PRODUCER_TARGET_MB_S, workload.total)
+    consumed = summarise(reports, "consumer", CONSUMER_TARGET_MB_S, workload.total)
+    assert produced is not None and consumed is not None
+    samples = sum(r["samples"] for r in reports if r["role"] == "producer")
+    row = {"load": load, "message_bytes": size, "rate_msgs_s": rate, "achieved_msgs_s": produced["msgs_s"],
+           "linger_ms": LATENCY_LINGER_MS, "samples": samples, "ack_ms": produced["latency_ms"],
+           "e2e_ms": consumed["latency_ms"], "generator_bound": produced["generator_bound"]}
+    if load == 0.5:
+        row["targets_ms"] = LATENCY_TARGETS_MS
+        row["verdict"] = "PASS" if all(row["ack_ms"].get(k, 1e9) <= v for k, v in LATENCY_TARGETS_MS.items()) else "MISS"
+    return row
 
 
 def _run(workload: Workload, show, producers: bool = False, consumers: bool = False) -> list[dict]:
@@ -291,12 +328,28 @@ def loopback_mb_s(volume: int) -> float:
     return mb_s(received, seconds)
 
 
-def measure_reference(workdir: Path, volume: int) -> dict:
-    path = workdir / "raw"
-    write = measure_raw_write(path, bytearray(os.urandom(1 << 20)), max(volume >> 20, 1))
-    read = measure_raw_read(path, max(volume >> 20, 1) << 20)
-    path.unlink()
-    return {"raw_write_mb_s": write, "raw_read_mb_s": read, "loopback_mb_s": loopback_mb_s(max(volume, 64 << 20))}
+def durable_write_mb_s(path: Path, volume: int) -> float:
+    """Sequential 1 MiB writes of `volume` bytes, then fdatasync (dd's
+    conv=fdatasync): the rate this machine puts bytes on its disk."""
+    chunk = os.urandom(1 << 20)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        started = time.perf_counter()
+        for _ in range(max(volume >> 20, 1)):
+            os.write(fd, chunk)
+        os.fdatasync(fd)
+        seconds = time.perf_counter() - started
+    finally:
+        os.close(fd)
+        path.unlink()
+    return mb_s(max(volume >> 20, 1) << 20, seconds)
+
+
+def measure_reference(workdir: Path, volume: int, replication_factor: int) -> dict:
+    durable = durable_write_mb_s(workdir / "raw", min(max(volume, 64 << 20), 256 << 20))
+    return {"durable_write_mb_s": durable, "replication_factor": replication_factor,
+            "durable_write_per_replica_mb_s": durable / replication_factor,
+            "loopback_mb_s": loopback_mb_s(min(max(volume, 64 << 20), 512 << 20))}
 
 
 # ---- report ------------------------------------------------------------------------------
@@ -305,26 +358,43 @@ def print_table(result: dict) -> None:
     ref = result["reference"]
     print(f"\nRaftka: {result['setup']}; {result['partitions']} partitions, {result['producers']} producer(s), "
           f"{result['consumers']} consumer(s), " + (f"{result['duration_s']:g} s" if result.get("duration_s")
-                                                     else f"{result['volume_bytes'] >> 20} MiB") + " per workload")
-    print(f"reference on this machine: raw write {ref['raw_write_mb_s']:.0f} MB/s, raw read "
-          f"{ref['raw_read_mb_s']:.0f} MB/s, loopback TCP {ref['loopback_mb_s']:.0f} MB/s\n")
-    print("| workload | msg | side | MB/s | msgs/s | per client MB/s | p50 / p99 ms | vs reference | target | result | generator CPU |")
+                                                     else f"{result['volume_bytes'] >> 20} MiB") + " per workload; "
+          "native librdkafka load generators (linger.ms=5, 1 MB batches, no compression)")
+    print(f"reference on this machine: durable (fdatasync'd) sequential write {ref['durable_write_mb_s']:.0f} MB/s, "
+          f"/ RF {ref['replication_factor']} = {ref['durable_write_per_replica_mb_s']:.0f} MB/s; "
+          f"loopback TCP {ref['loopback_mb_s']:.0f} MB/s\n")
+    print("| workload | msg | side | MB/s | msgs/s | per client MB/s | p50 / p99 ms | vs reference | target | result "
+          "| generator thread / process CPU |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|")
     for row in result["rows"]:
-        for side, reference in (("produce", ref["raw_write_mb_s"]), ("consume", ref["loopback_mb_s"])):
+        for side, reference in (("produce", ref["durable_write_per_replica_mb_s"]), ("consume", ref["loopback_mb_s"])):
             s = row[side]
             if s is None:
                 continue
             bound = " (generator-bound)" if s["generator_bound"] else ""
             print(f"| {row['workload']} | {row['message_bytes']} B | {side} | {s['mb_s']:.1f} | {s['msgs_s']:,.0f} | "
-                  f"{s['per_client_mb_s']:.1f} | {_latency(s)} | {s['mb_s'] / reference:.3f} | "
-                  f"{s['target_mb_s']:.0f} | {s['verdict']} | {s['generator_cores']:.2f} cores{bound} |")
-    print("\nlatency: produce = librdkafka's send-to-acknowledgement; consume (in 'both') = record timestamp to receipt."
-          "\nvs reference: produce against raw write, consume against loopback TCP.")
+                  f"{s['per_client_mb_s']:.1f} | {_latency(s['latency_ms'])} | {s['mb_s'] / reference:.2f} | "
+                  f"{s['target_mb_s']:.0f} | {s['verdict']} | {s['generator_thread_cores']:.2f} / "
+                  f"{s['generator_cores']:.2f} cores{bound} |")
+    print("\nlatency: produce = librdkafka's send-to-acknowledgement at full load (time queued in the client);"
+          " consume (in 'both') = send time to receipt."
+          "\nvs reference: produce against durable write / RF, consume against loopback TCP.")
+    if result["latency"]:
+        print(f"\nlatency at fixed load ({result['latency'][0]['message_bytes']} B, linger.ms={LATENCY_LINGER_MS}, "
+              f"acks={result['acks']}); targets at 50%: p50 <= {LATENCY_TARGETS_MS['p50']:g} ms, "
+              f"p99 <= {LATENCY_TARGETS_MS['p99']:g} ms, p99.9 <= {LATENCY_TARGETS_MS['p99.9']:g} ms\n")
+        print("| load | msgs/s asked / done | samples | ack p50 / p99 / p99.9 / max ms | end-to-end p50 / p99 / p99.9 ms "
+              "| result |")
+        print("|---|---:|---:|---:|---:|---|")
+        for row in result["latency"]:
+            ack, e2e = row["ack_ms"], row["e2e_ms"]
+            print(f"| {row['load']:.0%} of peak | {row['rate_msgs_s']:,.0f} / {row['achieved_msgs_s']:,.0f} | "
+                  f"{row['samples']:,} | {ack['p50']:.1f} / {ack['p99']:.1f} / {ack['p99.9']:.1f} / {ack['max']:.1f} | "
+                  f"{e2e['p50']:.1f} / {e2e['p99']:.1f} / {e2e['p99.9']:.1f} | {row.get('verdict', '-')} |")
 
 
-def _latency(side: dict) -> str:
-    return "-" if side["p50_ms"] is None else f"{side['p50_ms']:.1f} / {side['p99_ms']:.1f}"
+def _latency(latency: dict) -> str:
+    return "-" if not latency else f"{latency['p50']:.1f} / {latency['p99']:.1f}"
 
 
 def write_chart(result: dict, path: Path) -> None:
@@ -336,15 +406,33 @@ def write_chart(result: dict, path: Path) -> None:
     produce = [r["produce"]["mb_s"] if r["produce"] else 0 for r in rows]
     consume = [r["consume"]["mb_s"] if r["consume"] else 0 for r in rows]
     x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 1.2), 4))
+    latency = result["latency"]
+    fig, axes = plt.subplots(1, 2 if latency else 1, figsize=(max(6, len(rows) * 1.2) + (5 if latency else 0), 4),
+                             squeeze=False, gridspec_kw={"width_ratios": [max(2, len(rows)), 2][:2 if latency else 1]})
+    ax = axes[0][0]
     ax.bar([i - 0.2 for i in x], produce, 0.4, label="produce")
     ax.bar([i + 0.2 for i in x], consume, 0.4, label="consume")
-    ax.axhline(PRODUCER_TARGET_MB_S * result["producers"], color="C0", linestyle="--", linewidth=1, label="50 MB/s per producer")
-    ax.axhline(CONSUMER_TARGET_MB_S * result["consumers"], color="C1", linestyle="--", linewidth=1, label="100 MB/s per consumer")
+    ax.axhline(PRODUCER_TARGET_MB_S * result["producers"], color="C0", linestyle="--", linewidth=1,
+               label="50 MB/s per producer")
+    ax.axhline(CONSUMER_TARGET_MB_S * result["consumers"], color="C1", linestyle="--", linewidth=1,
+               label="100 MB/s per consumer")
+    ax.axhline(result["reference"]["durable_write_per_replica_mb_s"], color="C0", linestyle=":", linewidth=1,
+               label="durable write / RF")
     ax.set_xticks(list(x), labels)
     ax.set_ylabel("MB/s")
-    ax.set_title(f"raftka bench: {result['setup']}")
-    ax.legend(fontsize=8)
+    ax.set_title(f"raftka bench: {result['setup']}", fontsize=9)
+    ax.legend(fontsize=7)
+    if latency:
+        ax = axes[0][1]
+        points = ("p50", "p99", "p99.9")
+        for j, row in enumerate(latency):
+            ax.bar([i + (j - 0.5) * 0.4 for i in range(len(points))], [row["ack_ms"][p] for p in points], 0.4,
+                   label=f"ack at {row['load']:.0%} of peak")
+        ax.set_xticks(range(len(points)), points)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms")
+        ax.set_title(f"latency at fixed load, linger.ms={LATENCY_LINGER_MS}", fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -354,24 +442,25 @@ def write_chart(result: dict, path: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="raftka bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 KiB messages, 16 MiB per workload (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="1 KiB messages, 32 MiB per workload (under a minute)")
     parser.add_argument("--nodes", type=int, default=3, help="brokers to start (default 3; RF = min(nodes, 3))")
     parser.add_argument("--bootstrap", help="benchmark a running cluster instead (host:port[,...])")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated of produce,consume,both")
     parser.add_argument("--sizes", default="100,1024,16384", help="message sizes in bytes, comma-separated")
     parser.add_argument("--partitions", type=int, default=6)
-    parser.add_argument("--producers", type=int, default=1)
-    parser.add_argument("--consumers", type=int, default=1)
+    parser.add_argument("--producers", type=int, default=1, help="producer processes per workload")
+    parser.add_argument("--consumers", type=int, default=1, help="consumer processes per workload")
     amount = parser.add_mutually_exclusive_group()
-    amount.add_argument("--volume-mib", type=int, help="data per workload (default 64, --quick 16)")
+    amount.add_argument("--volume-mib", type=int, help="data per workload (default 256, --quick 64)")
     amount.add_argument("--duration-s", type=float, help="produce for this long per workload instead of a volume")
     parser.add_argument("--acks", choices=("all", "1", "0"), default="all")
     parser.add_argument("--replication-factor", type=int, help="default min(brokers, 3)")
+    parser.add_argument("--no-latency", action="store_true", help="skip the latency-at-fixed-load phase")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="where cluster.json and .png go")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes = "1024" if args.sizes == parser.get_default("sizes") else args.sizes
-    args.volume_mib = args.volume_mib or (16 if args.quick else 64)
+    args.volume_mib = args.volume_mib or (64 if args.quick else 256)
     try:
         args.size_list = [int(s) for s in args.sizes.split(",")]
     except ValueError:
@@ -398,6 +487,11 @@ def brokers_in(bootstrap: str) -> int:
     return len(AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).brokers)
 
 
+def latency_size(args: argparse.Namespace) -> int:
+    """Latency at fixed load is measured at 1 KiB, or the listed size nearest to it."""
+    return min(args.size_list, key=lambda s: abs(s - 1024))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
@@ -405,8 +499,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="raftka-bench-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
-        print(f"measuring this machine's reference ({args.volume_mib} MiB)...", flush=True)
-        reference = measure_reference(workdir, volume)
         if args.bootstrap:
             bootstrap = args.bootstrap
             args.replication_factor = args.replication_factor or min(brokers_in(bootstrap), 3)
@@ -416,22 +508,37 @@ def main(argv: list[str] | None = None) -> int:
             brokers = stack.enter_context(Brokers(workdir / "cluster", args.nodes))
             bootstrap = brokers.bootstrap
             setup = f"{args.nodes} broker{'s' if args.nodes > 1 else ''}, RF={args.replication_factor}, acks={args.acks}"
-        rows = []
+        print("measuring this machine's reference (durable write, loopback TCP)...", flush=True)
+        reference = measure_reference(workdir, volume, args.replication_factor)
+        rows, latency = [], []
         columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    TimeElapsedColumn())
         with Progress(*columns) as progress:
             for size in args.size_list:
                 for kind in args.workload_list:
                     rows.append(run_workload(args, bootstrap, kind, size, volume, progress))
+            peak = next((r["produce"]["msgs_s"] for r in rows if r["workload"] == "produce"
+                         and r["message_bytes"] == latency_size(args)), None)
+            if peak and not args.no_latency:
+                for load in LATENCY_LOADS:
+                    latency.append(run_latency(args, bootstrap, latency_size(args), peak, load, progress))
     result = {"setup": setup, "nodes": None if args.bootstrap else args.nodes, "acks": args.acks,
               "partitions": args.partitions, "producers": args.producers, "consumers": args.consumers,
               "volume_bytes": volume, "duration_s": args.duration_s, "quick": args.quick, "reference": reference,
-              "rows": rows}
+              "generator": {"kind": "native (C loop over librdkafka)", "librdkafka": _librdkafka_version(),
+                            "producer_settings": producer_settings("", args.acks),
+                            "latency_linger_ms": LATENCY_LINGER_MS},
+              "rows": rows, "latency": latency}
     (args.out / "cluster.json").write_text(json.dumps(result, indent=1))
     print_table(result)
     write_chart(result, args.out / "cluster.png")
     print(f"\nwrote {args.out / 'cluster.json'} and {args.out / 'cluster.png'}")
     return 0
+
+
+def _librdkafka_version() -> str:
+    import confluent_kafka
+    return confluent_kafka.libversion()[0]
 
 
 def _interrupt(_signal: int, _frame: object) -> None:

@@ -1,4 +1,5 @@
-"""cffi (API mode, out-of-line) build of the native hot path: `native._raftka`.
+"""cffi (API mode, out-of-line) builds of the native code: the hot path
+(`native._raftka`) and the load generator of `raftka bench` (`native._loadgen`).
 
 Run by `pip install` through setup.py's cffi_modules; nothing is prebuilt.
 """
@@ -10,12 +11,13 @@ HERE = Path(__file__).resolve().parent
 
 
 def header_cdef(header: str) -> str:
-    """raftka.h without its include guard and includes: the cdef cffi needs.
+    """A header without its include guard and includes: the cdef cffi needs.
 
-    The header stays the one declaration of the native API and the batch
-    layout; cffi reads its comments, #define constants and prototypes as they are.
+    Each header stays the one declaration of its native API (raftka.h also of
+    the batch layout); cffi reads its comments, #define constants and
+    prototypes as they are.
     """
-    skipped = ("#ifndef RAFTKA_H", "#define RAFTKA_H", "#endif", "#include")
+    skipped = ("#ifndef RAFTKA_", "#define RAFTKA_", "#endif", "#include")
     return "\n".join(line for line in header.splitlines() if not line.startswith(skipped))
 
 
@@ -29,5 +31,17 @@ ffibuilder.set_source(
     extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra"],
 )
 
+loadgen_builder = FFI()
+loadgen_builder.cdef(header_cdef((HERE / "loadgen.h").read_text()))
+loadgen_builder.set_source(
+    "native._loadgen",
+    '#include "loadgen.h"',
+    sources=[str(Path("native") / "loadgen.c")],
+    include_dirs=[str(Path("native"))],
+    libraries=["dl"],
+    extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
+)
+
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)
+    loadgen_builder.compile(verbose=True)
