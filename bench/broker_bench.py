@@ -31,7 +31,7 @@ from pathlib import Path
 
 from bench.storage_bench import measure_raw_write, mb_s
 from engine.broker.broker import READY_PATTERN
-from engine.broker.local_cluster import die_with_parent, stop_processes
+from engine.broker.local_cluster import die_with_parent, raftka_command, stop_processes
 from raft.local_cluster import consecutive_free_ports
 
 PARTITIONS = 3
@@ -49,11 +49,11 @@ class Brokers:
 
     def __enter__(self) -> "Brokers":
         if self.nodes == 1:
-            command = [sys.executable, "-m", "engine.cli", "serve", "--port", "0", "--data-dir", str(self.workdir)]
+            command = raftka_command("serve", "--port", "0", "--data-dir", str(self.workdir))
         else:
             base = consecutive_free_ports(self.nodes)
-            command = [sys.executable, "-m", "engine.cli", "cluster", "--nodes", str(self.nodes),
-                       "--base-port", str(base), "--data-dir", str(self.workdir)]
+            command = raftka_command("cluster", "--nodes", str(self.nodes), "--base-port", str(base),
+                                     "--data-dir", str(self.workdir))
             self.bootstrap = ",".join(f"127.0.0.1:{base + i}" for i in range(self.nodes))
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                         preexec_fn=die_with_parent)   # even if the bench is SIGKILLed

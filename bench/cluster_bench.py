@@ -87,13 +87,21 @@ def _report(role: str, run: loadgen.Run, cpu_s: float, wall_s: float, warmup: in
             "samples": len(samples), "thread_cores": run.thread_cores, "cpu_cores": cpu_s / max(wall_s, 1e-9)}
 
 
+def _every(count: int, duration_s: float, rate: float, samples: int) -> int:
+    """Which acknowledgements to sample: all of a paced run; spread over a
+    volume-bound one; every E2E_EVERY-th of a timed one (its count is unknown)."""
+    if rate:
+        return 1
+    return E2E_EVERY if duration_s else max(1, min(count // max(samples, 1), 1 << 30))
+
+
 def producer_process(settings: dict, topic: str, size: int, count: int, duration_s: float, rate: float,
                      samples: int, warmup: int, progress, results) -> None:
     """Write `count` records (or for `duration_s` when set), paced at `rate` when set."""
     cpu, started = _cpu_seconds(), time.perf_counter()
     try:
         run = loadgen.produce(settings, topic, size, count, duration_s, rate, samples=samples,
-                              every=1 if rate else max(1, count // max(samples, 1)), progress=progress)
+                              every=_every(count, duration_s, rate, samples), progress=progress)
     except Exception as error:
         results.put({"role": "producer", "error": str(error)})
         return

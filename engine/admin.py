@@ -3,18 +3,22 @@
 They talk to any broker of a cluster through the Kafka protocol with
 confluent-kafka (librdkafka), as any Kafka tool would; nothing here reaches
 into a broker's files. Each returns an exit status: 0 done, 1 the cluster
-refused or failed (the message says why), 2 bad usage (argparse's own).
-Output is plain text, one line per item, so it pipes.
+refused or failed (one line on stderr says why, never a traceback), 2 bad
+usage (argparse's own). Every wait is bounded by --timeout-s. Output is plain
+text, one line per item, so it pipes.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import sys
 import time
 from typing import Any, TextIO
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 TIMEOUT_S = 15.0
+OPERATION_TIMEOUT_SHARE = 0.8   # of --timeout-s, the broker's: it answers (NOT_CONTROLLER if not done) before we give up
+RESULT_GRACE_S = 5.0            # librdkafka fails a request at its timeout; our own wait on the result is a backstop
 
 
 class AdminError(Exception):
@@ -22,7 +26,7 @@ class AdminError(Exception):
 
 
 def _config(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
-    return {"bootstrap.servers": args.bootstrap, "socket.timeout.ms": int(TIMEOUT_S * 1000),
+    return {"bootstrap.servers": args.bootstrap, "socket.timeout.ms": int(args.timeout_s * 1000),
             "logger": _QuietLogger(), **extra}
 
 
@@ -41,21 +45,37 @@ def _admin(args: argparse.Namespace):
     return AdminClient(_config(args))
 
 
-def _metadata(admin):
+def _timeouts(args: argparse.Namespace) -> dict[str, float]:
+    """An admin request's timeouts: the broker's (operation) and ours (request)."""
+    return {"operation_timeout": args.timeout_s * OPERATION_TIMEOUT_SHARE, "request_timeout": args.timeout_s}
+
+
+def _metadata(admin, args: argparse.Namespace):
     """The whole cluster's metadata (asking for one topic by name would auto-create it)."""
     from confluent_kafka import KafkaException
     try:
-        return admin.list_topics(timeout=TIMEOUT_S)
+        return admin.list_topics(timeout=args.timeout_s)
     except KafkaException as error:
-        raise AdminError(f"no broker answered at the bootstrap address: {error.args[0].str()}") from None
+        raise AdminError(f"no broker answered at the bootstrap address: {_message(error)}") from None
 
 
-def _result(future, what: str) -> Any:
-    from confluent_kafka import KafkaException
+def _result(future, what: str, args: argparse.Namespace) -> Any:
+    from confluent_kafka import KafkaError, KafkaException
     try:
-        return future.result(TIMEOUT_S)
+        return future.result(args.timeout_s + RESULT_GRACE_S)
     except KafkaException as error:
-        raise AdminError(f"{what}: {error.args[0].str()}") from None
+        if error.args and isinstance(error.args[0], KafkaError) and error.args[0].code() == KafkaError.NOT_CONTROLLER:
+            raise AdminError(f"{what}: the cluster cannot serve it yet, try again ({_message(error)})") from None
+        raise AdminError(f"{what}: {_message(error)}") from None
+    except concurrent.futures.TimeoutError:
+        raise AdminError(f"{what}: no answer within {args.timeout_s:g} s") from None
+
+
+def _message(error: BaseException) -> str:
+    """librdkafka's message of a KafkaException, else the exception's own, on one line."""
+    reason = error.args[0] if error.args else error
+    text = reason.str() if hasattr(reason, "str") else str(reason) or type(error).__name__
+    return " ".join(text.split())
 
 
 def _known_topic(metadata, topic: str) -> Any:
@@ -70,32 +90,36 @@ def _known_topic(metadata, topic: str) -> Any:
 def topics_create(args: argparse.Namespace, out: TextIO) -> None:
     from confluent_kafka.admin import NewTopic
     admin = _admin(args)   # kept referenced until the result is in: librdkafka stops with its handle
+    metadata = _metadata(admin, args)
     partitions, replication = args.partitions, args.replication_factor
     if partitions < 0 or replication < 0:    # CreateTopics v4's "broker default" is not served: ask for it
-        defaults = _broker_configs(admin)
+        defaults = _broker_configs(admin, metadata, args)
         partitions = partitions if partitions > 0 else int(defaults["num.partitions"])
         replication = replication if replication > 0 else int(defaults["default.replication.factor"])
     topic = NewTopic(args.name, partitions, replication, config=dict(args.config))
-    _result(admin.create_topics([topic])[args.name], f"creating topic {args.name!r}")
+    _result(admin.create_topics([topic], **_timeouts(args))[args.name], f"creating topic {args.name!r}", args)
     print(f"created topic {args.name}", file=out)
 
 
-def _broker_configs(admin) -> dict[str, str]:
+def _broker_configs(admin, metadata, args: argparse.Namespace) -> dict[str, str]:
     from confluent_kafka.admin import ConfigResource, ResourceType
-    broker = next(iter(sorted(_metadata(admin).brokers)))
+    if not metadata.brokers:
+        raise AdminError("the cluster lists no brokers yet: try again once it is ready")
+    broker = min(metadata.brokers)
     resource = ConfigResource(ResourceType.BROKER, str(broker))
-    entries = _result(admin.describe_configs([resource])[resource], f"reading broker {broker}'s settings")
+    entries = _result(admin.describe_configs([resource], request_timeout=args.timeout_s)[resource],
+                      f"reading broker {broker}'s settings", args)
     return {name: entry.value for name, entry in entries.items()}
 
 
 def topics_list(args: argparse.Namespace, out: TextIO) -> None:
-    metadata = _metadata(_admin(args))
+    metadata = _metadata(_admin(args), args)
     for name in sorted(metadata.topics):
         print(f"{name}\t{len(metadata.topics[name].partitions)} partitions", file=out)
 
 
 def topics_describe(args: argparse.Namespace, out: TextIO) -> None:
-    metadata = _metadata(_admin(args))
+    metadata = _metadata(_admin(args), args)
     names = [args.name] if args.name else sorted(metadata.topics)
     for name in names:
         topic = _known_topic(metadata, name)
@@ -106,7 +130,8 @@ def topics_describe(args: argparse.Namespace, out: TextIO) -> None:
 
 def topics_delete(args: argparse.Namespace, out: TextIO) -> None:
     admin = _admin(args)
-    _result(admin.delete_topics([args.name])[args.name], f"deleting topic {args.name!r}")
+    _metadata(admin, args)   # a cluster that does not answer is said so, not taken for a slow delete
+    _result(admin.delete_topics([args.name], **_timeouts(args))[args.name], f"deleting topic {args.name!r}", args)
     print(f"deleted topic {args.name}", file=out)
 
 
@@ -120,9 +145,9 @@ def produce(args: argparse.Namespace, out: TextIO, stdin: TextIO | None = None) 
     """Lines from stdin (or whole files with --file) as records; with
     --key-separator, the text before it is the key."""
     from confluent_kafka import Producer
-    _known_topic(_metadata(_admin(args)), args.topic)
+    _known_topic(_metadata(_admin(args), args), args.topic)
     producer = Producer(_config(args, **{"acks": args.acks, "enable.idempotence": args.acks == "all",
-                                         "message.timeout.ms": int(TIMEOUT_S * 2000)}))
+                                         "message.timeout.ms": int(args.timeout_s * 2000)}))
     failures: list[str] = []
     sent = 0
 
@@ -138,7 +163,7 @@ def produce(args: argparse.Namespace, out: TextIO, stdin: TextIO | None = None) 
                 producer.poll(0.05)
         producer.poll(0)
         sent += 1
-    if producer.flush(TIMEOUT_S * 2):
+    if producer.flush(args.timeout_s * 2):
         raise AdminError(f"{len(producer)} records were not acknowledged in time")
     if failures:
         raise AdminError(f"{len(failures)} of {sent} records failed: {failures[0]}")
@@ -169,7 +194,7 @@ def consume(args: argparse.Namespace, out: TextIO) -> None:
     """Print records as lines (key, separator, value with --print-key); stop
     at the end of the partitions unless --follow."""
     from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
-    topic = _known_topic(_metadata(_admin(args)), args.topic)
+    topic = _known_topic(_metadata(_admin(args), args), args.topic)
     settings = {"group.id": args.group or "raftka-cli", "enable.auto.commit": bool(args.group),
                 "auto.offset.reset": "earliest" if args.from_beginning else "latest",
                 "enable.partition.eof": True}
@@ -184,7 +209,7 @@ def consume(args: argparse.Namespace, out: TextIO) -> None:
         consumer.assign([TopicPartition(args.topic, p, start) for p in partitions])
     at_end: set[int] = set()
     printed = 0
-    idle_deadline = time.monotonic() + TIMEOUT_S
+    idle_deadline = time.monotonic() + args.timeout_s
     try:
         while args.max_messages is None or printed < args.max_messages:
             message = consumer.poll(0.5)
@@ -207,7 +232,7 @@ def consume(args: argparse.Namespace, out: TextIO) -> None:
                 value = f"{(message.key() or b'').decode(errors='replace')}{args.key_separator or chr(9)}{value}"
             print(value, file=out, flush=args.follow)
             printed += 1
-            idle_deadline = time.monotonic() + TIMEOUT_S
+            idle_deadline = time.monotonic() + args.timeout_s
     finally:
         consumer.close()
 
@@ -220,14 +245,14 @@ def status(args: argparse.Namespace, out: TextIO) -> None:
     from confluent_kafka import TopicPartition
     from confluent_kafka.admin import OffsetSpec
     admin = _admin(args)
-    metadata = _metadata(admin)
+    metadata = _metadata(admin, args)
     controller = metadata.controller_id
     print("brokers", file=out)
     for broker in sorted(metadata.brokers.values(), key=lambda b: b.id):
         print(f"  {broker.id}\t{broker.host}:{broker.port}{'  (controller)' if broker.id == controller else ''}", file=out)
     wanted = {TopicPartition(name, p): OffsetSpec.latest()
               for name, topic in metadata.topics.items() for p in topic.partitions}
-    latest = _result_map(admin.list_offsets(wanted, request_timeout=TIMEOUT_S)) if wanted else {}
+    latest = _result_map(admin.list_offsets(wanted, request_timeout=args.timeout_s), args) if wanted else {}
     print("partitions\ttopic\tpartition\tleader\treplicas\tisr\thigh watermark\traft term", file=out)
     for name in sorted(metadata.topics):
         for p in sorted(metadata.topics[name].partitions.values(), key=lambda p: p.id):
@@ -236,29 +261,31 @@ def status(args: argparse.Namespace, out: TextIO) -> None:
             print(f"  {name}\t{p.id}\t{p.leader}\t{_ids(p.replicas)}\t{_ids(p.isrs)}\t{hw}\t{term if term is not None else '?'}",
                   file=out)
     print("consumer groups\tgroup\ttopic\tpartition\tcommitted\tlag", file=out)
-    for group, lags in group_lags(admin, latest).items():
+    for group, lags in group_lags(admin, latest, args).items():
         for (topic, partition), (committed, lag) in sorted(lags.items()):
             print(f"  {group}\t{topic}\t{partition}\t{committed}\t{lag}", file=out)
 
 
-def _result_map(futures: dict) -> dict[tuple[str, int], Any]:
+def _result_map(futures: dict, args: argparse.Namespace) -> dict[tuple[str, int], Any]:
     found = {}
     for tp, future in futures.items():
         try:
-            found[(tp.topic, tp.partition)] = future.result(TIMEOUT_S)
+            found[(tp.topic, tp.partition)] = future.result(args.timeout_s + RESULT_GRACE_S)
         except Exception:   # one partition without a leader right now: shown as "?"
             continue
     return found
 
 
-def group_lags(admin, latest: dict[tuple[str, int], Any]) -> dict[str, dict[tuple[str, int], tuple[int, int | str]]]:
+def group_lags(admin, latest: dict[tuple[str, int], Any],
+               args: argparse.Namespace) -> dict[str, dict[tuple[str, int], tuple[int, int | str]]]:
     """group -> (topic, partition) -> (committed offset, high watermark - committed)."""
     from confluent_kafka import ConsumerGroupTopicPartitions
-    listed = _result(admin.list_consumer_groups(request_timeout=TIMEOUT_S), "listing consumer groups")
+    listed = _result(admin.list_consumer_groups(request_timeout=args.timeout_s), "listing consumer groups", args)
     lags: dict[str, dict[tuple[str, int], tuple[int, int | str]]] = {}
     for group in sorted(g.group_id for g in listed.valid):
-        futures = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)], request_timeout=TIMEOUT_S)
-        committed = _result(futures[group], f"offsets of group {group!r}")
+        futures = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)],
+                                                    request_timeout=args.timeout_s)
+        committed = _result(futures[group], f"offsets of group {group!r}", args)
         lags[group] = {}
         for tp in committed.topic_partitions:
             if tp.offset < 0:
@@ -276,6 +303,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         parser = parent.add_parser(name, help=help_text, description=help_text)
         parser.add_argument("--bootstrap", "-b", default=DEFAULT_BOOTSTRAP,
                             help=f"any broker, host:port[,...] (default {DEFAULT_BOOTSTRAP})")
+        parser.add_argument("--timeout-s", type=_positive_seconds, default=TIMEOUT_S,
+                            help=f"give up waiting for the cluster after this many seconds (default {TIMEOUT_S:g})")
         return parser
 
     topics = commands.add_parser("topics", help="create, list, describe or delete topics",
@@ -323,6 +352,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         .set_defaults(run=status)
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0.1 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds in [0.1, 3600], got {text!r}")
+    return seconds
+
+
 def _key_value(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
@@ -331,6 +370,7 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run an operator command; its failure is one line on stderr and status 1."""
     try:
         args.run(args, sys.stdout)
     except AdminError as error:
@@ -338,4 +378,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as error:   # librdkafka's or the system's, wherever raised: said, not a traceback
+        print(f"raftka {args.command}: {type(error).__name__}: {_message(error)}", file=sys.stderr)
+        return 1
     return 0

@@ -25,6 +25,7 @@ from pathlib import Path
 from engine.admin import add_commands as add_admin_commands
 from engine.admin import run as run_admin
 from engine.config import Config, ConfigError, load_config
+from engine.errors import RaftkaError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,28 +50,38 @@ def main(argv: list[str] | None = None) -> int:
         return run_admin(args)
     if args.command != "serve":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "serve":
-        from engine.broker.broker import serve as serve_broker
-        flags = {k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir),
-                                   ("metrics_port", args.metrics_port)) if v is not None}
+    if args.command in ("serve", "cluster"):
         try:
-            config = load_config(args.config, **flags)
-        except ConfigError as error:
-            parser.error(str(error))
-        logging.basicConfig(level=logging.INFO,
-                            format=f"%(asctime)s %(levelname)s node {config.node_id} %(name)s: %(message)s")
-        asyncio.run(serve_broker(config))
-        return 0
-    if args.command == "cluster":
-        from engine.broker.local_cluster import run_cluster
-        if not 1 <= args.nodes <= 9:
-            parser.error("--nodes must be in [1, 9]")
-        return run_cluster(args.nodes, args.base_port, args.data_dir)
+            return _serve(args, parser) if args.command == "serve" else _cluster(args, parser)
+        except (OSError, RaftkaError) as error:   # a port taken, a data directory locked or unwritable
+            print(f"raftka {args.command}: {error}", file=sys.stderr)
+            return 1
     if args.command == "bench":
         from bench.cluster_bench import run as bench_run
         return bench_run(rest)
     parser.print_help()
     return 2
+
+
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from engine.broker.broker import serve as serve_broker
+    flags = {k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir),
+                               ("metrics_port", args.metrics_port)) if v is not None}
+    try:
+        config = load_config(args.config, **flags)
+    except ConfigError as error:
+        parser.error(str(error))
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s %(levelname)s node {config.node_id} %(name)s: %(message)s")
+    asyncio.run(serve_broker(config))
+    return 0
+
+
+def _cluster(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from engine.broker.local_cluster import run_cluster
+    if not 1 <= args.nodes <= 9:
+        parser.error("--nodes must be in [1, 9]")
+    return run_cluster(args.nodes, args.base_port, args.data_dir)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from engine.broker.broker import READY_PATTERN
-from engine.broker.local_cluster import stop_processes
+from engine.broker.local_cluster import raftka_command, stop_processes
 
 
 
@@ -15,8 +14,7 @@ class BrokerProcess:
     def __init__(self, data_dir: Path, *extra: str) -> None:
         self.data_dir = Path(data_dir)
         self.log_path = self.data_dir.with_suffix(".log")
-        self.args = [sys.executable, "-m", "engine.cli", "serve", "--port", "0", "--data-dir", str(self.data_dir),
-                     *extra]
+        self.args = raftka_command("serve", "--port", "0", "--data-dir", str(self.data_dir), *extra)
         self.process: subprocess.Popen | None = None
         self.port = 0
 

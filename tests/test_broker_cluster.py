@@ -9,13 +9,12 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from engine.broker.local_cluster import stop_processes
+from engine.broker.local_cluster import raftka_command, stop_processes
 from engine.errors import ErrorCode
 from raft.local_cluster import consecutive_free_ports
 from tests.conftest import make_batch
@@ -28,8 +27,8 @@ NODES = 3
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
     base = consecutive_free_ports(NODES)
-    process = subprocess.Popen([sys.executable, "-m", "engine.cli", "cluster", "--nodes", str(NODES),
-                                "--base-port", str(base), "--data-dir", str(root)],
+    process = subprocess.Popen(raftka_command("cluster", "--nodes", str(NODES), "--base-port", str(base),
+                                              "--data-dir", str(root)),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     deadline = time.monotonic() + 90
@@ -134,8 +133,8 @@ def test_an_idempotent_producer_loses_and_duplicates_nothing_when_the_leader_is_
 
 def test_nodes_do_not_outlive_a_sigkilled_cluster_process(tmp_path):
     base = consecutive_free_ports(NODES)
-    process = subprocess.Popen([sys.executable, "-m", "engine.cli", "cluster", "--nodes", str(NODES),
-                                "--base-port", str(base), "--data-dir", str(tmp_path)],
+    process = subprocess.Popen(raftka_command("cluster", "--nodes", str(NODES), "--base-port", str(base),
+                                              "--data-dir", str(tmp_path)),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     while "cluster of" not in (line := process.stdout.readline()):
         assert line, "cluster exited before it was ready"
@@ -174,7 +173,7 @@ def test_a_broker_waits_for_peers_that_start_late(tmp_path):
 
     def spawn(config: Path) -> subprocess.Popen:
         log = open(config.parent / "broker.log", "ab")
-        process = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--config", str(config)],
+        process = subprocess.Popen(raftka_command("serve", "--config", str(config)),
                                    stdout=subprocess.PIPE, stderr=log, env=env, text=True)
         processes.append(process)
         return process

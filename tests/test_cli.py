@@ -6,15 +6,16 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from engine.broker.local_cluster import raftka_command
 from raft.local_cluster import free_ports
 from tests.broker_process import BrokerProcess
+from tests.test_cluster_startup import lone_broker  # noqa: F401 (a fixture)
 
 TIMEOUT_S = 60
 
@@ -28,7 +29,7 @@ def broker(tmp_path_factory):
 
 
 def raftka(*args: str, stdin: str = "", bootstrap: str | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "engine.cli", *args]
+    command = raftka_command(*args)
     if bootstrap is not None:
         command += ["--bootstrap", bootstrap]
     return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -111,6 +112,40 @@ def test_errors_are_said_plainly_with_exit_codes(broker):
     assert "--follow" in raftka("consume", "--help").stdout
 
 
+def said_in_one_line(run: subprocess.CompletedProcess) -> bool:
+    return run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("command", [["topics", "create", "t"], ["topics", "create", "t", "-p", "1", "-r", "1"],
+                                     ["topics", "list"], ["topics", "describe"], ["topics", "describe", "t"],
+                                     ["topics", "delete", "t"], ["produce", "t"], ["consume", "t"], ["status"]])
+def test_every_command_against_an_unreachable_broker_fails_in_one_line_within_its_timeout(command):
+    started = time.monotonic()
+    run = raftka(*command, "--timeout-s", "2", stdin="x\n", bootstrap=f"127.0.0.1:{free_ports(1)[0]}")
+    assert said_in_one_line(run), run.stderr
+    assert f"raftka {command[0]}: no broker answered at the bootstrap address" in run.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_topics_create_times_out_in_one_line_against_a_broker_that_cannot_serve_yet(lone_broker):
+    _process, bootstrap = lone_broker
+    started = time.monotonic()
+    run = raftka("topics", "create", "t", "-p", "1", "-r", "1", "--timeout-s", "3", bootstrap=bootstrap)
+    assert said_in_one_line(run), run.stderr
+    assert "creating topic 't'" in run.stderr and "elect the metadata leader" in run.stderr
+    assert time.monotonic() - started < 30
+    with_defaults = raftka("topics", "create", "t", "--timeout-s", "3", bootstrap=bootstrap)
+    assert said_in_one_line(with_defaults), with_defaults.stderr
+    assert raftka("topics", "create", "t", "--timeout-s", "0").returncode == 2   # not a timeout
+
+
+def test_serve_on_a_port_already_taken_fails_in_one_line(tmp_path):
+    import socket
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        run = raftka("serve", "--port", str(taken.getsockname()[1]), "--data-dir", str(tmp_path))
+    assert said_in_one_line(run) and "raftka serve: " in run.stderr and "in use" in run.stderr, run.stderr
+
+
 def test_the_metrics_endpoint_reports_traffic_terms_offsets_and_request_latency(broker):
     assert raftka("topics", "create", "metered", "-p", "1", bootstrap=broker.bootstrap).returncode == 0
     assert raftka("produce", "metered", stdin="x\ny\nz\n", bootstrap=broker.bootstrap).returncode == 0
@@ -129,23 +164,33 @@ def test_the_metrics_endpoint_reports_traffic_terms_offsets_and_request_latency(
 
 def test_raftka_bench_measures_a_running_cluster_and_writes_its_report(broker, tmp_path):
     import json
-    run = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--bootstrap", broker.bootstrap, "--acks", "1",
+    run = subprocess.run(raftka_command("bench", "--bootstrap", broker.bootstrap, "--acks", "1",
                           "--sizes", "1024", "--volume-mib", "2", "--partitions", "2", "--consumers", "2",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=240)
+                          "--out", str(tmp_path)), capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads((tmp_path / "cluster.json").read_text())
     assert (tmp_path / "cluster.png").stat().st_size > 0
     assert [r["workload"] for r in report["rows"]] == ["produce", "consume", "both"]
     consume = report["rows"][1]["consume"]
-    assert consume["clients"] == 2 and consume["mb_s"] > 0 and consume["verdict"] in ("PASS", "MISS")
+    assert consume["clients"] == 2 and consume["mb_s"] > 0 and consume["verdict"] in ("PASS", "MISS", "GEN-BOUND")
     assert "| produce | 1024 B | produce |" in run.stdout
+    assert report["generator"]["kind"].startswith("native")
+    latency = report["latency"]        # after the throughput phase: 25% and 50% of the measured peak
+    peak = report["rows"][0]["produce"]["msgs_s"]
+    assert [r["load"] for r in latency] == [0.25, 0.5]
+    for row in latency:
+        assert row["samples"] >= 100_000 and row["linger_ms"] == 1
+        assert abs(row["rate_msgs_s"] - row["load"] * peak) < 1
+        assert 0 < row["ack_ms"]["p50"] <= row["ack_ms"]["p99"] <= row["ack_ms"]["p99.9"] <= row["ack_ms"]["max"]
+        assert row["e2e_ms"]["p50"] > 0
+    assert "latency at fixed load" in run.stdout
 
 
 def test_raftka_bench_for_a_duration_reads_back_everything_the_producers_wrote(broker, tmp_path):
     import json
-    run = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--bootstrap", broker.bootstrap, "--acks", "1",
+    run = subprocess.run(raftka_command("bench", "--bootstrap", broker.bootstrap, "--acks", "1",
                           "--sizes", "512", "--duration-s", "2", "--workloads", "both", "--partitions", "2",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=240)
+                          "--out", str(tmp_path)), capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-2000:]
     row = json.loads((tmp_path / "cluster.json").read_text())["rows"][0]
     assert row["messages"] > 1000
@@ -154,11 +199,11 @@ def test_raftka_bench_for_a_duration_reads_back_everything_the_producers_wrote(b
 
 
 def test_raftka_bench_refuses_bad_flags_and_reports_an_unreachable_cluster(tmp_path):
-    bad = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--sizes", "big"], capture_output=True,
+    bad = subprocess.run(raftka_command("bench", "--sizes", "big"), capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "--sizes must be integers" in bad.stderr
-    down = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--bootstrap", f"127.0.0.1:{free_ports(1)[0]}",
-                           "--volume-mib", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=180)
+    down = subprocess.run(raftka_command("bench", "--bootstrap", f"127.0.0.1:{free_ports(1)[0]}",
+                           "--volume-mib", "1", "--out", str(tmp_path)), capture_output=True, text=True, timeout=180)
     assert down.returncode == 1 and "raftka bench failed" in down.stderr
 
 
@@ -180,7 +225,7 @@ def test_ctrl_c_stops_the_benchs_brokers_and_load_generators_and_removes_its_dat
     import signal
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    bench = subprocess.Popen([sys.executable, "-m", "engine.cli", "bench", "--quick", "--out", str(tmp_path / "out")],
+    bench = subprocess.Popen(raftka_command("bench", "--quick", "--out", str(tmp_path / "out")),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(scratch)})
     deadline = time.monotonic() + 60
     started: set[int] = set()
@@ -200,8 +245,8 @@ def test_ctrl_c_stops_the_benchs_brokers_and_load_generators_and_removes_its_dat
 def test_consume_follow_prints_records_as_they_arrive_until_stopped(broker):
     import signal
     assert raftka("topics", "create", "followed", "-p", "1", bootstrap=broker.bootstrap).returncode == 0
-    follower = subprocess.Popen([sys.executable, "-m", "engine.cli", "consume", "followed", "--follow",
-                                 "--bootstrap", broker.bootstrap], stdout=subprocess.PIPE, text=True)
+    follower = subprocess.Popen(raftka_command("consume", "followed", "--follow", "--bootstrap", broker.bootstrap),
+                                stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(3)                    # subscribed at the end of the (empty) partition
         assert raftka("produce", "followed", stdin="late arrival\n", bootstrap=broker.bootstrap).returncode == 0

@@ -14,6 +14,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from kio.index import load_request_schema
 
+from engine.broker.local_cluster import raftka_command
 from engine.errors import ErrorCode
 from engine.protocol import kafka
 from tests.test_broker_clients import read_response, request_frame
@@ -50,15 +51,14 @@ def produce(bootstrap: str, values: list[bytes]) -> None:
 def test_operator_status_against_the_cluster_lists_every_broker_and_replica_set(cluster):
     import re
     import subprocess
-    import sys
     _process, base, _root = cluster
     bootstrap = f"127.0.0.1:{base + 1}"
-    create = subprocess.run([sys.executable, "-m", "engine.cli", "topics", "create", "ops", "-p", "2", "-b", bootstrap],
+    create = subprocess.run(raftka_command("topics", "create", "ops", "-p", "2", "-b", bootstrap),
                             capture_output=True, text=True, timeout=60)
     assert create.returncode == 0, create.stderr
     deadline = time.monotonic() + TIMEOUT_S
     while True:
-        status = subprocess.run([sys.executable, "-m", "engine.cli", "status", "-b", bootstrap],
+        status = subprocess.run(raftka_command("status", "-b", bootstrap),
                                 capture_output=True, text=True, timeout=60)
         rows = re.findall(r"^  ops\t(\d)\t(\d)\t([\d,]+)\t([\d,]+)\t(\d+)\t(\d+)$", status.stdout, re.M)
         if len(rows) == 2 and all(len(isr.split(",")) == 3 for *_x, isr, _hw, _term in rows) or time.monotonic() > deadline:

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 READY_LOG_INTERVAL_S = 10.0
 TERM_OBSERVE_INTERVAL_S = 0.5
-# the line `raftka serve` prints once it serves; tools that start brokers wait for it
+# the line `raftka serve` prints once it can serve (Broker.start returned); tools that start brokers wait for it
 READY_PATTERN = re.compile(r"ready on ([\d.]+):(\d+)")
 
 
@@ -40,6 +40,10 @@ class Broker:
         self._metrics_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        """Listen, join the cluster, and return once the broker can serve (its
+        controller is ready: a metadata leader is elected and every configured
+        broker has registered). Requests that come before are answered: admin
+        ones wait for readiness within their timeout, then NOT_CONTROLLER."""
         self.port = await self.server.start(self.config.host, self.config.port)
         if self.config.port == 0 and not self.config.advertised_port:
             # registered with the port actually bound
@@ -54,9 +58,8 @@ class Broker:
             try:
                 await self.controller.wait_ready(READY_LOG_INTERVAL_S)
                 return
-            except NoControllerError:
-                log.warning("node %d: waiting for a majority of %s to elect the metadata leader",
-                            self.config.node_id, self.config.broker_ids)
+            except NoControllerError as waiting:
+                log.warning("%s", waiting)
 
     async def _observe_terms(self) -> None:
         while True:

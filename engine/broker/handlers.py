@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import timedelta
 from typing import Any, Awaitable, Callable
 
 from engine.broker.group_handlers import GroupHandlers
 from engine.broker.groups import GroupService
 from engine.broker.metrics import BrokerMetrics
-from engine.cluster.controller import ClusterController
+from engine.cluster.controller import ADMIN_TIMEOUT_S, ClusterController
 from engine.groups.records import OFFSETS_TOPIC
 from engine.records.batch import iter_batches
 from engine.config import BROKER_CONFIGS, TOPIC_CONFIGS, Config, config_text
@@ -121,8 +122,9 @@ class Handlers:
             creating = await self._auto_create([n for n in names if n not in state.topics])
         broker_cls, topic_cls = nested(schema, "MetadataResponseBroker"), nested(schema, "MetadataResponseTopic")
         partition_cls = nested(schema, "MetadataResponsePartition")
-        brokers = tuple(build(broker_cls, node_id=b.node_id, host=b.host, port=b.port, rack=b.rack)
-                        for b in sorted(state.brokers.values(), key=lambda b: b.node_id))
+        listed = self._listed_brokers()
+        brokers = tuple(build(broker_cls, node_id=node_id, host=host, port=port, rack=rack)
+                        for node_id, (host, port, rack) in sorted(listed.items()))
         topics = []
         for name in names:
             topic = state.topics.get(name)
@@ -142,7 +144,23 @@ class Handlers:
                                 partitions=tuple(partitions)))
         return kafka.encode_response(request.correlation_id, build(
             schema, throttle_time=0, brokers=brokers, cluster_id=self.config.cluster_id,
-            controller_id=self.controller.controller_id, topics=tuple(topics)))
+            controller_id=self._controller_for_clients(listed), topics=tuple(topics)))
+
+    def _listed_brokers(self) -> dict[int, tuple[str, int, str | None]]:
+        """node id -> (host, port, rack) of the registered brokers, and of this
+        one before its registration is committed: it answers, so it is listed."""
+        listed = {b.node_id: (b.host, b.port, b.rack) for b in self.controller.state.brokers.values()}
+        listed.setdefault(self.controller.node_id, (*self.config.advertised_address, None))
+        return listed
+
+    def _controller_for_clients(self, listed: dict[int, Any]) -> int:
+        """Metadata's controller_id: the metadata leader once it is elected and
+        listed, otherwise this broker, as a KRaft broker names any live broker:
+        admin requests are forwarded to the leader, or answered NOT_CONTROLLER
+        while there is none. Never -1: librdkafka then waits for a controller
+        without asking again, and its admin requests time out unsent."""
+        leader = self.controller.controller_id
+        return leader if leader in listed else self.controller.node_id
 
     def _unknown_topic_code(self, name: str) -> int:
         try:
@@ -152,7 +170,11 @@ class Handlers:
         return ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
 
     async def _auto_create(self, names: list[str]) -> set[str]:
-        """Create unknown topics with the defaults; the names now being created."""
+        """Create unknown topics with the defaults; the names now being created.
+        Until the broker is ready none is created and valid names are reported
+        as being created (LEADER_NOT_AVAILABLE), so clients ask again."""
+        if not self.controller.ready:
+            return {name for name in names if self._unknown_topic_code(name) == ErrorCode.UNKNOWN_TOPIC_OR_PARTITION}
         created = set()
         for name in names:
             try:
@@ -316,8 +338,14 @@ class Handlers:
 
     # ---- CreateTopics, DeleteTopics ---------------------------------------------
 
+    # Topics are created, deleted or grown one after another (placement reads
+    # the topic count) within one deadline: the request's timeout, capped at
+    # the controller's ADMIN_TIMEOUT_S. What is not done by then is answered
+    # NOT_CONTROLLER, which clients retry.
+
     async def create_topics(self, request: Request) -> Response:
         result_cls = nested(response_schema(request), "CreatableTopicResult")
+        deadline = _admin_deadline(request.body.timeout)
         results = []
         for topic in request.body.topics:
             if topic.assignments:
@@ -327,21 +355,22 @@ class Handlers:
             else:
                 configs = {c.name: c.value for c in topic.configs}
                 code, message = await _outcome(self.controller.create_topic(
-                    topic.name, topic.num_partitions, topic.replication_factor, configs))
+                    topic.name, topic.num_partitions, topic.replication_factor, configs, _remaining_s(deadline)))
             results.append(build(result_cls, name=topic.name, error_code=code, error_message=message))
         return kafka.answer(request, topics=tuple(results))
 
     async def delete_topics(self, request: Request) -> Response:
         result_cls = nested(response_schema(request), "DeletableTopicResult")
+        deadline = _admin_deadline(request.body.timeout)
         results = []
         for name in request.body.topic_names:
-            code, _message = await _outcome(self.controller.delete_topic(name))
+            code, _message = await _outcome(self.controller.delete_topic(name, _remaining_s(deadline)))
             results.append(build(result_cls, name=name, error_code=code))
         return kafka.answer(request, responses=tuple(results))
 
-
     async def create_partitions(self, request: Request) -> Response:
         result_cls = nested(response_schema(request), "CreatePartitionsTopicResult")
+        deadline = _admin_deadline(request.body.timeout)
         results = []
         for topic in request.body.topics:
             if topic.assignments is not None:
@@ -354,7 +383,8 @@ class Handlers:
                 elif topic.count <= len(current.partitions):
                     code, message = ErrorCode.INVALID_PARTITIONS, f"{topic.name!r} already has {len(current.partitions)}"
             else:
-                code, message = await _outcome(self.controller.create_partitions(topic.name, topic.count))
+                code, message = await _outcome(self.controller.create_partitions(topic.name, topic.count,
+                                                                                 _remaining_s(deadline)))
             results.append(build(result_cls, name=topic.name, error_code=code, error_message=message))
         return kafka.answer(request, results=tuple(results))
 
@@ -388,6 +418,18 @@ class Handlers:
                                  resource_type=resource.resource_type, resource_name=resource.resource_name,
                                  configs=configs))
         return kafka.answer(request, results=tuple(results))
+
+
+def _admin_deadline(timeout: timedelta) -> float:
+    """The event-loop time by which an admin request is answered: its timeout
+    (none given, 0 or less: ADMIN_TIMEOUT_S), capped at ADMIN_TIMEOUT_S."""
+    timeout_s = timeout.total_seconds()
+    timeout_s = min(timeout_s, ADMIN_TIMEOUT_S) if timeout_s > 0 else ADMIN_TIMEOUT_S
+    return asyncio.get_running_loop().time() + timeout_s
+
+
+def _remaining_s(deadline: float) -> float:
+    return max(deadline - asyncio.get_running_loop().time(), 0.0)
 
 
 async def _outcome(operation: Awaitable[None]) -> tuple[int, str | None]:

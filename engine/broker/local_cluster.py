@@ -26,6 +26,16 @@ READY_TIMEOUT_S = 60.0
 PR_SET_PDEATHSIG = 1
 
 
+def raftka_command(*args: str) -> list[str]:
+    """The argv that runs `raftka <args>` in a new process with this interpreter.
+
+    `-P` keeps the working directory off sys.path: run from the root of a
+    clone, its engine/, raft/ and native/ folders (native without its compiled
+    extension after a plain `pip install .`) would otherwise shadow the
+    installed package. Every process the CLI starts is started with this."""
+    return [sys.executable, "-P", "-m", "engine.cli", *args]
+
+
 def write_configs(nodes: int, base_port: int, data_dir: Path) -> list[Path]:
     peer_ports = free_ports(nodes)
     paths = []
@@ -57,7 +67,7 @@ def run_cluster(nodes: int, base_port: int, data_dir: Path) -> int:
     try:
         for config in configs:
             log = open(config.parent / "broker.log", "ab")
-            processes.append(subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--config", str(config)],
+            processes.append(subprocess.Popen(raftka_command("serve", "--config", str(config)),
                                               stdout=subprocess.PIPE, stderr=log, env=env,
                                               preexec_fn=die_with_parent))
         for i, process in enumerate(processes, 1):

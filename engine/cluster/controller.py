@@ -12,7 +12,10 @@ LogManager, and its member of the metadata group, and keeps three things true:
   answer Kafka's Metadata;
 - admin operations (register, create/delete topics, add partitions) work from
   any broker: a command is proposed on the metadata leader, forwarded to it
-  over the peer network when that is another broker.
+  over the peer network when that is another broker. They are served once the
+  broker is ready (a metadata leader is elected and every configured broker
+  has registered), and end within their timeout: done, refused, or
+  NoControllerError (Kafka's retriable NOT_CONTROLLER).
 
 Nothing here runs on another thread: Raft ticks, applies, reconciliation and
 the Kafka server (issue 4) share the broker's event loop.
@@ -44,7 +47,9 @@ log = logging.getLogger(__name__)
 DUTY_INTERVAL_S = 0.1
 LEADERSHIP_REPORT_INTERVAL_S = 0.5
 FORWARD_TIMEOUT_S = 2.0
-ADMIN_TIMEOUT_S = 15.0
+ADMIN_TIMEOUT_S = 15.0             # the longest an admin operation waits (a request's own timeout may be shorter)
+READY_POLL_INTERVAL_S = 0.02
+PROPOSE_RETRY_INTERVAL_S = 0.05
 PRODUCER_ID_BLOCK = 1000
 
 
@@ -109,18 +114,33 @@ class ClusterController:
         self._replicas.clear()
         self.logs.close()
 
+    def not_ready_reason(self) -> str | None:
+        """Why this broker cannot serve yet; None once it can: a metadata
+        leader is elected, this broker's copy of the metadata has caught up
+        with the leader's, and every configured broker (this one included)
+        has registered, so a new topic's replicas can be placed on all of them."""
+        if self.metadata is None or self.metadata.leader_id is None:
+            return f"waiting for a majority of {self.config.broker_ids} to elect the metadata leader"
+        if not self.metadata._isReady():
+            return "catching up with the metadata leader"
+        missing = sorted(set(self.config.broker_ids) - set(self.state.brokers))
+        if missing or not self._registered:
+            return f"waiting for brokers {missing or [self.node_id]} to register"
+        return None
+
     @property
     def ready(self) -> bool:
-        """This broker has registered and its metadata has caught up with the leader's."""
-        return self._registered and self.metadata is not None and self.metadata._isReady()
+        """This broker can serve (see not_ready_reason)."""
+        return self.not_ready_reason() is None
 
     async def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Return once ready; NoControllerError saying what is missing after `timeout_s`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while not self.ready:
-            if loop.time() > deadline:
-                raise NoControllerError(f"node {self.node_id}: metadata not ready after {timeout_s} s")
-            await asyncio.sleep(0.02)
+        while (reason := self.not_ready_reason()) is not None:
+            if loop.time() >= deadline:
+                raise NoControllerError(f"node {self.node_id}: not ready after {timeout_s:.3g} s: {reason}")
+            await asyncio.sleep(min(READY_POLL_INTERVAL_S, max(deadline - loop.time(), 0.0)))
 
     # ---- what the broker asks ---------------------------------------------
 
@@ -149,34 +169,43 @@ class ClusterController:
 
     # ---- admin operations ---------------------------------------------------
 
+    # Each admin operation refuses bad arguments at once, then waits, within
+    # its `timeout_s`, for this broker to be ready and for the metadata leader
+    # to commit the command. Past `timeout_s` it raises NoControllerError
+    # (NOT_CONTROLLER: retriable), so every request is answered in time.
+
     async def create_topic(self, name: str, partitions: int | None = None, replication_factor: int | None = None,
-                           configs: dict[str, str] | None = None) -> None:
+                           configs: dict[str, str] | None = None, timeout_s: float = ADMIN_TIMEOUT_S) -> None:
+        deadline = self._deadline(timeout_s)
         validate_topic_name(name)
         partitions = self.config.default_partitions if partitions in (None, -1) else partitions
         if not isinstance(partitions, int) or not 0 < partitions <= PARTITIONS_MAX:
             raise InvalidPartitionsError(f"partitions must be in [1, {PARTITIONS_MAX}], got {partitions!r}")
-        brokers = sorted(self.state.brokers)
+        cluster_size = len(set(self.config.broker_ids) | set(self.state.brokers))
         if replication_factor in (None, -1):
-            replication_factor = min(self.config.default_replication_factor, max(len(brokers), 1))
-        if not isinstance(replication_factor, int) or not 0 < replication_factor <= len(brokers):
+            replication_factor = min(self.config.default_replication_factor, cluster_size)
+        if not isinstance(replication_factor, int) or not 0 < replication_factor <= cluster_size:
             raise InvalidReplicationFactorError(
-                f"replication factor {replication_factor!r} with {len(brokers)} registered brokers")
+                f"replication factor {replication_factor!r} in a cluster of {cluster_size} brokers")
         configs = dict(configs or {})
-        for key, value in configs.items():
-            if key not in TOPIC_CONFIGS:
-                raise InvalidConfigError(f"unknown topic config {key!r}; supported: {sorted(TOPIC_CONFIGS)}")
-            if value is None or not value.lstrip("-").isdigit():
-                raise InvalidConfigError(f"topic config {key}={value!r} is not an integer")
+        _validate_topic_configs(configs)
+        await self._wait_ready_until(deadline)
+        brokers = sorted(self.state.brokers)
+        assert replication_factor <= len(brokers), f"ready with {brokers} registered, fewer than {cluster_size}"
         replicas = metadata.assign_replicas(brokers, partitions, replication_factor, start=len(self.state.topics))
         await self.propose(metadata.create_topic(name, os.urandom(16), replicas, configs),
-                           f"create topic {name!r}")
+                           f"create topic {name!r}", self._remaining_s(deadline))
 
-    async def delete_topic(self, name: str) -> None:
+    async def delete_topic(self, name: str, timeout_s: float = ADMIN_TIMEOUT_S) -> None:
+        deadline = self._deadline(timeout_s)
         if name == OFFSETS_TOPIC:
             raise RaftkaError(f"{OFFSETS_TOPIC} is internal: it holds every consumer group's offsets")
-        await self.propose(metadata.delete_topic(name), f"delete topic {name!r}")
+        await self._wait_ready_until(deadline)
+        await self.propose(metadata.delete_topic(name), f"delete topic {name!r}", self._remaining_s(deadline))
 
-    async def create_partitions(self, name: str, total: int) -> None:
+    async def create_partitions(self, name: str, total: int, timeout_s: float = ADMIN_TIMEOUT_S) -> None:
+        deadline = self._deadline(timeout_s)
+        await self._wait_ready_until(deadline)   # the topic's partition count is read from caught-up metadata
         topic = self.state.topics.get(name)
         if topic is None:
             raise UnknownTopicOrPartitionError(f"unknown topic {name!r}")
@@ -187,7 +216,18 @@ class ClusterController:
         brokers = sorted(self.state.brokers)
         replicas = metadata.assign_replicas(brokers, total - current, replication_factor,
                                             first_partition=current, start=len(self.state.topics))
-        await self.propose(metadata.create_partitions(name, replicas), f"add partitions to {name!r}")
+        await self.propose(metadata.create_partitions(name, replicas), f"add partitions to {name!r}",
+                           self._remaining_s(deadline))
+
+    def _deadline(self, timeout_s: float) -> float:
+        assert timeout_s >= 0, f"timeout_s({timeout_s}) < 0"
+        return asyncio.get_running_loop().time() + timeout_s
+
+    def _remaining_s(self, deadline: float) -> float:
+        return max(deadline - asyncio.get_running_loop().time(), 0.0)
+
+    async def _wait_ready_until(self, deadline: float) -> None:
+        await self.wait_ready(self._remaining_s(deadline))
 
     async def allocate_producer_id(self) -> int:
         """A producer id unique in the cluster's lifetime. Ids come in blocks
@@ -212,36 +252,37 @@ class ClusterController:
         return producer_id
 
     async def propose(self, command: bytes, what: str, timeout_s: float = ADMIN_TIMEOUT_S) -> None:
-        """Commit a metadata command, wherever the metadata leader is; raise
+        """Commit a metadata command, wherever the metadata leader is, trying
+        again until `timeout_s` has passed (no attempt outlasts it); raise
+        NoControllerError if it was not committed in time (it may still be),
         MetadataCommandError if the state machine refused it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            code = await self._propose_once(command)
+            code = await self._propose_once(command, min(FORWARD_TIMEOUT_S, self._remaining_s(deadline)))
             if code is not None:
                 break
-            if loop.time() > deadline:
-                raise NoControllerError(f"{what}: no metadata leader answered within {timeout_s} s")
-            await asyncio.sleep(0.05)
+            if loop.time() >= deadline:
+                raise NoControllerError(f"{what}: no metadata leader committed it within {timeout_s:.3g} s")
+            await asyncio.sleep(min(PROPOSE_RETRY_INTERVAL_S, self._remaining_s(deadline)))
         if code != ErrorCode.NONE:
             raise MetadataCommandError(code, what)
 
-    async def _propose_once(self, command: bytes) -> int | None:
+    async def _propose_once(self, command: bytes, timeout_s: float) -> int | None:
         """The command's error code, or None when it should be retried."""
-        assert self.metadata is not None
-        leader = self.metadata.leader_id
+        leader = self.metadata.leader_id if self.metadata is not None else None
         try:
-            if leader == self.node_id:
-                return await asyncio.wait_for(self.metadata.propose(command), FORWARD_TIMEOUT_S)
             if leader is None:
                 return None
+            if leader == self.node_id:
+                return await asyncio.wait_for(self.metadata.propose(command), timeout_s)
             request_id = next(self._forward_ids)
             future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             self._forwarded[request_id] = future
             try:
                 self.metadata.transport.send_to(leader, {"type": "rk_propose", "id": request_id, "command": command})
                 self.node.mark_active(METADATA_GROUP_ID)
-                code = await asyncio.wait_for(future, FORWARD_TIMEOUT_S)
+                code = await asyncio.wait_for(future, timeout_s)
             finally:
                 self._forwarded.pop(request_id, None)
             return None if code == ErrorCode.NOT_CONTROLLER else code
@@ -403,3 +444,11 @@ class ClusterController:
                                  "epoch": p.leader_epoch, "isr": p.isr} for p in t.partitions]
                        for t in self.state.topics.values()},
         }
+
+
+def _validate_topic_configs(configs: dict[str, str]) -> None:
+    for key, value in configs.items():
+        if key not in TOPIC_CONFIGS:
+            raise InvalidConfigError(f"unknown topic config {key!r}; supported: {sorted(TOPIC_CONFIGS)}")
+        if value is None or not value.lstrip("-").isdigit():
+            raise InvalidConfigError(f"topic config {key}={value!r} is not an integer")
