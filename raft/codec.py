@@ -40,6 +40,12 @@ def encode(value: Any) -> bytes:
     return bytes(out)
 
 
+def encode_into(out: bytearray, value: Any) -> None:
+    """Append the encoding of `value` to `out` (no copy of the whole message,
+    for callers that frame it in place)."""
+    _encode(out, value, 0)
+
+
 def decode(data: bytes | bytearray | memoryview) -> Any:
     """Decode exactly one message spanning all of `data`."""
     view = memoryview(data)

@@ -43,6 +43,18 @@ def encode_frame(group_id: int, kind: FrameKind, payload: bytes | bytearray | me
     return HEADER.pack(len(payload) + _AFTER_LENGTH, group_id, kind) + bytes(payload)
 
 
+def new_frame() -> bytearray:
+    """A frame under construction: room for the header, payload appended after
+    it, then `seal_frame`. Saves encode_frame's copy of the payload."""
+    return bytearray(HEADER_SIZE)
+
+
+def seal_frame(frame: bytearray, group_id: int, kind: FrameKind) -> bytearray:
+    """Fill in the header of a frame made with new_frame."""
+    HEADER.pack_into(frame, 0, len(frame) - 4, group_id, kind)
+    return frame
+
+
 class FrameDecoder:
     """Turns a byte stream into frames; raises FrameError on the first bad one."""
 
@@ -59,16 +71,20 @@ class FrameDecoder:
         self._buffer += data
         frames = []
         position = 0
-        while len(self._buffer) - position >= HEADER_SIZE:
-            length, group_id, kind = HEADER.unpack_from(self._buffer, position)
-            if not _AFTER_LENGTH <= length <= self.max_frame_bytes:
-                raise FrameError(f"frame length {length} outside [{_AFTER_LENGTH}, {self.max_frame_bytes}]")
-            if kind not in FrameKind._value2member_map_:
-                raise FrameError(f"unknown frame kind {kind}")
-            end = position + 4 + length
-            if end > len(self._buffer):
-                break
-            frames.append(Frame(group_id, FrameKind(kind), bytes(self._buffer[position + HEADER_SIZE:end])))
-            position = end
+        view = memoryview(self._buffer)   # payloads are copied once, out of the view
+        try:
+            while len(view) - position >= HEADER_SIZE:
+                length, group_id, kind = HEADER.unpack_from(view, position)
+                if not _AFTER_LENGTH <= length <= self.max_frame_bytes:
+                    raise FrameError(f"frame length {length} outside [{_AFTER_LENGTH}, {self.max_frame_bytes}]")
+                if kind not in FrameKind._value2member_map_:
+                    raise FrameError(f"unknown frame kind {kind}")
+                end = position + 4 + length
+                if end > len(view):
+                    break
+                frames.append(Frame(group_id, FrameKind(kind), view[position + HEADER_SIZE:end].tobytes()))
+                position = end
+        finally:
+            view.release()
         del self._buffer[:position]
         return frames

@@ -5,6 +5,11 @@ replicated command is "append these record batches" to a PartitionLog.
   never pysyncobj's pickling TCP transport. A command is raw bytes,
   `0x10 | leader epoch (i32) | record batches`, not a pickled method call, so
   applying it copies nothing and unpickles nothing.
+- Appends proposed during one event-loop iteration (the produce requests read
+  together) become one entry, `0x11 | leader epoch (i32) | part count (u32) |
+  part sizes (u32 each) | parts`, each part applied as its own append with
+  its own outcome: the Raft cost (journal write, one message per follower,
+  acknowledgement, commit) is paid per iteration, not per request.
 - Apply is deterministic: the batches get base offset = log end offset and the
   leader epoch the leader stamped into the command, so every replica writes
   the same bytes. Batches every replica rejects (corrupt) are rejected by all
@@ -51,6 +56,9 @@ AppendCallback = Callable[[int | None, Exception | None], None]
 
 APPEND_COMMAND = 0x10                  # after pysyncobj's own command types 0..3
 APPEND_HEADER = struct.Struct(">Bi")   # command type, leader epoch
+MULTI_APPEND_COMMAND = 0x11            # several appends (produce requests) in one entry
+MULTI_APPEND_HEADER = struct.Struct(">BiI")   # command type, leader epoch, part count
+PART_SIZE = struct.Struct(">I")
 MAX_MESSAGE_ENTRIES_BYTES = 8 * 1024 * 1024
 MAX_COMMAND_BYTES = MAX_MESSAGE_ENTRIES_BYTES - 1  # pysyncobj pickles entries at or above the batch size
 CATCH_UP_CHUNK_BYTES = 4 * 1024 * 1024
@@ -59,6 +67,15 @@ CATCH_UP_RETRY_S = 0.5
 # pysyncobj's pipe notifier wakes its own tick thread; groups here are ticked
 # by RaftNode, so it would only cost two file descriptors per group.
 _syncobj.PIPE_NOTIFIER_ENABLED = False
+
+
+def _settle(future: "asyncio.Future[Any]", result: Any, error: Exception | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class NotLeaderError(Exception):
@@ -311,9 +328,11 @@ class RaftGroup(SyncObj):
             self._stale_peers.add(peer_id)
             self._SyncObj__newAppendEntriesTime = 0.0   # pysyncobj's own append_entries at the next tick
 
-    def _propose(self, command: bytes, callback: Callable[[Any, Exception | None], None]) -> None:
+    def _propose(self, command: bytes, callback: Callable[[Any, Exception | None], None],
+                 wake: bool = True) -> None:
         """Replicate `command`; `callback(result of applying it here, None)` once
-        committed and applied, or `callback(None, error)`. Leader only."""
+        committed and applied, or `callback(None, error)`. Leader only.
+        `wake` False: the caller is this group's tick, which takes it up itself."""
         if not self.is_leader:
             raise NotLeaderError(self.group_id, self.leader_id)
 
@@ -325,7 +344,7 @@ class RaftGroup(SyncObj):
             else:
                 callback(result, None)
         self._applyCommand(command, done)
-        if self.transport.on_activity is not None:
+        if wake and self.transport.on_activity is not None:
             self.transport.on_activity()
 
     def _propose_future(self, command: bytes) -> "asyncio.Future[Any]":
@@ -501,6 +520,7 @@ class PartitionReplica(RaftGroup):
         partition_log.truncate(partition_log.high_watermark)
         self._catch_up: checkpoint.CatchUp | None = None
         self._deferred: list[tuple[int, bytes]] = []    # (raft index, command) held during catch-up
+        self._pending_appends: list[tuple[Any, asyncio.Future[Any]]] = []   # proposed at the next tick
         self.on_high_watermark: Callable[[], None] | None = None   # the broker wakes waiting fetches
         self.producers = ProducerState()
         self._rebuild_producer_state()
@@ -534,19 +554,73 @@ class PartitionReplica(RaftGroup):
     def append(self, batches: bytes | bytearray | memoryview) -> "asyncio.Future[int]":
         """Replicate an append; the future resolves to its base offset once
         committed and applied here (or fails with ReplicationError or the
-        storage error every replica hit). Leader only."""
-        return self._propose_future(self._append_command(batches))
+        storage error every replica hit). Leader only.
+
+        Appends made before this group's next tick share one Raft entry."""
+        self._check_append(batches)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending_appends.append((batches, future))
+        if len(self._pending_appends) == 1:
+            if self.transport.on_activity is None:   # not ticked by a RaftNode: propose now
+                self._flush_appends()
+            else:
+                self.transport.on_activity()   # ticks this group at the next loop iteration
+        return future
+
+    def _flush_appends(self) -> None:
+        """Propose every pending append, as few entries as the size limit allows."""
+        pending, self._pending_appends = self._pending_appends, []
+        if not pending:
+            return
+        if not self.is_leader:
+            error = NotLeaderError(self.group_id, self.leader_id)
+            for _batches, future in pending:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        chunk: list[tuple[Any, asyncio.Future[Any]]] = []
+        size = MULTI_APPEND_HEADER.size
+        for batches, future in pending:
+            part_size = PART_SIZE.size + len(batches)
+            if chunk and size + part_size > MAX_COMMAND_BYTES:
+                self._propose_parts(chunk)
+                chunk, size = [], MULTI_APPEND_HEADER.size
+            chunk.append((batches, future))
+            size += part_size
+        self._propose_parts(chunk)
+
+    def _propose_parts(self, chunk: list[tuple[Any, "asyncio.Future[Any]"]]) -> None:
+        if len(chunk) == 1:
+            batches, future = chunk[0]
+            self._propose(APPEND_HEADER.pack(APPEND_COMMAND, self.leader_epoch) + batches,
+                          lambda result, error: _settle(future, result, error), wake=False)
+            return
+        head = MULTI_APPEND_HEADER.pack(MULTI_APPEND_COMMAND, self.leader_epoch, len(chunk))
+        sizes = struct.pack(f">{len(chunk)}I", *(len(batches) for batches, _ in chunk))
+        command = b"".join([head, sizes, *(batches for batches, _ in chunk)])
+
+        def done(results: Any, error: Exception | None) -> None:
+            for position, (_batches, future) in enumerate(chunk):
+                result = results[position] if isinstance(results, list) else results
+                if error is None and isinstance(result, Exception):
+                    _settle(future, None, result)
+                else:
+                    _settle(future, result, error)
+        self._propose(command, done, wake=False)
 
     def _append_command(self, batches: bytes | bytearray | memoryview) -> bytes:
+        self._check_append(batches)
+        return APPEND_HEADER.pack(APPEND_COMMAND, self.leader_epoch) + batches
+
+    def _check_append(self, batches: bytes | bytearray | memoryview) -> None:
         if not self.is_leader:
             raise NotLeaderError(self.group_id, self.leader_id)
         if len(batches) + APPEND_HEADER.size > MAX_COMMAND_BYTES:
             raise RecordTooLargeError(f"append of {len(batches)} bytes exceeds the replicated "
                                       f"command limit of {MAX_COMMAND_BYTES - APPEND_HEADER.size}")
-        return APPEND_HEADER.pack(APPEND_COMMAND, self.leader_epoch) + batches
 
     def _SyncObj__doApplyCommand(self, command: bytes) -> Any:
-        if command[:1] != b"\x10":
+        if command[:1] not in (b"\x10", b"\x11"):
             return SyncObj._SyncObj__doApplyCommand(self, command)
         index = self._SyncObj__raftLastApplied + 1  # pysyncobj bumps it after the apply returns
         if index <= self._recorded_applied_index:
@@ -554,13 +628,41 @@ class PartitionReplica(RaftGroup):
         if self._catch_up is not None:
             self._deferred.append((index, command))
             return None
-        return self._apply_append(index, command)
+        return self._apply_command(index, command)
 
-    def _apply_append(self, index: int, command: bytes) -> int | Exception:
+    def _apply_command(self, index: int, command: bytes) -> int | Exception | list[int | Exception]:
+        """Apply an append command (0x10: one outcome; 0x11: one per part)
+        at Raft `index`, then move the high watermark once."""
+        if command[:1] == b"\x10":
+            _, leader_epoch = APPEND_HEADER.unpack_from(command)
+            outcome: Any = self._apply_append(memoryview(command)[APPEND_HEADER.size:], leader_epoch)
+        else:
+            outcome = self._apply_parts(command)
+        self._log.set_high_watermark(self._log.log_end_offset, applied_index=index)
+        if self.on_high_watermark is not None:
+            self.on_high_watermark()
+        return outcome
+
+    def _apply_parts(self, command: bytes) -> list[int | Exception] | Exception:
+        """Each part of a 0x11 command appended in order, as separate commands would be."""
+        _, leader_epoch, count = MULTI_APPEND_HEADER.unpack_from(command)
+        position = MULTI_APPEND_HEADER.size + PART_SIZE.size * count
+        if count == 0 or position > len(command):
+            return CorruptRecordError(f"append command of {len(command)} bytes claims {count} parts", 0)
+        sizes = struct.unpack_from(f">{count}I", command, MULTI_APPEND_HEADER.size)
+        if position + sum(sizes) != len(command):
+            return CorruptRecordError(f"append command parts sum to {sum(sizes)} of "
+                                      f"{len(command) - position} bytes", position)
+        view = memoryview(command)
+        outcomes: list[int | Exception] = []
+        for size in sizes:
+            outcomes.append(self._apply_append(view[position:position + size], leader_epoch))
+            position += size
+        return outcomes
+
+    def _apply_append(self, batches: memoryview, leader_epoch: int) -> int | Exception:
         """Append (or, for an idempotent producer's retry, answer the offset it
         already has); every replica decides alike from the same log."""
-        _, leader_epoch = APPEND_HEADER.unpack_from(command)
-        batches = memoryview(command)[APPEND_HEADER.size:]
         outcome: int | Exception
         try:
             header = read_header(batches) if len(batches) >= layout.HEADER_SIZE else None
@@ -573,9 +675,6 @@ class PartitionReplica(RaftGroup):
                     self.producers.record(header, outcome)
         except (CorruptRecordError, RecordTooLargeError, OutOfOrderSequenceError, InvalidProducerEpochError) as error:
             outcome = error  # every replica rejects it alike; the index is applied all the same
-        self._log.set_high_watermark(self._log.log_end_offset, applied_index=index)
-        if self.on_high_watermark is not None:
-            self.on_high_watermark()
         return outcome
 
     # ---- checkpoint and catch-up -------------------------------------------
@@ -620,6 +719,7 @@ class PartitionReplica(RaftGroup):
                                         "end_offset": catch_up.target_offset, "max_bytes": CATCH_UP_CHUNK_BYTES})
 
     def _onTick(self, timeToWait: float = 0.0) -> None:
+        self._flush_appends()
         if self._catch_up is not None:
             # a replica missing committed data must not lead: push its election out
             now = _syncobj.monotonicTime()
@@ -677,4 +777,4 @@ class PartitionReplica(RaftGroup):
         deferred, self._deferred = self._deferred, []
         for index, command in deferred:
             if index > self._recorded_applied_index:
-                self._apply_append(index, command)
+                self._apply_command(index, command)

@@ -28,9 +28,11 @@ pysyncobj acknowledges it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
-from collections import OrderedDict
+import threading
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -39,6 +41,8 @@ from pysyncobj.journal import Journal
 
 from engine.records.batch import crc32c
 from raft.votes import VoteStore
+
+log = logging.getLogger(__name__)
 
 RECORD_HEADER = struct.Struct("<IIQQ")
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
@@ -71,8 +75,53 @@ class _Segment:
         os.close(self.fd)
 
     def remove(self) -> None:
+        """Close and delete. The name goes at once (a new segment may take it);
+        the unlink itself, which drops the file's cached pages and can take
+        milliseconds for a full segment, runs on the remover thread."""
         self.close()
-        self.path.unlink(missing_ok=True)
+        doomed = self.path.with_name(self.path.name + ".deleted")
+        try:
+            os.replace(self.path, doomed)
+        except FileNotFoundError:
+            return
+        _REMOVER.remove(doomed)
+
+
+class _Remover:
+    """One daemon thread that unlinks renamed-away journal files, so the
+    event loop never waits for the kernel to drop their pages. Bounded: past
+    REMOVER_QUEUE_MAX waiting files the caller unlinks itself."""
+
+    def __init__(self) -> None:
+        self._queue: deque[Path] = deque()
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def remove(self, path: Path) -> None:
+        with self._ready:
+            if len(self._queue) >= REMOVER_QUEUE_MAX:
+                path.unlink(missing_ok=True)
+                return
+            self._queue.append(path)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="journal-remover", daemon=True)
+                self._thread.start()
+            self._ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                path = self._queue.popleft()
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as error:
+                log.warning("cannot delete compacted journal file %s: %s", path, error)
+
+
+REMOVER_QUEUE_MAX = 1024
+_REMOVER = _Remover()
 
 
 class DiskJournal(Journal):
@@ -89,8 +138,11 @@ class DiskJournal(Journal):
         self.persist_vote = persist_vote  # False only in the simulation's deliberate-bug test
         self._slots: list[_Slot] = []
         self._segments: list[_Segment] = []
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache: OrderedDict[int, bytes] = OrderedDict()   # raft index -> command, ascending
         self._cached_bytes = 0
+        # the first entry's command once read from disk: pysyncobj reads
+        # entry 0 (for its index) on every lookup, long after the cache let it go
+        self._first_command: tuple[int, bytes] | None = None
         self._meta = self._load_meta()
         self._meta_dirty = False
         # with a node's VoteStore, term and vote are made durable there, many
@@ -149,8 +201,13 @@ class DiskJournal(Journal):
         first_kept = self._slots[0].segment if self._slots else None
         while self._segments and self._segments[0] is not first_kept and len(self._segments) > 1:
             self._segments.pop(0).remove()
-        for index in [i for i in self._cache if not self._slots or i < self._slots[0].index]:
+        first_kept = self._slots[0].index if self._slots else None
+        while self._cache:
+            index = next(iter(self._cache))
+            if first_kept is not None and index >= first_kept:
+                break
             self._cached_bytes -= len(self._cache.pop(index))
+        self._first_command = None
 
     def __getitem__(self, item: int | slice) -> Any:
         if isinstance(item, slice):
@@ -231,9 +288,14 @@ class DiskJournal(Journal):
     def _entry(self, slot: _Slot) -> Entry:
         command = self._cache.get(slot.index)
         if command is None:
+            first = self._first_command
+            if first is not None and first[0] == slot.index:
+                return first[1], slot.index, slot.term
             command = os.pread(slot.segment.fd, slot.size, slot.position)
             if len(command) != slot.size:
                 raise OSError(f"journal entry {slot.index} short read from {slot.segment.path}")
+            if slot is self._slots[0]:
+                self._first_command = (slot.index, command)
         return command, slot.index, slot.term
 
     def _remember(self, index: int, command: bytes) -> None:
@@ -245,8 +307,13 @@ class DiskJournal(Journal):
             self._cached_bytes -= len(self._cache.popitem(last=False)[1])
 
     def _forget_from(self, index: int) -> None:
-        for stale in [i for i in self._cache if i >= index]:
+        while self._cache:
+            stale = next(reversed(self._cache))
+            if stale < index:
+                break
             self._cached_bytes -= len(self._cache.pop(stale))
+        if self._first_command is not None and self._first_command[0] >= index:
+            self._first_command = None
 
     def _writable_segment(self, index: int, command_size: int) -> _Segment:
         if self._segments:
@@ -260,6 +327,8 @@ class DiskJournal(Journal):
         return segment
 
     def _recover(self) -> None:
+        for leftover in self.directory.glob("*.log.deleted"):   # compacted away before a crash
+            leftover.unlink(missing_ok=True)
         paths = sorted(self.directory.glob("*.log"))
         for number, path in enumerate(paths):
             segment = _Segment(path, int(path.stem))

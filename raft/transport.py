@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from raft import handshake
-from raft.codec import CodecError, decode, encode
-from raft.frames import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameError, FrameKind, encode_frame
+from raft.codec import CodecError, decode, encode_into
+from raft.frames import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameError, FrameKind, new_frame, seal_frame
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,9 @@ class PeerNetwork:
         link = self._links.get(peer_id)
         if link is None:
             return False
-        frame = encode_frame(group_id, FrameKind.RAFT_MESSAGE, encode(message))
+        frame = new_frame()
+        encode_into(frame, message)
+        seal_frame(frame, group_id, FrameKind.RAFT_MESSAGE)
         if link.backlog_bytes + len(frame) > self.config.max_outbox_bytes:
             return False
         link.queue(frame)
@@ -196,7 +198,7 @@ class _PeerProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._peer_id: int | None = None
         self._pending = bytearray()      # handshake bytes not yet consumed
-        self._outbox: list[bytes] = []
+        self._outbox: list[bytes | bytearray] = []
         self._outbox_bytes = 0
         self._decoder = FrameDecoder(self._config.max_frame_bytes)
         self._acceptor: handshake.Acceptor | None = None
@@ -292,13 +294,14 @@ class _PeerProtocol(asyncio.Protocol):
         buffered = self._transport.get_write_buffer_size() if self._transport else 0
         return self._outbox_bytes + buffered
 
-    def queue(self, frame: bytes) -> None:
+    def queue(self, frame: bytes | bytearray) -> None:
         self._outbox.append(frame)
         self._outbox_bytes += len(frame)
 
     def flush(self) -> None:
         if self._outbox and self._transport and not self._closed:
-            self._transport.write(b"".join(self._outbox))
+            outbox = self._outbox
+            self._transport.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
         self._outbox.clear()
         self._outbox_bytes = 0
 

@@ -101,7 +101,9 @@ class _Connection:
         self._writing = False
         self._drained = asyncio.Event()
         self._drained.set()
-        self._replies: asyncio.Queue[asyncio.Future[Response]] = asyncio.Queue()
+        # replies in request order; _replies_waiting is set while it is non-empty
+        self._replies: collections.deque[asyncio.Future[Response]] = collections.deque()
+        self._replies_waiting = asyncio.Event()
         self._writer = self._loop.create_task(self._write_in_order())
         self._loop.add_reader(self._fd, self._on_readable)
 
@@ -147,7 +149,7 @@ class _Connection:
         else:
             self._end += received
             self._cut_frames()
-        if self._replies.qsize() >= MAX_PIPELINED and self._reading and not self._closed:
+        if len(self._replies) >= MAX_PIPELINED and self._reading and not self._closed:
             self._reading = False
             self._loop.remove_reader(self._fd)
 
@@ -186,31 +188,50 @@ class _Connection:
                 done.set_result(kafka.api_versions_fallback(unsupported.correlation_id))
             else:
                 done.set_result(kafka.unsupported_response(unsupported.correlation_id))
-            self._replies.put_nowait(done)
+            self._queue_reply(done)
             return
         except kafka.MalformedRequest as malformed:
             self.close(f"malformed request: {malformed}")
             return
-        self._replies.put_nowait(self._loop.create_task(self._server.handlers.handle(request)))
+        self._queue_reply(self._loop.create_task(self._server.handlers.handle(request)))
+
+    def _queue_reply(self, reply: "asyncio.Future[Response]") -> None:
+        self._replies.append(reply)
+        self._replies_waiting.set()
 
     # ---- output -----------------------------------------------------------
 
     async def _write_in_order(self) -> None:
+        """Answer in request order. Every reply already done behind the one
+        awaited goes out in the same writev (a Raft entry commits many
+        pipelined produces at once: one send and one client wakeup, not one each)."""
         while True:
-            pending = await self._replies.get()
+            if not self._replies:
+                self._replies_waiting.clear()
+                await self._replies_waiting.wait()
+                continue
+            parts: list[Any] = []
             try:
-                reply = await pending
+                self._add_reply(parts, await self._replies[0])
+                self._replies.popleft()
+                while self._replies and self._replies[0].done():
+                    self._add_reply(parts, self._replies.popleft().result())
             except Exception:
                 log.exception("kafka connection %s: request failed", self._peer)
                 self.close("internal error answering a request")
                 return
-            if not self._reading and self._replies.qsize() < MAX_PIPELINED // 2 and not self._closed:
+            if not self._reading and len(self._replies) < MAX_PIPELINED // 2 and not self._closed:
                 self._reading = True
                 self._loop.add_reader(self._fd, self._on_readable)
-            if reply is None or self._closed:
+            if not parts or self._closed:
                 continue
-            self._send(reply if isinstance(reply, list) else [reply])
+            self._send(parts)
             await self._drained.wait()
+
+    @staticmethod
+    def _add_reply(parts: list[Any], reply: Response) -> None:
+        if reply is not None:
+            parts.extend(reply if isinstance(reply, list) else [reply])
 
     def _send(self, parts: list[Any]) -> None:
         for part in parts:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
@@ -67,7 +69,20 @@ class PartitionState:
 
 
 class IndexStore:
-    """Typed access to the data directory's LMDB environment."""
+    """Typed access to the data directory's LMDB environment.
+
+    Group commits of index entries and partition state may run in the
+    background (`commit(..., wait=False)`): each LMDB commit fdatasyncs, and
+    on ext4 (data=ordered) that fdatasync also waits for the writeback of
+    every file appended to since the last one, which on a busy broker takes
+    tens to hundreds of milliseconds. Run on the event loop, that stalled
+    every produce in flight once a second. One writer thread commits them in
+    order; every other write, `sync`, `close` and the reads recovery relies
+    on first wait for the commits handed to it (`_drain`), so writes keep
+    their order. The hot-path reads (offset_floor, time_floor) do not wait:
+    an entry still in flight is a hint not yet visible, and a read then
+    starts from an older entry and walks further, as after a crash.
+    """
 
     def __init__(self, path: Path, map_size_bytes: int) -> None:
         # sync without metasync: each commit fdatasyncs its data pages, so a
@@ -87,11 +102,17 @@ class IndexStore:
         self._state = self._env.open_db(b"state")
         self._group_offsets = self._env.open_db(b"group_offsets")
         self._groups = self._env.open_db(b"groups")
+        self._committer: ThreadPoolExecutor | None = None   # started by the first background commit
+        self._last_commit: Future | None = None              # the newest background commit
+        self._deferred: list[Callable[[lmdb.Transaction], None]] = []   # bodies that found the map full
+        self._deferred_lock = threading.Lock()
 
     # ---- transactions -------------------------------------------------
 
     def _write(self, body: Callable[[lmdb.Transaction], T]) -> T:
-        """Run `body` in one write transaction, growing the map once if it is full."""
+        """Run `body` in one write transaction, growing the map once if it is full,
+        after every background commit handed over before it."""
+        self._drain()
         for attempt in range(2):
             try:
                 with self._env.begin(write=True) as txn:
@@ -104,11 +125,44 @@ class IndexStore:
                 raise StorageError(f"LMDB write failed: {exc}") from exc
         raise AssertionError("unreachable")
 
+    def _drain(self) -> None:
+        """Wait for the background commits handed over so far; run on this
+        thread any that found the map full (resizing needs no other
+        transaction in flight, which only this thread can promise)."""
+        last, self._last_commit = self._last_commit, None
+        if last is not None:
+            last.result()
+        with self._deferred_lock:
+            deferred, self._deferred = self._deferred, []
+        for body in deferred:
+            self._commit_now(body)
+
+    def _commit_now(self, body: Callable[[lmdb.Transaction], None]) -> None:
+        try:
+            self._write(body)
+        except StorageError as exc:
+            log.warning("index commit skipped: %s", exc)
+
+    def _commit_in_background(self, body: Callable[[lmdb.Transaction], None]) -> None:
+        try:
+            with self._env.begin(write=True) as txn:
+                body(txn)
+        except lmdb.MapFullError:
+            with self._deferred_lock:
+                self._deferred.append(body)
+        except lmdb.Error as exc:
+            log.warning("index commit skipped: LMDB write failed: %s", exc)
+
     def sync(self) -> None:
         """Force LMDB's data and meta pages to disk."""
+        self._drain()
         self._env.sync(True)
 
     def close(self) -> None:
+        self._drain()
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+            self._committer = None
         self._env.close()
 
     # ---- topic registry -----------------------------------------------
@@ -152,12 +206,15 @@ class IndexStore:
     # ---- sparse indexes -----------------------------------------------
 
     def commit(self, offsets: Iterable[tuple[int, int, int]], times: Iterable[tuple[int, int, int]],
-               states: Iterable[tuple[int, PartitionState]]) -> None:
+               states: Iterable[tuple[int, PartitionState]], wait: bool = True) -> None:
         """Write (pid, offset, position), (pid, ts, offset) entries and states in one txn.
 
         Index entries are hints (segments are the truth, recovery rebuilds
         them), so a failed commit (disk full) is logged, not raised: lookups
-        then start from an older entry and walk further.
+        then start from an older entry and walk further. With `wait` False
+        the commit runs on the writer thread (see the class docstring) and
+        this returns at once; the state it carries may then lag a crash by
+        that commit, which recovery handles like any uncommitted state.
         """
         offset_items = [(_KEY.pack(pid, off), _I64.pack(pos)) for pid, off, pos in offsets]
         time_items = [(_KEY.pack(pid, ts), _I64.pack(off)) for pid, ts, off in times]
@@ -170,10 +227,12 @@ class IndexStore:
             txn.cursor(self._offsets).putmulti(offset_items)
             txn.cursor(self._times).putmulti(time_items)
             txn.cursor(self._state).putmulti(state_items)
-        try:
-            self._write(body)
-        except StorageError as exc:
-            log.warning("index commit of %d entries skipped: %s", len(offset_items) + len(time_items), exc)
+        if wait:
+            self._commit_now(body)
+            return
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmdb-commit")
+        self._last_commit = self._committer.submit(self._commit_in_background, body)
 
     def offset_floor(self, pid: int, offset: int) -> tuple[int, int] | None:
         """(base offset, position) of the last entry with base offset <= `offset`."""
@@ -182,16 +241,18 @@ class IndexStore:
 
     def offset_entries_before(self, pid: int, offset: int, limit: int) -> list[tuple[int, int]]:
         """Up to `limit` entries below `offset`, newest first: recovery's candidates."""
+        self._drain()
         out: list[tuple[int, int]] = []
         with self._env.begin(db=self._offsets) as txn:
             cursor = txn.cursor()
             found = cursor.set_range(_KEY.pack(pid, offset))
-            step = cursor.prev if found else cursor.last
-            while step() and len(out) < limit:
+            positioned = cursor.prev() if found else cursor.last()   # last() again would repeat it
+            while positioned and len(out) < limit:
                 entry_pid, entry_offset = _KEY.unpack(cursor.key())
                 if entry_pid != pid:
                     break
                 out.append((entry_offset, _I64.unpack(cursor.value())[0]))
+                positioned = cursor.prev()
         return out
 
     def time_floor(self, pid: int, timestamp: int) -> tuple[int, int] | None:
@@ -200,6 +261,7 @@ class IndexStore:
             return _floor(txn.cursor(), pid, timestamp - 1)
 
     def last_time_entry(self, pid: int) -> tuple[int, int] | None:
+        self._drain()
         return self.time_floor(pid, 2**63 - 1)
 
     def delete_offsets(self, pid: int, *, below: int | None = None, from_offset: int | None = None) -> None:
@@ -223,6 +285,7 @@ class IndexStore:
     # ---- partition state ----------------------------------------------
 
     def load_state(self, pid: int) -> PartitionState:
+        self._drain()
         with self._env.begin(db=self._state) as txn:
             raw = txn.get(_PID.pack(pid))
         return PartitionState(*_STATE.unpack(raw)) if raw else PartitionState()

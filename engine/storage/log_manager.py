@@ -157,22 +157,24 @@ class LogManager:
     # ---- periodic duties ---------------------------------------------
 
     def maybe_commit_index(self) -> None:
-        """Group-commit pending index entries when enough are pending or time is up."""
+        """Group-commit pending index entries when enough are pending or time is up,
+        in the background: the caller (the event loop) does not wait for its fdatasync."""
         pending = sum(log.pending_index_entries for log in self._logs.values())
         elapsed_ms = (time.monotonic() - self._last_commit) * 1000
         if pending >= self.config.index_commit_max_pending or (
                 pending and elapsed_ms >= self.config.index_commit_interval_ms):
-            self.commit_index()
+            self.commit_index(wait=False)
 
-    def commit_index(self) -> None:
-        """All logs' pending index entries and state in one LMDB transaction."""
+    def commit_index(self, wait: bool = True) -> None:
+        """All logs' pending index entries and state in one LMDB transaction
+        (`wait` False: committed on the index's writer thread, see IndexStore)."""
         offsets, times, states = [], [], []
         for log in self._logs.values():
             o, t, s = log.drain_pending()
             offsets += o
             times += t
             states += s
-        self._index.commit(offsets, times, states)
+        self._index.commit(offsets, times, states, wait=wait)
         self._last_commit = time.monotonic()
 
     def tick(self) -> None:

@@ -365,9 +365,10 @@ class PartitionLog:
         self._state_dirty = False
         return offsets, times, states
 
-    def commit_index(self) -> None:
-        """Commit this log's pending index entries and state on their own."""
-        self._index.commit(*self.drain_pending())
+    def commit_index(self, wait: bool = True) -> None:
+        """Commit this log's pending index entries and state on their own
+        (`wait` False: in the background, see IndexStore)."""
+        self._index.commit(*self.drain_pending(), wait=wait)
 
     def sync(self, force: bool = False) -> None:
         """fsync the active segment if anything was appended since the last sync."""
