@@ -70,6 +70,7 @@ _syncobj.PIPE_NOTIFIER_ENABLED = False
 
 
 def _settle(future: "asyncio.Future[Any]", result: Any, error: Exception | None) -> None:
+    """Resolve `future` with a proposal's outcome, unless it was already (cancelled by its waiter)."""
     if future.done():
         return
     if error is not None:
@@ -349,15 +350,7 @@ class RaftGroup(SyncObj):
 
     def _propose_future(self, command: bytes) -> "asyncio.Future[Any]":
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-        def done(result: Any, error: Exception | None) -> None:
-            if future.done():
-                return
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
-        self._propose(command, done)
+        self._propose(command, lambda result, error: _settle(future, result, error))
         return future
 
     # ---- pipelining fixes to pysyncobj's replication --------------------
