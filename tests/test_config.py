@@ -47,7 +47,7 @@ def test_bad_settings_are_refused_by_name(tmp_path, toml, environ, complaint):
 
 
 def test_the_readme_cluster_config_loads(tmp_path):
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "engine" / "broker" / "README.md").read_text()
     path = tmp_path / "broker.toml"
     path.write_text(readme.split("```toml\n", 1)[1].split("```", 1)[0])
     config = load_config(path, environ={"RAFTKA_CLUSTER_SECRET": "s"})
