@@ -1,7 +1,7 @@
 """Replication benchmark: committed throughput of a 3-process RF=3 cluster on
 this machine, next to the references measured in the same run.
 
-  ours     3 raft/server.py processes, one partition, a client process keeping
+  ours     3 engine/replication/control_node.py processes, one partition, a client process keeping
            `in_flight` appends outstanding through the control port; MB/s of
            appends acknowledged as committed (applied on the leader)
   stock    pysyncobj 0.3.17 as shipped (pickle+zlib TCP transport, FileJournal,
@@ -33,8 +33,9 @@ import time
 from pathlib import Path
 
 from bench.storage_bench import batch_of_size, mb_s, open_log
-from raft.local_cluster import LocalCluster, free_ports
-from raft.server import ControlClient
+from engine.broker.local_cluster import free_ports
+from engine.replication.control_node import ControlClient
+from engine.replication.local_nodes import LocalCluster
 
 MIB = 1024 * 1024
 

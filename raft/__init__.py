@@ -1,4 +1,6 @@
-"""Replication: one pysyncobj Raft group per partition (issue: replication).
+"""A generic multi-Raft library: pysyncobj groups (group.py, state_machine.py)
+ticked by one node (node.py) over one peer transport (transport.py).
 
-Empty until the replication work lands; the storage engine does not depend on it.
+It imports only the standard library, pysyncobj and native/ (for CRC32C),
+never engine/: the Kafka-specific partition replica is engine/replication/.
 """

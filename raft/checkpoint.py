@@ -1,5 +1,4 @@
-"""The checkpoint a group's Raft log is compacted to, and the state of a
-follower catching up to one.
+"""The checkpoint a group's Raft log is compacted to.
 
 For a partition group the partition log itself is the state machine's data,
 so a checkpoint only has to say how far it goes: the Raft index applied and
@@ -20,10 +19,10 @@ that fails any check is refused (CheckpointError), never half-used.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from engine.records.batch import crc32c
+from native import crc32c
 
 MAGIC = b"RKCP"
 VERSION = 2
@@ -44,15 +43,6 @@ class Checkpoint:
     log_end_offset: int
     entries: tuple[JournalEntry, JournalEntry]  # (previous, last applied)
     state: bytes = b""                           # a state machine's snapshot, if it has one
-
-
-@dataclass
-class CatchUp:
-    """A follower fetching [its log end offset, target_offset) from the leader."""
-
-    target_offset: int
-    applied_index: int
-    retry_at: float = field(default=0.0)
 
 
 def encode(point: Checkpoint) -> bytes:

@@ -5,7 +5,8 @@ peer port can run code. Its messages are plain data (dicts of str keys to
 ints, strings, bytes, lists and tuples of those), so a small tagged binary
 encoding carries them exactly, and decoding can only ever build those types.
 
-Encoding (integers are zigzag varints, as in protobuf):
+Encoding (integers are zigzag LEB128 varints of at most 10 bytes, as in
+protobuf and Kafka; this module owns its own, so raft/ needs nothing of engine/):
   0x00 None | 0x01 False | 0x02 True
   0x03 int (signed, fits in 64 bits)   | 0x04 float (8-byte IEEE, big-endian)
   0x05 bytes: length, bytes            | 0x06 str: length, utf-8
@@ -19,8 +20,6 @@ from __future__ import annotations
 
 import struct
 from typing import Any
-
-from engine.records.varint import VarintError, get_varint, put_varint
 
 MAX_DEPTH = 32
 
@@ -49,10 +48,7 @@ def encode_into(out: bytearray, value: Any) -> None:
 def decode(data: bytes | bytearray | memoryview) -> Any:
     """Decode exactly one message spanning all of `data`."""
     view = memoryview(data)
-    try:
-        value, position = _decode(view, 0, 0)
-    except VarintError as error:
-        raise CodecError(str(error)) from None
+    value, position = _decode(view, 0, 0)
     if position != len(view):
         raise CodecError(f"{len(view) - position} trailing bytes after the message")
     return value
@@ -69,27 +65,27 @@ def _encode(out: bytearray, value: Any, depth: int) -> None:
         if not _INT64_MIN <= value <= _INT64_MAX:
             raise CodecError(f"integer {value} does not fit in 64 bits")
         out.append(_INT)
-        put_varint(out, value)
+        _put_varint(out, value)
     elif isinstance(value, float):
         out.append(_FLOAT)
         out += _DOUBLE.pack(value)
     elif isinstance(value, (bytes, bytearray, memoryview)):
         out.append(_BYTES)
-        put_varint(out, len(value))
+        _put_varint(out, len(value))
         out += value
     elif isinstance(value, str):
         raw = value.encode("utf-8")
         out.append(_STR)
-        put_varint(out, len(raw))
+        _put_varint(out, len(raw))
         out += raw
     elif isinstance(value, (list, tuple)):
         out.append(_LIST if isinstance(value, list) else _TUPLE)
-        put_varint(out, len(value))
+        _put_varint(out, len(value))
         for item in value:
             _encode(out, item, depth + 1)
     elif isinstance(value, dict):
         out.append(_DICT)
-        put_varint(out, len(value))
+        _put_varint(out, len(value))
         for key, item in value.items():
             _encode(out, key, depth + 1)
             _encode(out, item, depth + 1)
@@ -97,9 +93,34 @@ def _encode(out: bytearray, value: Any, depth: int) -> None:
         raise CodecError(f"cannot encode a {type(value).__name__}")
 
 
+def _put_varint(out: bytearray, value: int) -> None:
+    value = (value << 1) ^ (value >> 63)  # zigzag
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _get_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """(value, position after it); CodecError if it runs past the end or past 10 bytes."""
+    shift = 0
+    result = 0
+    while True:
+        if pos >= len(buf):
+            raise CodecError("varint runs past the end of its buffer")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return (result >> 1) ^ -(result & 1), pos
+        shift += 7
+        if shift > 63:
+            raise CodecError("varint longer than 10 bytes")
+
+
 def _get_length(view: memoryview, position: int) -> tuple[int, int]:
     """A length or count: non-negative and no larger than the bytes left."""
-    length, position = get_varint(view, position)
+    length, position = _get_varint(view, position)
     if not 0 <= length <= len(view) - position:
         raise CodecError(f"length {length} with {len(view) - position} bytes left")
     return length, position
@@ -115,7 +136,7 @@ def _decode(view: memoryview, position: int, depth: int) -> tuple[Any, int]:
     if tag in (_NONE, _FALSE, _TRUE):
         return (None, False, True)[tag], position
     if tag == _INT:
-        return get_varint(view, position)
+        return _get_varint(view, position)
     if tag == _FLOAT:
         if position + 8 > len(view):
             raise CodecError("float runs past the end")

@@ -39,7 +39,7 @@ from typing import Any, Iterator, Sequence
 from pysyncobj import syncobj as _syncobj
 from pysyncobj.journal import Journal
 
-from engine.records.batch import crc32c
+from native import crc32c
 from raft.votes import VoteStore
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import os
 import struct
 from pathlib import Path
 
-from engine.records.batch import crc32c
+from native import crc32c
 
 log = logging.getLogger(__name__)
 

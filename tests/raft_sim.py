@@ -34,7 +34,7 @@ from engine.records.batch import Record, build_batch, iter_batches, parse_record
 from engine.storage.index import IndexStore
 from engine.storage.partition_log import PartitionLog
 from raft import codec
-from raft.group import NotLeaderError, PartitionReplica
+from engine.replication import NotLeaderError, PartitionReplica
 from tests.conftest import readable_bytes
 
 GROUP = 1

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.broker.local_cluster import raftka_command
-from raft.local_cluster import free_ports
+from engine.broker.local_cluster import free_ports, raftka_command
 from tests.broker_process import BrokerProcess
 from tests.test_cluster_startup import lone_broker  # noqa: F401 (a fixture)
 

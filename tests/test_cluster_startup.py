@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.broker.local_cluster import raftka_command, stop_processes, write_configs
-from raft.local_cluster import consecutive_free_ports
+from engine.broker.local_cluster import consecutive_free_ports, raftka_command, stop_processes, write_configs
 
 NODES = 3
 START_TIMEOUT_S = 90

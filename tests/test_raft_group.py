@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from engine.broker.local_cluster import free_ports
 from engine.config import Config
 from engine.storage.index import IndexStore
 from engine.storage.partition_log import PartitionLog
-from raft.group import PartitionReplica
+from engine.replication import PartitionReplica
 from raft.node import RaftNode
 from raft.transport import PeerNetwork, PeerNetworkConfig
-from raft.local_cluster import free_ports
 from tests.conftest import make_batch, readable_bytes, wait_for
 
 SECRET = b"s"

@@ -1,4 +1,4 @@
-"""Three replication node processes on 127.0.0.1 (raft/server.py): acknowledged
+"""Three replication node processes on 127.0.0.1 (engine/replication/control_node.py): acknowledged
 appends survive SIGKILL of the leader, a new leader takes appends and is
 recorded in every survivor's cluster metadata, and the killed node rejoins
 with segment files byte-identical to the others'."""
@@ -9,8 +9,8 @@ import time
 
 from engine.errors import ErrorCode
 from engine.records.batch import Record, build_batch, iter_batches, parse_records
-from raft.local_cluster import LocalCluster
-from raft.server import ControlClient
+from engine.replication.control_node import ControlClient
+from engine.replication.local_nodes import LocalCluster
 
 PARTITIONS = 3
 DEADLINE_S = 30.0

@@ -29,7 +29,7 @@ from engine.groups.coordinator import GROUP_TICK_S, GroupCoordinator, GroupSetti
 from engine.groups.records import OFFSETS_TOPIC, CommittedOffset, GroupRecord, partition_for_group
 from engine.groups.store import GroupStore, group_record, offset_records
 from engine.records.batch import build_batch
-from raft.group import NotLeaderError, PartitionReplica, ReplicationError
+from engine.replication import NotLeaderError, PartitionReplica, ReplicationError
 
 log = logging.getLogger(__name__)
 

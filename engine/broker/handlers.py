@@ -25,7 +25,7 @@ from engine.errors import ErrorCode, OffsetOutOfRangeError, RaftkaError
 from engine.protocol import kafka
 from engine.storage.log_manager import validate_topic_name
 from engine.protocol.kafka import FetchPartition, Request, build, nested, response_schema
-from raft.group import NotLeaderError, PartitionReplica, ReplicationError
+from engine.replication import NotLeaderError, PartitionReplica, ReplicationError
 
 log = logging.getLogger(__name__)
 

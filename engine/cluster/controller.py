@@ -36,7 +36,7 @@ from engine.groups.records import OFFSETS_TOPIC
 from engine.errors import (ErrorCode, InvalidConfigError, InvalidPartitionsError, InvalidReplicationFactorError, NoControllerError,
                            RaftkaError, UnknownTopicOrPartitionError)
 from engine.storage.log_manager import PARTITIONS_MAX, LogManager, validate_topic_name
-from raft.group import NotLeaderError, PartitionReplica, ReplicationError
+from engine.replication import NotLeaderError, PartitionReplica, ReplicationError
 from raft.node import RaftNode
 from raft.state_machine import StateMachineReplica
 from raft.transport import PeerNetwork, PeerNetworkConfig

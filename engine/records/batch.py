@@ -20,7 +20,7 @@ from engine.errors import CorruptRecordError
 from engine.records import layout
 from engine.records.varint import get_varint, put_varint
 from engine.records.compression import Compression, compress, decompress
-from native import ffi, lib
+from native import crc32c
 
 Headers = tuple[tuple[str, bytes | None], ...]
 
@@ -83,11 +83,6 @@ class BatchHeader(NamedTuple):
     @property
     def is_log_append_time(self) -> bool:
         return bool(self.attributes & layout.TIMESTAMP_TYPE_MASK)
-
-
-def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
-    """CRC32C (Castagnoli) of `data`, continuing from `crc`; native speed."""
-    return lib.rk_crc32c(crc, ffi.from_buffer(data), len(data))
 
 
 # ---- encoding -------------------------------------------------------------

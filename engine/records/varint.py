@@ -1,5 +1,6 @@
-"""Zigzag LEB128 varints (Kafka's varint/varlong): record fields in v2 batches,
-and the integers of the peer message codec (raft/codec.py)."""
+"""Zigzag LEB128 varints (Kafka's varint/varlong): record fields in v2 batches.
+(raft/codec.py encodes its integers the same way with its own copy: raft/
+imports nothing from engine/.)"""
 from __future__ import annotations
 
 

@@ -18,7 +18,7 @@ Control protocol (TCP, big-endian, pipelined, answered in request order):
 error_code is a Kafka error code (engine.errors.ErrorCode). The control port
 opens once this broker hosts every partition of the topic.
 
-Run: python -m raft.server --node-id 1 --data-dir D --peer-port P1
+Run: python -m engine.replication.control_node --node-id 1 --data-dir D --peer-port P1
        --control-port C1 --peers 2=127.0.0.1:P2,3=127.0.0.1:P3 --partitions 1
 The cluster secret comes from RAFTKA_CLUSTER_SECRET.
 """
@@ -38,7 +38,8 @@ from typing import Any
 from engine.cluster.controller import ClusterController, MetadataCommandError
 from engine.config import Config
 from engine.errors import ErrorCode, NoControllerError, RaftkaError
-from raft.group import NotLeaderError, PartitionReplica, ReplicationError
+from engine.replication.partition import PartitionReplica
+from raft.group import NotLeaderError, ReplicationError
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +262,8 @@ def _parse_peers(text: str) -> dict[int, tuple[str, int]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m raft.server", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m engine.replication.control_node",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--node-id", type=int, required=True)
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--peer-port", type=int, required=True)

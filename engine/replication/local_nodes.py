@@ -1,4 +1,4 @@
-"""Start, kill and restart a cluster of replication node processes (raft/server.py)
+"""Start, kill and restart a cluster of replication node processes (control_node.py)
 on 127.0.0.1: the real-process tests and the replication benchmark use it.
 
 Processes are stopped by their PID (SIGTERM, then SIGKILL if they hang), never
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import secrets
 import signal
 import socket
@@ -19,37 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.broker.local_cluster import free_ports
+
 READY_TIMEOUT_S = 60.0
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def consecutive_free_ports(count: int) -> int:
-    """The first of `count` consecutive free ports (for `raftka cluster --base-port`)."""
-    for _ in range(100):
-        base = random.randint(20000, 60000 - count)
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError(f"no {count} consecutive free ports found")
 
 
 @dataclass
@@ -110,7 +81,8 @@ class LocalCluster:
         peers = ",".join(f"{m.node_id}=127.0.0.1:{m.peer_port}" for m in self.members.values() if m.node_id != node_id)
         member.data_dir.mkdir(parents=True, exist_ok=True)
         member.log_path = self.root / f"node-{node_id}.log"
-        command = [sys.executable, "-m", "raft.server", "--node-id", str(node_id), "--data-dir", str(member.data_dir),
+        command = [sys.executable, "-m", "engine.replication.control_node",
+                   "--node-id", str(node_id), "--data-dir", str(member.data_dir),
                    "--peer-port", str(member.peer_port), "--control-port", str(member.control_port),
                    "--peers", peers, "--partitions", str(self.partitions), "--raft", json.dumps(self.raft_settings)]
         env = dict(os.environ, RAFTKA_CLUSTER_SECRET=self.secret)
