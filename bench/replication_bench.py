@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from bench.storage_bench import batch_of_size, mb_s, open_log
-from engine.broker.local_cluster import free_ports
+from engine.ports import free_ports
 from engine.replication.control_node import ControlClient
 from engine.replication.local_nodes import LocalCluster
 

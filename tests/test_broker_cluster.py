@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.broker.local_cluster import consecutive_free_ports, raftka_command, stop_processes
+from engine.broker.local_cluster import raftka_command, stop_processes
+from engine.ports import consecutive_free_ports
 from engine.errors import ErrorCode
 from tests.conftest import make_batch
 from tests.test_broker_clients import TIMEOUT_S, consume_all, produce_frame, read_response

@@ -14,7 +14,7 @@ from engine.cluster.controller import ClusterController, MetadataCommandError
 from engine.cluster.metadata import ClusterState
 from engine.config import Config
 from engine.errors import ErrorCode, InvalidConfigError, InvalidReplicationFactorError, InvalidTopicError
-from engine.broker.local_cluster import free_ports
+from engine.ports import free_ports
 from tests.conftest import make_batch, wait_for
 
 FAST = dict(raftMinTimeout=0.3, raftMaxTimeout=0.6, appendEntriesPeriod=0.05, leaderFallbackTimeout=0.6)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.broker.local_cluster import consecutive_free_ports, raftka_command, stop_processes, write_configs
+from engine.broker.local_cluster import raftka_command, stop_processes, write_configs
+from engine.ports import consecutive_free_ports
 
 NODES = 3
 START_TIMEOUT_S = 90

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from engine.broker.local_cluster import free_ports
+from engine.ports import free_ports
 from engine.config import Config
 from engine.storage.index import IndexStore
 from engine.storage.partition_log import PartitionLog

@@ -13,48 +13,18 @@ from __future__ import annotations
 
 import ctypes
 import os
-import random
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from engine.ports import free_ports
+
 READY_TIMEOUT_S = 60.0
 PR_SET_PDEATHSIG = 1
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def consecutive_free_ports(count: int) -> int:
-    """The first of `count` consecutive free ports (for `raftka cluster --base-port`)."""
-    for _ in range(100):
-        base = random.randint(20000, 60000 - count)
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError(f"no {count} consecutive free ports found")
 
 
 def raftka_command(*args: str) -> list[str]:

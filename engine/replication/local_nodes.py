@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.broker.local_cluster import free_ports
+from engine.ports import free_ports
 
 READY_TIMEOUT_S = 60.0
 
