@@ -22,23 +22,20 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
-from pysyncobj import syncobj as _syncobj
+from dataclasses import dataclass
+
+from pysyncobj import FAIL_REASON, SyncObjConf
 from pysyncobj.node import Node
-from pysyncobj.transport import Transport
 
 from raft import checkpoint
 from raft.journal import JournalPath
+from raft.pysyncobj_adapter import AdaptedSyncObj, AdaptedTransport, monotonic_time
 from raft.votes import VoteStore
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_ENTRIES_BYTES = 8 * 1024 * 1024
 MAX_COMMAND_BYTES = MAX_MESSAGE_ENTRIES_BYTES - 1  # pysyncobj pickles entries at or above the batch size
-
-# pysyncobj's pipe notifier wakes its own tick thread; groups here are ticked
-# by RaftNode, so it would only cost two file descriptors per group.
-_syncobj.PIPE_NOTIFIER_ENABLED = False
 
 
 def settle_future(future: "asyncio.Future[Any]", result: Any, error: Exception | None) -> None:
@@ -74,7 +71,7 @@ class PeerNode(Node):
         self.broker_id = broker_id
 
 
-class GroupTransport(Transport):
+class GroupTransport(AdaptedTransport):
     """pysyncobj's Transport for one group, over the broker's network (anything
     with `send(peer_id, group_id, message) -> bool`: PeerNetwork, or the
     simulation's network)."""
@@ -116,30 +113,17 @@ class GroupTransport(Transport):
         elif self.on_raft_message is not None:
             self.on_raft_message(node, message)
         else:
-            self._onMessageReceived(node, message)
+            self.handle_raft_message(node, message)
         if self.on_activity is not None:
             self.on_activity()
 
     def peer_connected(self, peer_id: int) -> None:
         if peer_id in self._peers:
-            self._onNodeConnected(self._peers[peer_id])
+            self.handle_node_connected(self._peers[peer_id])
 
     def peer_disconnected(self, peer_id: int) -> None:
         if peer_id in self._peers:
-            self._onNodeDisconnected(self._peers[peer_id])
-
-
-class _NullPoller:
-    """RaftNode does the waiting; a group's tick must never block or poll."""
-
-    def subscribe(self, *args: Any) -> None:
-        pass
-
-    def unsubscribe(self, *args: Any) -> None:
-        pass
-
-    def poll(self, timeout: float) -> None:
-        pass
+            self.handle_node_disconnected(self._peers[peer_id])
 
 
 def raft_conf(group_dir: Path, journal_fsync: bool = False, persist_vote: bool = True,
@@ -160,7 +144,28 @@ def raft_conf(group_dir: Path, journal_fsync: bool = False, persist_vote: bool =
     return settings
 
 
-class RaftGroup(SyncObj):
+@dataclass(frozen=True)
+class FollowerProgress:
+    """What the leader knows of one follower's log."""
+    next_index: int    # the next Raft index the leader sends it
+    match_index: int   # its highest Raft index known to match the leader's
+
+
+@dataclass(frozen=True)
+class RaftView:
+    """A read-only snapshot of one member's Raft state, for metrics, the
+    controller and tests."""
+    group_id: int
+    term: int
+    leader_id: int | None
+    is_leader: bool
+    commit_index: int
+    applied_index: int
+    last_index: int                                # last Raft index in this member's log
+    follower_progress: dict[int, FollowerProgress]  # leader only: peer -> progress; {} elsewhere
+
+
+class RaftGroup(AdaptedSyncObj):
     """This broker's member of one Raft group, ticked by RaftNode over the shared
     PeerNetwork: what every group has in common (leadership, pipelining fixes,
     compaction to a checkpoint). Subclasses say what a command does."""
@@ -184,22 +189,20 @@ class RaftGroup(SyncObj):
         self._stale_peers: set[int] = set()        # followers that refused a coalesced heartbeat
         settings = raft_conf(self.group_dir, group_id=group_id, **raft_settings)
         settings.update(serializer=self._write_checkpoint, deserializer=self._read_checkpoint)
-        super().__init__(PeerNode(self_id), list(peers.values()), SyncObjConf(**settings),
-                         transport=self.transport)
-        self._poller = _NullPoller()
+        super().__init__(PeerNode(self_id), list(peers.values()), SyncObjConf(**settings), self.transport)
         if not peers:
             # a group of one has no one to split the vote with: elect at once
-            self._SyncObj__raftElectionDeadline = _syncobj.monotonicTime()
+            self._set_election_deadline(monotonic_time())
 
     # ---- leadership ----------------------------------------------------
 
     @property
     def is_leader(self) -> bool:
-        return self._isLeader()
+        return self._raft_is_leader()
 
     @property
     def leader_id(self) -> int | None:
-        leader = self._getLeader()
+        leader = self._raft_leader()
         return leader.broker_id if isinstance(leader, PeerNode) else None
 
     @property
@@ -207,8 +210,23 @@ class RaftGroup(SyncObj):
         """Leader, and every entry committed before its term is applied here
         (its term's first entry, pysyncobj's no-op, is): state read from the
         applied log is then complete."""
-        noop_index = self._SyncObj__noopIDx
-        return self.is_leader and noop_index is not None and self._SyncObj__raftLastApplied >= noop_index
+        noop_index = self._noop_index()
+        return self.is_leader and noop_index is not None and self._raft_last_applied() >= noop_index
+
+    def view(self) -> RaftView:
+        """This member's Raft state now (a copy: later changes do not show)."""
+        progress: dict[int, FollowerProgress] = {}
+        if self.is_leader:
+            match_index = self._match_index()
+            for node, next_index in self._next_index().items():
+                progress[node.broker_id] = FollowerProgress(next_index, match_index.get(node, 0))
+        return RaftView(self.group_id, self._raft_term(), self.leader_id, self.is_leader, self._raft_commit_index(),
+                        self._raft_last_applied(), self._last_log_index(), progress)
+
+    @property
+    def journal(self) -> Any:
+        """This member's Raft log (a DiskJournal)."""
+        return self._raft_log()
 
     @property
     def leader_epoch(self) -> int:
@@ -217,22 +235,22 @@ class RaftGroup(SyncObj):
 
     def follower_lag(self) -> dict[int, int]:
         """Raft entries each follower's log is behind the leader's (leader only; {} elsewhere)."""
-        if not self._isLeader():
+        if not self.is_leader:
             return {}
-        last = self._SyncObj__getCurrentLogIndex()
-        return {node.broker_id: max(last - match, 0) for node, match in self._SyncObj__raftMatchIndex.items()}
+        last = self._last_log_index()
+        return {node.broker_id: max(last - match, 0) for node, match in self._match_index().items()}
 
     def in_sync_replicas(self, max_lag_s: float = 10.0) -> list[int]:
         """Kafka's ISR as the leader sees it: itself, and each follower whose log
         reached the leader's commit index within the last `max_lag_s` seconds
         (replica.lag.time.max.ms). Only the leader knows; others answer []."""
-        if not self._isLeader():
+        if not self.is_leader:
             self._caught_up_at.clear()
             return []
-        now = _syncobj.monotonicTime()
-        commit = self._SyncObj__raftCommitIndex
+        now = monotonic_time()
+        commit = self._raft_commit_index()
         in_sync = [self.self_id]
-        for node, match in self._SyncObj__raftMatchIndex.items():
+        for node, match in self._match_index().items():
             if match >= commit:
                 self._caught_up_at[node.broker_id] = now
             if now - self._caught_up_at.setdefault(node.broker_id, now) <= max_lag_s:
@@ -241,14 +259,14 @@ class RaftGroup(SyncObj):
 
     def next_tick_due(self) -> float:
         """When this group must tick again if nothing arrives (pysyncobj's clock)."""
-        if self._isLeader():
-            if not self._SyncObj__otherNodes and self._SyncObj__raftCommitIndex < self._SyncObj__getCurrentLogIndex() \
-                    and self._SyncObj__getCurrentLogTerm() == self._SyncObj__raftCurrentTerm:
+        if self.is_leader:
+            if not self._other_nodes() and self._raft_commit_index() < self._last_log_index() \
+                    and self._last_log_term() == self._raft_term():
                 # a group of one commits what it appended this tick at the next
                 # one; nothing else would tick it before the heartbeat period
                 return 0.0
-            return self._SyncObj__newAppendEntriesTime
-        return self._SyncObj__raftElectionDeadline
+            return self._append_entries_due()
+        return self._election_deadline()
 
     # ---- coalesced heartbeats (RaftNode sends them, one message per peer) ----
     #
@@ -267,39 +285,39 @@ class RaftGroup(SyncObj):
     def coalesced_heartbeat(self, now: float, hold_s: float) -> list[int] | None:
         """[group, term, last index, commit index] if this group leads and is
         idle; pysyncobj's own heartbeat is then held off for `hold_s`."""
-        if not self._isLeader():
+        if not self.is_leader:
             return None
-        last = self._SyncObj__getCurrentLogIndex()
-        commit = self._SyncObj__raftCommitIndex
-        if commit != last or self._SyncObj__raftLastApplied != commit:
+        last = self._last_log_index()
+        commit = self._raft_commit_index()
+        if commit != last or self._raft_last_applied() != commit:
             return None
-        match, next_index = self._SyncObj__raftMatchIndex, self._SyncObj__raftNextIndex
-        for node in self._SyncObj__connectedNodes:
+        match, next_index = self._match_index(), self._next_index()
+        for node in self._connected_nodes():
             if (match.get(node) != last or next_index.get(node) != last + 1
                     or self._commit_sent.get(node.broker_id) != commit or node.broker_id in self._stale_peers):
                 return None
-        self._SyncObj__newAppendEntriesTime = now + hold_s
+        self._set_append_entries_due(now + hold_s)
         return [self.group_id, self.raftCurrentTerm, last, commit]
 
     def accept_coalesced_heartbeat(self, leader_id: int, term: int, last: int, commit: int, now: float) -> bool:
         """As a follower: True (and the election timer restarted) when this
         heartbeat's leader, term, log end and commit index are exactly ours."""
-        if (self._isLeader() or term != self.raftCurrentTerm or self.leader_id != leader_id
-                or self._SyncObj__getCurrentLogIndex() != last or self._SyncObj__raftCommitIndex != commit
-                or self._SyncObj__raftLastApplied != commit or not self._may_compact()):
+        if (self.is_leader or term != self.raftCurrentTerm or self.leader_id != leader_id
+                or self._last_log_index() != last or self._raft_commit_index() != commit
+                or self._raft_last_applied() != commit or not self._may_compact()):
             return False
-        self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()
+        self._set_election_deadline(now + self._new_election_timeout())
         return True
 
     def coalesced_heartbeat_answered(self, peer_id: int, accepted: bool, now: float) -> None:
         node = self.transport.peer(peer_id)
-        if node is None or not self._isLeader():
+        if node is None or not self.is_leader:
             return
         if accepted:
-            self._SyncObj__lastResponseTime[node] = now
+            self._record_response(node, now)
         else:
             self._stale_peers.add(peer_id)
-            self._SyncObj__newAppendEntriesTime = 0.0   # pysyncobj's own append_entries at the next tick
+            self._set_append_entries_due(0.0)   # pysyncobj's own append_entries at the next tick
 
     def _propose(self, command: bytes, callback: Callable[[Any, Exception | None], None],
                  wake: bool = True) -> None:
@@ -316,7 +334,7 @@ class RaftGroup(SyncObj):
                 callback(None, result)
             else:
                 callback(result, None)
-        self._applyCommand(command, done)
+        self._submit_command(command, done)
         if wake and self.transport.on_activity is not None:
             self.transport.on_activity()
 
@@ -343,23 +361,23 @@ class RaftGroup(SyncObj):
             self._on_append_entries(node, message)
         elif kind == "append_entries" and message.get("serialized") is not None:
             self._on_snapshot_chunk(node, message)
-        elif kind == "next_node_idx" and self._isLeader():
+        elif kind == "next_node_idx" and self.is_leader:
             self._stale_peers.discard(node.broker_id)
-            next_index = self._SyncObj__raftNextIndex
+            next_index = self._next_index()
             before = next_index.get(node)
-            self.transport._onMessageReceived(node, message)
+            self.transport.handle_raft_message(node, message)
             if message.get("success") and not message.get("reset") and before is not None:
                 next_index[node] = max(before, next_index.get(node, 0))
         else:
-            self.transport._onMessageReceived(node, message)
+            self.transport.handle_raft_message(node, message)
 
     def _on_append_entries(self, node: PeerNode, message: dict) -> None:
-        journal = self._SyncObj__raftLog
+        journal = self._raft_log()
         last = journal.last_index()
         entries = message.get("entries") or []
         prev_index, prev_term = message.get("prevLogIdx"), message.get("prevLogTerm")
         if not isinstance(prev_index, int) or journal.term_at(prev_index) != prev_term or prev_index >= last:
-            self.transport._onMessageReceived(node, message)  # nothing held past prev: stock path
+            self.transport.handle_raft_message(node, message)  # nothing held past prev: stock path
             return
         matched = 0
         for _command, index, term in entries:
@@ -371,14 +389,14 @@ class RaftGroup(SyncObj):
             entries = entries[matched:]
         if entries or prev_index >= last:
             message = dict(message, prevLogIdx=prev_index, prevLogTerm=prev_term, entries=list(entries))
-            self.transport._onMessageReceived(node, message)
+            self.transport.handle_raft_message(node, message)
             return
         # everything received is already held and we hold more: acknowledge
         # only what the message verified, and keep the rest
-        commit_before = self._SyncObj__raftCommitIndex
+        commit_before = self._raft_commit_index()
         self._verified_end = prev_index
         try:
-            self.transport._onMessageReceived(
+            self.transport.handle_raft_message(
                 node, dict(message, prevLogIdx=last, prevLogTerm=journal.term_at(last), entries=[]))
         finally:
             self._verified_end = None
@@ -388,12 +406,12 @@ class RaftGroup(SyncObj):
         """A checkpoint that is not ahead of what this follower already holds
         (a stale reset made the leader send it) must not wipe the journal:
         pysyncobj would clear it, dropping entries we acknowledged."""
-        commit_before = self._SyncObj__raftCommitIndex
+        commit_before = self._raft_commit_index()
         self._checkpoint_loaded = False
         try:
-            self.transport._onMessageReceived(node, message)
+            self.transport.handle_raft_message(node, message)
         finally:
-            kept_at, self._verified_end = self._verified_end, None  # set by _SyncObj__loadDumpFile
+            kept_at, self._verified_end = self._verified_end, None  # set by _load_dump_hook
         if not self._checkpoint_loaded:
             # pysyncobj raises the commit index to the leader's on every chunk,
             # even one that installs nothing
@@ -402,29 +420,28 @@ class RaftGroup(SyncObj):
     def _commit_no_further_than(self, verified_end: int | None, commit_before: int, leader_commit: Any) -> None:
         """pysyncobj raised the commit index to min(leader's, our last index);
         only entries this message verified, up to `verified_end`, may count."""
-        if self._SyncObj__raftCommitIndex <= commit_before:
+        if self._raft_commit_index() <= commit_before:
             return
         clamped = commit_before
         if verified_end is not None and isinstance(leader_commit, int):
             clamped = max(commit_before, min(leader_commit, verified_end))
-        self._SyncObj__raftCommitIndex = clamped
-        self._SyncObj__raftLog.setRaftCommitIndex(clamped)
+        self._set_commit_index(clamped)
 
-    def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:
-        if clearJournal:
+    def _load_dump_hook(self, clear_journal: bool) -> None:
+        if clear_journal:
             try:
-                point = checkpoint.read(Path(self._SyncObj__conf.fullDumpFile))
+                point = checkpoint.read(Path(self.conf.fullDumpFile))
             except (OSError, checkpoint.CheckpointError):
                 log.exception("group %d: unreadable checkpoint received", self.group_id)
                 return
             _command, index, term = point.entries[1]
-            if self._SyncObj__raftLog.term_at(index) == term or index <= self._SyncObj__raftLastApplied:
+            if self._raft_log().term_at(index) == term or index <= self._raft_last_applied():
                 # we hold that entry already: keep our log, acknowledge only up to it
                 self._verified_end = index
                 return
         else:
             self._trim_journal_to_checkpoint()
-        SyncObj._SyncObj__loadDumpFile(self, clearJournal)
+        super()._load_dump_hook(clear_journal)
         self._checkpoint_loaded = True
 
     def _trim_journal_to_checkpoint(self) -> None:
@@ -432,11 +449,11 @@ class RaftGroup(SyncObj):
         (killed between writing it and compacting) is compacted now; pysyncobj
         would see its first entries differ from the checkpoint's and clear it,
         losing everything after the checkpoint."""
-        path = Path(self._SyncObj__conf.fullDumpFile)
+        path = Path(self.conf.fullDumpFile)
         if not path.exists():
             return
         point = checkpoint.read(path)
-        journal = self._SyncObj__raftLog
+        journal = self._raft_log()
         (_c, prev_index, prev_term), (_c2, index, term) = point.entries
         if journal.term_at(prev_index) == prev_term and journal.term_at(index) == term:
             journal.deleteEntriesTo(prev_index - journal.first_index())
@@ -452,17 +469,17 @@ class RaftGroup(SyncObj):
 
     # ---- compaction ------------------------------------------------------
 
-    def _SyncObj__tryLogCompaction(self) -> None:
+    def _try_compaction_hook(self) -> None:
         if not self._may_compact():
             return
-        journal = self._SyncObj__raftLog
+        journal = self._raft_log()
         if journal.size_bytes > self.journal_max_bytes:
-            self._SyncObj__forceLogCompaction = True
-        SyncObj._SyncObj__tryLogCompaction(self)
+            self._force_compaction()
+        super()._try_compaction_hook()
         # Our serializer runs synchronously, but pysyncobj only notices it
         # finished on its next call; until then it offers followers no
         # checkpoint and its send loop spins on one that needs it. Finish now.
-        SyncObj._SyncObj__tryLogCompaction(self)
+        super()._try_compaction_hook()
 
     def _may_compact(self) -> bool:
         return True

@@ -36,10 +36,8 @@ from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from pysyncobj import syncobj as _syncobj
-from pysyncobj.journal import Journal
-
 from native import crc32c
+from raft.pysyncobj_adapter import AdaptedJournal
 from raft.votes import VoteStore
 
 log = logging.getLogger(__name__)
@@ -124,7 +122,7 @@ REMOVER_QUEUE_MAX = 1024
 _REMOVER = _Remover()
 
 
-class DiskJournal(Journal):
+class DiskJournal(AdaptedJournal):
     """pysyncobj's Raft log for one group, on disk with a small in-memory index."""
 
     def __init__(self, directory: Path, fsync: bool = False, segment_bytes: int = DEFAULT_SEGMENT_BYTES,
@@ -216,9 +214,6 @@ class DiskJournal(Journal):
 
     def __len__(self) -> int:
         return len(self._slots)
-
-    def _destroy(self) -> None:
-        self.close()
 
     def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
         if self._meta["commit_index"] != raftCommitIndex:
@@ -415,23 +410,13 @@ class _EntryRange(Sequence):
 
 
 class JournalPath(str):
-    """A journalFile value that makes pysyncobj open a DiskJournal: pysyncobj
-    builds its journal from `conf.journalFile` through `createJournal`, and
-    offers no other hook."""
+    """A journalFile value that makes pysyncobj open a DiskJournal (the
+    adapter's journal factory patch calls `open_journal`)."""
 
     def __new__(cls, directory: Path, **options: Any) -> "JournalPath":
         value = super().__new__(cls, str(directory))
         value.options = options
         return value
 
-
-_stock_create_journal = _syncobj.createJournal
-
-
-def _create_journal(journal_file: Any = None) -> Journal:
-    if isinstance(journal_file, JournalPath):
-        return DiskJournal(Path(journal_file), **journal_file.options)
-    return _stock_create_journal(journal_file)
-
-
-_syncobj.createJournal = _create_journal
+    def open_journal(self) -> "DiskJournal":
+        return DiskJournal(Path(self), **self.options)

@@ -24,9 +24,8 @@ import math
 import struct
 from typing import Any
 
-from pysyncobj import syncobj as _syncobj
-
 from raft.group import RaftGroup
+from raft.pysyncobj_adapter import monotonic_time
 from raft.transport import PeerNetwork
 from raft.votes import VoteStore
 
@@ -80,7 +79,7 @@ class RaftNode:
         self.network.register_group(replica.group_id, replica.transport.deliver)
         for peer_id in self.network.connected_peers:
             replica.transport.peer_connected(peer_id)
-        period = replica._SyncObj__conf.appendEntriesPeriod
+        period = replica.conf.appendEntriesPeriod
         if period < self._heartbeat_interval_s:
             self._heartbeat_interval_s = period
             self._arm_heartbeats()
@@ -133,7 +132,7 @@ class RaftNode:
 
     def tick(self) -> None:
         """Tick every group that is marked active or whose deadline passed, then flush."""
-        now = _syncobj.monotonicTime()
+        now = monotonic_time()
         while self._heap and self._heap[0][0] <= now:
             due, group_id = heapq.heappop(self._heap)
             if self._due.get(group_id) != due:
@@ -164,7 +163,7 @@ class RaftNode:
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = due
-        self._timer = self._loop.call_later(max(0.0, due - _syncobj.monotonicTime()), self._on_timer)
+        self._timer = self._loop.call_later(max(0.0, due - monotonic_time()), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer, self._timer_at = None, math.inf
@@ -185,7 +184,7 @@ class RaftNode:
 
     def _heartbeat_round(self) -> None:
         self._arm_heartbeats()
-        now = _syncobj.monotonicTime()
+        now = monotonic_time()
         hold_s = 2 * self._heartbeat_interval_s
         per_peer: dict[int, bytearray] = {}
         connected = self.network.connected_peers
@@ -215,7 +214,7 @@ class RaftNode:
         if not isinstance(entries, bytes) or len(entries) % HEARTBEAT.size:
             log.warning("node %d: malformed heartbeats from peer %d", self.node_id, peer_id)
             return
-        now = _syncobj.monotonicTime()
+        now = monotonic_time()
         accepted, stale = bytearray(), bytearray()
         for group_id, term, last, commit in HEARTBEAT.iter_unpack(entries):
             replica = self._groups.get(group_id)
@@ -231,7 +230,7 @@ class RaftNode:
         if not all(isinstance(v, bytes) and len(v) % GROUP_IDS.size == 0 for v in (accepted, stale)):
             log.warning("node %d: malformed heartbeat answers from peer %d", self.node_id, peer_id)
             return
-        now = _syncobj.monotonicTime()
+        now = monotonic_time()
         for (group_id,) in GROUP_IDS.iter_unpack(accepted):
             replica = self._groups.get(group_id)
             if replica is not None:

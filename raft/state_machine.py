@@ -14,8 +14,6 @@ import asyncio
 from pathlib import Path
 from typing import Any, Protocol
 
-from pysyncobj import SyncObj
-
 from raft import checkpoint
 from raft.group import MAX_COMMAND_BYTES, PeerNode, RaftGroup
 
@@ -48,9 +46,9 @@ class StateMachineReplica(RaftGroup):
             raise ValueError(f"state machine command of {len(payload)} bytes is over the limit")
         return self._propose_future(STATE_COMMAND + payload)
 
-    def _SyncObj__doApplyCommand(self, command: bytes) -> Any:
+    def _apply_hook(self, command: bytes) -> Any:
         if command[:1] != STATE_COMMAND:
-            return SyncObj._SyncObj__doApplyCommand(self, command)
+            return super()._apply_hook(command)
         return self.machine.apply(memoryview(command)[1:])
 
     def _write_checkpoint(self, path: str, raft_data: tuple) -> None:

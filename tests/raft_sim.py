@@ -22,18 +22,16 @@ from __future__ import annotations
 import heapq
 import random
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
-
-from pysyncobj import syncobj as _syncobj
+from typing import Any
 
 from engine.config import Config
 from engine.records.batch import Record, build_batch, iter_batches, parse_records
 from engine.storage.index import IndexStore
 from engine.storage.partition_log import PartitionLog
 from raft import codec
+from raft.pysyncobj_adapter import patched_clock
 from engine.replication import NotLeaderError, PartitionReplica
 from tests.conftest import readable_bytes
 
@@ -71,16 +69,6 @@ class FakeClock:
     def __call__(self) -> float:
         self.now += 1e-6
         return self.now
-
-
-@contextmanager
-def patched_clock(clock: FakeClock) -> Iterator[None]:
-    original = _syncobj.monotonicTime
-    _syncobj.monotonicTime = clock
-    try:
-        yield
-    finally:
-        _syncobj.monotonicTime = original
 
 
 class _Endpoint:
@@ -153,7 +141,7 @@ class Simulation:
         member = self.members[node_id]
         replica = member.replica
         assert replica is not None
-        replica._SyncObj__raftLog.abandon()
+        replica.journal.abandon()
         replica.log.abandon()
         member.index.close()
         member.replica = member.index = None
@@ -268,11 +256,11 @@ class Simulation:
         leaders = [m for m in members if m.replica.is_leader]
         if len(leaders) != 1:
             return False
-        leader = leaders[0].replica
-        if leader._SyncObj__raftCommitIndex != leader._SyncObj__raftLog.last_index():
+        leader = leaders[0].replica.view()
+        if leader.commit_index != leader.last_index:
             return False
         return len({(m.replica.log.high_watermark, m.replica.log.log_end_offset,
-                     m.replica._SyncObj__raftLastApplied) for m in members}) == 1 \
+                     m.replica.view().applied_index) for m in members}) == 1 \
             and not any(m.replica.catching_up for m in members)
 
     # ---- invariants ----------------------------------------------------------
@@ -317,10 +305,10 @@ class Simulation:
             if not m.alive:
                 parts.append(f"n{m.node_id}: down")
                 continue
-            r = m.replica
+            r, raft = m.replica, m.replica.view()
             parts.append(f"n{m.node_id}: leader={r.is_leader} term={r.leader_epoch} hw={r.log.high_watermark} "
-                         f"leo={r.log.log_end_offset} applied={r._SyncObj__raftLastApplied} "
-                         f"commit={r._SyncObj__raftCommitIndex} last={r._SyncObj__raftLog.last_index()} "
+                         f"leo={r.log.log_end_offset} applied={raft.applied_index} "
+                         f"commit={raft.commit_index} last={raft.last_index} "
                          f"catching_up={r.catching_up}")
         return "; ".join(parts)
 

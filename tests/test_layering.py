@@ -1,11 +1,16 @@
 """The package layering (DESIGN.md, "Layering"): raft/ is a generic multi-Raft
 library that imports nothing from engine/ or bench/, and native/ imports none
 of engine/, raft/ or bench/. Read from the source with `ast`, so an import
-inside a function counts as much as one at the top."""
+inside a function counts as much as one at the top. And pysyncobj's private
+names (name-mangled state, single-underscore methods, patched module globals)
+appear in raft/pysyncobj_adapter.py alone."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN = {"raft": {"engine", "bench"}, "native": {"engine", "raft", "bench"}}
@@ -37,3 +42,63 @@ def test_raft_imports_nothing_from_engine_or_bench():
 
 def test_native_imports_nothing_from_engine_raft_or_bench():
     assert layering_violations("native") == []
+
+
+# ---- pysyncobj's private names: only raft/pysyncobj_adapter.py uses them ----
+
+ADAPTER = ROOT / "raft" / "pysyncobj_adapter.py"
+EXEMPT = {ADAPTER, Path(__file__).resolve()}   # this file names them as test data
+CHECKED_PACKAGES = ("raft", "engine", "bench", "tests")
+
+
+def pysyncobj_private_names() -> set[str]:
+    """Every private name of pysyncobj's classes (their methods, and what
+    SyncObj.__init__ assigns), plus the module globals the adapter patches."""
+    from pysyncobj import SyncObj
+    from pysyncobj.journal import Journal
+    from pysyncobj.node import Node
+    from pysyncobj.transport import Transport
+
+    from raft import pysyncobj_adapter as adapter
+    names = set(adapter.MODULE_GLOBALS) | set(adapter.SYNCOBJ_METHODS) | set(adapter.TRANSPORT_METHODS)
+    names |= set(adapter.JOURNAL_METHODS)
+    names |= {f"_SyncObj{name}" if name.startswith("__") else name for name in adapter.SYNCOBJ_ATTRIBUTES}
+    for owner in (SyncObj, Transport, Journal, Node):
+        names |= {name for name in vars(owner) if name.startswith("_") and not name.startswith("__")}
+    return names
+
+
+def private_name_uses(paths: list[Path]) -> list[str]:
+    """"path:line uses name" for every pysyncobj private name in the files at `paths`."""
+    names = sorted(pysyncobj_private_names(), key=len, reverse=True)
+    pattern = re.compile(r"_SyncObj__\w+|\b(?:%s)\b" % "|".join(map(re.escape, names)))
+    uses = []
+    for path in paths:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            uses += [f"{path}:{number} uses {name}" for name in pattern.findall(line)]
+    return uses
+
+
+def checked_files() -> list[Path]:
+    return [path for package in CHECKED_PACKAGES for path in sorted((ROOT / package).rglob("*.py"))
+            if path not in EXEMPT]
+
+
+def test_only_the_adapter_names_pysyncobj_private_attributes():
+    assert private_name_uses(checked_files()) == []
+
+
+def test_the_private_name_check_catches_mangled_single_underscore_and_patched_names(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("x = group._SyncObj__raftCommitIndex\n_syncobj.PIPE_NOTIFIER_ENABLED = False\n"
+                      "group._onTick(0.0)\ngroup.transport._onMessageReceived(node, message)\n")
+    found = {use.split(" uses ")[1] for use in private_name_uses([sample])}
+    assert found == {"_SyncObj__raftCommitIndex", "PIPE_NOTIFIER_ENABLED", "_onTick", "_onMessageReceived"}
+
+
+def test_the_adapter_refuses_a_pysyncobj_without_what_it_overrides(monkeypatch):
+    from raft import pysyncobj_adapter as adapter
+    monkeypatch.setattr(adapter, "SYNCOBJ_METHODS", adapter.SYNCOBJ_METHODS + ("_SyncObj__gone",))
+    monkeypatch.setattr(adapter, "SYNCOBJ_ATTRIBUTES", adapter.SYNCOBJ_ATTRIBUTES + ("__vanished",))
+    with pytest.raises(ImportError, match=r"SyncObj\._SyncObj__gone.*self\.__vanished"):
+        adapter._check_pysyncobj()

@@ -11,7 +11,7 @@ from tests.test_raft_group import start_cluster
 
 
 def _entries_of_type(replica, command_type: int) -> int:
-    journal = replica._SyncObj__raftLog
+    journal = replica.journal
     return sum(1 for command, _index, _term in journal[:] if command[:1] == bytes([command_type]))
 
 
@@ -19,12 +19,12 @@ def test_appends_of_one_iteration_share_an_entry_and_get_consecutive_offsets(tmp
     async def scenario() -> None:
         _ports, brokers, leader = await start_cluster(tmp_path)
         try:
-            last_index = leader.replica._SyncObj__raftLog.last_index()
+            last_index = leader.replica.view().last_index
             batches = [make_batch(2 + i, seed=i) for i in range(5)]
             futures = [leader.replica.append(batch) for batch in batches]   # same iteration
             offsets = await asyncio.wait_for(asyncio.gather(*futures), 10)
             assert offsets == [0, 2, 5, 9, 14]
-            assert leader.replica._SyncObj__raftLog.last_index() == last_index + 1
+            assert leader.replica.view().last_index == last_index + 1
             assert _entries_of_type(leader.replica, MULTI_APPEND_COMMAND) == 1
             await wait_for(lambda: all(b.replica.log.high_watermark == 20 for b in brokers))
             contents = {b.readable_bytes() for b in brokers}

@@ -145,3 +145,30 @@ def test_an_idle_group_is_kept_alive_by_coalesced_node_heartbeats_not_per_group_
         for b in brokers:
             await b.stop()
     asyncio.run(scenario())
+
+
+def test_raft_view_shows_term_leader_indexes_and_follower_progress(tmp_path):
+    async def scenario() -> None:
+        _ports, brokers, leader = await start_cluster(tmp_path)
+        try:
+            await append(leader, make_batch(3))
+            last = leader.replica.view().last_index
+
+            def settled() -> bool:
+                views = [b.replica.view() for b in brokers]
+                return all(v.commit_index == v.applied_index == last for v in views)
+            await wait_for(settled)
+            view = leader.replica.view()
+            assert view.is_leader and view.leader_id == leader.node_id and view.group_id == GROUP
+            assert view.term == leader.replica.leader_epoch
+            assert set(view.follower_progress) == {b.node_id for b in brokers} - {leader.node_id}
+            for progress in view.follower_progress.values():
+                assert progress.match_index == last and progress.next_index >= last + 1
+            for follower in (b for b in brokers if b is not leader):
+                seen = follower.replica.view()
+                assert not seen.is_leader and seen.leader_id == leader.node_id and seen.term == view.term
+                assert seen.follower_progress == {} and seen.last_index == last
+        finally:
+            for b in brokers:
+                await b.stop()
+    asyncio.run(scenario())

@@ -121,7 +121,7 @@ class ClusterController:
         has registered, so a new topic's replicas can be placed on all of them."""
         if self.metadata is None or self.metadata.leader_id is None:
             return f"waiting for a majority of {self.config.broker_ids} to elect the metadata leader"
-        if not self.metadata._isReady():
+        if not self.metadata.isReady():
             return "catching up with the metadata leader"
         missing = sorted(set(self.config.broker_ids) - set(self.state.brokers))
         if missing or not self._registered:
@@ -335,7 +335,7 @@ class ClusterController:
         metadata caught up with the leader's: a restarted broker replays an
         older prefix first, which lacks topics it already hosts."""
         self._reconcile_scheduled = False
-        if self.metadata is None or not self.metadata._isReady():
+        if self.metadata is None or not self.metadata.isReady():
             return
         self._reconciled_version = self.state.version
         wanted: dict[tuple[str, int], PartitionInfo] = {}

@@ -38,9 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pysyncobj import SyncObj
-from pysyncobj import syncobj as _syncobj
-
 from engine.errors import (CorruptRecordError, InvalidProducerEpochError, OutOfOrderSequenceError,
                            RecordTooLargeError)
 from engine.records import layout
@@ -49,6 +46,7 @@ from engine.storage.producer_state import REBUILD_SEGMENTS, ProducerState
 from engine.storage.partition_log import PartitionLog
 from raft import checkpoint
 from raft.group import MAX_COMMAND_BYTES, NotLeaderError, PeerNode, RaftGroup, settle_future
+from raft.pysyncobj_adapter import monotonic_time
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +180,10 @@ class PartitionReplica(RaftGroup):
             raise RecordTooLargeError(f"append of {len(batches)} bytes exceeds the replicated "
                                       f"command limit of {MAX_COMMAND_BYTES - APPEND_HEADER.size}")
 
-    def _SyncObj__doApplyCommand(self, command: bytes) -> Any:
+    def _apply_hook(self, command: bytes) -> Any:
         if command[:1] not in (b"\x10", b"\x11"):
-            return SyncObj._SyncObj__doApplyCommand(self, command)
-        index = self._SyncObj__raftLastApplied + 1  # pysyncobj bumps it after the apply returns
+            return super()._apply_hook(command)
+        index = self._raft_last_applied() + 1  # pysyncobj bumps it after the apply returns
         if index <= self._recorded_applied_index:
             return None  # applied before a restart; the journal replays it
         if self._catch_up is not None:
@@ -247,7 +245,7 @@ class PartitionReplica(RaftGroup):
 
     def _write_checkpoint(self, path: str, raft_data: tuple) -> None:
         last_applied, previous, _cluster = raft_data
-        assert last_applied[1] == self._SyncObj__raftLastApplied, (last_applied[1], self._SyncObj__raftLastApplied)
+        assert last_applied[1] == self._raft_last_applied(), (last_applied[1], self._raft_last_applied())
         # the stored state (high watermark at applied index) must not lag the
         # checkpoint, or a restart would refetch what it already has
         self._log.commit_index()
@@ -274,22 +272,22 @@ class PartitionReplica(RaftGroup):
     def _request_catch_up(self) -> None:
         catch_up = self._catch_up
         assert catch_up is not None
-        catch_up.retry_at = _syncobj.monotonicTime() + CATCH_UP_RETRY_S
+        catch_up.retry_at = monotonic_time() + CATCH_UP_RETRY_S
         source = self.leader_id
         if source is None or source == self.self_id:
             return  # retried on a later tick, when a leader is known
         self.transport.send_to(source, {"type": "rk_fetch", "offset": self._log.log_end_offset,
                                         "end_offset": catch_up.target_offset, "max_bytes": CATCH_UP_CHUNK_BYTES})
 
-    def _onTick(self, timeToWait: float = 0.0) -> None:
+    def _before_tick_hook(self) -> None:
         self._flush_appends()
         if self._catch_up is not None:
             # a replica missing committed data must not lead: push its election out
-            now = _syncobj.monotonicTime()
-            deadline = self._SyncObj__raftElectionDeadline
-            self._SyncObj__raftElectionDeadline = max(deadline, now + self._SyncObj__conf.raftMinTimeout)
-        super()._onTick(timeToWait)
-        if self._catch_up is not None and _syncobj.monotonicTime() >= self._catch_up.retry_at:
+            now = monotonic_time()
+            self._set_election_deadline(max(self._election_deadline(), now + self.conf.raftMinTimeout))
+
+    def _after_tick_hook(self) -> None:
+        if self._catch_up is not None and monotonic_time() >= self._catch_up.retry_at:
             self._request_catch_up()
 
     def _on_extension_message(self, peer_id: int, message: dict) -> None:
