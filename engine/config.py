@@ -15,6 +15,11 @@ GIB = 1024 * MIB
 DAY_MS = 24 * 3600 * 1000
 
 
+# the internal topic of consumer group offsets and metadata (Kafka's name); its
+# size and RF are the offsets_topic_* settings below
+OFFSETS_TOPIC = "__consumer_offsets"
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Every Raftka setting, with Kafka's defaults where Kafka has one.

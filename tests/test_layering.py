@@ -102,3 +102,49 @@ def test_the_adapter_refuses_a_pysyncobj_without_what_it_overrides(monkeypatch):
     monkeypatch.setattr(adapter, "SYNCOBJ_ATTRIBUTES", adapter.SYNCOBJ_ATTRIBUTES + ("__vanished",))
     with pytest.raises(ImportError, match=r"SyncObj\._SyncObj__gone.*self\.__vanished"):
         adapter._check_pysyncobj()
+
+
+# engine/'s own layers, bottom to top; a module may import its own layer and any below it
+ENGINE_LAYERS = [
+    {"config", "errors", "ports", "partitioner"},
+    {"records", "protocol"},
+    {"storage"},
+    {"replication", "cluster"},
+    {"broker", "groups", "client"},
+    {"admin", "cli"},
+]
+
+
+def engine_layer(name: str) -> int | None:
+    """The layer of `engine.<name>...` (bench counts with admin and cli, the top)."""
+    parts = name.split(".")
+    if parts[0] == "bench":
+        return len(ENGINE_LAYERS) - 1
+    if parts[0] != "engine" or len(parts) < 2:
+        return None
+    return next((i for i, layer in enumerate(ENGINE_LAYERS) if parts[1] in layer), None)
+
+
+def engine_layering_violations() -> list[str]:
+    violations = []
+    for path in sorted((ROOT / "engine").rglob("*.py")):
+        relative = path.relative_to(ROOT)
+        if relative == Path("engine/__init__.py"):   # the package face: the embedded API, on top
+            continue
+        mine = engine_layer(".".join(relative.with_suffix("").parts))
+        for line, name in imported_packages(path):
+            theirs = engine_layer(name)
+            if mine is not None and theirs is not None and theirs > mine:
+                violations.append(f"{relative}:{line} (layer {mine}) imports {name} (layer {theirs})")
+    return violations
+
+
+def test_engine_layers_import_only_their_own_layer_and_below():
+    assert engine_layering_violations() == []
+
+
+def test_every_engine_module_has_a_layer():
+    unplaced = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "engine").rglob("*.py"))
+                if p.relative_to(ROOT) != Path("engine/__init__.py")
+                and engine_layer(".".join(p.relative_to(ROOT).with_suffix("").parts)) is None]
+    assert unplaced == []

@@ -22,11 +22,12 @@ import asyncio
 import logging
 import time
 
+from engine.config import OFFSETS_TOPIC
 from engine.cluster.controller import ClusterController
 from engine.errors import ErrorCode, GroupError, RaftkaError
 from engine.groups.consumer_protocol import PROTOCOL_TYPE, ProtocolFormatError, decode_subscription
 from engine.groups.coordinator import GROUP_TICK_S, GroupCoordinator, GroupSettings
-from engine.groups.records import OFFSETS_TOPIC, CommittedOffset, GroupRecord, partition_for_group
+from engine.groups.records import CommittedOffset, GroupRecord, partition_for_group
 from engine.groups.store import GroupStore, group_record, offset_records
 from engine.records.batch import build_batch
 from engine.replication import NotLeaderError, PartitionReplica, ReplicationError

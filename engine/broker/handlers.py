@@ -18,9 +18,8 @@ from engine.broker.group_handlers import GroupHandlers
 from engine.broker.groups import GroupService
 from engine.broker.metrics import BrokerMetrics
 from engine.cluster.controller import ADMIN_TIMEOUT_S, ClusterController
-from engine.groups.records import OFFSETS_TOPIC
 from engine.records.batch import iter_batches
-from engine.config import BROKER_CONFIGS, TOPIC_CONFIGS, Config, config_text
+from engine.config import BROKER_CONFIGS, OFFSETS_TOPIC, TOPIC_CONFIGS, Config, config_text
 from engine.errors import ErrorCode, OffsetOutOfRangeError, RaftkaError
 from engine.protocol import kafka
 from engine.storage.log_manager import validate_topic_name

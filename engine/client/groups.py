@@ -27,10 +27,11 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
+from engine.config import OFFSETS_TOPIC
 from engine.errors import ErrorCode, GroupError
 from engine.groups import consumer_protocol
 from engine.groups.coordinator import GROUP_TICK_S, GroupCoordinator, GroupSettings
-from engine.groups.records import OFFSETS_TOPIC, CommittedOffset, GroupRecord, partition_for_group
+from engine.groups.records import CommittedOffset, GroupRecord, partition_for_group
 from engine.groups.store import GroupStore, group_record, offset_records
 from engine.records.batch import ConsumerRecord, build_batch, parse_records
 

@@ -31,8 +31,7 @@ from typing import Any, Callable
 
 from engine.cluster import metadata
 from engine.cluster.metadata import METADATA_GROUP_ID, ClusterState, PartitionInfo
-from engine.config import TOPIC_CONFIGS, Config
-from engine.groups.records import OFFSETS_TOPIC
+from engine.config import OFFSETS_TOPIC, TOPIC_CONFIGS, Config
 from engine.errors import (ErrorCode, InvalidConfigError, InvalidPartitionsError, InvalidReplicationFactorError, NoControllerError,
                            RaftkaError, UnknownTopicOrPartitionError)
 from engine.storage.log_manager import PARTITIONS_MAX, LogManager, validate_topic_name

@@ -25,8 +25,6 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-OFFSETS_TOPIC = "__consumer_offsets"
-
 OFFSET_KEY_VERSION, GROUP_KEY_VERSION = 1, 2
 OFFSET_VALUE_VERSION, GROUP_VALUE_VERSION = 3, 3
 
