@@ -132,6 +132,24 @@ class NoControllerError(RaftkaError):
     error_code = ErrorCode.NOT_CONTROLLER
 
 
+class NotLeaderOrFollowerError(RaftkaError):
+    """This replica does not lead the partition; `leader_id` is the one it
+    knows of (None during an election). Clients refresh metadata and retry."""
+
+    error_code = ErrorCode.NOT_LEADER_OR_FOLLOWER
+
+    def __init__(self, message: str, leader_id: int | None = None) -> None:
+        super().__init__(message)
+        self.leader_id = leader_id
+
+
+class ReplicationTimeoutError(RaftkaError):
+    """An append was not committed in time, or not at all (leadership moved
+    while it was in flight): its outcome is unknown to the client, which retries."""
+
+    error_code = ErrorCode.REQUEST_TIMED_OUT
+
+
 class OutOfOrderSequenceError(RaftkaError):
     """An idempotent producer's batch does not follow the last sequence stored."""
 

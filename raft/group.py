@@ -18,6 +18,7 @@ in state_machine.py, the partition replica in engine/replication/).
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -57,8 +58,32 @@ class NotLeaderError(Exception):
         self.leader_id = leader_id
 
 
+class FailReason(enum.IntEnum):
+    """Why a proposed command was not committed: pysyncobj's FAIL_REASON, named."""
+    QUEUE_FULL = FAIL_REASON.QUEUE_FULL
+    MISSING_LEADER = FAIL_REASON.MISSING_LEADER
+    DISCARDED = FAIL_REASON.DISCARDED
+    NOT_LEADER = FAIL_REASON.NOT_LEADER
+    LEADER_CHANGED = FAIL_REASON.LEADER_CHANGED
+    REQUEST_DENIED = FAIL_REASON.REQUEST_DENIED
+    UNKNOWN_OUTCOME = FAIL_REASON.UNKNOWN_OUTCOME
+
+
+def _fail_reason(code: int) -> FailReason:
+    try:
+        return FailReason(code)
+    except ValueError:
+        return FailReason.UNKNOWN_OUTCOME
+
+
 class ReplicationError(Exception):
-    """A proposed append was not committed (leadership moved, queue full, ...)."""
+    """A proposed command was not committed; `reason` says why (leadership
+    moved, queue full, ...)."""
+
+    def __init__(self, group_id: int, reason: FailReason) -> None:
+        super().__init__(f"group {group_id}: command not committed ({reason.name})")
+        self.group_id = group_id
+        self.reason = reason
 
 
 class PeerNode(Node):
@@ -329,7 +354,7 @@ class RaftGroup(AdaptedSyncObj):
 
         def done(result: Any, reason: int) -> None:
             if reason != FAIL_REASON.SUCCESS:
-                callback(None, ReplicationError(f"group {self.group_id}: command failed, reason {reason}"))
+                callback(None, ReplicationError(self.group_id, _fail_reason(reason)))
             elif isinstance(result, Exception):
                 callback(None, result)
             else:

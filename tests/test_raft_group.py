@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from engine.ports import free_ports
+import pytest
+
 from engine.config import Config
+from engine.errors import ErrorCode, NotLeaderOrFollowerError, ReplicationTimeoutError
+from engine.ports import free_ports
 from engine.storage.index import IndexStore
 from engine.storage.partition_log import PartitionLog
 from engine.replication import PartitionReplica
@@ -171,4 +174,22 @@ def test_raft_view_shows_term_leader_indexes_and_follower_progress(tmp_path):
         finally:
             for b in brokers:
                 await b.stop()
+    asyncio.run(scenario())
+
+
+def test_raft_errors_reach_clients_as_kafka_errors_at_the_replication_boundary(tmp_path):
+    async def scenario() -> None:
+        _ports, brokers, leader = await start_cluster(tmp_path)
+        followers = [b for b in brokers if b is not leader]
+        with pytest.raises(NotLeaderOrFollowerError) as not_leader:
+            await followers[0].replica.replicate(make_batch(), 5)
+        assert not_leader.value.error_code == ErrorCode.NOT_LEADER_OR_FOLLOWER
+        assert not_leader.value.leader_id == leader.node_id
+        assert await leader.replica.replicate(make_batch(), 10) == 0
+        for follower in followers:                     # no majority left: nothing more can commit
+            await follower.stop()
+        with pytest.raises(ReplicationTimeoutError) as timed_out:
+            await leader.replica.replicate(make_batch(), 0.5)
+        assert timed_out.value.error_code == ErrorCode.REQUEST_TIMED_OUT
+        await leader.stop()
     asyncio.run(scenario())

@@ -24,13 +24,13 @@ import time
 
 from engine.config import OFFSETS_TOPIC
 from engine.cluster.controller import ClusterController
-from engine.errors import ErrorCode, GroupError, RaftkaError
+from engine.errors import ErrorCode, GroupError, NotLeaderOrFollowerError, RaftkaError, ReplicationTimeoutError
 from engine.groups.consumer_protocol import PROTOCOL_TYPE, ProtocolFormatError, decode_subscription
 from engine.groups.coordinator import GROUP_TICK_S, GroupCoordinator, GroupSettings
 from engine.groups.records import CommittedOffset, GroupRecord, partition_for_group
 from engine.groups.store import GroupStore, group_record, offset_records
 from engine.records.batch import build_batch
-from engine.replication import NotLeaderError, PartitionReplica, ReplicationError
+from engine.replication import PartitionReplica
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +179,10 @@ class GroupService:
 
     async def _append(self, group_id: str, replica: PartitionReplica, batch: bytes) -> None:
         try:
-            await asyncio.wait_for(replica.append(batch), APPEND_TIMEOUT_S)
-        except NotLeaderError:
+            await replica.replicate(batch, APPEND_TIMEOUT_S)
+        except NotLeaderOrFollowerError:
             raise GroupError(ErrorCode.NOT_COORDINATOR, group_id, "leadership moved") from None
-        except (ReplicationError, asyncio.TimeoutError):
+        except ReplicationTimeoutError:
             raise GroupError(ErrorCode.COORDINATOR_NOT_AVAILABLE, group_id, "the write did not commit") from None
         self.store.materialise(replica.log)
 

@@ -24,7 +24,7 @@ from engine.errors import ErrorCode, OffsetOutOfRangeError, RaftkaError
 from engine.protocol import kafka
 from engine.storage.log_manager import validate_topic_name
 from engine.protocol.kafka import FetchPartition, Request, build, nested, response_schema
-from engine.replication import NotLeaderError, PartitionReplica, ReplicationError
+from engine.replication import PartitionReplica
 
 log = logging.getLogger(__name__)
 
@@ -229,15 +229,11 @@ class Handlers:
         try:
             replica.log.validate(records)
             started = time.perf_counter()
-            base_offset = await asyncio.wait_for(replica.append(records), timeout_s)
+            base_offset = await replica.replicate(records, timeout_s)
             if self.metrics is not None:
                 self._count_produced(topic, records, time.perf_counter() - started)
-        except NotLeaderError:
-            return ErrorCode.NOT_LEADER_OR_FOLLOWER, -1
         except RaftkaError as error:
             return error.error_code, -1
-        except (ReplicationError, asyncio.TimeoutError):
-            return ErrorCode.REQUEST_TIMED_OUT, -1
         return ErrorCode.NONE, base_offset
 
     def _count_produced(self, topic: str, records: bytes, commit_s: float) -> None:

@@ -37,9 +37,8 @@ from typing import Any
 
 from engine.cluster.controller import ClusterController, MetadataCommandError
 from engine.config import Config
-from engine.errors import ErrorCode, NoControllerError, RaftkaError
+from engine.errors import ErrorCode, NoControllerError, NotLeaderOrFollowerError, RaftkaError
 from engine.replication.partition import PartitionReplica
-from raft.group import NotLeaderError, ReplicationError
 
 log = logging.getLogger(__name__)
 
@@ -174,15 +173,11 @@ class _ControlProtocol(asyncio.Protocol):
         if replica is None:
             return _append_response(correlation, ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, -1, -1)
         try:
-            base_offset = await asyncio.wait_for(replica.append(memoryview(body)[APPEND_BODY.size:]),
-                                                 APPEND_TIMEOUT_S)
-        except NotLeaderError as error:
-            return _append_response(correlation, ErrorCode.NOT_LEADER_OR_FOLLOWER, -1,
-                                    -1 if error.leader_id is None else error.leader_id)
+            base_offset = await replica.replicate(memoryview(body)[APPEND_BODY.size:], APPEND_TIMEOUT_S)
+        except NotLeaderOrFollowerError as error:
+            return _append_response(correlation, error.error_code, -1, -1 if error.leader_id is None else error.leader_id)
         except RaftkaError as error:
             return _append_response(correlation, error.error_code, -1, -1)
-        except (ReplicationError, asyncio.TimeoutError):
-            return _append_response(correlation, ErrorCode.REQUEST_TIMED_OUT, -1, -1)
         return _append_response(correlation, ErrorCode.NONE, base_offset, self._server.config.node_id)
 
     async def _write_in_order(self) -> None:

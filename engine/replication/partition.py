@@ -38,14 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.errors import (CorruptRecordError, InvalidProducerEpochError, OutOfOrderSequenceError,
-                           RecordTooLargeError)
+from engine.errors import (CorruptRecordError, InvalidProducerEpochError, NotLeaderOrFollowerError,
+                           OutOfOrderSequenceError, RecordTooLargeError, ReplicationTimeoutError)
 from engine.records import layout
 from engine.records.batch import read_header
 from engine.storage.producer_state import REBUILD_SEGMENTS, ProducerState
 from engine.storage.partition_log import PartitionLog
 from raft import checkpoint
-from raft.group import MAX_COMMAND_BYTES, NotLeaderError, PeerNode, RaftGroup, settle_future
+from raft.group import MAX_COMMAND_BYTES, NotLeaderError, PeerNode, RaftGroup, ReplicationError, settle_future
 from raft.pysyncobj_adapter import monotonic_time
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,21 @@ class PartitionReplica(RaftGroup):
         """Replicate an append; `callback(base_offset, None)` once committed and
         applied here, or `callback(None, error)`. Leader only."""
         self._propose(self._append_command(batches), callback)
+
+    async def replicate(self, batches: bytes | bytearray | memoryview, timeout_s: float) -> int:
+        """Append through Raft and return the base offset once committed and
+        applied here. The one place Raft's errors become Kafka's:
+        NotLeaderOrFollowerError (with the leader known), ReplicationTimeoutError
+        (not committed in `timeout_s`, or not at all), or the storage error
+        every replica hit (a RaftkaError with its own code)."""
+        try:
+            return await asyncio.wait_for(self.append(batches), timeout_s)
+        except NotLeaderError as error:
+            raise NotLeaderOrFollowerError(str(error), error.leader_id) from None
+        except ReplicationError as error:
+            raise ReplicationTimeoutError(str(error)) from None
+        except asyncio.TimeoutError:
+            raise ReplicationTimeoutError(f"group {self.group_id}: append not committed in {timeout_s:g} s") from None
 
     def append(self, batches: bytes | bytearray | memoryview) -> "asyncio.Future[int]":
         """Replicate an append; the future resolves to its base offset once
