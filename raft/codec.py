@@ -21,6 +21,8 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from native.varint import VarintError, get_varint, put_varint
+
 MAX_DEPTH = 32
 
 _NONE, _FALSE, _TRUE, _INT, _FLOAT, _BYTES, _STR, _LIST, _TUPLE, _DICT = range(10)
@@ -48,7 +50,10 @@ def encode_into(out: bytearray, value: Any) -> None:
 def decode(data: bytes | bytearray | memoryview) -> Any:
     """Decode exactly one message spanning all of `data`."""
     view = memoryview(data)
-    value, position = _decode(view, 0, 0)
+    try:
+        value, position = _decode(view, 0, 0)
+    except VarintError as error:
+        raise CodecError(str(error)) from None
     if position != len(view):
         raise CodecError(f"{len(view) - position} trailing bytes after the message")
     return value
@@ -65,27 +70,27 @@ def _encode(out: bytearray, value: Any, depth: int) -> None:
         if not _INT64_MIN <= value <= _INT64_MAX:
             raise CodecError(f"integer {value} does not fit in 64 bits")
         out.append(_INT)
-        _put_varint(out, value)
+        put_varint(out, value)
     elif isinstance(value, float):
         out.append(_FLOAT)
         out += _DOUBLE.pack(value)
     elif isinstance(value, (bytes, bytearray, memoryview)):
         out.append(_BYTES)
-        _put_varint(out, len(value))
+        put_varint(out, len(value))
         out += value
     elif isinstance(value, str):
         raw = value.encode("utf-8")
         out.append(_STR)
-        _put_varint(out, len(raw))
+        put_varint(out, len(raw))
         out += raw
     elif isinstance(value, (list, tuple)):
         out.append(_LIST if isinstance(value, list) else _TUPLE)
-        _put_varint(out, len(value))
+        put_varint(out, len(value))
         for item in value:
             _encode(out, item, depth + 1)
     elif isinstance(value, dict):
         out.append(_DICT)
-        _put_varint(out, len(value))
+        put_varint(out, len(value))
         for key, item in value.items():
             _encode(out, key, depth + 1)
             _encode(out, item, depth + 1)
@@ -93,34 +98,9 @@ def _encode(out: bytearray, value: Any, depth: int) -> None:
         raise CodecError(f"cannot encode a {type(value).__name__}")
 
 
-def _put_varint(out: bytearray, value: int) -> None:
-    value = (value << 1) ^ (value >> 63)  # zigzag
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-
-
-def _get_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
-    """(value, position after it); CodecError if it runs past the end or past 10 bytes."""
-    shift = 0
-    result = 0
-    while True:
-        if pos >= len(buf):
-            raise CodecError("varint runs past the end of its buffer")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return (result >> 1) ^ -(result & 1), pos
-        shift += 7
-        if shift > 63:
-            raise CodecError("varint longer than 10 bytes")
-
-
 def _get_length(view: memoryview, position: int) -> tuple[int, int]:
     """A length or count: non-negative and no larger than the bytes left."""
-    length, position = _get_varint(view, position)
+    length, position = get_varint(view, position)
     if not 0 <= length <= len(view) - position:
         raise CodecError(f"length {length} with {len(view) - position} bytes left")
     return length, position
@@ -136,7 +116,7 @@ def _decode(view: memoryview, position: int, depth: int) -> tuple[Any, int]:
     if tag in (_NONE, _FALSE, _TRUE):
         return (None, False, True)[tag], position
     if tag == _INT:
-        return _get_varint(view, position)
+        return get_varint(view, position)
     if tag == _FLOAT:
         if position + 8 > len(view):
             raise CodecError("float runs past the end")

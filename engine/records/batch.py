@@ -18,9 +18,9 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from engine.errors import CorruptRecordError
 from engine.records import layout
-from engine.records.varint import get_varint, put_varint
 from engine.records.compression import Compression, compress, decompress
 from native import crc32c
+from native.varint import get_varint, put_varint
 
 Headers = tuple[tuple[str, bytes | None], ...]
 

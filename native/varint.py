@@ -1,6 +1,6 @@
-"""Zigzag LEB128 varints (Kafka's varint/varlong): record fields in v2 batches.
-(raft/codec.py encodes its integers the same way with its own copy: raft/
-imports nothing from engine/.)"""
+"""Zigzag LEB128 varints (Kafka's varint/varlong): record fields in v2 batches,
+and the integers of raft/'s peer message codec. Pure Python, here in native/
+(the bottom layer) so that engine/records and raft/ share one copy."""
 from __future__ import annotations
 
 
