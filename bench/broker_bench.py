@@ -29,10 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.storage_bench import measure_raw_write, mb_s
-from engine.broker.broker import READY_PATTERN
-from engine.broker.local_cluster import die_with_parent, raftka_command, stop_processes
-from engine.ports import consecutive_free_ports
+from raftka.bench.storage_bench import measure_raw_write, mb_s
+from raftka.broker.broker import READY_PATTERN
+from raftka.broker.local_cluster import die_with_parent, raftka_command, stop_processes
+from raftka.ports import consecutive_free_ports
 
 PARTITIONS = 3
 TOPIC = "bench"

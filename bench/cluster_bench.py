@@ -44,8 +44,8 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench import loadgen
-from bench.broker_bench import Brokers, create_topic, mb_s
+from raftka.bench import loadgen
+from raftka.bench.broker_bench import Brokers, create_topic, mb_s
 
 PRODUCER_TARGET_MB_S = 50.0     # the classic Kafka figure, per producer
 CONSUMER_TARGET_MB_S = 100.0    # per consumer

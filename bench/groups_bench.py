@@ -27,8 +27,8 @@ import threading
 import time
 from pathlib import Path
 
-from bench.broker_bench import Brokers, create_topic, mb_s, produce_waiting, producer
-from bench.storage_bench import measure_raw_write
+from raftka.bench.broker_bench import Brokers, create_topic, mb_s, produce_waiting, producer
+from raftka.bench.storage_bench import measure_raw_write
 
 TOPIC = "grouped"
 PARTITIONS = 6

@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from native._loadgen import ffi, lib
+from raftka.native._loadgen import ffi, lib
 
 ERROR_BYTES = 256
 

@@ -32,10 +32,10 @@ import threading
 import time
 from pathlib import Path
 
-from bench.storage_bench import batch_of_size, mb_s, open_log
-from engine.ports import free_ports
-from engine.replication.control_node import ControlClient
-from engine.replication.local_nodes import LocalCluster
+from raftka.bench.storage_bench import batch_of_size, mb_s, open_log
+from raftka.ports import free_ports
+from raftka.replication.control_node import ControlClient
+from raftka.replication.local_nodes import LocalCluster
 
 MIB = 1024 * 1024
 
@@ -107,7 +107,7 @@ def run_stock(workdir: Path, batch_bytes: int, volume_bytes: int, in_flight: int
             directory.mkdir(parents=True)
             others = ",".join(a for a in addresses if a != address)
             processes.append(subprocess.Popen(
-                [sys.executable, "-m", "bench.stock_pysyncobj_node", "--self", address, "--others", others,
+                [sys.executable, "-m", "raftka.bench.stock_pysyncobj_node", "--self", address, "--others", others,
                  "--dir", str(directory), "--result", str(result_path), "--batch-bytes", str(batch_bytes),
                  "--volume-bytes", str(volume_bytes), "--in-flight", str(in_flight)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pysyncobj import SyncObj, SyncObjConf, replicated
 
-from bench.storage_bench import batch_of_size, open_log
+from raftka.bench.storage_bench import batch_of_size, open_log
 
 
 class StockReplica(SyncObj):

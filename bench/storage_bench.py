@@ -29,10 +29,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from engine.config import Config
-from engine.records.batch import Record, build_batch
-from engine.storage.index import IndexStore
-from engine.storage.partition_log import PartitionLog
+from raftka.config import Config
+from raftka.records.batch import Record, build_batch
+from raftka.storage.index import IndexStore
+from raftka.storage.partition_log import PartitionLog
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -238,7 +238,7 @@ def run_rss(workdir: Path, volume_bytes: int) -> dict[str, float]:
     directory.mkdir()
     # cwd: `python -m` puts it first on sys.path, and run from a source tree it
     # would shadow the installed packages with ones lacking the built extension
-    out = subprocess.run([sys.executable, "-m", "bench.storage_bench", "--rss-child", str(directory),
+    out = subprocess.run([sys.executable, "-m", "raftka.bench.storage_bench", "--rss-child", str(directory),
                           "--rss-bytes", str(volume_bytes)], capture_output=True, text=True, cwd=directory)
     if out.returncode != 0:
         raise RuntimeError(f"RSS measurement child failed:\n{out.stderr}")

@@ -22,10 +22,10 @@ import logging
 import sys
 from pathlib import Path
 
-from engine.admin import add_commands as add_admin_commands
-from engine.admin import run as run_admin
-from engine.config import Config, ConfigError, load_config
-from engine.errors import RaftkaError
+from raftka.admin import add_commands as add_admin_commands
+from raftka.admin import run as run_admin
+from raftka.config import Config, ConfigError, load_config
+from raftka.errors import RaftkaError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,14 +57,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"raftka {args.command}: {error}", file=sys.stderr)
             return 1
     if args.command == "bench":
-        from bench.cluster_bench import run as bench_run
+        from raftka.bench.cluster_bench import run as bench_run
         return bench_run(rest)
     parser.print_help()
     return 2
 
 
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from engine.broker.broker import serve as serve_broker
+    from raftka.broker.broker import serve as serve_broker
     flags = {k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir),
                                ("metrics_port", args.metrics_port)) if v is not None}
     try:
@@ -78,7 +78,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _cluster(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from engine.broker.local_cluster import run_cluster
+    from raftka.broker.local_cluster import run_cluster
     if not 1 <= args.nodes <= 9:
         parser.error("--nodes must be in [1, 9]")
     return run_cluster(args.nodes, args.base_port, args.data_dir)

@@ -6,7 +6,7 @@ so one key's records stay in order. Keyless records are spread by the caller
 """
 from __future__ import annotations
 
-from native import ffi, lib
+from raftka.native import ffi, lib
 
 
 def murmur2(data: bytes) -> int:

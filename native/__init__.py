@@ -5,7 +5,7 @@ native/raftka.c; engine/storage is the only caller on the data path.
 `crc32c` is the one Python wrapper of the checksum: record batches
 (engine/records) and raft/'s journal, vote and checkpoint files use it.
 """
-from native._raftka import ffi, lib
+from raftka.native._raftka import ffi, lib
 
 __all__ = ["crc32c", "ffi", "lib"]
 

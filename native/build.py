@@ -1,5 +1,5 @@
 """cffi (API mode, out-of-line) builds of the native code: the hot path
-(`native._raftka`) and the load generator of `raftka bench` (`native._loadgen`).
+(`raftka.native._raftka`) and the load generator of `raftka bench` (`raftka.native._loadgen`).
 
 Run by `pip install` through setup.py's cffi_modules; nothing is prebuilt.
 """
@@ -24,7 +24,7 @@ def header_cdef(header: str) -> str:
 ffibuilder = FFI()
 ffibuilder.cdef(header_cdef((HERE / "raftka.h").read_text()))
 ffibuilder.set_source(
-    "native._raftka",
+    "raftka.native._raftka",
     '#include "raftka.h"',
     sources=[str(Path("native") / "raftka.c")],
     include_dirs=[str(Path("native"))],
@@ -34,7 +34,7 @@ ffibuilder.set_source(
 loadgen_builder = FFI()
 loadgen_builder.cdef(header_cdef((HERE / "loadgen.h").read_text()))
 loadgen_builder.set_source(
-    "native._loadgen",
+    "raftka.native._loadgen",
     '#include "loadgen.h"',
     sources=[str(Path("native") / "loadgen.c")],
     include_dirs=[str(Path("native"))],

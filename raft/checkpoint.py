@@ -22,7 +22,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from native import crc32c
+from raftka.native import crc32c
 
 MAGIC = b"RKCP"
 VERSION = 2

@@ -21,7 +21,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from native.varint import VarintError, get_varint, put_varint
+from raftka.native.varint import VarintError, get_varint, put_varint
 
 MAX_DEPTH = 32
 

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pysyncobj import FAIL_REASON, SyncObjConf
 from pysyncobj.node import Node
 
-from raft import checkpoint
-from raft.journal import JournalPath
-from raft.pysyncobj_adapter import AdaptedSyncObj, AdaptedTransport, monotonic_time
-from raft.votes import VoteStore
+from raftka.raft import checkpoint
+from raftka.raft.journal import JournalPath
+from raftka.raft.pysyncobj_adapter import AdaptedSyncObj, AdaptedTransport, monotonic_time
+from raftka.raft.votes import VoteStore
 
 log = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from native import crc32c
-from raft.pysyncobj_adapter import AdaptedJournal
-from raft.votes import VoteStore
+from raftka.native import crc32c
+from raftka.raft.pysyncobj_adapter import AdaptedJournal
+from raftka.raft.votes import VoteStore
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ import math
 import struct
 from typing import Any
 
-from raft.group import RaftGroup
-from raft.pysyncobj_adapter import monotonic_time
-from raft.transport import PeerNetwork
-from raft.votes import VoteStore
+from raftka.raft.group import RaftGroup
+from raftka.raft.pysyncobj_adapter import monotonic_time
+from raftka.raft.transport import PeerNetwork
+from raftka.raft.votes import VoteStore
 
 log = logging.getLogger(__name__)
 

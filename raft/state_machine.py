@@ -14,8 +14,8 @@ import asyncio
 from pathlib import Path
 from typing import Any, Protocol
 
-from raft import checkpoint
-from raft.group import MAX_COMMAND_BYTES, PeerNode, RaftGroup
+from raftka.raft import checkpoint
+from raftka.raft.group import MAX_COMMAND_BYTES, PeerNode, RaftGroup
 
 STATE_COMMAND = b"\x11"
 

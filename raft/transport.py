@@ -24,9 +24,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from raft import handshake
-from raft.codec import CodecError, decode, encode_into
-from raft.frames import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameError, FrameKind, new_frame, seal_frame
+from raftka.raft import handshake
+from raftka.raft.codec import CodecError, decode, encode_into
+from raftka.raft.frames import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameError, FrameKind, new_frame, seal_frame
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import os
 import struct
 from pathlib import Path
 
-from native import crc32c
+from raftka.native import crc32c
 
 log = logging.getLogger(__name__)
 

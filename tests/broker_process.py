@@ -5,8 +5,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from engine.broker.broker import READY_PATTERN
-from engine.broker.local_cluster import raftka_command, stop_processes
+from raftka.broker.broker import READY_PATTERN
+from raftka.broker.local_cluster import raftka_command, stop_processes
 
 
 

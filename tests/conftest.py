@@ -9,7 +9,7 @@ from typing import Callable
 import pytest
 from hypothesis import HealthCheck, settings
 
-from engine.records.batch import Record, build_batch
+from raftka.records.batch import Record, build_batch
 
 settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

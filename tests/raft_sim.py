@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.config import Config
-from engine.records.batch import Record, build_batch, iter_batches, parse_records
-from engine.storage.index import IndexStore
-from engine.storage.partition_log import PartitionLog
-from raft import codec
-from raft.pysyncobj_adapter import patched_clock
-from engine.replication import NotLeaderError, PartitionReplica
+from raftka.config import Config
+from raftka.records.batch import Record, build_batch, iter_batches, parse_records
+from raftka.storage.index import IndexStore
+from raftka.storage.partition_log import PartitionLog
+from raftka.raft import codec
+from raftka.raft.pysyncobj_adapter import patched_clock
+from raftka.replication import NotLeaderError, PartitionReplica
 from tests.conftest import readable_bytes
 
 GROUP = 1

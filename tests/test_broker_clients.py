@@ -17,8 +17,8 @@ from kio.index import load_request_schema
 from kio.serial import entity_writer
 from kio.static.primitive import i16, i32
 
-from engine.errors import ErrorCode
-from engine.protocol import kafka
+from raftka.errors import ErrorCode
+from raftka.protocol import kafka
 from tests.broker_process import BrokerProcess
 from tests.conftest import make_batch
 
@@ -232,7 +232,7 @@ def test_a_batch_with_a_bad_crc_is_refused_with_corrupt_message_and_nothing_is_w
 
 def test_an_idempotent_retry_is_acknowledged_with_its_first_offset_and_written_once(broker):
     from confluent_kafka.admin import AdminClient, NewTopic
-    from engine.records.batch import Record, build_batch
+    from raftka.records.batch import Record, build_batch
     admin = AdminClient({"bootstrap.servers": broker.bootstrap})
     admin.create_topics([NewTopic("idem", 1, 1)])["idem"].result(TIMEOUT_S)
     sock = connect(broker)

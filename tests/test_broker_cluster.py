@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.broker.local_cluster import raftka_command, stop_processes
-from engine.ports import consecutive_free_ports
-from engine.errors import ErrorCode
+from raftka.broker.local_cluster import raftka_command, stop_processes
+from raftka.ports import consecutive_free_ports
+from raftka.errors import ErrorCode
 from tests.conftest import make_batch
 from tests.test_broker_clients import TIMEOUT_S, consume_all, produce_frame, read_response
 
@@ -149,7 +149,7 @@ def test_nodes_do_not_outlive_a_sigkilled_cluster_process(tmp_path):
 
 def is_broker(pid: int) -> bool:
     try:
-        return b"engine.cli" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"raftka.cli" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 
@@ -164,8 +164,8 @@ def test_sigterm_stops_every_node(cluster):
 
 
 def test_a_broker_waits_for_peers_that_start_late(tmp_path):
-    from engine.broker.broker import READY_LOG_INTERVAL_S
-    from engine.broker.local_cluster import write_configs
+    from raftka.broker.broker import READY_LOG_INTERVAL_S
+    from raftka.broker.local_cluster import write_configs
     base = consecutive_free_ports(NODES)
     configs = write_configs(NODES, base, tmp_path)
     env = dict(os.environ, RAFTKA_CLUSTER_SECRET="late-secret")

@@ -17,9 +17,9 @@ import tracemalloc
 from kio.index import load_request_schema
 from kio.static.primitive import i32
 
-from engine.broker.broker import Broker
-from engine.config import Config
-from engine.protocol import kafka
+from raftka.broker.broker import Broker
+from raftka.config import Config
+from raftka.protocol import kafka
 from tests.conftest import make_batch, wait_for
 from tests.test_broker_clients import request_frame
 
@@ -107,7 +107,7 @@ def test_a_single_replica_partition_commits_appends_without_waiting_for_a_heartb
 
 
 def test_a_produce_request_larger_than_the_receive_buffer_is_received_whole_and_stored(tmp_path):
-    from engine.broker.server import RECEIVE_BYTES
+    from raftka.broker.server import RECEIVE_BYTES
     from tests.test_broker_clients import produce_frame
 
     async def run() -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.broker.local_cluster import raftka_command
-from engine.ports import free_ports
+from raftka.broker.local_cluster import raftka_command
+from raftka.ports import free_ports
 from tests.broker_process import BrokerProcess
 from tests.test_cluster_startup import lone_broker  # noqa: F401 (a fixture)
 

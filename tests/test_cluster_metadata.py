@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from engine.cluster import metadata
-from engine.cluster.controller import ClusterController, MetadataCommandError
-from engine.cluster.metadata import ClusterState
-from engine.config import Config
-from engine.errors import ErrorCode, InvalidConfigError, InvalidReplicationFactorError, InvalidTopicError
-from engine.ports import free_ports
+from raftka.cluster import metadata
+from raftka.cluster.controller import ClusterController, MetadataCommandError
+from raftka.cluster.metadata import ClusterState
+from raftka.config import Config
+from raftka.errors import ErrorCode, InvalidConfigError, InvalidReplicationFactorError, InvalidTopicError
+from raftka.ports import free_ports
 from tests.conftest import make_batch, wait_for
 
 FAST = dict(raftMinTimeout=0.3, raftMaxTimeout=0.6, appendEntriesPeriod=0.05, leaderFallbackTimeout=0.6)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.broker.local_cluster import raftka_command, stop_processes, write_configs
-from engine.ports import consecutive_free_ports
+from raftka.broker.local_cluster import raftka_command, stop_processes, write_configs
+from raftka.ports import consecutive_free_ports
 
 NODES = 3
 START_TIMEOUT_S = 90
@@ -63,7 +63,8 @@ def wait_until_listening(port: int, timeout_s: float = START_TIMEOUT_S) -> None:
 
 def test_a_cluster_started_in_a_clones_root_runs_the_installed_package_not_the_clones_folders(tmp_path):
     clone = tmp_path / "clone"
-    for package in ("engine", "native", "raft"):   # what shadowed the installed package: no compiled native
+    # the repository's folders, and a stray raftka/ folder, which only -P keeps from shadowing the install
+    for package in ("raftka", "engine", "native", "raft"):
         (clone / package).mkdir(parents=True)
         (clone / package / "__init__.py").write_text('raise ImportError("the clone\'s folder was imported")\n')
     script = shutil.which("raftka", path=str(Path(sys.executable).parent))   # as a user runs it: the console script

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, load_config
+from raftka.config import ConfigError, load_config
 
 
 def test_toml_then_environment_then_overrides(tmp_path):

@@ -6,17 +6,17 @@ import time
 
 import pytest
 
-import engine
-from engine.errors import (DataDirLockedError, InvalidPartitionsError, InvalidTopicError, OffsetOutOfRangeError,
+import raftka
+from raftka.errors import (DataDirLockedError, InvalidPartitionsError, InvalidTopicError, OffsetOutOfRangeError,
                            TopicAlreadyExistsError, UnknownTopicOrPartitionError)
-from engine.partitioner import partition_for_key
-from engine.records.batch import Record
+from raftka.partitioner import partition_for_key
+from raftka.records.batch import Record
 from tests.test_native import MURMUR2_JAVA_VECTORS
 
 
 @pytest.fixture
 def rk(tmp_path):
-    with engine.open(tmp_path / "data") as handle:
+    with raftka.open(tmp_path / "data") as handle:
         yield handle
 
 
@@ -66,7 +66,7 @@ def test_keyless_records_spread_over_all_partitions(rk):
 
 
 def test_produce_batch_splits_large_input_into_batches_under_the_size_cap(tmp_path):
-    with engine.open(tmp_path, max_batch_bytes=4096) as rk:
+    with raftka.open(tmp_path, max_batch_bytes=4096) as rk:
         rk.create_topic("big")
         metadata = rk.produce_batch("big", [Record(b"x" * 300) for _ in range(100)])
         assert [m.offset for m in metadata] == list(range(100))
@@ -129,17 +129,17 @@ def test_topic_errors_carry_kafka_error_codes(rk):
 
 
 def test_a_data_directory_opens_in_one_handle_at_a_time(tmp_path):
-    with engine.open(tmp_path):
+    with raftka.open(tmp_path):
         with pytest.raises(DataDirLockedError):
-            engine.open(tmp_path)
-    engine.open(tmp_path).close()
+            raftka.open(tmp_path)
+    raftka.open(tmp_path).close()
 
 
 def test_everything_survives_close_and_reopen(tmp_path):
-    with engine.open(tmp_path) as rk:
+    with raftka.open(tmp_path) as rk:
         rk.create_topic("keep", partitions=2)
         sent = rk.produce_batch("keep", [Record(b"%d" % i, key=b"%d" % i) for i in range(200)])
-    with engine.open(tmp_path) as rk:
+    with raftka.open(tmp_path) as rk:
         assert rk.topics() == {"keep": 2}
         got = {(r.partition, r.offset): r.value for p in range(2) for r in rk.read("keep", p)}
         assert got == {(m.partition, m.offset): b"%d" % i for i, m in enumerate(sent)}

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-import engine
-from engine.errors import UnknownTopicOrPartitionError
+import raftka
+from raftka.errors import UnknownTopicOrPartitionError
 
 PARTITIONS = 4
 SETTINGS = {"group_initial_rebalance_delay_ms": 300, "group_min_session_timeout_ms": 500}
@@ -18,7 +18,7 @@ SETTINGS = {"group_initial_rebalance_delay_ms": 300, "group_min_session_timeout_
 
 @pytest.fixture
 def rk(tmp_path):
-    handle = engine.open(tmp_path / "data", **SETTINGS)
+    handle = raftka.open(tmp_path / "data", **SETTINGS)
     handle.create_topic("events", partitions=PARTITIONS)
     yield handle
     handle.close()
@@ -26,7 +26,7 @@ def rk(tmp_path):
 
 def fill(rk, count: int, start: int = 0) -> list[bytes]:
     values = [b"v%d" % i for i in range(start, start + count)]
-    rk.produce_batch("events", [engine.Record(v, key=b"k%d" % (i % 9)) for i, v in enumerate(values)])
+    rk.produce_batch("events", [raftka.Record(v, key=b"k%d" % (i % 9)) for i, v in enumerate(values)])
     return values
 
 
@@ -91,7 +91,7 @@ def test_poll_with_no_timeout_returns_at_once_when_there_is_nothing(rk):
 
 
 def test_a_manual_commit_is_where_the_next_member_and_a_reopened_directory_resume(tmp_path):
-    with engine.open(tmp_path / "data", **SETTINGS) as rk:
+    with raftka.open(tmp_path / "data", **SETTINGS) as rk:
         rk.create_topic("events", partitions=PARTITIONS)
         values = fill(rk, 200)
         first = rk.consumer("resume", ["events"], auto_commit=False)
@@ -103,7 +103,7 @@ def test_a_manual_commit_is_where_the_next_member_and_a_reopened_directory_resum
         second = rk.consumer("resume", ["events"], auto_commit=False)
         assert sorted(r.value for r in drain(second, 50)) == sorted(more)
         second.close()          # no commit: the next reader starts at 200 again
-    with engine.open(tmp_path / "data", **SETTINGS) as rk:
+    with raftka.open(tmp_path / "data", **SETTINGS) as rk:
         third = rk.consumer("resume", ["events"])
         assert sorted(r.value for r in drain(third, 50)) == sorted(more)
         third.close()           # auto-commit on close

@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
-from engine.errors import ErrorCode, GroupError
-from engine.groups.coordinator import GroupCoordinator, GroupSettings, GroupState
-from engine.groups.records import GroupRecord
+from raftka.errors import ErrorCode, GroupError
+from raftka.groups.coordinator import GroupCoordinator, GroupSettings, GroupState
+from raftka.groups.records import GroupRecord
 
 SESSION_MS = 10_000
 REBALANCE_MS = 20_000

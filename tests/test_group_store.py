@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from engine.config import Config
-from engine.groups import records
-from engine.groups.records import (CommittedOffset, GroupKey, GroupRecord, MemberRecord, OffsetKey,
+from raftka.config import Config
+from raftka.groups import records
+from raftka.groups.records import (CommittedOffset, GroupKey, GroupRecord, MemberRecord, OffsetKey,
                                    RecordFormatError, partition_for_group)
-from engine.groups.store import GroupStore, group_record, offset_records
-from engine.records.batch import build_batch
-from engine.storage.index import IndexStore
-from engine.storage.partition_log import PartitionLog
+from raftka.groups.store import GroupStore, group_record, offset_records
+from raftka.records.batch import build_batch
+from raftka.storage.index import IndexStore
+from raftka.storage.partition_log import PartitionLog
 
 names = st.text(min_size=1, max_size=40)
 nullable_names = st.none() | names

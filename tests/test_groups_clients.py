@@ -21,8 +21,8 @@ import pytest
 from kio.index import load_request_schema
 from kio.static.primitive import i32
 
-from engine.errors import ErrorCode
-from engine.protocol import kafka
+from raftka.errors import ErrorCode
+from raftka.protocol import kafka
 from tests.broker_process import BrokerProcess
 from tests.test_broker_clients import broker, read_response, request_frame  # noqa: F401  (the broker fixture)
 

@@ -14,9 +14,9 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from kio.index import load_request_schema
 
-from engine.broker.local_cluster import raftka_command
-from engine.errors import ErrorCode
-from engine.protocol import kafka
+from raftka.broker.local_cluster import raftka_command
+from raftka.errors import ErrorCode
+from raftka.protocol import kafka
 from tests.test_broker_clients import read_response, request_frame
 from tests.test_broker_cluster import NODES, cluster, node_pids  # noqa: F401  (the cluster fixture)
 from tests.test_groups_clients import SESSION_MS, Member, wait_until

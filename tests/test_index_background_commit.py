@@ -2,7 +2,7 @@
 their order with every later write, and what recovery reads waits for them."""
 from __future__ import annotations
 
-from engine.storage.index import IndexStore, PartitionState
+from raftka.storage.index import IndexStore, PartitionState
 
 
 def test_a_background_commit_is_seen_by_the_reads_recovery_relies_on(tmp_path):

@@ -11,7 +11,7 @@ from kio.index import load_request_schema
 from kio.serial import entity_writer
 from kio.static.primitive import i16, i32
 
-from engine.protocol import kafka
+from raftka.protocol import kafka
 from tests.conftest import make_batch
 
 

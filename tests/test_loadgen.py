@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from bench import loadgen
-from bench.broker_bench import create_topic
-from native._loadgen import ffi, lib
+from raftka.bench import loadgen
+from raftka.bench.broker_bench import create_topic
+from raftka.native._loadgen import ffi, lib
 from tests.broker_process import BrokerProcess
 
 

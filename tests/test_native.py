@@ -6,9 +6,9 @@ import crc32c as crc32c_reference
 from hypothesis import given, strategies as st
 from kafka.partitioner.default import murmur2 as kafka_python_murmur2
 
-from engine.partitioner import murmur2
-from engine.records import layout
-from native import ffi, lib
+from raftka.partitioner import murmur2
+from raftka.records import layout
+from raftka.native import ffi, lib
 from tests.conftest import make_batch
 
 # RFC 3720 (iSCSI) appendix B.4 and the common check value

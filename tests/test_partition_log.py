@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import Config
-from engine.errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
-from engine.records import layout
-from engine.records.batch import Record, build_batch, iter_batches, parse_records, read_header
-from engine.storage.index import IndexStore
-from engine.storage.partition_log import PartitionLog
+from raftka.config import Config
+from raftka.errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
+from raftka.records import layout
+from raftka.records.batch import Record, build_batch, iter_batches, parse_records, read_header
+from raftka.storage.index import IndexStore
+from raftka.storage.partition_log import PartitionLog
 from tests.conftest import make_batch, readable_bytes
 
 
@@ -273,8 +273,8 @@ def test_recovery_rejects_garbage_with_a_valid_crc_but_wrong_offset(tmp_path):
 
 DISK_FULL_CHILD = textwrap.dedent("""
     import json, resource, sys
-    from engine.client.embedded import Raftka
-    from engine.errors import StorageError
+    from raftka.client.embedded import Raftka
+    from raftka.errors import StorageError
     rk = Raftka(sys.argv[1], segment_bytes=64 << 20)
     rk.create_topic("t")
     resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
@@ -294,7 +294,7 @@ DISK_FULL_CHILD = textwrap.dedent("""
 
 def test_disk_full_fails_the_append_cleanly_and_the_log_reopens_intact(tmp_path):
     import json
-    import engine
+    import raftka
     result = subprocess.run([sys.executable, "-c", DISK_FULL_CHILD, str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -302,7 +302,7 @@ def test_disk_full_fails_the_append_cleanly_and_the_log_reopens_intact(tmp_path)
     assert outcome["error"] and "File too large" in outcome["error"]
     acked = outcome["acked"]
     assert acked == list(range(len(acked))) and outcome["readable"] == len(acked)
-    with engine.open(tmp_path) as rk:
+    with raftka.open(tmp_path) as rk:
         assert [r.offset for r in rk.read("t", 0)] == acked
         assert rk.produce("t", b"after").offset == len(acked)
 
@@ -320,24 +320,24 @@ def tiny_tmpfs(tmp_path):
 
 
 def test_no_space_left_fails_cleanly_on_a_full_tmpfs(tiny_tmpfs):
-    import engine
+    import raftka
     acked = []
-    with engine.open(tiny_tmpfs / "data", segment_bytes=64 << 20, lmdb_map_size_bytes=1 << 20) as rk:
+    with raftka.open(tiny_tmpfs / "data", segment_bytes=64 << 20, lmdb_map_size_bytes=1 << 20) as rk:
         rk.create_topic("t")
         with pytest.raises(StorageError, match="No space left"):
             for i in range(10_000):
                 acked.append(rk.produce("t", os.urandom(1000)).offset)
         assert sum(1 for _ in rk.read("t", 0)) == len(acked)
-    with engine.open(tiny_tmpfs / "data", lmdb_map_size_bytes=1 << 20) as rk:
+    with raftka.open(tiny_tmpfs / "data", lmdb_map_size_bytes=1 << 20) as rk:
         assert [r.offset for r in rk.read("t", 0)] == acked
 
 
 def test_unusable_data_directory_is_a_clear_storage_error(tmp_path):
-    import engine
+    import raftka
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
     with pytest.raises(StorageError, match="unusable"):
-        engine.open(not_a_dir / "data")
+        raftka.open(not_a_dir / "data")
 
 
 def test_segments_roll_by_age(tmp_path):
@@ -351,12 +351,12 @@ def test_segments_roll_by_age(tmp_path):
 
 @pytest.mark.parametrize("policy", ["never", "interval", "always"])
 def test_every_fsync_policy_keeps_appends_across_reopen(tmp_path, policy):
-    import engine
-    with engine.open(tmp_path, fsync=policy, fsync_interval_ms=1, segment_bytes=2048) as rk:
+    import raftka
+    with raftka.open(tmp_path, fsync=policy, fsync_interval_ms=1, segment_bytes=2048) as rk:
         rk.create_topic("t")
         sent = rk.produce_batch("t", [Record(b"%d" % i * 50) for i in range(100)])
         rk.flush()
-    with engine.open(tmp_path, fsync=policy) as rk:
+    with raftka.open(tmp_path, fsync=policy) as rk:
         assert [r.offset for r in rk.read("t", 0)] == [m.offset for m in sent]
 
 

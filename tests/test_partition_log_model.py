@@ -19,11 +19,11 @@ import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from engine.config import Config
-from engine.errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError
-from engine.records.batch import Record, build_batch, iter_batches
-from engine.storage.index import IndexStore
-from engine.storage.partition_log import PartitionLog
+from raftka.config import Config
+from raftka.errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError
+from raftka.records.batch import Record, build_batch, iter_batches
+from raftka.storage.index import IndexStore
+from raftka.storage.partition_log import PartitionLog
 
 SEGMENT_BYTES = 1500
 RETENTION_BYTES = 3000

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.errors import InvalidProducerEpochError, OutOfOrderSequenceError
-from engine.records.batch import Record, build_batch, read_header
-from engine.storage.producer_state import CACHED_BATCHES, ProducerState
+from raftka.errors import InvalidProducerEpochError, OutOfOrderSequenceError
+from raftka.records.batch import Record, build_batch, read_header
+from raftka.storage.producer_state import CACHED_BATCHES, ProducerState
 
 
 def header(pid: int, epoch: int, sequence: int, count: int = 2, base_offset: int = 0):

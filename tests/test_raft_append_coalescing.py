@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from engine.replication.partition import MULTI_APPEND_COMMAND
+from raftka.replication.partition import MULTI_APPEND_COMMAND
 from tests.conftest import make_batch, wait_for
 from tests.test_raft_group import start_cluster
 

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import Config
-from engine.errors import ErrorCode, NotLeaderOrFollowerError, ReplicationTimeoutError
-from engine.ports import free_ports
-from engine.storage.index import IndexStore
-from engine.storage.partition_log import PartitionLog
-from engine.replication import PartitionReplica
-from raft.node import RaftNode
-from raft.transport import PeerNetwork, PeerNetworkConfig
+from raftka.config import Config
+from raftka.errors import ErrorCode, NotLeaderOrFollowerError, ReplicationTimeoutError
+from raftka.ports import free_ports
+from raftka.storage.index import IndexStore
+from raftka.storage.partition_log import PartitionLog
+from raftka.replication import PartitionReplica
+from raftka.raft.node import RaftNode
+from raftka.raft.transport import PeerNetwork, PeerNetworkConfig
 from tests.conftest import make_batch, readable_bytes, wait_for
 
 SECRET = b"s"

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from raft import checkpoint
-from raft.group import GroupTransport, PeerNode
-from raft.journal import DiskJournal, JournalCorruptError
+from raftka.raft import checkpoint
+from raftka.raft.group import GroupTransport, PeerNode
+from raftka.raft.journal import DiskJournal, JournalCorruptError
 
 
 def filled(path, count=10, size=100, **options) -> DiskJournal:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from engine.errors import ErrorCode
-from engine.records.batch import Record, build_batch, iter_batches, parse_records
-from engine.replication.control_node import ControlClient
-from engine.replication.local_nodes import LocalCluster
+from raftka.errors import ErrorCode
+from raftka.records.batch import Record, build_batch, iter_batches, parse_records
+from raftka.replication.control_node import ControlClient
+from raftka.replication.local_nodes import LocalCluster
 
 PARTITIONS = 3
 DEADLINE_S = 30.0

@@ -64,7 +64,7 @@ def test_checker_catches_a_node_that_forgets_its_vote_across_restarts():
 
 
 def test_checker_catches_stock_pysyncobj_committing_unverified_entries_on_a_snapshot_chunk(monkeypatch):
-    from engine.replication import PartitionReplica
+    from raftka.replication import PartitionReplica
     def stock(self, node, message):
         self.transport.handle_raft_message(node, message)
         self._verified_end = None

@@ -10,9 +10,9 @@ import struct
 
 import pytest
 
-from raft import handshake
-from raft.frames import FrameKind, encode_frame
-from raft.transport import PeerNetwork, PeerNetworkConfig
+from raftka.raft import handshake
+from raftka.raft.frames import FrameKind, encode_frame
+from raftka.raft.transport import PeerNetwork, PeerNetworkConfig
 from tests.conftest import wait_for
 
 SECRET = b"cluster-secret"
@@ -98,7 +98,7 @@ async def attack(acceptor, payload_after_hello) -> bool:
 def test_bad_handshakes_close_that_connection_and_log_why(caplog, name, payload):
     async def scenario():
         dialer, acceptor, received = await two_brokers()
-        with caplog.at_level(logging.WARNING, logger="raft.transport"):
+        with caplog.at_level(logging.WARNING, logger="raftka.raft.transport"):
             assert await attack(acceptor, payload)
         assert "closing peer connection" in caplog.text
         await still_serving(dialer, acceptor, received)
@@ -136,7 +136,7 @@ def test_bad_frames_from_an_authenticated_peer_close_only_that_connection(caplog
         dialer = PeerNetwork(PeerNetworkConfig(node_id=1, secret=SECRET, peers={2: acceptor.address}))
         await dialer.start()
         await wait_for(lambda: acceptor.connected_peers == {1})
-        with caplog.at_level(logging.WARNING, logger="raft.transport"):
+        with caplog.at_level(logging.WARNING, logger="raftka.raft.transport"):
             assert await after_valid_handshake(acceptor, 3, frames)
         assert reason in caplog.text
         assert received == []
@@ -155,7 +155,7 @@ def test_a_silent_connection_is_dropped_after_the_handshake_timeout(caplog):
         host, port = acceptor.address
         reader, writer = await asyncio.open_connection(host, port)
         await reader.readexactly(handshake.HELLO_SIZE)
-        with caplog.at_level(logging.WARNING, logger="raft.transport"):
+        with caplog.at_level(logging.WARNING, logger="raftka.raft.transport"):
             assert await closed_by_peer(reader)
         assert "no handshake within 0.3 s" in caplog.text
         writer.close()

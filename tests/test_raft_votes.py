@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 
-from raft import votes
-from raft.journal import DiskJournal
-from raft.votes import VoteStore
+from raftka.raft import votes
+from raftka.raft.journal import DiskJournal
+from raftka.raft.votes import VoteStore
 
 
 def test_votes_are_durable_after_sync_and_the_latest_per_group_wins(tmp_path):

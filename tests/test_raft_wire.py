@@ -8,9 +8,9 @@ import pickle
 import pytest
 from hypothesis import given, strategies as st
 
-from raft.codec import MAX_DEPTH, CodecError, decode, encode
-from raft.frames import FrameDecoder, FrameError, FrameKind, encode_frame
-from raft.handshake import AUTH_SIZE, MAGIC, Acceptor, AuthError, Dialer
+from raftka.raft.codec import MAX_DEPTH, CodecError, decode, encode
+from raftka.raft.frames import FrameDecoder, FrameError, FrameKind, encode_frame
+from raftka.raft.handshake import AUTH_SIZE, MAGIC, Acceptor, AuthError, Dialer
 
 scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
            | st.floats(allow_nan=False) | st.binary(max_size=64) | st.text(max_size=16))

@@ -5,9 +5,9 @@ import pytest
 from hypothesis import given, strategies as st
 from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 
-from engine.errors import CorruptRecordError
-from engine.records.batch import Record, build_batch, iter_batches, parse_records
-from engine.records.compression import Compression
+from raftka.errors import CorruptRecordError
+from raftka.records.batch import Record, build_batch, iter_batches, parse_records
+from raftka.records.compression import Compression
 
 KAFKA_PYTHON_CODEC = {
     Compression.NONE: DefaultRecordBatchBuilder.CODEC_NONE,
@@ -91,6 +91,6 @@ def test_iter_batches_stops_at_a_partial_trailing_batch():
 
 
 def test_unknown_compression_name_is_refused():
-    from engine.errors import UnsupportedCompressionError
+    from raftka.errors import UnsupportedCompressionError
     with pytest.raises(UnsupportedCompressionError):
         build_batch([Record(b"a")], compression="brotli")

@@ -8,13 +8,13 @@ import re
 import signal
 from typing import Any
 
-from engine.broker.groups import GroupService
-from engine.broker.handlers import Handlers
-from engine.broker.metrics import BrokerMetrics
-from engine.broker.server import KafkaServer
-from engine.cluster.controller import ClusterController
-from engine.config import Config
-from engine.errors import NoControllerError
+from raftka.broker.groups import GroupService
+from raftka.broker.handlers import Handlers
+from raftka.broker.metrics import BrokerMetrics
+from raftka.broker.server import KafkaServer
+from raftka.cluster.controller import ClusterController
+from raftka.config import Config
+from raftka.errors import NoControllerError
 
 log = logging.getLogger(__name__)
 

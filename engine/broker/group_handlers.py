@@ -11,12 +11,12 @@ from __future__ import annotations
 import time
 from typing import Awaitable, Callable
 
-from engine.broker.groups import GroupService
-from engine.errors import ErrorCode, GroupError
-from engine.groups.coordinator import GroupState
-from engine.groups.records import CommittedOffset
-from engine.protocol import kafka
-from engine.protocol.kafka import Request, build, nested, response_schema
+from raftka.broker.groups import GroupService
+from raftka.errors import ErrorCode, GroupError
+from raftka.groups.coordinator import GroupState
+from raftka.groups.records import CommittedOffset
+from raftka.protocol import kafka
+from raftka.protocol.kafka import Request, build, nested, response_schema
 
 Handler = Callable[[Request], Awaitable[bytes]]
 

@@ -22,15 +22,15 @@ import asyncio
 import logging
 import time
 
-from engine.config import OFFSETS_TOPIC
-from engine.cluster.controller import ClusterController
-from engine.errors import ErrorCode, GroupError, NotLeaderOrFollowerError, RaftkaError, ReplicationTimeoutError
-from engine.groups.consumer_protocol import PROTOCOL_TYPE, ProtocolFormatError, decode_subscription
-from engine.groups.coordinator import GROUP_TICK_S, GroupCoordinator, GroupSettings
-from engine.groups.records import CommittedOffset, GroupRecord, partition_for_group
-from engine.groups.store import GroupStore, group_record, offset_records
-from engine.records.batch import build_batch
-from engine.replication import PartitionReplica
+from raftka.config import OFFSETS_TOPIC
+from raftka.cluster.controller import ClusterController
+from raftka.errors import ErrorCode, GroupError, NotLeaderOrFollowerError, RaftkaError, ReplicationTimeoutError
+from raftka.groups.consumer_protocol import PROTOCOL_TYPE, ProtocolFormatError, decode_subscription
+from raftka.groups.coordinator import GROUP_TICK_S, GroupCoordinator, GroupSettings
+from raftka.groups.records import CommittedOffset, GroupRecord, partition_for_group
+from raftka.groups.store import GroupStore, group_record, offset_records
+from raftka.records.batch import build_batch
+from raftka.replication import PartitionReplica
 
 log = logging.getLogger(__name__)
 

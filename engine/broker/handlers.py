@@ -14,17 +14,17 @@ import time
 from datetime import timedelta
 from typing import Any, Awaitable, Callable
 
-from engine.broker.group_handlers import GroupHandlers
-from engine.broker.groups import GroupService
-from engine.broker.metrics import BrokerMetrics
-from engine.cluster.controller import ADMIN_TIMEOUT_S, ClusterController
-from engine.records.batch import iter_batches
-from engine.config import BROKER_CONFIGS, OFFSETS_TOPIC, TOPIC_CONFIGS, Config, config_text
-from engine.errors import ErrorCode, OffsetOutOfRangeError, RaftkaError
-from engine.protocol import kafka
-from engine.storage.log_manager import validate_topic_name
-from engine.protocol.kafka import FetchPartition, Request, build, nested, response_schema
-from engine.replication import PartitionReplica
+from raftka.broker.group_handlers import GroupHandlers
+from raftka.broker.groups import GroupService
+from raftka.broker.metrics import BrokerMetrics
+from raftka.cluster.controller import ADMIN_TIMEOUT_S, ClusterController
+from raftka.records.batch import iter_batches
+from raftka.config import BROKER_CONFIGS, OFFSETS_TOPIC, TOPIC_CONFIGS, Config, config_text
+from raftka.errors import ErrorCode, OffsetOutOfRangeError, RaftkaError
+from raftka.protocol import kafka
+from raftka.storage.log_manager import validate_topic_name
+from raftka.protocol.kafka import FetchPartition, Request, build, nested, response_schema
+from raftka.replication import PartitionReplica
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from engine.ports import free_ports
+from raftka.ports import free_ports
 
 READY_TIMEOUT_S = 60.0
 PR_SET_PDEATHSIG = 1
@@ -30,11 +30,10 @@ PR_SET_PDEATHSIG = 1
 def raftka_command(*args: str) -> list[str]:
     """The argv that runs `raftka <args>` in a new process with this interpreter.
 
-    `-P` keeps the working directory off sys.path: run from the root of a
-    clone, its engine/, raft/ and native/ folders (native without its compiled
-    extension after a plain `pip install .`) would otherwise shadow the
-    installed package. Every process the CLI starts is started with this."""
-    return [sys.executable, "-P", "-m", "engine.cli", *args]
+    `-P` keeps the working directory off sys.path, so a folder there named
+    like the package (a `raftka/` of the user's own) cannot shadow the
+    installed one. Every process the CLI starts is started with this."""
+    return [sys.executable, "-P", "-m", "raftka.cli", *args]
 
 
 def write_configs(nodes: int, base_port: int, data_dir: Path) -> list[Path]:

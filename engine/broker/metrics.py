@@ -33,8 +33,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from engine.broker.groups import GroupService
-    from engine.cluster.controller import ClusterController
+    from raftka.broker.groups import GroupService
+    from raftka.cluster.controller import ClusterController
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import socket
 import struct
 from typing import Any
 
-from engine.broker.handlers import Handlers, Response
-from engine.protocol import kafka
+from raftka.broker.handlers import Handlers, Response
+from raftka.protocol import kafka
 
 log = logging.getLogger(__name__)
 

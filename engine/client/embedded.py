@@ -1,7 +1,7 @@
 """The embedded API: Raftka as a storage layer inside a Python process.
 
-    import engine
-    with engine.open("./data") as rk:
+    import raftka
+    with raftka.open("./data") as rk:
         rk.create_topic("events", partitions=3)
         meta = rk.produce("events", b"hello", key=b"user-1")
         for record in rk.read("events", meta.partition, offset=0):
@@ -27,14 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from engine.client.groups import EmbeddedGroups, GroupConsumer
-from engine.config import Config
-from engine.errors import InvalidPartitionsError, RecordTooLargeError
-from engine.partitioner import partition_for_key
-from engine.records.batch import ConsumerRecord, Headers, Record, build_batch, parse_records
-from engine.records.compression import Compression
-from engine.storage.log_manager import LogManager
-from engine.storage.partition_log import AppendResult, LogSlice
+from raftka.client.groups import EmbeddedGroups, GroupConsumer
+from raftka.config import Config
+from raftka.errors import InvalidPartitionsError, RecordTooLargeError
+from raftka.partitioner import partition_for_key
+from raftka.records.batch import ConsumerRecord, Headers, Record, build_batch, parse_records
+from raftka.records.compression import Compression
+from raftka.storage.log_manager import LogManager
+from raftka.storage.partition_log import AppendResult, LogSlice
 
 # bytes a read pulls from the log per step
 READ_CHUNK_BYTES = 1024 * 1024

@@ -1,7 +1,7 @@
 """Consumer groups in the embedded API: the broker's GroupCoordinator and
 GroupStore, run inside the process over an open data directory.
 
-    with engine.open("./data") as rk:
+    with raftka.open("./data") as rk:
         consumer = rk.consumer("billing", ["events"])      # joins the group
         for record in consumer:                            # blocking; poll() does not block
             handle(record)                                 # offsets auto-committed every 5 s
@@ -27,16 +27,16 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
-from engine.config import OFFSETS_TOPIC
-from engine.errors import ErrorCode, GroupError
-from engine.groups import consumer_protocol
-from engine.groups.coordinator import GROUP_TICK_S, GroupCoordinator, GroupSettings
-from engine.groups.records import CommittedOffset, GroupRecord, partition_for_group
-from engine.groups.store import GroupStore, group_record, offset_records
-from engine.records.batch import ConsumerRecord, build_batch, parse_records
+from raftka.config import OFFSETS_TOPIC
+from raftka.errors import ErrorCode, GroupError
+from raftka.groups import consumer_protocol
+from raftka.groups.coordinator import GROUP_TICK_S, GroupCoordinator, GroupSettings
+from raftka.groups.records import CommittedOffset, GroupRecord, partition_for_group
+from raftka.groups.store import GroupStore, group_record, offset_records
+from raftka.records.batch import ConsumerRecord, build_batch, parse_records
 
 if TYPE_CHECKING:
-    from engine.client.embedded import Raftka
+    from raftka.client.embedded import Raftka
 
 log = logging.getLogger(__name__)
 

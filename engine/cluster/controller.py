@@ -29,17 +29,17 @@ import os
 import shutil
 from typing import Any, Callable
 
-from engine.cluster import metadata
-from engine.cluster.metadata import METADATA_GROUP_ID, ClusterState, PartitionInfo
-from engine.config import OFFSETS_TOPIC, TOPIC_CONFIGS, Config
-from engine.errors import (ErrorCode, InvalidConfigError, InvalidPartitionsError, InvalidReplicationFactorError, NoControllerError,
+from raftka.cluster import metadata
+from raftka.cluster.metadata import METADATA_GROUP_ID, ClusterState, PartitionInfo
+from raftka.config import OFFSETS_TOPIC, TOPIC_CONFIGS, Config
+from raftka.errors import (ErrorCode, InvalidConfigError, InvalidPartitionsError, InvalidReplicationFactorError, NoControllerError,
                            RaftkaError, UnknownTopicOrPartitionError)
-from engine.storage.log_manager import PARTITIONS_MAX, LogManager, validate_topic_name
-from engine.replication import NotLeaderError, PartitionReplica, ReplicationError
-from raft.node import RaftNode
-from raft.state_machine import StateMachineReplica
-from raft.transport import PeerNetwork, PeerNetworkConfig
-from raft.votes import VoteStore
+from raftka.storage.log_manager import PARTITIONS_MAX, LogManager, validate_topic_name
+from raftka.replication import NotLeaderError, PartitionReplica, ReplicationError
+from raftka.raft.node import RaftNode
+from raftka.raft.state_machine import StateMachineReplica
+from raftka.raft.transport import PeerNetwork, PeerNetworkConfig
+from raftka.raft.votes import VoteStore
 
 log = logging.getLogger(__name__)
 

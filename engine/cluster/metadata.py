@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from engine.errors import ErrorCode, RaftkaError
-from engine.storage.log_manager import PARTITIONS_MAX, validate_topic_name
-from raft import codec
+from raftka.errors import ErrorCode, RaftkaError
+from raftka.storage.log_manager import PARTITIONS_MAX, validate_topic_name
+from raftka.raft import codec
 
 METADATA_GROUP_ID = 0
 SNAPSHOT_VERSION = 1

@@ -30,8 +30,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from engine.errors import ErrorCode, GroupError
-from engine.groups.records import GroupRecord, MemberRecord
+from raftka.errors import ErrorCode, GroupError
+from raftka.groups.records import GroupRecord, MemberRecord
 
 log = logging.getLogger(__name__)
 

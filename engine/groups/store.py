@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 from typing import Iterator
 
-from engine.errors import CorruptRecordError
-from engine.groups import records
-from engine.groups.records import CommittedOffset, GroupKey, GroupRecord, OffsetKey, RecordFormatError
-from engine.records.batch import Record, parse_records
-from engine.storage.index import GroupChange, IndexStore
-from engine.storage.partition_log import PartitionLog
+from raftka.errors import CorruptRecordError
+from raftka.groups import records
+from raftka.groups.records import CommittedOffset, GroupKey, GroupRecord, OffsetKey, RecordFormatError
+from raftka.records.batch import Record, parse_records
+from raftka.storage.index import GroupChange, IndexStore
+from raftka.storage.partition_log import PartitionLog
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
-from engine.errors import CorruptRecordError
-from engine.records import layout
-from engine.records.compression import Compression, compress, decompress
-from native import crc32c
-from native.varint import get_varint, put_varint
+from raftka.errors import CorruptRecordError
+from raftka.records import layout
+from raftka.records.compression import Compression, compress, decompress
+from raftka.native import crc32c
+from raftka.native.varint import get_varint, put_varint
 
 Headers = tuple[tuple[str, bytes | None], ...]
 

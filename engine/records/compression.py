@@ -13,7 +13,7 @@ import zlib
 
 import cramjam
 
-from engine.errors import CorruptRecordError, UnsupportedCompressionError
+from raftka.errors import CorruptRecordError, UnsupportedCompressionError
 
 
 class Compression(enum.IntEnum):

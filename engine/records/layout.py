@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from native import lib
+from raftka.native import lib
 
 BASE_OFFSET_OFF: int = lib.RK_BASE_OFFSET_OFF
 BATCH_LENGTH_OFF: int = lib.RK_BATCH_LENGTH_OFF

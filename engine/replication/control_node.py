@@ -15,10 +15,10 @@ Control protocol (TCP, big-endian, pipelined, answered in request order):
                response body: i64 base_offset | i32 leader_id (-1 unknown)
   op 2 STATUS  body: empty; response body: JSON (node, partitions: leader,
                term, high_watermark, log_end_offset, catching_up; metadata)
-error_code is a Kafka error code (engine.errors.ErrorCode). The control port
+error_code is a Kafka error code (raftka.errors.ErrorCode). The control port
 opens once this broker hosts every partition of the topic.
 
-Run: python -m engine.replication.control_node --node-id 1 --data-dir D --peer-port P1
+Run: python -m raftka.replication.control_node --node-id 1 --data-dir D --peer-port P1
        --control-port C1 --peers 2=127.0.0.1:P2,3=127.0.0.1:P3 --partitions 1
 The cluster secret comes from RAFTKA_CLUSTER_SECRET.
 """
@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.cluster.controller import ClusterController, MetadataCommandError
-from engine.config import Config
-from engine.errors import ErrorCode, NoControllerError, NotLeaderOrFollowerError, RaftkaError
-from engine.replication.partition import PartitionReplica
+from raftka.cluster.controller import ClusterController, MetadataCommandError
+from raftka.config import Config
+from raftka.errors import ErrorCode, NoControllerError, NotLeaderOrFollowerError, RaftkaError
+from raftka.replication.partition import PartitionReplica
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ def _parse_peers(text: str) -> dict[int, tuple[str, int]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine.replication.control_node",
+    parser = argparse.ArgumentParser(prog="python -m raftka.replication.control_node",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--node-id", type=int, required=True)
     parser.add_argument("--data-dir", type=Path, required=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.ports import free_ports
+from raftka.ports import free_ports
 
 READY_TIMEOUT_S = 60.0
 
@@ -81,7 +81,7 @@ class LocalCluster:
         peers = ",".join(f"{m.node_id}=127.0.0.1:{m.peer_port}" for m in self.members.values() if m.node_id != node_id)
         member.data_dir.mkdir(parents=True, exist_ok=True)
         member.log_path = self.root / f"node-{node_id}.log"
-        command = [sys.executable, "-m", "engine.replication.control_node",
+        command = [sys.executable, "-m", "raftka.replication.control_node",
                    "--node-id", str(node_id), "--data-dir", str(member.data_dir),
                    "--peer-port", str(member.peer_port), "--control-port", str(member.control_port),
                    "--peers", peers, "--partitions", str(self.partitions), "--raft", json.dumps(self.raft_settings)]

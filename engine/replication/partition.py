@@ -38,15 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.errors import (CorruptRecordError, InvalidProducerEpochError, NotLeaderOrFollowerError,
+from raftka.errors import (CorruptRecordError, InvalidProducerEpochError, NotLeaderOrFollowerError,
                            OutOfOrderSequenceError, RecordTooLargeError, ReplicationTimeoutError)
-from engine.records import layout
-from engine.records.batch import read_header
-from engine.storage.producer_state import REBUILD_SEGMENTS, ProducerState
-from engine.storage.partition_log import PartitionLog
-from raft import checkpoint
-from raft.group import MAX_COMMAND_BYTES, NotLeaderError, PeerNode, RaftGroup, ReplicationError, settle_future
-from raft.pysyncobj_adapter import monotonic_time
+from raftka.records import layout
+from raftka.records.batch import read_header
+from raftka.storage.producer_state import REBUILD_SEGMENTS, ProducerState
+from raftka.storage.partition_log import PartitionLog
+from raftka.raft import checkpoint
+from raftka.raft.group import MAX_COMMAND_BYTES, NotLeaderError, PeerNode, RaftGroup, ReplicationError, settle_future
+from raftka.raft.pysyncobj_adapter import monotonic_time
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from typing import Callable, Iterable, TypeVar
 
 import lmdb
 
-from engine.errors import StorageError
+from raftka.errors import StorageError
 
 log = logging.getLogger(__name__)
 

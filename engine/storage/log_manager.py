@@ -20,11 +20,11 @@ import shutil
 import time
 from pathlib import Path
 
-from engine.config import Config
-from engine.errors import (DataDirLockedError, InvalidPartitionsError, InvalidTopicError, StorageError,
+from raftka.config import Config
+from raftka.errors import (DataDirLockedError, InvalidPartitionsError, InvalidTopicError, StorageError,
                            TopicAlreadyExistsError, UnknownTopicOrPartitionError)
-from engine.storage.index import IndexStore, TopicRecord
-from engine.storage.partition_log import PartitionLog
+from raftka.storage.index import IndexStore, TopicRecord
+from raftka.storage.partition_log import PartitionLog
 
 TOPIC_NAME_MAX_LENGTH = 249
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]+")

@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from engine.config import Config
-from engine.errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
-from engine.records import layout
-from engine.records.batch import decode_batch, read_header
-from engine.storage.index import IndexStore, PartitionState
-from engine.storage.segment import Segment, list_segment_offsets
-from native import ffi, lib
+from raftka.config import Config
+from raftka.errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
+from raftka.records import layout
+from raftka.records.batch import decode_batch, read_header
+from raftka.storage.index import IndexStore, PartitionState
+from raftka.storage.segment import Segment, list_segment_offsets
+from raftka.native import ffi, lib
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections import deque
 from typing import NamedTuple
 
-from engine.errors import InvalidProducerEpochError, OutOfOrderSequenceError
-from engine.records.batch import BatchHeader, iter_batches
+from raftka.errors import InvalidProducerEpochError, OutOfOrderSequenceError
+from raftka.records.batch import BatchHeader, iter_batches
 
 CACHED_BATCHES = 5
 NO_PRODUCER_ID = -1

@@ -20,8 +20,8 @@ import os
 import time
 from pathlib import Path
 
-from engine.errors import StorageError
-from native import ffi, lib
+from raftka.errors import StorageError
+from raftka.native import ffi, lib
 
 SUFFIX = ".log"
 
