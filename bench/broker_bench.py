@@ -1,7 +1,7 @@
 """Broker benchmark: confluent-kafka (librdkafka) against real Raftka broker
 processes on this machine, compression off.
 
-Setups: (a) one broker, acks=1; (b) `raftka cluster --nodes 3`, RF=3,
+Setups: (a) one broker, acks=1; (b) three brokers (LocalBrokers, as `raftka cluster`), RF=3,
 acks=all. Messages of 1 KiB and 100 B to a 3-partition topic. For each:
 producer MB/s and msgs/s (first produce to the last delivery report), one
 consumer reading it all back (assigned partitions, from offset 0), and the
@@ -12,7 +12,7 @@ each phase says which side was the limit. The physical limit measured in the sam
 raw sequential write of the same volume (in (b) every byte is written on
 three nodes, twice each: Raft journal and log).
 
-Run: python -m bench.broker_bench [--quick] [--volume-mib N] [--out DIR]
+Run: python -m raftka.bench.broker_bench [--quick] [--volume-mib N] [--out DIR]
 Writes broker.json and broker.png. The Python client's per-message produce()
 call is part of what is measured, as for any Python producer.
 """
@@ -23,70 +23,17 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from raftka.bench.storage_bench import measure_raw_write, mb_s
-from raftka.broker.broker import READY_PATTERN
-from raftka.broker.local_cluster import die_with_parent, raftka_command, stop_processes
-from raftka.ports import consecutive_free_ports
+from raftka.broker.local_cluster import LocalBrokers
 
 PARTITIONS = 3
 TOPIC = "bench"
 WARMUP_MESSAGES = 300
-
-
-class Brokers:
-    """Broker processes for one setup, stopped by PID."""
-
-    def __init__(self, workdir: Path, nodes: int) -> None:
-        self.workdir, self.nodes = workdir, nodes
-        self.process: subprocess.Popen | None = None
-        self.bootstrap = ""
-
-    def __enter__(self) -> "Brokers":
-        if self.nodes == 1:
-            command = raftka_command("serve", "--port", "0", "--data-dir", str(self.workdir))
-        else:
-            base = consecutive_free_ports(self.nodes)
-            command = raftka_command("cluster", "--nodes", str(self.nodes), "--base-port", str(base),
-                                     "--data-dir", str(self.workdir))
-            self.bootstrap = ",".join(f"127.0.0.1:{base + i}" for i in range(self.nodes))
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                        preexec_fn=die_with_parent)   # even if the bench is SIGKILLed
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                raise RuntimeError("broker exited before it was ready")
-            match = READY_PATTERN.search(line)
-            if self.nodes == 1 and match:
-                self.bootstrap = f"127.0.0.1:{match.group(2)}"
-                return self
-            if "cluster of" in line:
-                return self
-        raise TimeoutError("brokers not ready in 120 s")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process is not None:
-            stop_processes([self.process], grace_s=30)
-
-    def pids(self) -> list[int]:
-        """The broker processes (`raftka cluster` and its nodes)."""
-        assert self.process is not None
-        pids, children = [self.process.pid], []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    ppid = int(_proc_stat(int(entry))[1])
-                except (OSError, IndexError, ValueError):
-                    continue
-                if ppid == self.process.pid:
-                    children.append(int(entry))
-        return pids + children
 
 
 def _proc_stat(pid: int) -> list[str]:
@@ -112,8 +59,8 @@ class CpuMeter:
     means the machine, not one side, was the limit; a client near 1 core
     (the Python thread) means the load generator was."""
 
-    def __init__(self, brokers: Brokers) -> None:
-        self._pids = brokers.pids()
+    def __init__(self, brokers: LocalBrokers) -> None:
+        self._pids = [brokers.pid(n) for n in brokers.node_ids]
 
     def __enter__(self) -> "CpuMeter":
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -238,22 +185,23 @@ def run_setup(workdir: Path, nodes: int, size: int, volume_bytes: int, latency_s
     acks = "1" if nodes == 1 else "all"
     count = volume_bytes // size
     shutil.rmtree(workdir, ignore_errors=True)
-    with Brokers(workdir, nodes) as brokers:
-        create_topic(brokers.bootstrap, min(nodes, 3))
+    with LocalBrokers(workdir, nodes) as brokers:
+        bootstrap = brokers.bootstrap()
+        create_topic(bootstrap, min(nodes, 3))
         with CpuMeter(brokers) as cpu:
-            produce = produce_peak(brokers.bootstrap, acks, size, count)
+            produce = produce_peak(bootstrap, acks, size, count)
         cpu.record(produce)
         with CpuMeter(brokers) as cpu:
-            consume = consume_all(brokers.bootstrap, count)
+            consume = consume_all(bootstrap, count)
         cpu.record(consume)
-        latency = produce_latency(brokers.bootstrap, acks, size, produce["msgs_s"] / 2, latency_s)
+        latency = produce_latency(bootstrap, acks, size, produce["msgs_s"] / 2, latency_s)
     shutil.rmtree(workdir, ignore_errors=True)
     return {"setup": f"{nodes} broker{'s' if nodes > 1 else ''}, acks={acks}", "nodes": nodes,
             "message_bytes": size, "messages": count, "produce": produce, "consume": consume, "latency": latency}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.broker_bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m raftka.bench.broker_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--volume-mib", type=int, default=None)

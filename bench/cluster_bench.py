@@ -45,7 +45,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from raftka.bench import loadgen
-from raftka.bench.broker_bench import Brokers, create_topic, mb_s
+from raftka.bench.broker_bench import create_topic, mb_s
+from raftka.broker.local_cluster import LocalBrokers
 
 PRODUCER_TARGET_MB_S = 50.0     # the classic Kafka figure, per producer
 CONSUMER_TARGET_MB_S = 100.0    # per consumer
@@ -522,8 +523,8 @@ def main(argv: list[str] | None = None) -> int:
             setup = f"cluster at {args.bootstrap}, RF={args.replication_factor}, acks={args.acks}"
         else:
             print(f"starting {args.nodes} broker process(es)...", flush=True)
-            brokers = stack.enter_context(Brokers(workdir / "cluster", args.nodes))
-            bootstrap = brokers.bootstrap
+            brokers = stack.enter_context(LocalBrokers(workdir / "cluster", args.nodes))
+            bootstrap = brokers.bootstrap()
             setup = f"{args.nodes} broker{'s' if args.nodes > 1 else ''}, RF={args.replication_factor}, acks={args.acks}"
         print("measuring this machine's reference (durable write, loopback TCP)...", flush=True)
         reference = measure_reference(workdir, volume, args.replication_factor)

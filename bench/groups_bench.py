@@ -27,7 +27,8 @@ import threading
 import time
 from pathlib import Path
 
-from raftka.bench.broker_bench import Brokers, create_topic, mb_s, produce_waiting, producer
+from raftka.bench.broker_bench import create_topic, mb_s, produce_waiting, producer
+from raftka.broker.local_cluster import LocalBrokers
 from raftka.bench.storage_bench import measure_raw_write
 
 TOPIC = "grouped"
@@ -166,17 +167,18 @@ def run(nodes: int, rounds: int, volume_bytes: int, workdir: Path) -> dict:
     raw_write = measure_raw_write(raw_path, bytearray(os.urandom(1 << 20)), volume_bytes >> 20)
     raw_read = measure_raw_read(raw_path, volume_bytes)
     raw_path.unlink()
-    with Brokers(workdir / "brokers", nodes) as brokers:
-        create_topic(brokers.bootstrap, min(nodes, 3), TOPIC, PARTITIONS)
+    with LocalBrokers(workdir / "brokers", nodes) as brokers:
+        bootstrap = brokers.bootstrap()
+        create_topic(bootstrap, min(nodes, 3), TOPIC, PARTITIONS)
         times = []
         for i in range(rounds):
-            times.append(rebalance_round(brokers.bootstrap, f"rebalance-{i}"))
+            times.append(rebalance_round(bootstrap, f"rebalance-{i}"))
             print(f"round {i + 1}/{rounds}: 3 joined in {times[-1][0]:.2f} s, one left and the rest "
                   f"took over in {times[-1][1]:.2f} s", flush=True)
-        fill(brokers.bootstrap, count, acks)
-        one = group_throughput(brokers.bootstrap, "alone", 1, count)
+        fill(bootstrap, count, acks)
+        one = group_throughput(bootstrap, "alone", 1, count)
         print(f"1 member: {one['mb_s']:.1f} MB/s", flush=True)
-        three = group_throughput(brokers.bootstrap, "trio", 3, count)
+        three = group_throughput(bootstrap, "trio", 3, count)
         print(f"3 members: {three['mb_s']:.1f} MB/s", flush=True)
     return {"nodes": nodes, "volume_bytes": volume_bytes, "raw_write_mb_s": raw_write, "raw_read_mb_s": raw_read,
             "join_s": [t[0] for t in times], "leave_s": [t[1] for t in times],
@@ -219,7 +221,7 @@ def write_chart(r: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.groups_bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m raftka.bench.groups_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)

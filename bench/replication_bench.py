@@ -1,30 +1,37 @@
-"""Replication benchmark: committed throughput of a 3-process RF=3 cluster on
+"""Replication benchmark: committed throughput of a 3-broker RF=3 cluster on
 this machine, next to the references measured in the same run.
 
-  ours     3 engine/replication/control_node.py processes, one partition, a client process keeping
-           `in_flight` appends outstanding through the control port; MB/s of
-           appends acknowledged as committed (applied on the leader)
+  ours     3 `raftka serve` processes (LocalBrokers), one partition RF=3; a
+           client keeps `in_flight` Produce requests (acks=all, one batch of
+           the workload's size each) outstanding to the leader; MB/s of
+           batches acknowledged as committed
   stock    pysyncobj 0.3.17 as shipped (pickle+zlib TCP transport, FileJournal,
            its tick thread) on the same workload, load driven inside the leader
   storage  single-node PartitionLog.append of the same batches (no replication)
   raw      sequential os.write of the same volume, three files at once (what
            three replicas' logs cost the disk)
-Also: peak RSS (VmHWM) of every node after the largest run, and an idle
-cluster of many partition groups: CPU per node and the time until every
-group has a live leader again after SIGKILL of one node.
+Also: peak RSS (VmHWM) of every broker after the largest run; the time from
+SIGKILL of a partition leader to the first Produce a survivor acknowledges;
+and an idle cluster of many partitions: CPU per broker and the time until
+every partition has a live leader again after SIGKILL of one broker.
 
 Writes a table to stdout and JSON + PNG under --out (bench/results/).
-Run: python -m bench.replication_bench [--quick] [--volume-mib N] [--groups N]
+Run: python -m raftka.bench.replication_bench [--quick] [--volume-mib N] [--groups N]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import datetime
+import io
+import itertools
 import json
 import os
 import shutil
 import signal
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -32,36 +39,147 @@ import threading
 import time
 from pathlib import Path
 
+from kio.index import load_request_schema, load_response_schema
+from kio.serial import entity_reader, entity_writer
+from kio.static.primitive import i16, i32
+
 from raftka.bench.storage_bench import batch_of_size, mb_s, open_log
+from raftka.broker.local_cluster import LocalBrokers
+from raftka.errors import ErrorCode
 from raftka.ports import free_ports
-from raftka.replication.control_node import ControlClient
-from raftka.replication.local_nodes import LocalCluster
+from raftka.protocol import kafka
 
 MIB = 1024 * 1024
+TOPIC = "replication-bench"
+PRODUCE_VERSION = 3
+METADATA_VERSION = 4
 
 
 def drop_dirty_pages() -> None:
     os.sync()
 
 
-async def _leader(clients: dict[int, ControlClient], partition: int = 0, timeout_s: float = 60) -> int:
+def _frame(api_key: int, version: int, correlation_id: int, body) -> bytes:
+    schema = type(body)
+    header_schema = schema.__header_schema__
+    out = io.BytesIO()
+    entity_writer(header_schema)(out, header_schema(request_api_key=i16(api_key), request_api_version=i16(version),
+                                                    correlation_id=i32(correlation_id), client_id="replication-bench"))
+    entity_writer(schema)(out, body)
+    return struct.pack(">i", out.tell()) + out.getvalue()
+
+
+def produce_request(batch: bytes, correlation_id: int, topic: str = TOPIC) -> bytes:
+    """A Produce v3 frame, acks=all, carrying `batch` to partition 0 of `topic`."""
+    schema = load_request_schema(0, PRODUCE_VERSION)
+    partition = kafka.nested(schema, "PartitionProduceData")(index=i32(0), records=batch)
+    topic_data = kafka.nested(schema, "TopicProduceData")(name=topic, partition_data=(partition,))
+    body = schema(transactional_id=None, acks=i16(-1), timeout=datetime.timedelta(seconds=30),
+                  topic_data=(topic_data,))
+    return _frame(0, PRODUCE_VERSION, correlation_id, body)
+
+
+class Connection:
+    """One pipelined Kafka connection: requests go out at once, answers come back in order."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self._ids = itertools.count(1)
+        self._pending: collections.deque[tuple[asyncio.Future, int, int]] = collections.deque()
+        self._reading = asyncio.get_running_loop().create_task(self._read_forever())
+
+    @classmethod
+    async def open(cls, port: int) -> "Connection":
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+        return cls(reader, writer)
+
+    async def _read_forever(self) -> None:
+        try:
+            while True:
+                size = struct.unpack(">i", await self.reader.readexactly(4))[0]
+                data = await self.reader.readexactly(size)
+                future, api_key, version = self._pending.popleft()
+                body, _ = entity_reader(load_response_schema(api_key, version))(data, 4)  # after correlation id
+                if not future.done():
+                    future.set_result(body)
+        except (asyncio.IncompleteReadError, OSError) as error:
+            while self._pending:
+                future = self._pending.popleft()[0]
+                if not future.done():
+                    future.set_exception(ConnectionError(f"broker closed the connection: {error}"))
+
+    async def request(self, frame_of, api_key: int, version: int):
+        """Send frame_of(correlation_id); the decoded response body."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((future, api_key, version))
+        self.writer.write(frame_of(next(self._ids)))
+        await self.writer.drain()
+        return await future
+
+    async def produce(self, batch: bytes) -> int:
+        """The error code of one acks=all Produce of `batch`."""
+        body = await self.request(lambda cid: produce_request(batch, cid), 0, PRODUCE_VERSION)
+        return int(body.responses[0].partition_responses[0].error_code)
+
+    async def leaders(self, topic: str = TOPIC) -> dict[int, int]:
+        """partition -> leader id (-1: none) of `topic`, as this broker's metadata has it."""
+        schema = load_request_schema(3, METADATA_VERSION)
+        body = schema(topics=(kafka.nested(schema, "MetadataRequestTopic")(name=topic),),
+                      allow_auto_topic_creation=False)
+        response = await self.request(lambda cid: _frame(3, METADATA_VERSION, cid, body), 3, METADATA_VERSION)
+        found = [t for t in response.topics if t.name == topic and int(t.error_code) == 0]
+        return {int(p.partition_index): int(p.leader_id) for t in found for p in t.partitions}
+
+    async def close(self) -> None:
+        self._reading.cancel()
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except OSError:
+            pass
+
+
+def start_brokers(directory: Path, partitions: int, settings: dict[str, object] | None = None) -> LocalBrokers:
+    """Three brokers and TOPIC with `partitions` partitions, RF=3, created and led."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+    brokers = LocalBrokers(directory, nodes=3, settings=settings).start()
+    admin = AdminClient({"bootstrap.servers": brokers.bootstrap()})
+    admin.create_topics([NewTopic(TOPIC, partitions, 3)], operation_timeout=300)[TOPIC].result(330)
+    return brokers
+
+
+async def _leaders(brokers: LocalBrokers, alive: list[int]) -> dict[int, int] | None:
+    """partition -> leader, from the first live broker that answers; None if none does."""
+    for node_id in alive:
+        try:
+            connection = await Connection.open(brokers.port(node_id))
+        except (OSError, asyncio.TimeoutError):
+            continue
+        try:
+            return await asyncio.wait_for(connection.leaders(), 5)
+        except (ConnectionError, asyncio.TimeoutError):
+            continue
+        finally:
+            await connection.close()
+    return None
+
+
+async def _wait_led(brokers: LocalBrokers, alive: list[int], partitions: int, timeout_s: float) -> None:
+    """Until every partition has a leader among `alive`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for client in clients.values():
-            try:
-                leader = (await client.status())["partitions"][str(partition)]["leader"]
-            except ConnectionError:
-                continue
-            if leader is not None:
-                return leader
+        leaders = await _leaders(brokers, alive)
+        if leaders and len(leaders) == partitions and all(leader in alive for leader in leaders.values()):
+            return
         await asyncio.sleep(0.05)
-    raise TimeoutError("no leader elected")
+    raise TimeoutError(f"not every partition had a live leader within {timeout_s} s")
 
 
-async def _drive(cluster: LocalCluster, batch: bytes, volume_bytes: int, in_flight: int) -> dict:
-    clients = {n: await ControlClient.connect(m.control_port) for n, m in cluster.members.items()}
+async def _drive(brokers: LocalBrokers, batch: bytes, volume_bytes: int, in_flight: int) -> dict:
+    await _wait_led(brokers, brokers.node_ids, 1, 60)
+    leader = (await _leaders(brokers, brokers.node_ids))[0]
+    connection = await Connection.open(brokers.port(leader))
     try:
-        leader = clients[await _leader(clients)]
         count = max(1, volume_bytes // len(batch))
         slots = asyncio.Semaphore(in_flight)
         errors = 0
@@ -69,27 +187,24 @@ async def _drive(cluster: LocalCluster, batch: bytes, volume_bytes: int, in_flig
         async def one() -> None:
             nonlocal errors
             async with slots:
-                error, _, _ = await leader.append(0, batch)
-                errors += error != 0
+                errors += await connection.produce(batch) != ErrorCode.NONE
         started = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(count)))
         seconds = time.perf_counter() - started
         return {"seconds": seconds, "bytes": (count - errors) * len(batch), "errors": errors}
     finally:
-        for client in clients.values():
-            await client.close()
+        await connection.close()
 
 
 def run_ours(workdir: Path, batch: bytes, volume_bytes: int, in_flight: int) -> dict:
     drop_dirty_pages()
-    cluster = LocalCluster(workdir / "ours", nodes=3, partitions=1)
-    cluster.start()
+    brokers = start_brokers(workdir / "ours", 1, {"max_batch_bytes": len(batch) + 1024})
     try:
-        result = asyncio.run(_drive(cluster, batch, volume_bytes, in_flight))
-        result["peak_rss_bytes"] = {n: m.peak_rss_bytes() for n, m in cluster.members.items()}
-        result["cpu_seconds"] = {n: m.cpu_seconds() for n, m in cluster.members.items()}
+        result = asyncio.run(_drive(brokers, batch, volume_bytes, in_flight))
+        result["peak_rss_bytes"] = {n: brokers.peak_rss_bytes(n) for n in brokers.node_ids}
+        result["cpu_seconds"] = {n: brokers.cpu_seconds(n) for n in brokers.node_ids}
     finally:
-        cluster.stop()
+        brokers.stop()
         shutil.rmtree(workdir / "ours", ignore_errors=True)
     result["mb_s"] = mb_s(result["bytes"], result["seconds"])
     return result
@@ -166,97 +281,71 @@ def run_raw(workdir: Path, batch: bytes, volume_bytes: int) -> float:
     return mb_s(count * len(batch), seconds)
 
 
-async def _all_led(clients: dict[int, ControlClient], alive: set[int], groups: int) -> bool:
-    for node_id in sorted(alive):
-        try:
-            status = await clients[node_id].status()
-        except ConnectionError:
-            continue
-        leaders = [v["leader"] for v in status["partitions"].values()]
-        return len(leaders) == groups and all(leader in alive for leader in leaders)
-    return False
-
-
 def run_idle_groups(workdir: Path, groups: int, idle_s: float) -> dict:
+    """CPU of idle brokers holding `groups` partitions RF=3, and re-election after SIGKILL of one."""
     drop_dirty_pages()
-    cluster = LocalCluster(workdir / "idle", nodes=3, partitions=groups)
     started = time.monotonic()
-    cluster.start()
+    brokers = start_brokers(workdir / "idle", groups)
 
     async def scenario() -> dict:
-        clients = {n: await ControlClient.connect(m.control_port) for n, m in cluster.members.items()}
-        alive = set(cluster.members)
-        while not await _all_led(clients, alive, groups):
-            if time.monotonic() - started > 300:
-                raise TimeoutError("groups not all led after 300 s")
-            await asyncio.sleep(0.5)
+        alive = brokers.node_ids
+        await _wait_led(brokers, alive, groups, 300)
         ready_s = time.monotonic() - started
         await asyncio.sleep(2.0)
-        before = {n: m.cpu_seconds() for n, m in cluster.members.items()}
+        before = {n: brokers.cpu_seconds(n) for n in alive}
         await asyncio.sleep(idle_s)
-        cpu = {n: (m.cpu_seconds() - before[n]) / idle_s * 100 for n, m in cluster.members.items()}
-        status = await clients[1].status()
-        led_by_victim = sum(1 for v in status["partitions"].values() if v["leader"] == 1)
-        await clients[1].close()
-        del clients[1]
-        cluster.kill(1)
+        cpu = {n: (brokers.cpu_seconds(n) - before[n]) / idle_s * 100 for n in alive}
+        leaders = await _leaders(brokers, alive)
+        led_by_victim = sum(1 for leader in leaders.values() if leader == 1)
+        brokers.kill(1)
         killed = time.monotonic()
-        alive.discard(1)
-        while not await _all_led(clients, alive, groups):
-            if time.monotonic() - killed > 120:
-                raise TimeoutError("groups not all re-led after 120 s")
-            await asyncio.sleep(0.05)
-        reelect_s = time.monotonic() - killed
-        for client in clients.values():
-            await client.close()
+        await _wait_led(brokers, [2, 3], groups, 120)
         return {"groups": groups, "ready_s": ready_s, "idle_cpu_percent": cpu,
-                "groups_led_by_killed_node": led_by_victim, "all_groups_led_again_s": reelect_s}
+                "groups_led_by_killed_node": led_by_victim, "all_groups_led_again_s": time.monotonic() - killed}
     try:
         return asyncio.run(scenario())
     finally:
-        cluster.stop()
+        brokers.stop()
         shutil.rmtree(workdir / "idle", ignore_errors=True)
 
 
-async def _failover_once(cluster: LocalCluster) -> float:
-    clients = {n: await ControlClient.connect(m.control_port) for n, m in cluster.members.items()}
+async def _failover_once(brokers: LocalBrokers) -> float:
+    """Seconds from SIGKILL of the partition's leader to the first Produce a survivor acknowledges."""
     batch = batch_of_size(1024)
+    await _wait_led(brokers, brokers.node_ids, 1, 60)
+    victim = (await _leaders(brokers, brokers.node_ids))[0]
+    survivors = [n for n in brokers.node_ids if n != victim]
+    connections = {n: await Connection.open(brokers.port(n)) for n in survivors}
     try:
-        victim = await _leader(clients)
-        await clients[victim].close()
-        del clients[victim]
-        cluster.kill(victim)
+        brokers.kill(victim)
         killed = time.monotonic()
         while time.monotonic() - killed < 60:
-            try:
-                leader = await _leader(clients, timeout_s=0.2)
-            except TimeoutError:
-                continue
-            if leader in clients:
-                error, _, _ = await clients[leader].append(0, batch)
-                if error == 0:
-                    return time.monotonic() - killed
-            await asyncio.sleep(0.02)
-        raise TimeoutError("no append accepted within 60 s of the kill")
+            for connection in connections.values():   # whichever survivor leads now says NONE
+                try:
+                    if await asyncio.wait_for(connection.produce(batch), 10) == ErrorCode.NONE:
+                        return time.monotonic() - killed
+                except (ConnectionError, asyncio.TimeoutError):
+                    pass
+            await asyncio.sleep(0.01)
+        raise TimeoutError("no Produce acknowledged within 60 s of the kill")
     finally:
-        for client in clients.values():
-            await client.close()
+        for connection in connections.values():
+            await connection.close()
 
 
 def run_failover(workdir: Path, rounds: int) -> list[float]:
-    """Seconds from SIGKILL of the leader to the first append a new leader accepts."""
-    cluster = LocalCluster(workdir / "failover", nodes=3, partitions=1)
-    cluster.start()
+    """Failover time per round; the killed broker restarts and rejoins between rounds."""
+    brokers = start_brokers(workdir / "failover", 1)
     times = []
     try:
         for _ in range(rounds):
-            times.append(asyncio.run(_failover_once(cluster)))
-            for node_id, member in cluster.members.items():
-                if not member.alive:
-                    cluster.restart(node_id)
+            times.append(asyncio.run(_failover_once(brokers)))
+            for node_id in brokers.node_ids:
+                if not brokers.alive(node_id):
+                    brokers.restart(node_id)
             time.sleep(3)
     finally:
-        cluster.stop()
+        brokers.stop()
         shutil.rmtree(workdir / "failover", ignore_errors=True)
     return times
 
@@ -282,7 +371,7 @@ def write_chart(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.replication_bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m raftka.bench.replication_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--quick", action="store_true", help="small volumes, 100 idle groups")
     parser.add_argument("--volume-mib", type=int, default=None, help="replicated volume per workload")
@@ -334,7 +423,7 @@ def print_table(result: dict) -> None:
               f"{row['ours_mb_s'] / row['raw_mb_s']:.2f} | {rss} MB |")
     idle = result["idle"]
     cpu = ", ".join(f"node {n}: {v:.1f}%" for n, v in idle["idle_cpu_percent"].items())
-    print(f"\nleader SIGKILL -> first append accepted by the new leader: median {result['failover_median_s']:.2f} s "
+    print(f"\nleader SIGKILL -> first Produce acknowledged by a survivor: median {result['failover_median_s']:.2f} s "
           f"({', '.join(f'{s:.2f}' for s in result['failover_s'])})")
     print(f"{idle['groups']} idle groups RF=3: CPU of one core {cpu}; all led {idle['ready_s']:.1f} s after start; "
           f"after SIGKILL of node 1 ({idle['groups_led_by_killed_node']} groups led by it) every group had a live "

@@ -22,7 +22,7 @@ TIMEOUT_S = 60
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
-    process = BrokerProcess(tmp_path_factory.mktemp("cli") / "data", "--metrics-port", str(free_ports(1)[0]))
+    process = BrokerProcess(tmp_path_factory.mktemp("cli") / "data", metrics_port=free_ports(1)[0])
     process.start()
     yield process
     process.stop()

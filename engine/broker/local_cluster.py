@@ -1,13 +1,14 @@
-"""`raftka cluster --nodes N`: a local multi-process cluster in one command.
+"""Local broker processes: `raftka cluster --nodes N`, and the one launcher
+the CLI, the tests and the benchmarks share (`LocalBrokers`).
 
 Each node is a `raftka serve --config <dir>/node-<i>/broker.toml` process:
 Kafka listener on 127.0.0.1:<base_port + i - 1>, peer port chosen free at
-start, data under <dir>/node-<i>. The cluster secret is made fresh for each
-run and handed to the nodes in RAFTKA_CLUSTER_SECRET, never written to disk.
-Ctrl-C or SIGTERM stops every node (SIGTERM by PID, SIGKILL after 15 s). A
-node that dies (or is killed to watch a failover) is reported; the others
-keep running. Its port pickers (free_ports, consecutive_free_ports) serve the
-tests, the benchmarks and engine/replication/local_nodes.py too.
+start, data under <dir>/node-<i>/data. The cluster secret is made fresh for
+each run and handed to the nodes in RAFTKA_CLUSTER_SECRET, never written to
+disk. Processes are stopped by their PID (SIGTERM, then SIGKILL after a
+grace period), never by name, and die with the process that started them
+(PR_SET_PDEATHSIG). `raftka cluster` reports a node that dies (or is killed to
+watch a failover); the others keep running.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from raftka.ports import free_ports
+from raftka.ports import consecutive_free_ports, free_ports
 
 READY_TIMEOUT_S = 60.0
 PR_SET_PDEATHSIG = 1
@@ -36,7 +37,8 @@ def raftka_command(*args: str) -> list[str]:
     return [sys.executable, "-P", "-m", "raftka.cli", *args]
 
 
-def write_configs(nodes: int, base_port: int, data_dir: Path) -> list[Path]:
+def write_configs(nodes: int, base_port: int, data_dir: Path, settings: dict[str, object] | None = None) -> list[Path]:
+    """One broker.toml per node under data_dir/node-<i>; `settings` adds Config fields to every node's."""
     peer_ports = free_ports(nodes)
     paths = []
     for i in range(1, nodes + 1):
@@ -49,47 +51,167 @@ def write_configs(nodes: int, base_port: int, data_dir: Path) -> list[Path]:
                 f'peer_host = "127.0.0.1"\npeer_port = {peer_ports[i - 1]}\n'
                 f'data_dir = "{node_dir / "data"}"\n'
                 f'default_replication_factor = {min(3, nodes)}\n'
-                f'peers = [{peers}\n]\n')
+                + "".join(f"{key} = {_toml_value(value)}\n" for key, value in (settings or {}).items())
+                + f'peers = [{peers}\n]\n')
         path = node_dir / "broker.toml"
         path.write_text(text)
         paths.append(path)
     return paths
 
 
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class BrokerStartError(RuntimeError):
+    """A broker process exited, or did not print its ready line in time."""
+
+
+class LocalBrokers:
+    """`nodes` `raftka serve` processes on 127.0.0.1 forming one cluster.
+
+    Node i (1-based) listens for Kafka clients on base_port + i - 1 and keeps
+    its data in root/node-<i>/data. `kill` and `restart` crash and revive one
+    node (the same config, data and ports), for failover tests and benches.
+    """
+
+    def __init__(self, root: Path, nodes: int = 3, base_port: int | None = None,
+                 settings: dict[str, object] | None = None) -> None:
+        self.root = Path(root).resolve()
+        self.nodes = nodes
+        self.base_port = base_port if base_port is not None else consecutive_free_ports(nodes)
+        self.configs = write_configs(nodes, self.base_port, self.root, settings)
+        self.env = dict(os.environ, RAFTKA_CLUSTER_SECRET=secrets.token_hex(16))
+        self.processes: dict[int, subprocess.Popen] = {}
+        self.ready_lines: dict[int, str] = {}
+
+    @property
+    def node_ids(self) -> list[int]:
+        return list(range(1, self.nodes + 1))
+
+    def port(self, node_id: int) -> int:
+        return self.base_port + node_id - 1
+
+    def bootstrap(self, node_ids: list[int] | None = None) -> str:
+        return ",".join(f"127.0.0.1:{self.port(n)}" for n in (node_ids or self.node_ids))
+
+    def node_dir(self, node_id: int) -> Path:
+        return self.configs[node_id - 1].parent
+
+    def log_path(self, node_id: int) -> Path:
+        return self.node_dir(node_id) / "broker.log"
+
+    def pid(self, node_id: int) -> int:
+        return self.processes[node_id].pid
+
+    def alive(self, node_id: int) -> bool:
+        process = self.processes.get(node_id)
+        return process is not None and process.poll() is None
+
+    def spawn(self, node_id: int) -> subprocess.Popen:
+        """Start node `node_id` without waiting for it (see wait_ready)."""
+        with open(self.log_path(node_id), "ab") as log:
+            process = subprocess.Popen(raftka_command("serve", "--config", str(self.configs[node_id - 1])),
+                                       stdout=subprocess.PIPE, stderr=log, env=self.env,
+                                       preexec_fn=die_with_parent)
+        self.processes[node_id] = process
+        return process
+
+    def wait_ready(self, node_id: int, timeout_s: float = READY_TIMEOUT_S) -> str:
+        """The node's ready line, once it can serve (it needs a majority of its peers up)."""
+        line = _ready_line(self.processes[node_id], timeout_s)
+        if line is None:
+            raise BrokerStartError(f"node {node_id} did not start; see {self.log_path(node_id)}:\n"
+                                   + self.log_tail(node_id))
+        self.ready_lines[node_id] = line
+        return line
+
+    def start(self, timeout_s: float = READY_TIMEOUT_S) -> "LocalBrokers":
+        for node_id in self.node_ids:
+            self.spawn(node_id)
+        for node_id in self.node_ids:
+            self.wait_ready(node_id, timeout_s)
+        return self
+
+    def kill(self, node_id: int, sig: int = signal.SIGKILL) -> None:
+        """Signal one node by PID; SIGKILL (the default) is a crash: no flush, no goodbye."""
+        process = self.processes[node_id]
+        if process.poll() is None:
+            os.kill(process.pid, sig)
+            if sig == signal.SIGKILL:
+                process.wait()
+
+    def restart(self, node_id: int, timeout_s: float = READY_TIMEOUT_S) -> str:
+        """Start a killed or stopped node again on its own data; returns its ready line."""
+        if self.alive(node_id):
+            raise BrokerStartError(f"node {node_id} is still running")
+        self.spawn(node_id)
+        return self.wait_ready(node_id, timeout_s)
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        stop_processes(list(self.processes.values()), grace_s)
+
+    def log_tail(self, node_id: int, lines: int = 20) -> str:
+        path = self.log_path(node_id)
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def segment_files(self, node_id: int, topic: str, partition: int) -> dict[str, bytes]:
+        """Name -> bytes of every segment file of one partition replica on node_id."""
+        directory = self.node_dir(node_id) / "data" / f"{topic}-{partition}"
+        return {path.name: path.read_bytes() for path in sorted(directory.glob("*.log"))}
+
+    def cpu_seconds(self, node_id: int) -> float:
+        """User + system CPU time of the node's process so far."""
+        fields = Path(f"/proc/{self.pid(node_id)}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_bytes(self, node_id: int) -> int:
+        for line in Path(f"/proc/{self.pid(node_id)}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def __enter__(self) -> "LocalBrokers":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def run_cluster(nodes: int, base_port: int, data_dir: Path) -> int:
-    data_dir = Path(data_dir).resolve()
-    configs = write_configs(nodes, base_port, data_dir)
-    env = dict(os.environ, RAFTKA_CLUSTER_SECRET=secrets.token_hex(16))
+    """`raftka cluster`: start, report, and on Ctrl-C/SIGTERM stop every node."""
+    brokers = LocalBrokers(data_dir, nodes, base_port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    processes = []
     try:
-        for config in configs:
-            log = open(config.parent / "broker.log", "ab")
-            processes.append(subprocess.Popen(raftka_command("serve", "--config", str(config)),
-                                              stdout=subprocess.PIPE, stderr=log, env=env,
-                                              preexec_fn=die_with_parent))
-        for i, process in enumerate(processes, 1):
-            line = _ready_line(process, READY_TIMEOUT_S)
-            if line is None:
-                print(f"node {i} did not start; see {configs[i - 1].parent / 'broker.log'}", file=sys.stderr)
+        for node_id in brokers.node_ids:
+            brokers.spawn(node_id)
+        for node_id in brokers.node_ids:
+            try:
+                print(brokers.wait_ready(node_id), flush=True)
+            except BrokerStartError:
+                print(f"node {node_id} did not start; see {brokers.log_path(node_id)}", file=sys.stderr)
                 return 1
-            print(line, flush=True)
-        bootstrap = ",".join(f"127.0.0.1:{base_port + i}" for i in range(nodes))
-        print(f"cluster of {nodes} ready: bootstrap.servers={bootstrap} (Ctrl-C stops it)", flush=True)
+        print(f"cluster of {nodes} ready: bootstrap.servers={brokers.bootstrap()} (Ctrl-C stops it)", flush=True)
         reported: set[int] = set()
         while not stop.is_set():
-            for i, process in enumerate(processes, 1):
-                if process.poll() is not None and i not in reported:
-                    reported.add(i)   # killed on purpose, perhaps: the others carry on
-                    print(f"node {i} exited with {process.returncode}; the others keep running", flush=True)
-            if len(reported) == len(processes):
+            for node_id in brokers.node_ids:
+                if not brokers.alive(node_id) and node_id not in reported:
+                    reported.add(node_id)   # killed on purpose, perhaps: the others carry on
+                    print(f"node {node_id} exited with {brokers.processes[node_id].returncode}; "
+                          "the others keep running", flush=True)
+            if len(reported) == nodes:
                 return 1
             stop.wait(0.5)
         return 0
     finally:
-        stop_processes(processes)
+        brokers.stop()
 
 
 def die_with_parent() -> None:
