@@ -30,12 +30,21 @@ from pysyncobj.node import Node
 
 from raftka.raft import checkpoint
 from raftka.raft.journal import JournalPath
-from raftka.raft.pysyncobj_adapter import AdaptedSyncObj, AdaptedTransport, monotonic_time
+from raftka.raft.pysyncobj_adapter import AdaptedSyncObj, AdaptedTransport, ForeignCommandError, monotonic_time
 from raftka.raft.votes import VoteStore
 
 log = logging.getLogger(__name__)
 
+__all__ = ["FailReason", "ForeignCommandError", "NotLeaderError", "PeerNode", "RaftGroup", "RaftView",
+           "ReplicationError"]
+
 MAX_MESSAGE_ENTRIES_BYTES = 8 * 1024 * 1024
+# The Raft messages a peer may send a group. pysyncobj's apply_command and
+# apply_command_response (a follower forwarding a proposal to its leader) are
+# not among them: here only a group's leader proposes, and a peer must never
+# make a leader append what it likes. Chunked entries ('transmission') are
+# dropped by GroupTransport: pysyncobj would unpickle them.
+PEER_MESSAGE_TYPES = frozenset({"request_vote", "response_vote", "append_entries", "next_node_idx", "timeout_now"})
 MAX_COMMAND_BYTES = MAX_MESSAGE_ENTRIES_BYTES - 1  # pysyncobj pickles entries at or above the batch size
 
 
@@ -152,13 +161,15 @@ class GroupTransport(AdaptedTransport):
 
 
 def raft_conf(group_dir: Path, journal_fsync: bool = False, persist_vote: bool = True,
-              vote_store: VoteStore | None = None, group_id: int = 0, **overrides: Any) -> dict[str, Any]:
+              vote_store: VoteStore | None = None, group_id: int = 0,
+              accepts: Callable[[bytes], bool] | None = None, **overrides: Any) -> dict[str, Any]:
     """pysyncobj settings for a group ticked by RaftNode (never its own thread).
-    With `vote_store` (the node's), term and vote are made durable there."""
+    With `vote_store` (the node's), term and vote are made durable there;
+    `accepts` says which commands the group's journal may hold."""
     settings: dict[str, Any] = dict(
         autoTick=False, pollerType="select",
         journalFile=JournalPath(group_dir / "journal", fsync=journal_fsync, persist_vote=persist_vote,
-                                vote_store=vote_store, group_id=group_id),
+                                vote_store=vote_store, group_id=group_id, accepts=accepts),
         fullDumpFile=str(group_dir / "checkpoint"),
         appendEntriesUseBatch=False,          # send each command at once, pipelined
         appendEntriesBatchSizeBytes=MAX_MESSAGE_ENTRIES_BYTES,
@@ -212,7 +223,9 @@ class RaftGroup(AdaptedSyncObj):
         self._caught_up_at: dict[int, float] = {}  # follower -> last time its log reached our commit index
         self._commit_sent: dict[int, int] = {}     # follower -> commit index in our last append_entries to it
         self._stale_peers: set[int] = set()        # followers that refused a coalesced heartbeat
-        settings = raft_conf(self.group_dir, group_id=group_id, **raft_settings)
+        self.refused_messages = 0                  # peer messages refused (foreign type or command); see _refusal
+        self._refusal_logged_at = -float("inf")
+        settings = raft_conf(self.group_dir, group_id=group_id, accepts=type(self).accepts_command, **raft_settings)
         settings.update(serializer=self._write_checkpoint, deserializer=self._read_checkpoint)
         super().__init__(PeerNode(self_id), list(peers.values()), SyncObjConf(**settings), self.transport)
         if not peers:
@@ -380,7 +393,38 @@ class RaftGroup(AdaptedSyncObj):
     # fewer than a majority). Raft deletes only on a term conflict. Both are
     # fixed here, around pysyncobj's own handler.
 
+    def _refusal(self, message: dict) -> str | None:
+        """Why a peer's `message` is refused, or None: a type not in
+        PEER_MESSAGE_TYPES, or an entry that is not (command of one of this
+        group's types, index, term)."""
+        kind = message.get("type")
+        if kind not in PEER_MESSAGE_TYPES:
+            return f"message type {kind!r}"
+        entries = message.get("entries")
+        if kind != "append_entries" or entries is None:
+            return None
+        if not isinstance(entries, (list, tuple)):
+            return "entries that are not a list"
+        for entry in entries:
+            if not (isinstance(entry, (list, tuple)) and len(entry) == 3
+                    and isinstance(entry[1], int) and isinstance(entry[2], int)):
+                return "a malformed entry"
+            if not self.accepts_command(entry[0]):
+                command = entry[0]
+                first = command[0] if isinstance(command, (bytes, bytearray, memoryview)) and command else None
+                return f"an entry of command type {first} at index {entry[1]}"
+        return None
+
     def _on_raft_message(self, node: PeerNode, message: dict) -> None:
+        refusal = self._refusal(message)
+        if refusal is not None:
+            self.refused_messages += 1
+            now = monotonic_time()
+            if now - self._refusal_logged_at >= 10.0:
+                self._refusal_logged_at = now
+                log.warning("group %d: refused a message from peer %d: %s (%d refused so far)",
+                            self.group_id, node.broker_id, refusal, self.refused_messages)
+            return
         kind = message.get("type")
         if kind == "append_entries" and "prevLogIdx" in message:
             self._on_append_entries(node, message)

@@ -18,7 +18,9 @@ On-disk format, in directory `<group>.journal/`:
   new first entry, so it costs no rewrite.
 - Recovery reads headers only (and checks each command's CRC): the first
   short, torn or non-consecutive record ends the journal, and the file is
-  cut there.
+  cut there. A whole record whose command is not of a type its group
+  declares (`accepts`) is refused: ForeignCommandError, the group does not
+  start. `add` refuses such a command too.
 
 Durability of entries follows `fsync`: with False (default, like Kafka
 relying on replication) an entry survives a process crash (page cache) but
@@ -34,10 +36,10 @@ import struct
 import threading
 from collections import OrderedDict, deque
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from raftka.native import crc32c
-from raftka.raft.pysyncobj_adapter import AdaptedJournal
+from raftka.raft.pysyncobj_adapter import AdaptedJournal, ForeignCommandError
 from raftka.raft.votes import VoteStore
 
 log = logging.getLogger(__name__)
@@ -127,8 +129,11 @@ class DiskJournal(AdaptedJournal):
 
     def __init__(self, directory: Path, fsync: bool = False, segment_bytes: int = DEFAULT_SEGMENT_BYTES,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, persist_vote: bool = True,
-                 vote_store: "VoteStore | None" = None, group_id: int = 0) -> None:
+                 vote_store: "VoteStore | None" = None, group_id: int = 0,
+                 accepts: "Callable[[bytes], bool] | None" = None) -> None:
+        """`accepts(command)`: whether a command may be in this group's log (None: any)."""
         self.directory = Path(directory)
+        self.accepts = accepts
         self.directory.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
         self.segment_bytes = segment_bytes
@@ -154,6 +159,8 @@ class DiskJournal(AdaptedJournal):
     # ---- pysyncobj's Journal interface ---------------------------------
 
     def add(self, command: bytes, idx: int, term: int) -> None:
+        if self.accepts is not None and not self.accepts(command):
+            raise ForeignCommandError(self.group_id, command[0] if command else None, f"journal add at index {idx}")
         if self._slots and idx != self._slots[-1].index + 1:
             raise AssertionError(f"journal index {idx} does not follow {self._slots[-1].index}")
         segment = self._writable_segment(idx, len(command))
@@ -346,8 +353,12 @@ class DiskJournal(AdaptedJournal):
             end = position + RECORD_HEADER.size + size
             if end > segment.size_bytes or (self._slots and index != self._slots[-1].index + 1):
                 break
-            if crc32c(os.pread(segment.fd, size, position + RECORD_HEADER.size)) != crc:
+            command = os.pread(segment.fd, size, position + RECORD_HEADER.size)
+            if crc32c(command) != crc:
                 break
+            if self.accepts is not None and not self.accepts(command):
+                raise ForeignCommandError(self.group_id, command[0] if command else None,
+                                          f"journal {segment.path} record at byte {position} (index {index})")
             self._slots.append(_Slot(index, term, segment, position + RECORD_HEADER.size, size))
             position = end
         if position == segment.size_bytes:

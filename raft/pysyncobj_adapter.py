@@ -4,7 +4,11 @@ Written against pysyncobj 0.3.17 (pinned in pyproject.toml). Everything else
 in raft/, engine/, bench/ and tests/ goes through what this module offers,
 never through pysyncobj's private names (tests/test_layering.py checks):
 
-- `AdaptedSyncObj`: a SyncObj with protected hooks (`_apply_hook`,
+- `AdaptedSyncObj`: a SyncObj that applies only the command types its
+  subclass declares (`COMMAND_TYPES`) and pysyncobj's no-op: anything else
+  raises ForeignCommandError and never reaches pysyncobj's own apply, which
+  would unpickle it (its types REGULAR, MEMBERSHIP and VERSION). It has
+  protected hooks (`_apply_hook`,
   `_load_dump_hook`, `_try_compaction_hook`, `_before_tick_hook`,
   `_after_tick_hook`) in place of name-mangled overrides, and protected
   accessors for the Raft state pysyncobj keeps private (commit index, next and
@@ -38,6 +42,15 @@ from pysyncobj.transport import Transport
 
 PYSYNCOBJ_VERSION = "0.3.17"
 
+
+class ForeignCommandError(Exception):
+    """A Raft entry whose command type is not one its group declares: refused
+    as corruption (from a peer, a journal or a proposal), never applied."""
+
+    def __init__(self, group: Any, command_type: int | None, where: str) -> None:
+        super().__init__(f"group {group}: {where}: command type {command_type} is not one of this group's; refused")
+        self.command_type = command_type
+
 # What this module overrides, calls or reads, per owner. Tests forbid these
 # names (and every other private name of pysyncobj's classes) outside this module.
 SYNCOBJ_METHODS = ("_SyncObj__doApplyCommand", "_SyncObj__loadDumpFile", "_SyncObj__tryLogCompaction",
@@ -49,7 +62,7 @@ SYNCOBJ_ATTRIBUTES = ("__raftCommitIndex", "__raftLastApplied", "__raftCurrentTe
                       "__forceLogCompaction", "_poller")   # as assigned in SyncObj.__init__
 TRANSPORT_METHODS = ("_onMessageReceived", "_onNodeConnected", "_onNodeDisconnected")
 JOURNAL_METHODS = ("_destroy",)
-MODULE_GLOBALS = ("PIPE_NOTIFIER_ENABLED", "createJournal", "monotonicTime")
+MODULE_GLOBALS = ("PIPE_NOTIFIER_ENABLED", "createJournal", "monotonicTime", "_COMMAND_TYPE")
 
 
 def _missing() -> list[str]:
@@ -80,6 +93,8 @@ def _check_pysyncobj() -> None:
 
 
 _check_pysyncobj()
+
+NO_OP_COMMAND: int = _syncobj._COMMAND_TYPE.NO_OP   # the entry a new leader appends at the start of its term
 
 
 # ---- global patches --------------------------------------------------------
@@ -160,15 +175,23 @@ class AdaptedSyncObj(SyncObj):
     pysyncobj's private names. Subclasses override the `_..._hook` methods and
     call `super()` for pysyncobj's own behaviour."""
 
+    COMMAND_TYPES: frozenset[int] = frozenset()   # the first bytes of the commands a subclass applies
+
     def __init__(self, self_node: Node, other_nodes: list[Node], conf: Any, transport: Transport) -> None:
         super().__init__(self_node, other_nodes, conf, transport=transport)
         self._poller = _NullPoller()
 
+    @classmethod
+    def accepts_command(cls, command: Any) -> bool:
+        """Whether `command` may be in this group's log: one of COMMAND_TYPES, or the no-op."""
+        return (isinstance(command, (bytes, bytearray, memoryview)) and len(command) > 0
+                and (command[0] in cls.COMMAND_TYPES or (command[0] == NO_OP_COMMAND and len(command) == 1)))
+
     # ---- hooks ---------------------------------------------------------------
 
     def _apply_hook(self, command: bytes) -> Any:
-        """Apply one committed command; pysyncobj's own (its types 0..3) here."""
-        return SyncObj._SyncObj__doApplyCommand(self, command)
+        """Apply one committed command of a type in COMMAND_TYPES (subclasses do)."""
+        raise ForeignCommandError(getattr(self, "group_id", "?"), command[0] if command else None, "apply")
 
     def _load_dump_hook(self, clear_journal: bool) -> None:
         """Load the checkpoint (at start, or one received: `clear_journal`)."""
@@ -185,6 +208,10 @@ class AdaptedSyncObj(SyncObj):
         """Runs at the end of every tick."""
 
     def _SyncObj__doApplyCommand(self, command: bytes) -> Any:
+        if command[:1] == bytes((NO_OP_COMMAND,)) and len(command) == 1:
+            return None
+        if not self.accepts_command(command):
+            raise ForeignCommandError(getattr(self, "group_id", "?"), command[0] if command else None, "apply")
         return self._apply_hook(command)
 
     def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:

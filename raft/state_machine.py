@@ -34,6 +34,8 @@ class StateMachine(Protocol):
 class StateMachineReplica(RaftGroup):
     """This broker's member of a group replicating `machine`."""
 
+    COMMAND_TYPES = frozenset(STATE_COMMAND)
+
     def __init__(self, group_id: int, machine: StateMachine, self_id: int, replica_ids: list[int],
                  network: Any, group_dir: Path, **raft_settings: Any) -> None:
         self.machine = machine

@@ -73,6 +73,8 @@ class CatchUp:
 class PartitionReplica(RaftGroup):
     """This broker's replica of one partition's Raft group."""
 
+    COMMAND_TYPES = frozenset({APPEND_COMMAND, MULTI_APPEND_COMMAND})
+
     def __init__(self, group_id: int, partition_log: PartitionLog, self_id: int, replica_ids: list[int],
                  network: Any, group_dir: Path, journal_max_bytes: int = 128 * 1024 * 1024,
                  **raft_settings: Any) -> None:
