@@ -12,8 +12,8 @@ fsync and no message gets ahead of the vote it reflects.
 
 File: records `u32 crc32c | u32 group | i64 term | i64 voted_for (-1: none)`,
 the crc covering the rest of the record. The latest record of a group wins.
-A torn or damaged tail is cut on open. When dead records dominate, the live
-ones are rewritten to a new file (fsynced, renamed, directory fsynced).
+When dead records dominate, the live ones are rewritten to a new file
+(fsynced, renamed, directory fsynced).
 
 I/O errors stop the node (as etcd and PostgreSQL do on a failed fsync).
 Votes stay pending until their write and fdatasync have both succeeded. If
@@ -23,6 +23,17 @@ process at once with FATAL_EXIT_CODE; peers then elect another leader. sync()
 never returns after a failure, so the frames that rely on the votes are never
 sent, and it never retries: after a failed fdatasync the page cache's state
 is unknown, so the store refuses every later sync (VoteStoreFailedError).
+
+On open, a damaged record with no valid record after it is a torn last write
+(a crash before its fdatasync) and is cut. A damaged record followed by a
+valid one is not: every write starts only after the previous one's fdatasync
+succeeded, so damage there hit votes that were durable and may have been
+acted on, and the store refuses to open (VoteStoreCorruptError, naming the file and offset)
+rather than drop the votes after it. The one crash that can also look like
+that: a power loss in the middle of a multi-page write may persist a later
+page of it and not an earlier one (a hole of zeros, then valid records);
+without batch boundaries in the file that cannot be told apart from lost
+synced votes, so it too is refused, loudly.
 """
 from __future__ import annotations
 
@@ -44,6 +55,18 @@ FATAL_EXIT_CODE = 74   # EX_IOERR: what the default on_fatal exits with
 
 class VoteStoreError(Exception):
     """The vote store cannot vouch for its votes."""
+
+
+class VoteStoreCorruptError(VoteStoreError):
+    """A damaged record with valid records after it: refusing to open, since
+    cutting it would silently drop those later, already durable votes."""
+
+    def __init__(self, path: Path, offset: int, next_valid_offset: int) -> None:
+        super().__init__(
+            f"{path}: damaged vote record at byte offset {offset} followed by a valid one at "
+            f"{next_valid_offset}: refusing to start rather than drop the votes after it "
+            f"(not a torn last write; restore this broker's Raft state or replace the broker)")
+        self.path, self.offset, self.next_valid_offset = path, offset, next_valid_offset
 
 
 class VoteStoreFailedError(VoteStoreError):
@@ -73,7 +96,8 @@ class VoteStore:
 
     def __init__(self, path: Path, *,
                  on_fatal: Callable[[BaseException], NoReturn] = exit_process) -> None:
-        """Open (or create) the file at `path`. `on_fatal(error)` runs when a
+        """Open (or create) the file at `path`; raises VoteStoreCorruptError if
+        a damaged record precedes valid ones. `on_fatal(error)` runs when a
         write or fdatasync fails, and must not return (the default ends the
         process); if it does, sync() raises VoteStoreFailedError."""
         self.path = Path(path)
@@ -98,8 +122,14 @@ class VoteStore:
             _, group, term, voted_for = RECORD.unpack_from(data, position)
             self._votes[group] = (term, None if voted_for < 0 else voted_for)
             position += RECORD.size
-        if position != len(data):
-            log.warning("%s: cut %d damaged or torn bytes at %d", self.path, len(data) - position, position)
+        if position == len(data):
+            return position
+        # records are only ever appended whole, so any later one starts on this grid
+        for later in range(position + RECORD.size, len(data) - RECORD.size + 1, RECORD.size):
+            if _intact(data, later):
+                raise VoteStoreCorruptError(self.path, position, later)
+        log.warning("%s: cut %d damaged or torn bytes at %d (a torn last write)",
+                    self.path, len(data) - position, position)
         return position
 
     def get(self, group_id: int) -> tuple[int, int | None] | None:

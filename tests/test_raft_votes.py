@@ -232,6 +232,52 @@ def test_a_node_sends_no_frame_after_a_failed_vote_sync(tmp_path, monkeypatch):
     asyncio.run(scenario())
 
 
+def test_a_damaged_record_before_valid_ones_refuses_to_load(tmp_path):
+    store = VoteStore(tmp_path / "votes")
+    for group in range(4):
+        store.put(group, 5, 1)
+        store.sync()
+    store.close()
+    path = tmp_path / "votes"
+    data = bytearray(path.read_bytes())
+    data[votes.RECORD.size + 7] ^= 0x40       # bit rot in the second record; two valid ones follow
+    path.write_bytes(bytes(data))
+    with pytest.raises(votes.VoteStoreCorruptError) as raised:
+        VoteStore(path)
+    assert raised.value.path == path and raised.value.offset == votes.RECORD.size
+    assert str(path) in str(raised.value) and f"offset {votes.RECORD.size}" in str(raised.value)
+    assert path.read_bytes() == bytes(data)   # nothing cut: the later votes are still there
+
+
+def test_a_zeroed_record_before_valid_ones_refuses_to_load(tmp_path):
+    store = VoteStore(tmp_path / "votes")
+    for group in range(3):
+        store.put(group, 5, 1)
+    store.close()
+    path = tmp_path / "votes"
+    data = bytearray(path.read_bytes())
+    data[0:votes.RECORD.size] = bytes(votes.RECORD.size)
+    path.write_bytes(bytes(data))
+    with pytest.raises(votes.VoteStoreCorruptError) as raised:
+        VoteStore(path)
+    assert raised.value.offset == 0
+
+
+def test_several_damaged_records_at_the_tail_are_cut(tmp_path):
+    store = VoteStore(tmp_path / "votes")
+    for group in range(4):
+        store.put(group, 5, 1)
+    store.close()
+    path = tmp_path / "votes"
+    data = bytearray(path.read_bytes())
+    data[2 * votes.RECORD.size:] = bytes(len(data) - 2 * votes.RECORD.size)   # unwritten pages: zeros
+    path.write_bytes(bytes(data) + b"\x07" * 5)
+    again = VoteStore(path)
+    assert [again.get(g) for g in range(4)] == [(5, 1), (5, 1), None, None]
+    assert path.stat().st_size == 2 * votes.RECORD.size
+    again.close()
+
+
 FAIL_FDATASYNC = """
 import errno, logging, os, sys
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
