@@ -1,5 +1,7 @@
 """VoteStore: every group's term and vote in one file, durable after sync(),
-surviving reopen, a torn tail and compaction; and DiskJournal keeping its
+surviving reopen, a torn tail and compaction; stopping the node (votes still
+pending, nothing sent, no retry) when a write or fdatasync fails; refusing to
+open with a damaged record before valid ones; and DiskJournal keeping its
 term and vote there when given one."""
 from __future__ import annotations
 
