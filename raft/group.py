@@ -217,6 +217,7 @@ class RaftGroup(AdaptedSyncObj):
         peers = {rid: PeerNode(rid) for rid in replica_ids if rid != self_id}
         self.transport = GroupTransport(network, group_id, peers)
         self.transport.on_raft_message = self._on_raft_message
+        self.transport.on_extension_message = self._on_extension_message
         self.transport.rewrite_outgoing = self._rewrite_outgoing
         self._verified_end: int | None = None   # last index an incoming message verified; see _rewrite_outgoing
         self._checkpoint_loaded = False
@@ -224,6 +225,10 @@ class RaftGroup(AdaptedSyncObj):
         self._commit_sent: dict[int, int] = {}     # follower -> commit index in our last append_entries to it
         self._stale_peers: set[int] = set()        # followers that refused a coalesced heartbeat
         self.refused_messages = 0                  # peer messages refused (foreign type or command); see _refusal
+        self._leader_heard_at = -float("inf")      # when a leader last proved itself to us (lease; see _in_lease)
+        self._prevote_round = 0                    # our latest pre-vote round, and who granted it
+        self._prevote_grants: set[int] = set()
+        self._prevote_won = False
         self._refusal_logged_at = -float("inf")
         settings = raft_conf(self.group_dir, group_id=group_id, accepts=type(self).accepts_command, **raft_settings)
         settings.update(serializer=self._write_checkpoint, deserializer=self._read_checkpoint)
@@ -345,6 +350,7 @@ class RaftGroup(AdaptedSyncObj):
                 or self._raft_last_applied() != commit or not self._may_compact()):
             return False
         self._set_election_deadline(now + self._new_election_timeout())
+        self._leader_heard_at = now
         return True
 
     def coalesced_heartbeat_answered(self, peer_id: int, accepted: bool, now: float) -> None:
@@ -380,6 +386,89 @@ class RaftGroup(AdaptedSyncObj):
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._propose(command, lambda result, error: settle_future(future, result, error))
         return future
+
+    # ---- PreVote and leader stickiness (etcd's PreVote + CheckQuorum) ----
+    #
+    # pysyncobj starts an election whenever its timer runs out: it raises its
+    # term and sends request_vote, and any node hearing a higher term steps
+    # down. A node that can send but not receive (a one-way partition) would
+    # then depose every leader it shares a group with, over and over. Here a
+    # node whose timer runs out first asks its peers whether they would vote
+    # for it (rk_prevote, at term + 1, without raising its own term); only
+    # with a majority of yeses does pysyncobj's own election run. A peer says
+    # no while it has heard from a live leader within raftMinTimeout (its
+    # lease), and it ignores real request_votes then too. The leader's side of
+    # CheckQuorum is pysyncobj's own: it steps down when it has not heard from
+    # a majority within leaderFallbackTimeout. A member whose term rose while it
+    # was cut off answers the old leader's append_entries with rk_higher_term
+    # (etcd answers MsgApp of a lower term the same way), so the group moves
+    # past its term instead of leaving it out for good.
+
+    PRE_VOTE = True   # the simulation's planted bug turns it off
+
+    def _in_lease(self, now: float) -> bool:
+        """A live leader holds this group: we lead it, or heard from the leader within raftMinTimeout."""
+        return self.is_leader or (self.leader_id is not None
+                                  and now - self._leader_heard_at < self.conf.raftMinTimeout)
+
+    def _before_tick_hook(self) -> None:
+        """Turn an election pysyncobj would start in this tick into a pre-vote round."""
+        super()._before_tick_hook()
+        if not self.PRE_VOTE or self.is_leader or not self._other_nodes():
+            return
+        now = monotonic_time()
+        if self._election_deadline() >= now:
+            return
+        if self._prevote_won:
+            self._prevote_won = False   # pysyncobj elects in this tick, at term + 1
+            return
+        self._set_election_deadline(now + self._new_election_timeout())
+        if not self._connected_nodes():
+            return
+        self._prevote_round += 1
+        self._prevote_grants = {self.self_id}
+        message = {"type": "rk_prevote", "term": self.raftCurrentTerm + 1, "round": self._prevote_round,
+                   "last_log_index": self._last_log_index(), "last_log_term": self._last_log_term()}
+        for node in self._other_nodes():
+            self.transport.send(node, dict(message))
+
+    def _on_extension_message(self, peer_id: int, message: dict) -> None:
+        """Our rk_ messages: pre-votes here; subclasses add theirs and call super() for these."""
+        kind = message.get("type")
+        if kind == "rk_prevote":
+            self._on_prevote(peer_id, message)
+        elif kind == "rk_prevote_response":
+            self._on_prevote_response(peer_id, message)
+        elif kind == "rk_higher_term":
+            self._on_higher_term(peer_id, message)
+
+    def _on_prevote(self, peer_id: int, message: dict) -> None:
+        term, last_index, last_term = message.get("term"), message.get("last_log_index"), message.get("last_log_term")
+        if not all(isinstance(v, int) for v in (term, last_index, last_term)):
+            return
+        up_to_date = (last_term, last_index) >= (self._last_log_term(), self._last_log_index())
+        granted = term > self.raftCurrentTerm and up_to_date and not self._in_lease(monotonic_time())
+        self.transport.send_to(peer_id, {"type": "rk_prevote_response", "round": message.get("round"),
+                                         "term": self.raftCurrentTerm, "granted": granted})
+
+    def _on_higher_term(self, peer_id: int, message: dict) -> None:
+        """A member answered our append_entries with a higher term: step down to
+        it (pysyncobj does on a request_vote of a higher term; this one asks for
+        no vote: its log position is below any real one)."""
+        term, node = message.get("term"), self.transport.peer(peer_id)
+        if isinstance(term, int) and node is not None and term > self.raftCurrentTerm:
+            self.transport.handle_raft_message(node, {"type": "request_vote", "term": term,
+                                                      "last_log_index": -1, "last_log_term": -1})
+
+    def _on_prevote_response(self, peer_id: int, message: dict) -> None:
+        if message.get("round") != self._prevote_round or not message.get("granted") or self.is_leader:
+            return
+        self._prevote_grants.add(peer_id)
+        if len(self._prevote_grants) > len(self.replica_ids) / 2 and not self._prevote_won:
+            self._prevote_won = True
+            self._set_election_deadline(0.0)   # pysyncobj's election at the next tick
+            if self.transport.on_activity is not None:
+                self.transport.on_activity()
 
     # ---- pipelining fixes to pysyncobj's replication --------------------
     #
@@ -426,6 +515,16 @@ class RaftGroup(AdaptedSyncObj):
                             self.group_id, node.broker_id, refusal, self.refused_messages)
             return
         kind = message.get("type")
+        if kind == "append_entries" and isinstance(message.get("term"), int):
+            if message["term"] >= self.raftCurrentTerm:
+                self._leader_heard_at = monotonic_time()
+            elif self.PRE_VOTE:
+                # a leader of an older term: our term rose while we were cut off,
+                # and with stickiness our request_votes no longer depose it; tell
+                # it, so it steps down and the group elects at a term past ours
+                self.transport.send(node, {"type": "rk_higher_term", "term": self.raftCurrentTerm})
+        elif kind == "request_vote" and self.PRE_VOTE and self._in_lease(monotonic_time()):
+            return   # leader stickiness: a live leader is not deposed by one node's timer
         if kind == "append_entries" and "prevLogIdx" in message:
             self._on_append_entries(node, message)
         elif kind == "append_entries" and message.get("serialized") is not None:

@@ -302,6 +302,7 @@ class PartitionReplica(RaftGroup):
             # a replica missing committed data must not lead: push its election out
             now = monotonic_time()
             self._set_election_deadline(max(self._election_deadline(), now + self.conf.raftMinTimeout))
+        super()._before_tick_hook()
 
     def _after_tick_hook(self) -> None:
         if self._catch_up is not None and monotonic_time() >= self._catch_up.retry_at:
@@ -313,6 +314,8 @@ class PartitionReplica(RaftGroup):
             self._serve_fetch(peer_id, message)
         elif kind == "rk_fetch_data" and self._catch_up is not None:
             self._receive_fetch(message)
+        else:
+            super()._on_extension_message(peer_id, message)
 
     def _serve_fetch(self, peer_id: int, message: dict) -> None:
         offset, end, max_bytes = message.get("offset"), message.get("end_offset"), message.get("max_bytes")
