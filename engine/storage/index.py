@@ -14,7 +14,7 @@ Databases and their encodings (integers big-endian so keys sort numerically):
               sparse, only where the running maximum grew
   state       pid u32 -> high watermark i64 | applied raft index i64
   group_offsets  group | topic (each u16 length + utf-8) | partition i32 -> a
-              committed offset (Kafka's offset value bytes, engine/groups/records.py)
+              committed offset (Kafka's offset value bytes, engine/groups/offsets_topic.py)
   groups      group (utf-8) -> group metadata (Kafka's group value bytes)
   meta        b"groups_materialised/" pid u32 -> the next __consumer_offsets
               offset of that partition not yet applied to the two above
