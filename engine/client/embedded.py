@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from raftka.client.groups import EmbeddedGroups, GroupConsumer
+from raftka.client.group_consumer import EmbeddedGroups, GroupConsumer
 from raftka.config import Config
 from raftka.errors import InvalidPartitionsError, RecordTooLargeError
 from raftka.partitioner import partition_for_key

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Awaitable, Callable
 
-from raftka.broker.groups import GroupService
+from raftka.broker.group_service import GroupService
 from raftka.errors import ErrorCode, GroupError
 from raftka.groups.coordinator import GroupState
 from raftka.groups.offsets_topic import CommittedOffset
