@@ -135,7 +135,7 @@ class Raftka:
             log = self._manager.log(topic, partition)
             result = log.append(batches)
             log.set_high_watermark(log.log_end_offset)
-            self._manager.maybe_commit_index()
+            self._manager.maybe_flush_index()
             self._appended.notify_all()
             return result
 

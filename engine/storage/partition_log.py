@@ -365,7 +365,7 @@ class PartitionLog:
         self._state_dirty = False
         return offsets, times, states
 
-    def commit_index(self, wait: bool = True) -> None:
+    def flush_index(self, wait: bool = True) -> None:
         """Commit this log's pending index entries and state on their own
         (`wait` False: in the background, see IndexStore)."""
         self._index.commit(*self.drain_pending(), wait=wait)
@@ -391,7 +391,7 @@ class PartitionLog:
             return self._log_end_offset
         if offset < self.log_start_offset:
             raise OffsetOutOfRangeError(self.name, offset, self.log_start_offset, self._log_end_offset)
-        self.commit_index()
+        self.flush_index()
         k = bisect.bisect_right(self._segment_bases, offset) - 1
         segment = self._segments[k]
         view = segment.view()
@@ -412,7 +412,7 @@ class PartitionLog:
         self._high_watermark = min(self._high_watermark, new_end)
         self._state_dirty = True
         self._reset_tail_state(position)
-        self.commit_index()
+        self.flush_index()
         return new_end
 
     def enforce_retention(self, now_ms: int | None = None) -> int:
@@ -436,7 +436,7 @@ class PartitionLog:
             del self._segments[0], self._segment_bases[0]
             deleted += 1
         if deleted:
-            self.commit_index()
+            self.flush_index()
             self._index.delete_offsets(self.pid, below=self.log_start_offset)
             self._index.delete_times(self.pid, below=self.log_start_offset)
         return deleted
@@ -457,7 +457,7 @@ class PartitionLog:
         self._high_watermark = max(self.log_start_offset, min(state.high_watermark, self._log_end_offset))
         if self._high_watermark != state.high_watermark:  # recovery lost data under it
             self._state_dirty = True
-            self.commit_index()
+            self.flush_index()
 
     def _recover_active_segment(self) -> None:
         active = self._segments[-1]
@@ -476,7 +476,7 @@ class PartitionLog:
                         self.name, active.path.name, active.size_bytes, end, next_offset)
             active.truncate(end)
         self._log_end_offset = next_offset
-        self.commit_index()
+        self.flush_index()
 
     def _recovery_start(self, active: Segment) -> tuple[int, int]:
         """(position, base offset) of the newest index entry of `active` that points
@@ -550,7 +550,7 @@ class PartitionLog:
 
     def close(self) -> None:
         """Commit the index, sync per the fsync policy and release files."""
-        self.commit_index()
+        self.flush_index()
         if self._config.fsync != "never":
             self.sync()
         for segment in self._segments:
