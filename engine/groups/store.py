@@ -35,8 +35,8 @@ class GroupStore:
     def materialise(self, partition_log: PartitionLog) -> int:
         """Apply the partition's records from where LMDB left off up to its
         high watermark; returns how many records were applied."""
-        pid = partition_log.pid
-        start = max(self._index.group_materialised_offset(pid), partition_log.log_start_offset)
+        storage_id = partition_log.storage_id
+        start = max(self._index.group_materialised_offset(storage_id), partition_log.log_start_offset)
         end = partition_log.high_watermark
         if start >= end:
             return 0
@@ -46,7 +46,7 @@ class GroupStore:
             chunk = partition_log.read(offset, READ_BYTES)
             changes.extend(self._changes(chunk.buffer, offset, partition_log.name))
             offset = chunk.next_offset
-        self._index.apply_group_changes(pid, changes, end)
+        self._index.apply_group_changes(storage_id, changes, end)
         return len(changes)
 
     def _changes(self, buffer: memoryview, min_offset: int, name: str) -> Iterator[GroupChange]:

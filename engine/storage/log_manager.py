@@ -147,12 +147,12 @@ class LogManager:
         return self.data_dir / f"{topic}-{partition}"
 
     def _open_logs(self, topic: TopicRecord) -> None:
-        for partition, pid in enumerate(topic.partition_ids):
+        for partition, storage_id in enumerate(topic.partition_ids):
             if (topic.name, partition) in self._logs:
                 continue
             name = f"{topic.name}-{partition}"
             self._logs[(topic.name, partition)] = PartitionLog(
-                name, self._partition_dir(topic.name, partition), pid, self._index, self.config)
+                name, self._partition_dir(topic.name, partition), storage_id, self._index, self.config)
 
     # ---- periodic duties ---------------------------------------------
 
