@@ -107,7 +107,7 @@ def measure_append(directory: Path, request: bytearray, calls: int) -> tuple[flo
     started = time.perf_counter()
     for _ in range(calls):
         log.append(request)
-    log.commit_index()
+    log.flush_index()
     elapsed = time.perf_counter() - started
     log.set_high_watermark(log.log_end_offset)
     return mb_s(len(request) * calls, elapsed), index, log
@@ -196,8 +196,8 @@ def run_index_commit_choice(workdir: Path, appends: int) -> dict[str, float]:
         for _ in range(appends):
             log.append(batch)
             if mode == "commit_per_append":
-                log.commit_index()
-        log.commit_index()
+                log.flush_index()
+        log.flush_index()
         results[f"{mode}_appends_per_s"] = appends / (time.perf_counter() - started)
         log.close()
         index.close()
@@ -214,7 +214,7 @@ def rss_child(directory: Path, volume_bytes: int) -> None:
     for _ in range(volume_bytes // len(request)):
         log.append(request)
         if log.pending_index_entries >= 65536:
-            log.commit_index()
+            log.flush_index()
     log.close()
     index.close()
     elapsed = time.perf_counter() - started

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "raftka.client.embedded": ("PartitionOffsets", "Raftka", "RecordMetadata", "open"),
-    "raftka.client.groups": ("GroupConsumer",),
+    "raftka.client.group_consumer": ("GroupConsumer",),
     "raftka.config": ("Config",),
     "raftka.errors": ("CorruptRecordError", "DataDirLockedError", "GroupError", "InvalidPartitionsError",
                       "InvalidTopicError", "OffsetOutOfRangeError", "RaftkaError", "RecordTooLargeError",
@@ -35,7 +35,7 @@ __all__ = sorted(_MODULE_OF)
 
 if TYPE_CHECKING:
     from raftka.client.embedded import PartitionOffsets, Raftka, RecordMetadata, open
-    from raftka.client.groups import GroupConsumer
+    from raftka.client.group_consumer import GroupConsumer
     from raftka.config import Config
     from raftka.errors import (CorruptRecordError, DataDirLockedError, GroupError, InvalidPartitionsError,
                                InvalidTopicError, OffsetOutOfRangeError, RaftkaError, RecordTooLargeError,

@@ -9,7 +9,7 @@ import pytest
 
 from raftka.errors import ErrorCode, GroupError
 from raftka.groups.coordinator import GroupCoordinator, GroupSettings, GroupState
-from raftka.groups.records import GroupRecord
+from raftka.groups.offsets_topic import GroupRecord
 
 SESSION_MS = 10_000
 REBALANCE_MS = 20_000

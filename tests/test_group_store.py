@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 from raftka.config import Config
-from raftka.groups import records
-from raftka.groups.records import (CommittedOffset, GroupKey, GroupRecord, MemberRecord, OffsetKey,
-                                   RecordFormatError, partition_for_group)
+from raftka.groups import offsets_topic
+from raftka.groups.offsets_topic import (CommittedOffset, GroupKey, GroupRecord, MemberRecord, OffsetKey,
+                                         RecordFormatError, partition_for_group)
 from raftka.groups.store import GroupStore, group_record, offset_records
 from raftka.records.batch import build_batch
 from raftka.storage.index import IndexStore
@@ -24,36 +24,36 @@ member = st.builds(MemberRecord, names, nullable_names, st.text(max_size=20), st
 @given(names, names, st.integers(0, 2**31 - 1), st.integers(-1, 2**62), st.text(max_size=100))
 def test_offset_keys_and_values_round_trip(group, topic, partition, offset, metadata):
     key = OffsetKey(group, topic, partition)
-    assert records.decode_key(records.encode_key(key)) == key
+    assert offsets_topic.decode_key(offsets_topic.encode_key(key)) == key
     value = CommittedOffset(offset, 7, metadata, 1_700_000_000_123)
-    assert records.decode_offset(records.encode_offset(value)) == value
+    assert offsets_topic.decode_offset(offsets_topic.encode_offset(value)) == value
 
 
 @given(names, st.builds(GroupRecord, st.text(max_size=20), st.integers(0, 2**31 - 1), nullable_names, nullable_names,
                         st.integers(0, 2**62), st.lists(member, max_size=4).map(tuple)))
 def test_group_keys_and_values_round_trip(group, value):
-    assert records.decode_key(records.encode_key(GroupKey(group))) == GroupKey(group)
-    assert records.decode_group(records.encode_group(value)) == value
+    assert offsets_topic.decode_key(offsets_topic.encode_key(GroupKey(group))) == GroupKey(group)
+    assert offsets_topic.decode_group(offsets_topic.encode_group(value)) == value
 
 
 def test_kafkas_byte_layout_for_an_offset_commit():
-    key = records.encode_key(OffsetKey("g", "t", 3))
+    key = offsets_topic.encode_key(OffsetKey("g", "t", 3))
     assert key == b"\x00\x01" + b"\x00\x01g" + b"\x00\x01t" + b"\x00\x00\x00\x03"
-    value = records.encode_offset(CommittedOffset(42, -1, "", 5))
+    value = offsets_topic.encode_offset(CommittedOffset(42, -1, "", 5))
     assert value == b"\x00\x03" + (42).to_bytes(8, "big") + b"\xff\xff\xff\xff" + b"\x00\x00" + (5).to_bytes(8, "big")
 
 
 @pytest.mark.parametrize("data", [b"", b"\x00", b"\x00\x09abc", b"\x00\x02\x00\x05ab", b"\x00\x02\x00\x01gX"])
 def test_malformed_keys_are_refused(data):
     with pytest.raises(RecordFormatError):
-        records.decode_key(data)
+        offsets_topic.decode_key(data)
 
 
 def test_groups_map_to_partitions_as_kafka_does():
     # Java: "hello".hashCode() == 99162322, "".hashCode() == 0, "polygenelubricants".hashCode() == Integer.MIN_VALUE
-    assert records.java_string_hash("hello") == 99162322
-    assert records.java_string_hash("") == 0
-    assert records.java_string_hash("polygenelubricants") == -2**31
+    assert offsets_topic.java_string_hash("hello") == 99162322
+    assert offsets_topic.java_string_hash("") == 0
+    assert offsets_topic.java_string_hash("polygenelubricants") == -2**31
     assert partition_for_group("hello", 50) == 99162322 % 50
     assert partition_for_group("polygenelubricants", 50) == 0
 

@@ -214,7 +214,7 @@ def test_offset_for_timestamp_finds_the_first_record_at_or_after_it(harness):
     assert log.offset_for_timestamp(1000 + 10 * 17 + 5) == 3 * 18
     assert log.offset_for_timestamp(0) == 0
     assert log.offset_for_timestamp(10**9) is None
-    log.commit_index()
+    log.flush_index()
     assert harness.reopen().offset_for_timestamp(1000 + 10 * 30) == 90
 
 
@@ -233,7 +233,7 @@ def test_a_log_cut_at_any_byte_reopens_to_the_valid_prefix(tmp_path):
     h = Harness(tmp_path, index_interval_bytes=128)
     for batch in batches:
         h.log.append(batch)
-    h.log.commit_index()
+    h.log.flush_index()
     full_size = h.log.segments[-1].size_bytes
     ends = [sum(len(b) for b in batches[:i]) for i in range(len(batches) + 1)]
     for cut in range(full_size, -1, -1):
@@ -246,14 +246,14 @@ def test_a_log_cut_at_any_byte_reopens_to_the_valid_prefix(tmp_path):
         # appends continue densely after recovery
         assert log.append(make_batch(1)).base_offset == 2 * survivors
         log.truncate(2 * survivors)
-        log.commit_index()
+        log.flush_index()
 
 
 def test_recovery_ignores_index_entries_that_point_past_the_cut(tmp_path):
     h = Harness(tmp_path, index_interval_bytes=64)
     for seed in range(20):
         h.log.append(make_batch(2, value_size=50, seed=seed))
-    h.log.commit_index()  # the index now reaches the end of the segment
+    h.log.flush_index()  # the index now reaches the end of the segment
     log = h.crash(cut_active_at=h.log.segments[-1].size_bytes // 2)
     log.set_high_watermark(log.log_end_offset)
     assert 0 < log.log_end_offset < 40

@@ -8,7 +8,7 @@ import re
 import signal
 from typing import Any
 
-from raftka.broker.groups import GroupService
+from raftka.broker.group_service import GroupService
 from raftka.broker.handlers import Handlers
 from raftka.broker.metrics import BrokerMetrics
 from raftka.broker.server import KafkaServer

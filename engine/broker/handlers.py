@@ -14,8 +14,8 @@ import time
 from datetime import timedelta
 from typing import Any, Awaitable, Callable
 
-from raftka.broker.group_handlers import GroupHandlers
-from raftka.broker.groups import GroupService
+from raftka.broker.group_apis import GroupHandlers
+from raftka.broker.group_service import GroupService
 from raftka.broker.metrics import BrokerMetrics
 from raftka.cluster.controller import ADMIN_TIMEOUT_S, ClusterController
 from raftka.records.batch import iter_batches

@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from raftka.broker.groups import GroupService
+    from raftka.broker.group_service import GroupService
     from raftka.cluster.controller import ClusterController
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from raftka.client.groups import EmbeddedGroups, GroupConsumer
+from raftka.client.group_consumer import EmbeddedGroups, GroupConsumer
 from raftka.config import Config
 from raftka.errors import InvalidPartitionsError, RecordTooLargeError
 from raftka.partitioner import partition_for_key
@@ -135,7 +135,7 @@ class Raftka:
             log = self._manager.log(topic, partition)
             result = log.append(batches)
             log.set_high_watermark(log.log_end_offset)
-            self._manager.maybe_commit_index()
+            self._manager.maybe_flush_index()
             self._appended.notify_all()
             return result
 

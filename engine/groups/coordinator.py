@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from raftka.errors import ErrorCode, GroupError
-from raftka.groups.records import GroupRecord, MemberRecord
+from raftka.groups.offsets_topic import GroupRecord, MemberRecord
 
 log = logging.getLogger(__name__)
 

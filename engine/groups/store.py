@@ -15,8 +15,8 @@ import logging
 from typing import Iterator
 
 from raftka.errors import CorruptRecordError
-from raftka.groups import records
-from raftka.groups.records import CommittedOffset, GroupKey, GroupRecord, OffsetKey, RecordFormatError
+from raftka.groups import offsets_topic
+from raftka.groups.offsets_topic import CommittedOffset, GroupKey, GroupRecord, OffsetKey, RecordFormatError
 from raftka.records.batch import Record, parse_records
 from raftka.storage.index import GroupChange, IndexStore
 from raftka.storage.partition_log import PartitionLog
@@ -35,8 +35,8 @@ class GroupStore:
     def materialise(self, partition_log: PartitionLog) -> int:
         """Apply the partition's records from where LMDB left off up to its
         high watermark; returns how many records were applied."""
-        pid = partition_log.pid
-        start = max(self._index.group_materialised_offset(pid), partition_log.log_start_offset)
+        storage_id = partition_log.storage_id
+        start = max(self._index.group_materialised_offset(storage_id), partition_log.log_start_offset)
         end = partition_log.high_watermark
         if start >= end:
             return 0
@@ -46,7 +46,7 @@ class GroupStore:
             chunk = partition_log.read(offset, READ_BYTES)
             changes.extend(self._changes(chunk.buffer, offset, partition_log.name))
             offset = chunk.next_offset
-        self._index.apply_group_changes(pid, changes, end)
+        self._index.apply_group_changes(storage_id, changes, end)
         return len(changes)
 
     def _changes(self, buffer: memoryview, min_offset: int, name: str) -> Iterator[GroupChange]:
@@ -55,7 +55,7 @@ class GroupStore:
                 if record.key is None:
                     continue
                 try:
-                    key = records.decode_key(record.key)
+                    key = offsets_topic.decode_key(record.key)
                 except RecordFormatError as error:
                     log.warning("%s offset %d: skipping a record with an unknown key: %s", name, record.offset, error)
                     continue
@@ -70,12 +70,12 @@ class GroupStore:
     # ---- reading ------------------------------------------------------------
 
     def committed(self, group: str) -> dict[tuple[str, int], CommittedOffset]:
-        return {(topic, partition): records.decode_offset(value)
+        return {(topic, partition): offsets_topic.decode_offset(value)
                 for topic, partition, value in self._index.group_offsets(group)}
 
     def group(self, group: str) -> GroupRecord | None:
         value = self._index.group_value(group)
-        return None if value is None else records.decode_group(value)
+        return None if value is None else offsets_topic.decode_group(value)
 
     def group_names(self) -> set[str]:
         return self._index.group_names()
@@ -83,12 +83,12 @@ class GroupStore:
 
 def offset_records(group: str, offsets: dict[tuple[str, int], CommittedOffset | None]) -> list[Record]:
     """The records that commit (or, for None, delete) a group's offsets."""
-    return [Record(records.encode_offset(value) if value is not None else None,
-                   key=records.encode_key(OffsetKey(group, topic, partition)))
+    return [Record(offsets_topic.encode_offset(value) if value is not None else None,
+                   key=offsets_topic.encode_key(OffsetKey(group, topic, partition)))
             for (topic, partition), value in offsets.items()]
 
 
 def group_record(group: str, value: GroupRecord | None) -> Record:
     """The record that stores (or, for None, deletes) a group's metadata."""
-    return Record(records.encode_group(value) if value is not None else None,
-                  key=records.encode_key(GroupKey(group)))
+    return Record(offsets_topic.encode_group(value) if value is not None else None,
+                  key=offsets_topic.encode_key(GroupKey(group)))

@@ -265,7 +265,7 @@ class PartitionReplica(RaftGroup):
         assert last_applied[1] == self._raft_last_applied(), (last_applied[1], self._raft_last_applied())
         # the stored state (high watermark at applied index) must not lag the
         # checkpoint, or a restart would refetch what it already has
-        self._log.commit_index()
+        self._log.flush_index()
         checkpoint.write(Path(path), checkpoint.Checkpoint(
             applied_index=last_applied[1], log_end_offset=self._log.log_end_offset,
             entries=(tuple(previous), tuple(last_applied))))

@@ -7,16 +7,16 @@ writes may lag the log and are committed in groups (see PartitionLog).
 
 Databases and their encodings (integers big-endian so keys sort numerically):
   meta        b"next_partition_id" -> u32
-  topics      topic name (utf-8) -> JSON {"partitions": n, "ids": [pid...]}
-  offsets     pid u32 | batch base offset i64 -> segment byte position i64
+  topics      topic name (utf-8) -> JSON {"partitions": n, "ids": [storage_id...]}
+  offsets     storage_id u32 | batch base offset i64 -> segment byte position i64
               sparse: one entry per index_interval_bytes of log
-  times       pid u32 | max timestamp so far i64 -> batch base offset i64
+  times       storage_id u32 | max timestamp so far i64 -> batch base offset i64
               sparse, only where the running maximum grew
-  state       pid u32 -> high watermark i64 | applied raft index i64
+  state       storage_id u32 -> high watermark i64 | applied raft index i64
   group_offsets  group | topic (each u16 length + utf-8) | partition i32 -> a
-              committed offset (Kafka's offset value bytes, engine/groups/records.py)
+              committed offset (Kafka's offset value bytes, engine/groups/offsets_topic.py)
   groups      group (utf-8) -> group metadata (Kafka's group value bytes)
-  meta        b"groups_materialised/" pid u32 -> the next __consumer_offsets
+  meta        b"groups_materialised/" storage_id u32 -> the next __consumer_offsets
               offset of that partition not yet applied to the two above
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from raftka.errors import StorageError
 
 log = logging.getLogger(__name__)
 
-_PID = struct.Struct(">I")
+_STORAGE_ID = struct.Struct(">I")
 _KEY = struct.Struct(">Iq")
 _I64 = struct.Struct(">q")
 _I32 = struct.Struct(">i")
@@ -181,8 +181,8 @@ class IndexStore:
     def _put_topic(self, record: TopicRecord, new_partitions: int) -> TopicRecord:
         def body(txn: lmdb.Transaction) -> TopicRecord:
             raw = txn.get(b"next_partition_id", db=self._meta)
-            first = _PID.unpack(raw)[0] if raw else 0
-            txn.put(b"next_partition_id", _PID.pack(first + new_partitions), db=self._meta)
+            first = _STORAGE_ID.unpack(raw)[0] if raw else 0
+            txn.put(b"next_partition_id", _STORAGE_ID.pack(first + new_partitions), db=self._meta)
             updated = TopicRecord(record.name, record.partition_ids + tuple(range(first, first + new_partitions)),
                                   record.topic_id)
             txn.put(record.name.encode(), json.dumps({"ids": list(updated.partition_ids),
@@ -196,10 +196,10 @@ class IndexStore:
     def delete_topic(self, record: TopicRecord) -> None:
         def body(txn: lmdb.Transaction) -> None:
             txn.delete(record.name.encode(), db=self._topics)
-            for pid in record.partition_ids:
-                txn.delete(_PID.pack(pid), db=self._state)
-                _delete_prefix(txn.cursor(self._offsets), pid)
-                _delete_prefix(txn.cursor(self._times), pid)
+            for storage_id in record.partition_ids:
+                txn.delete(_STORAGE_ID.pack(storage_id), db=self._state)
+                _delete_prefix(txn.cursor(self._offsets), storage_id)
+                _delete_prefix(txn.cursor(self._times), storage_id)
         self._write(body)
         self.sync()
 
@@ -207,7 +207,7 @@ class IndexStore:
 
     def commit(self, offsets: Iterable[tuple[int, int, int]], times: Iterable[tuple[int, int, int]],
                states: Iterable[tuple[int, PartitionState]], wait: bool = True) -> None:
-        """Write (pid, offset, position), (pid, ts, offset) entries and states in one txn.
+        """Write (storage_id, offset, position), (storage_id, ts, offset) entries and states in one txn.
 
         Index entries are hints (segments are the truth, recovery rebuilds
         them), so a failed commit (disk full) is logged, not raised: lookups
@@ -216,10 +216,10 @@ class IndexStore:
         this returns at once; the state it carries may then lag a crash by
         that commit, which recovery handles like any uncommitted state.
         """
-        offset_items = [(_KEY.pack(pid, off), _I64.pack(pos)) for pid, off, pos in offsets]
-        time_items = [(_KEY.pack(pid, ts), _I64.pack(off)) for pid, ts, off in times]
-        state_items = [(_PID.pack(pid), _STATE.pack(s.high_watermark, s.applied_index))
-                       for pid, s in states]
+        offset_items = [(_KEY.pack(storage_id, off), _I64.pack(pos)) for storage_id, off, pos in offsets]
+        time_items = [(_KEY.pack(storage_id, ts), _I64.pack(off)) for storage_id, ts, off in times]
+        state_items = [(_STORAGE_ID.pack(storage_id), _STATE.pack(s.high_watermark, s.applied_index))
+                       for storage_id, s in states]
         if not (offset_items or time_items or state_items):
             return
 
@@ -234,71 +234,71 @@ class IndexStore:
             self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmdb-commit")
         self._last_commit = self._committer.submit(self._commit_in_background, body)
 
-    def offset_floor(self, pid: int, offset: int) -> tuple[int, int] | None:
+    def offset_floor(self, storage_id: int, offset: int) -> tuple[int, int] | None:
         """(base offset, position) of the last entry with base offset <= `offset`."""
         with self._env.begin(db=self._offsets) as txn:
-            return _floor(txn.cursor(), pid, offset)
+            return _floor(txn.cursor(), storage_id, offset)
 
-    def offset_entries_before(self, pid: int, offset: int, limit: int) -> list[tuple[int, int]]:
+    def offset_entries_before(self, storage_id: int, offset: int, limit: int) -> list[tuple[int, int]]:
         """Up to `limit` entries below `offset`, newest first: recovery's candidates."""
         self._drain()
         out: list[tuple[int, int]] = []
         with self._env.begin(db=self._offsets) as txn:
             cursor = txn.cursor()
-            found = cursor.set_range(_KEY.pack(pid, offset))
+            found = cursor.set_range(_KEY.pack(storage_id, offset))
             positioned = cursor.prev() if found else cursor.last()   # last() again would repeat it
             while positioned and len(out) < limit:
-                entry_pid, entry_offset = _KEY.unpack(cursor.key())
-                if entry_pid != pid:
+                entry_storage_id, entry_offset = _KEY.unpack(cursor.key())
+                if entry_storage_id != storage_id:
                     break
                 out.append((entry_offset, _I64.unpack(cursor.value())[0]))
                 positioned = cursor.prev()
         return out
 
-    def time_floor(self, pid: int, timestamp: int) -> tuple[int, int] | None:
+    def time_floor(self, storage_id: int, timestamp: int) -> tuple[int, int] | None:
         """(max timestamp so far, base offset) of the last entry with ts < `timestamp`."""
         with self._env.begin(db=self._times) as txn:
-            return _floor(txn.cursor(), pid, timestamp - 1)
+            return _floor(txn.cursor(), storage_id, timestamp - 1)
 
-    def last_time_entry(self, pid: int) -> tuple[int, int] | None:
+    def last_time_entry(self, storage_id: int) -> tuple[int, int] | None:
         self._drain()
-        return self.time_floor(pid, 2**63 - 1)
+        return self.time_floor(storage_id, 2**63 - 1)
 
-    def delete_offsets(self, pid: int, *, below: int | None = None, from_offset: int | None = None) -> None:
+    def delete_offsets(self, storage_id: int, *, below: int | None = None, from_offset: int | None = None) -> None:
         """Drop offset-index entries with base < below, or base >= from_offset."""
-        self._delete(self._offsets, pid, below, from_offset, lambda k, v: _KEY.unpack(k)[1])
+        self._delete(self._offsets, storage_id, below, from_offset, lambda k, v: _KEY.unpack(k)[1])
 
-    def delete_times(self, pid: int, *, below: int | None = None, from_offset: int | None = None) -> None:
+    def delete_times(self, storage_id: int, *, below: int | None = None, from_offset: int | None = None) -> None:
         """Drop time-index entries whose batch offset is < below, or >= from_offset."""
-        self._delete(self._times, pid, below, from_offset, lambda k, v: _I64.unpack(v)[0])
+        self._delete(self._times, storage_id, below, from_offset, lambda k, v: _I64.unpack(v)[0])
 
-    def _delete(self, db: object, pid: int, below: int | None, from_offset: int | None,
+    def _delete(self, db: object, storage_id: int, below: int | None, from_offset: int | None,
                 offset_of: Callable[[bytes, bytes], int]) -> None:
         # Both indexes grow with the offset, so what goes is a prefix or a suffix.
         def body(txn: lmdb.Transaction) -> None:
             if below is not None:
-                _delete_prefix(txn.cursor(db), pid, lambda k, v: offset_of(k, v) < below)
+                _delete_prefix(txn.cursor(db), storage_id, lambda k, v: offset_of(k, v) < below)
             if from_offset is not None:
-                _delete_suffix(txn.cursor(db), pid, lambda k, v: offset_of(k, v) >= from_offset)
+                _delete_suffix(txn.cursor(db), storage_id, lambda k, v: offset_of(k, v) >= from_offset)
         self._write(body)
 
     # ---- partition state ----------------------------------------------
 
-    def load_state(self, pid: int) -> PartitionState:
+    def load_state(self, storage_id: int) -> PartitionState:
         self._drain()
         with self._env.begin(db=self._state) as txn:
-            raw = txn.get(_PID.pack(pid))
+            raw = txn.get(_STORAGE_ID.pack(storage_id))
         return PartitionState(*_STATE.unpack(raw)) if raw else PartitionState()
 
     # ---- consumer groups (materialised from __consumer_offsets) ------------
 
-    def group_materialised_offset(self, pid: int) -> int:
-        """The next offset of __consumer_offsets partition `pid` to materialise."""
+    def group_materialised_offset(self, storage_id: int) -> int:
+        """The next offset of __consumer_offsets partition `storage_id` to materialise."""
         with self._env.begin(db=self._meta) as txn:
-            raw = txn.get(_MATERIALISED + _PID.pack(pid))
+            raw = txn.get(_MATERIALISED + _STORAGE_ID.pack(storage_id))
         return _I64.unpack(raw)[0] if raw else 0
 
-    def apply_group_changes(self, pid: int, changes: Iterable[GroupChange], next_offset: int) -> None:
+    def apply_group_changes(self, storage_id: int, changes: Iterable[GroupChange], next_offset: int) -> None:
         """Apply upserts and deletions (value None) of committed offsets
         ((group, topic, partition) keys) and group metadata (group keys), and
         record `next_offset` as materialised, in one transaction."""
@@ -314,7 +314,7 @@ class IndexStore:
                         _delete_group_offsets(txn.cursor(self._group_offsets), key)
                 else:
                     txn.put(raw_key, value, db=db)
-            txn.put(_MATERIALISED + _PID.pack(pid), _I64.pack(next_offset), db=self._meta)
+            txn.put(_MATERIALISED + _STORAGE_ID.pack(storage_id), _I64.pack(next_offset), db=self._meta)
         self._write(body)
 
     def group_value(self, group: str) -> bytes | None:
@@ -375,15 +375,15 @@ def _decode_topic(key: bytes, value: bytes) -> TopicRecord:
     return TopicRecord(key.decode(), tuple(fields["ids"]), bytes.fromhex(fields.get("topic_id", "")))
 
 
-def _floor(cursor: lmdb.Cursor, pid: int, key: int) -> tuple[int, int] | None:
-    """The last (key, value) of partition pid with key <= `key`.
+def _floor(cursor: lmdb.Cursor, storage_id: int, key: int) -> tuple[int, int] | None:
+    """The last (key, value) of partition storage_id with key <= `key`.
 
     Keys are non-negative (offsets, timestamps >= 0), and a negative one
     would sort after them all as big-endian bytes, so it has no floor.
     """
     if key < 0:
         return None
-    target = _KEY.pack(pid, key)
+    target = _KEY.pack(storage_id, key)
     if cursor.set_range(target):
         if cursor.key() == target:
             return key, _I64.unpack(cursor.value())[0]
@@ -391,16 +391,16 @@ def _floor(cursor: lmdb.Cursor, pid: int, key: int) -> tuple[int, int] | None:
             return None
     elif not cursor.last():
         return None
-    entry_pid, entry_key = _KEY.unpack(cursor.key())
-    if entry_pid != pid:
+    entry_storage_id, entry_key = _KEY.unpack(cursor.key())
+    if entry_storage_id != storage_id:
         return None
     return entry_key, _I64.unpack(cursor.value())[0]
 
 
-def _delete_prefix(cursor: lmdb.Cursor, pid: int,
+def _delete_prefix(cursor: lmdb.Cursor, storage_id: int,
                    doomed: Callable[[bytes, bytes], bool] = lambda k, v: True) -> None:
-    """Delete pid's entries from the first one on, while `doomed` holds."""
-    prefix = _PID.pack(pid)
+    """Delete storage_id's entries from the first one on, while `doomed` holds."""
+    prefix = _STORAGE_ID.pack(storage_id)
     if not cursor.set_range(prefix):
         return
     while cursor.key()[:4] == prefix and doomed(cursor.key(), cursor.value()):
@@ -408,10 +408,10 @@ def _delete_prefix(cursor: lmdb.Cursor, pid: int,
             return
 
 
-def _delete_suffix(cursor: lmdb.Cursor, pid: int, doomed: Callable[[bytes, bytes], bool]) -> None:
-    """Delete pid's entries from the last one back, while `doomed` holds."""
-    prefix = _PID.pack(pid)
-    if cursor.set_range(_PID.pack(pid + 1)):
+def _delete_suffix(cursor: lmdb.Cursor, storage_id: int, doomed: Callable[[bytes, bytes], bool]) -> None:
+    """Delete storage_id's entries from the last one back, while `doomed` holds."""
+    prefix = _STORAGE_ID.pack(storage_id)
+    if cursor.set_range(_STORAGE_ID.pack(storage_id + 1)):
         positioned = cursor.prev()
     else:
         positioned = cursor.last()

@@ -147,25 +147,25 @@ class LogManager:
         return self.data_dir / f"{topic}-{partition}"
 
     def _open_logs(self, topic: TopicRecord) -> None:
-        for partition, pid in enumerate(topic.partition_ids):
+        for partition, storage_id in enumerate(topic.partition_ids):
             if (topic.name, partition) in self._logs:
                 continue
             name = f"{topic.name}-{partition}"
             self._logs[(topic.name, partition)] = PartitionLog(
-                name, self._partition_dir(topic.name, partition), pid, self._index, self.config)
+                name, self._partition_dir(topic.name, partition), storage_id, self._index, self.config)
 
     # ---- periodic duties ---------------------------------------------
 
-    def maybe_commit_index(self) -> None:
+    def maybe_flush_index(self) -> None:
         """Group-commit pending index entries when enough are pending or time is up,
         in the background: the caller (the event loop) does not wait for its fdatasync."""
         pending = sum(log.pending_index_entries for log in self._logs.values())
         elapsed_ms = (time.monotonic() - self._last_commit) * 1000
         if pending >= self.config.index_commit_max_pending or (
                 pending and elapsed_ms >= self.config.index_commit_interval_ms):
-            self.commit_index(wait=False)
+            self.flush_index(wait=False)
 
-    def commit_index(self, wait: bool = True) -> None:
+    def flush_index(self, wait: bool = True) -> None:
         """All logs' pending index entries and state in one LMDB transaction
         (`wait` False: committed on the index's writer thread, see IndexStore)."""
         offsets, times, states = [], [], []
@@ -180,7 +180,7 @@ class LogManager:
     def tick(self) -> None:
         """Run whatever periodic duty is due; call often (e.g. every 100 ms)."""
         now = time.monotonic()
-        self.maybe_commit_index()
+        self.maybe_flush_index()
         if self.config.fsync == "interval" and (now - self._last_fsync) * 1000 >= self.config.fsync_interval_ms:
             self.sync()
         if (now - self._last_retention) * 1000 >= RETENTION_CHECK_INTERVAL_MS:
@@ -190,7 +190,7 @@ class LogManager:
         """fsync every log with unsynced appends (all of them if `force`), then the index."""
         for log in self._logs.values():
             log.sync(force)
-        self.commit_index()
+        self.flush_index()
         self._index.sync()
         self._last_fsync = time.monotonic()
 
@@ -205,7 +205,7 @@ class LogManager:
             return
         self._closed = True
         try:
-            self.commit_index()  # one transaction for all logs; their own commits are then empty
+            self.flush_index()  # one transaction for all logs; their own commits are then empty
             for log in self._logs.values():
                 log.close()
             self._index.sync()

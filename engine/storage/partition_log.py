@@ -84,10 +84,10 @@ class LogSlice:
 class PartitionLog:
     """One partition's log: append, read, truncate, roll, retention, recovery."""
 
-    def __init__(self, name: str, directory: Path, pid: int, index: IndexStore, config: Config) -> None:
+    def __init__(self, name: str, directory: Path, storage_id: int, index: IndexStore, config: Config) -> None:
         self.name = name
         self.directory = directory
-        self.pid = pid
+        self.storage_id = storage_id
         self._index = index
         self._config = config
         self._segments: list[Segment] = []
@@ -333,7 +333,7 @@ class PartitionLog:
         if i >= 0:
             found = self._pending_offsets[i] >= segment.base_offset
             return self._pending_positions[i] if found else 0
-        entry = self._index.offset_floor(self.pid, offset)
+        entry = self._index.offset_floor(self.storage_id, offset)
         if entry is None or entry[0] < segment.base_offset:
             return 0
         return entry[1]
@@ -343,7 +343,7 @@ class PartitionLog:
         i = bisect.bisect_left(self._pending_times, (timestamp_ms, -1)) - 1
         if i >= 0:
             return self._pending_times[i][1]
-        entry = self._index.time_floor(self.pid, timestamp_ms)
+        entry = self._index.time_floor(self.storage_id, timestamp_ms)
         if entry is None or entry[1] < self.log_start_offset:
             return self.log_start_offset
         return entry[1]
@@ -357,15 +357,16 @@ class PartitionLog:
     def drain_pending(self) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]],
                                      list[tuple[int, PartitionState]]]:
         """Hand pending index entries and state to the caller's commit."""
-        pid = self.pid
-        offsets = [(pid, o, p) for o, p in zip(self._pending_offsets, self._pending_positions)]
-        times = [(pid, ts, o) for ts, o in self._pending_times if ts >= 0]
-        states = [(pid, PartitionState(self._high_watermark, self._applied_index))] if self._state_dirty else []
+        storage_id = self.storage_id
+        offsets = [(storage_id, o, p) for o, p in zip(self._pending_offsets, self._pending_positions)]
+        times = [(storage_id, ts, o) for ts, o in self._pending_times if ts >= 0]
+        states = ([(storage_id, PartitionState(self._high_watermark, self._applied_index))]
+                  if self._state_dirty else [])
         self._pending_offsets, self._pending_positions, self._pending_times = [], [], []
         self._state_dirty = False
         return offsets, times, states
 
-    def commit_index(self, wait: bool = True) -> None:
+    def flush_index(self, wait: bool = True) -> None:
         """Commit this log's pending index entries and state on their own
         (`wait` False: in the background, see IndexStore)."""
         self._index.commit(*self.drain_pending(), wait=wait)
@@ -391,7 +392,7 @@ class PartitionLog:
             return self._log_end_offset
         if offset < self.log_start_offset:
             raise OffsetOutOfRangeError(self.name, offset, self.log_start_offset, self._log_end_offset)
-        self.commit_index()
+        self.flush_index()
         k = bisect.bisect_right(self._segment_bases, offset) - 1
         segment = self._segments[k]
         view = segment.view()
@@ -401,8 +402,8 @@ class PartitionLog:
         del view
         # index entries first: a stale entry past the cut would misplace reads,
         # a missing one only makes them walk further
-        self._index.delete_offsets(self.pid, from_offset=new_end)
-        self._index.delete_times(self.pid, from_offset=new_end)
+        self._index.delete_offsets(self.storage_id, from_offset=new_end)
+        self._index.delete_times(self.storage_id, from_offset=new_end)
         for doomed in self._segments[k + 1:]:
             doomed.delete()
         del self._segments[k + 1:], self._segment_bases[k + 1:]
@@ -412,7 +413,7 @@ class PartitionLog:
         self._high_watermark = min(self._high_watermark, new_end)
         self._state_dirty = True
         self._reset_tail_state(position)
-        self.commit_index()
+        self.flush_index()
         return new_end
 
     def enforce_retention(self, now_ms: int | None = None) -> int:
@@ -436,15 +437,15 @@ class PartitionLog:
             del self._segments[0], self._segment_bases[0]
             deleted += 1
         if deleted:
-            self.commit_index()
-            self._index.delete_offsets(self.pid, below=self.log_start_offset)
-            self._index.delete_times(self.pid, below=self.log_start_offset)
+            self.flush_index()
+            self._index.delete_offsets(self.storage_id, below=self.log_start_offset)
+            self._index.delete_times(self.storage_id, below=self.log_start_offset)
         return deleted
 
     # ---- open and recovery -------------------------------------------
 
     def _open(self) -> None:
-        state = self._index.load_state(self.pid)
+        state = self._index.load_state(self.storage_id)
         bases = list_segment_offsets(self.directory)
         if not bases:
             bases = [0]
@@ -457,15 +458,15 @@ class PartitionLog:
         self._high_watermark = max(self.log_start_offset, min(state.high_watermark, self._log_end_offset))
         if self._high_watermark != state.high_watermark:  # recovery lost data under it
             self._state_dirty = True
-            self.commit_index()
+            self.flush_index()
 
     def _recover_active_segment(self) -> None:
         active = self._segments[-1]
         active.make_active(self._map_capacity())
         position, offset = self._recovery_start(active)
-        self._index.delete_offsets(self.pid, from_offset=offset + 1)
-        self._index.delete_times(self.pid, from_offset=offset + 1)
-        last_time = self._index.last_time_entry(self.pid)
+        self._index.delete_offsets(self.storage_id, from_offset=offset + 1)
+        self._index.delete_times(self.storage_id, from_offset=offset + 1)
+        last_time = self._index.last_time_entry(self.storage_id)
         self._last_time_entry = last_time[0] if last_time else -1
         self._max_timestamp = max(self._last_time_entry, self._max_timestamp_before(last_time, position))
         view = active.view()
@@ -476,14 +477,14 @@ class PartitionLog:
                         self.name, active.path.name, active.size_bytes, end, next_offset)
             active.truncate(end)
         self._log_end_offset = next_offset
-        self.commit_index()
+        self.flush_index()
 
     def _recovery_start(self, active: Segment) -> tuple[int, int]:
         """(position, base offset) of the newest index entry of `active` that points
         at a valid batch; the segment start if none does."""
         view = active.view()
         data = ffi.from_buffer(view)
-        candidates = self._index.offset_entries_before(self.pid, 2**63 - 1, _RECOVERY_CANDIDATES_MAX)
+        candidates = self._index.offset_entries_before(self.storage_id, 2**63 - 1, _RECOVERY_CANDIDATES_MAX)
         for offset, position in candidates:
             if offset < active.base_offset:
                 break
@@ -539,10 +540,10 @@ class PartitionLog:
     def _reset_tail_state(self, end_position: int) -> None:
         """Recompute the index cursor state after the active segment was cut."""
         active = self._segments[-1]
-        entry = self._index.offset_floor(self.pid, self._log_end_offset - 1)
+        entry = self._index.offset_floor(self.storage_id, self._log_end_offset - 1)
         indexed_position = entry[1] if entry and entry[0] >= active.base_offset else 0
         self._bytes_since_index = end_position - indexed_position
-        last_time = self._index.last_time_entry(self.pid)
+        last_time = self._index.last_time_entry(self.storage_id)
         self._last_time_entry = last_time[0] if last_time else -1
         self._max_timestamp = max(self._last_time_entry, self._max_timestamp_before(last_time, end_position))
 
@@ -550,7 +551,7 @@ class PartitionLog:
 
     def close(self) -> None:
         """Commit the index, sync per the fsync policy and release files."""
-        self.commit_index()
+        self.flush_index()
         if self._config.fsync != "never":
             self.sync()
         for segment in self._segments:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from typing import Awaitable, Callable
 
-from raftka.broker.groups import GroupService
+from raftka.broker.group_service import GroupService
 from raftka.errors import ErrorCode, GroupError
 from raftka.groups.coordinator import GroupState
-from raftka.groups.records import CommittedOffset
+from raftka.groups.offsets_topic import CommittedOffset
 from raftka.protocol import kafka
 from raftka.protocol.kafka import Request, build, nested, response_schema
 

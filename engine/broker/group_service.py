@@ -27,7 +27,7 @@ from raftka.cluster.controller import ClusterController
 from raftka.errors import ErrorCode, GroupError, NotLeaderOrFollowerError, RaftkaError, ReplicationTimeoutError
 from raftka.groups.consumer_protocol import PROTOCOL_TYPE, ProtocolFormatError, decode_subscription
 from raftka.groups.coordinator import GROUP_TICK_S, GroupCoordinator, GroupSettings
-from raftka.groups.records import CommittedOffset, GroupRecord, partition_for_group
+from raftka.groups.offsets_topic import CommittedOffset, GroupRecord, partition_for_group
 from raftka.groups.store import GroupStore, group_record, offset_records
 from raftka.records.batch import build_batch
 from raftka.replication import PartitionReplica

@@ -31,7 +31,7 @@ from raftka.config import OFFSETS_TOPIC
 from raftka.errors import ErrorCode, GroupError
 from raftka.groups import consumer_protocol
 from raftka.groups.coordinator import GROUP_TICK_S, GroupCoordinator, GroupSettings
-from raftka.groups.records import CommittedOffset, GroupRecord, partition_for_group
+from raftka.groups.offsets_topic import CommittedOffset, GroupRecord, partition_for_group
 from raftka.groups.store import GroupStore, group_record, offset_records
 from raftka.records.batch import ConsumerRecord, build_batch, parse_records
 
