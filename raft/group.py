@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +36,7 @@ from raftka.raft.votes import VoteStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FailReason", "ForeignCommandError", "NotLeaderError", "PeerNode", "RaftGroup", "RaftView",
+__all__ = ["FailReason", "ForeignCommandError", "GroupRemovedError", "NotLeaderError", "PeerNode", "RaftGroup", "RaftView",
            "ReplicationError"]
 
 MAX_MESSAGE_ENTRIES_BYTES = 8 * 1024 * 1024
@@ -44,6 +45,7 @@ MAX_MESSAGE_ENTRIES_BYTES = 8 * 1024 * 1024
 # not among them: here only a group's leader proposes, and a peer must never
 # make a leader append what it likes. Chunked entries ('transmission') are
 # dropped by GroupTransport: pysyncobj would unpickle them.
+RAFT_EXTENSIONS = frozenset({"rk_prevote", "rk_prevote_response", "rk_higher_term"})   # RaftGroup's own messages
 PEER_MESSAGE_TYPES = frozenset({"request_vote", "response_vote", "append_entries", "next_node_idx", "timeout_now"})
 MAX_COMMAND_BYTES = MAX_MESSAGE_ENTRIES_BYTES - 1  # pysyncobj pickles entries at or above the batch size
 
@@ -95,6 +97,17 @@ class ReplicationError(Exception):
         self.reason = reason
 
 
+
+
+class GroupRemovedError(ReplicationError):
+    """The group was removed from this node (its topic deleted, or the node
+    stopping) before the command's outcome was known."""
+
+    def __init__(self, group_id: int) -> None:
+        super().__init__(group_id, FailReason.DISCARDED)
+        self.args = (f"group {group_id}: removed before the command's outcome was known",)
+
+
 class PeerNode(Node):
     """A pysyncobj node standing for a broker of the peer network."""
 
@@ -115,7 +128,8 @@ class GroupTransport(AdaptedTransport):
         self._network = network
         self._group_id = group_id
         self._peers = peers
-        self.on_extension_message: Callable[[int, dict], None] | None = None
+        self.on_extension_message: Callable[[int, dict], None] | None = None   # the subclass's or owner's rk_ messages
+        self.on_raft_extension: Callable[[int, dict], None] | None = None     # RaftGroup's own (RAFT_EXTENSIONS)
         self.on_raft_message: Callable[[PeerNode, dict], None] | None = None
         self.rewrite_outgoing: Callable[[PeerNode, dict], None] | None = None
         self.on_activity: Callable[[], None] | None = None
@@ -136,7 +150,10 @@ class GroupTransport(AdaptedTransport):
         if node is None or not isinstance(message, dict):
             return
         kind = message.get("type")
-        if isinstance(kind, str) and kind.startswith("rk_"):
+        if kind in RAFT_EXTENSIONS:
+            if self.on_raft_extension is not None:
+                self.on_raft_extension(peer_id, message)
+        elif isinstance(kind, str) and kind.startswith("rk_"):
             if self.on_extension_message is not None:
                 self.on_extension_message(peer_id, message)
         elif "transmission" in message:
@@ -217,7 +234,7 @@ class RaftGroup(AdaptedSyncObj):
         peers = {rid: PeerNode(rid) for rid in replica_ids if rid != self_id}
         self.transport = GroupTransport(network, group_id, peers)
         self.transport.on_raft_message = self._on_raft_message
-        self.transport.on_extension_message = self._on_extension_message
+        self.transport.on_raft_extension = self._on_raft_extension
         self.transport.rewrite_outgoing = self._rewrite_outgoing
         self._verified_end: int | None = None   # last index an incoming message verified; see _rewrite_outgoing
         self._checkpoint_loaded = False
@@ -225,6 +242,8 @@ class RaftGroup(AdaptedSyncObj):
         self._commit_sent: dict[int, int] = {}     # follower -> commit index in our last append_entries to it
         self._stale_peers: set[int] = set()        # followers that refused a coalesced heartbeat
         self.refused_messages = 0                  # peer messages refused (foreign type or command); see _refusal
+        self._outstanding: dict[int, Callable[[Any, Exception | None], None]] = {}  # proposals in flight
+        self._proposal_ids = itertools.count()
         self._leader_heard_at = -float("inf")      # when a leader last proved itself to us (lease; see _in_lease)
         self._prevote_round = 0                    # our latest pre-vote round, and who granted it
         self._prevote_grants: set[int] = set()
@@ -370,8 +389,12 @@ class RaftGroup(AdaptedSyncObj):
         `wake` False: the caller is this group's tick, which takes it up itself."""
         if not self.is_leader:
             raise NotLeaderError(self.group_id, self.leader_id)
+        token = next(self._proposal_ids)
+        self._outstanding[token] = callback
 
         def done(result: Any, reason: int) -> None:
+            if self._outstanding.pop(token, None) is None:
+                return   # already answered: the group was removed
             if reason != FAIL_REASON.SUCCESS:
                 callback(None, ReplicationError(self.group_id, _fail_reason(reason)))
             elif isinstance(result, Exception):
@@ -381,6 +404,14 @@ class RaftGroup(AdaptedSyncObj):
         self._submit_command(command, done)
         if wake and self.transport.on_activity is not None:
             self.transport.on_activity()
+
+    def destroy(self) -> None:
+        """Stop this member; every proposal still in flight fails at once with
+        GroupRemovedError instead of waiting for an outcome that will never come."""
+        super().destroy()
+        outstanding, self._outstanding = self._outstanding, {}
+        for callback in outstanding.values():
+            callback(None, GroupRemovedError(self.group_id))
 
     def _propose_future(self, command: bytes) -> "asyncio.Future[Any]":
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -432,8 +463,8 @@ class RaftGroup(AdaptedSyncObj):
         for node in self._other_nodes():
             self.transport.send(node, dict(message))
 
-    def _on_extension_message(self, peer_id: int, message: dict) -> None:
-        """Our rk_ messages: pre-votes here; subclasses add theirs and call super() for these."""
+    def _on_raft_extension(self, peer_id: int, message: dict) -> None:
+        """RaftGroup's own rk_ messages (RAFT_EXTENSIONS), whoever handles the others."""
         kind = message.get("type")
         if kind == "rk_prevote":
             self._on_prevote(peer_id, message)

@@ -193,3 +193,31 @@ def test_raft_errors_reach_clients_as_kafka_errors_at_the_replication_boundary(t
         assert timed_out.value.error_code == ErrorCode.REQUEST_TIMED_OUT
         await leader.stop()
     asyncio.run(scenario())
+
+
+def test_appends_in_flight_when_the_group_is_removed_fail_at_once_with_unknown_topic(tmp_path):
+    from raftka.errors import UnknownTopicOrPartitionError
+
+    async def scenario() -> None:
+        _ports, brokers, leader = await start_cluster(tmp_path)
+        followers = [b for b in brokers if b is not leader]
+        log = leader.replica.log
+        try:
+            assert await leader.replica.replicate(make_batch(), 10) == 0
+            for follower in followers:   # no majority: nothing more commits
+                await follower.stop()
+            in_flight = [asyncio.ensure_future(leader.replica.replicate(make_batch(), 60)) for _ in range(3)]
+            await asyncio.sleep(0.3)     # proposed, and waiting for a commit that cannot come
+            assert not any(f.done() for f in in_flight)
+            started = asyncio.get_running_loop().time()
+            leader.node.remove_group(GROUP)   # what a topic deletion does on this broker
+            for future in in_flight:
+                with pytest.raises(UnknownTopicOrPartitionError) as removed:
+                    await asyncio.wait_for(future, 5)
+                assert removed.value.error_code == ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
+            assert asyncio.get_running_loop().time() - started < 1.0
+        finally:
+            await leader.node.stop()
+            log.close()
+            leader.index.close()
+    asyncio.run(scenario())

@@ -39,13 +39,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from raftka.errors import (CorruptRecordError, InvalidProducerEpochError, NotLeaderOrFollowerError,
-                           OutOfOrderSequenceError, RecordTooLargeError, ReplicationTimeoutError)
+                           OutOfOrderSequenceError, RecordTooLargeError, ReplicationTimeoutError,
+                           UnknownTopicOrPartitionError)
 from raftka.records import layout
 from raftka.records.batch import read_header
 from raftka.storage.producer_state import REBUILD_SEGMENTS, ProducerState
 from raftka.storage.partition_log import PartitionLog
 from raftka.raft import checkpoint
-from raftka.raft.group import MAX_COMMAND_BYTES, NotLeaderError, PeerNode, RaftGroup, ReplicationError, settle_future
+from raftka.raft.group import (MAX_COMMAND_BYTES, GroupRemovedError, NotLeaderError, PeerNode, RaftGroup,
+                               ReplicationError, settle_future)
 from raftka.raft.pysyncobj_adapter import monotonic_time
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,9 @@ class PartitionReplica(RaftGroup):
             return await asyncio.wait_for(self.append(batches), timeout_s)
         except NotLeaderError as error:
             raise NotLeaderOrFollowerError(str(error), error.leader_id) from None
+        except GroupRemovedError as error:
+            raise UnknownTopicOrPartitionError(f"{self._log.name}: deleted while the append was in flight "
+                                               f"({error})") from None
         except ReplicationError as error:
             raise ReplicationTimeoutError(str(error)) from None
         except asyncio.TimeoutError:
@@ -144,6 +149,15 @@ class PartitionReplica(RaftGroup):
             else:
                 self.transport.on_activity()   # ticks this group at the next loop iteration
         return future
+
+    def destroy(self) -> None:
+        """Stop this replica (its topic was deleted, or the broker stops): appends
+        not yet proposed and those in flight fail at once (GroupRemovedError)."""
+        pending, self._pending_appends = self._pending_appends, []
+        for _batches, future in pending:
+            if not future.done():
+                future.set_exception(GroupRemovedError(self.group_id))
+        super().destroy()
 
     def _flush_appends(self) -> None:
         """Propose every pending append, as few entries as the size limit allows."""
@@ -314,8 +328,6 @@ class PartitionReplica(RaftGroup):
             self._serve_fetch(peer_id, message)
         elif kind == "rk_fetch_data" and self._catch_up is not None:
             self._receive_fetch(message)
-        else:
-            super()._on_extension_message(peer_id, message)
 
     def _serve_fetch(self, peer_id: int, message: dict) -> None:
         offset, end, max_bytes = message.get("offset"), message.get("end_offset"), message.get("max_bytes")
