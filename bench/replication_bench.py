@@ -69,10 +69,10 @@ def _frame(api_key: int, version: int, correlation_id: int, body) -> bytes:
     return struct.pack(">i", out.tell()) + out.getvalue()
 
 
-def produce_request(batch: bytes, correlation_id: int, topic: str = TOPIC) -> bytes:
-    """A Produce v3 frame, acks=all, carrying `batch` to partition 0 of `topic`."""
+def produce_request(batch: bytes, correlation_id: int, topic: str = TOPIC, partition_index: int = 0) -> bytes:
+    """A Produce v3 frame, acks=all, carrying `batch` to one partition of `topic`."""
     schema = load_request_schema(0, PRODUCE_VERSION)
-    partition = kafka.nested(schema, "PartitionProduceData")(index=i32(0), records=batch)
+    partition = kafka.nested(schema, "PartitionProduceData")(index=i32(partition_index), records=batch)
     topic_data = kafka.nested(schema, "TopicProduceData")(name=topic, partition_data=(partition,))
     body = schema(transactional_id=None, acks=i16(-1), timeout=datetime.timedelta(seconds=30),
                   topic_data=(topic_data,))
@@ -116,19 +116,25 @@ class Connection:
         await self.writer.drain()
         return await future
 
-    async def produce(self, batch: bytes) -> int:
+    async def produce(self, batch: bytes, partition: int = 0) -> int:
         """The error code of one acks=all Produce of `batch`."""
-        body = await self.request(lambda cid: produce_request(batch, cid), 0, PRODUCE_VERSION)
+        body = await self.request(lambda cid: produce_request(batch, cid, partition_index=partition), 0,
+                                  PRODUCE_VERSION)
         return int(body.responses[0].partition_responses[0].error_code)
 
-    async def leaders(self, topic: str = TOPIC) -> dict[int, int]:
-        """partition -> leader id (-1: none) of `topic`, as this broker's metadata has it."""
+    async def metadata(self, topic: str = TOPIC) -> tuple[dict[int, int], int]:
+        """(partition -> leader id (-1: none) of `topic`, the controller: the metadata group's
+        leader), as this broker's metadata has them."""
         schema = load_request_schema(3, METADATA_VERSION)
         body = schema(topics=(kafka.nested(schema, "MetadataRequestTopic")(name=topic),),
                       allow_auto_topic_creation=False)
         response = await self.request(lambda cid: _frame(3, METADATA_VERSION, cid, body), 3, METADATA_VERSION)
         found = [t for t in response.topics if t.name == topic and int(t.error_code) == 0]
-        return {int(p.partition_index): int(p.leader_id) for t in found for p in t.partitions}
+        return ({int(p.partition_index): int(p.leader_id) for t in found for p in t.partitions},
+                int(response.controller_id))
+
+    async def leaders(self, topic: str = TOPIC) -> dict[int, int]:
+        return (await self.metadata(topic))[0]
 
     async def close(self) -> None:
         self._reading.cancel()
@@ -309,11 +315,22 @@ def run_idle_groups(workdir: Path, groups: int, idle_s: float) -> dict:
         shutil.rmtree(workdir / "idle", ignore_errors=True)
 
 
-async def _failover_once(brokers: LocalBrokers) -> float:
-    """Seconds from SIGKILL of the partition's leader to the first Produce a survivor acknowledges."""
+async def _failover_once(brokers: LocalBrokers, partitions: int, kill_controller: bool) -> float | None:
+    """Seconds from SIGKILL of a partition's leader to the first Produce to that partition a
+    survivor acknowledges. `kill_controller`: the victim is the metadata group's leader too
+    (None when it leads no partition this round)."""
     batch = batch_of_size(1024)
-    await _wait_led(brokers, brokers.node_ids, 1, 60)
-    victim = (await _leaders(brokers, brokers.node_ids))[0]
+    await _wait_led(brokers, brokers.node_ids, partitions, 60)
+    probe = await Connection.open(brokers.port(brokers.node_ids[0]))
+    try:
+        leaders, controller = await probe.metadata()
+    finally:
+        await probe.close()
+    victim = controller if kill_controller else leaders[0]
+    led = [p for p, leader in leaders.items() if leader == victim]
+    if not led:
+        return None
+    partition = led[0]
     survivors = [n for n in brokers.node_ids if n != victim]
     connections = {n: await Connection.open(brokers.port(n)) for n in survivors}
     try:
@@ -322,7 +339,7 @@ async def _failover_once(brokers: LocalBrokers) -> float:
         while time.monotonic() - killed < 60:
             for connection in connections.values():   # whichever survivor leads now says NONE
                 try:
-                    if await asyncio.wait_for(connection.produce(batch), 10) == ErrorCode.NONE:
+                    if await asyncio.wait_for(connection.produce(batch, partition), 10) == ErrorCode.NONE:
                         return time.monotonic() - killed
                 except (ConnectionError, asyncio.TimeoutError):
                     pass
@@ -333,13 +350,18 @@ async def _failover_once(brokers: LocalBrokers) -> float:
             await connection.close()
 
 
-def run_failover(workdir: Path, rounds: int) -> list[float]:
+def run_failover(workdir: Path, rounds: int, kill_controller: bool = False) -> list[float]:
     """Failover time per round; the killed broker restarts and rejoins between rounds."""
-    brokers = start_brokers(workdir / "failover", 1)
-    times = []
+    partitions = 3 if kill_controller else 1
+    brokers = start_brokers(workdir / "failover", partitions)
+    times: list[float] = []
     try:
-        for _ in range(rounds):
-            times.append(asyncio.run(_failover_once(brokers)))
+        for _ in range(rounds * 3):
+            if len(times) == rounds:
+                break
+            seconds = asyncio.run(_failover_once(brokers, partitions, kill_controller))
+            if seconds is not None:
+                times.append(seconds)
             for node_id in brokers.node_ids:
                 if not brokers.alive(node_id):
                     brokers.restart(node_id)
@@ -402,8 +424,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{size // 1024:>5} KiB: ours {ours['mb_s']:.1f} MB/s, stock {stock['mb_s']:.1f} MB/s, "
                   f"storage {storage:.0f} MB/s, raw x3 {raw:.0f} MB/s", flush=True)
         failover = run_failover(workdir, rounds)
+        failover_controller = run_failover(workdir, rounds, kill_controller=True)
         idle = run_idle_groups(workdir, groups, idle_s=10.0)
     result = {"rows": rows, "failover_s": failover, "failover_median_s": statistics.median(failover),
+              "failover_with_controller_s": failover_controller,
+              "failover_with_controller_median_s": statistics.median(failover_controller),
               "idle": idle, "in_flight": args.in_flight, "quick": args.quick}
     print_table(result)
     (args.out / "replication.json").write_text(json.dumps(result, indent=2))
@@ -425,6 +450,8 @@ def print_table(result: dict) -> None:
     cpu = ", ".join(f"node {n}: {v:.1f}%" for n, v in idle["idle_cpu_percent"].items())
     print(f"\nleader SIGKILL -> first Produce acknowledged by a survivor: median {result['failover_median_s']:.2f} s "
           f"({', '.join(f'{s:.2f}' for s in result['failover_s'])})")
+    print(f"the same with the metadata leader as the victim: median {result['failover_with_controller_median_s']:.2f} s "
+          f"({', '.join(f'{s:.2f}' for s in result['failover_with_controller_s'])})")
     print(f"{idle['groups']} idle groups RF=3: CPU of one core {cpu}; all led {idle['ready_s']:.1f} s after start; "
           f"after SIGKILL of node 1 ({idle['groups_led_by_killed_node']} groups led by it) every group had a live "
           f"leader again in {idle['all_groups_led_again_s']:.2f} s")
