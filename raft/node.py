@@ -22,7 +22,9 @@ group alone: the message is dropped (PeerNetwork counts it in
 `group_errors`, and the group ticks again TICK_RETRY_S later at the
 earliest, not in a busy loop. Both are logged at most once per group every
 LOG_INTERVAL_S seconds. The connection, the round and every other group
-carry on.
+carry on. A group whose last tick raised is left out of the coalesced
+heartbeats: a leader that cannot tick then heartbeats no more, and its
+followers elect one that can.
 
 An error that means local storage is broken (`storage_errors`: OSError, such
 as EIO or ENOSPC from a journal write or the vote store's fsync, plus what
@@ -84,6 +86,7 @@ class RaftNode:
         self.storage_errors: tuple[type[BaseException], ...] = (OSError,)
         self.failure: str | None = None
         self.group_errors = ErrorTally(log)   # group -> ticks (and heartbeat parts) that raised
+        self._tick_failing: set[int] = set()  # groups whose last tick raised
         self._on_failure: list[FailureCallback] = []
         self._groups: dict[int, RaftGroup] = {}
         self._dirty: set[int] = set()
@@ -216,6 +219,7 @@ class RaftNode:
     def remove_group(self, group_id: int) -> RaftGroup:
         replica = self._groups.pop(group_id)
         self._dirty.discard(group_id)
+        self._tick_failing.discard(group_id)
         self._due.pop(group_id, None)
         self.network.unregister_group(group_id)
         replica.destroy()
@@ -288,10 +292,12 @@ class RaftNode:
         try:
             replica.doTick(0.0)
             due = replica.next_tick_due()
+            self._tick_failing.discard(replica.group_id)
         except Exception as exc:
             self._group_error(replica.group_id, exc, "to tick")
             if self.failure is not None:
                 return
+            self._tick_failing.add(replica.group_id)
             due = monotonic_time() + TICK_RETRY_S
             try:
                 due = max(due, replica.next_tick_due())
@@ -346,6 +352,8 @@ class RaftNode:
         per_peer: dict[int, bytearray] = {}
         connected = self.network.connected_peers
         for replica in list(self._groups.values()):
+            if replica.group_id in self._tick_failing:
+                continue   # no heartbeats for a group that cannot tick: let its followers elect
             try:
                 entry = replica.coalesced_heartbeat(now, hold_s)
                 if entry is None:
