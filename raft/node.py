@@ -14,6 +14,28 @@ every heartbeat period, one message per peer lists every idle group this
 broker leads and the peer follows, and one answer lists which it accepted.
 A thousand idle groups then cost a few messages per second, not thousands
 of pysyncobj ticks.
+
+One group's failure stays that group's. An exception while a group handles
+a message, ticks, or takes part in a coalesced heartbeat is caught for that
+group alone: the message is dropped (PeerNetwork counts it in
+`dropped_messages`); a tick or heartbeat part that raised is counted in
+`group_errors`, and the group ticks again TICK_RETRY_S later at the
+earliest, not in a busy loop. Both are logged at most once per group every
+LOG_INTERVAL_S seconds. The connection, the round and every other group
+carry on. A group whose last tick raised is left out of the coalesced
+heartbeats: a leader that cannot tick then heartbeats no more, and its
+followers elect one that can.
+
+An error that means local storage is broken (`storage_errors`: OSError, such
+as EIO or ENOSPC from a journal write or the vote store's fsync, plus what
+the embedder adds) is no bad message: it takes the whole node out of service
+(`fail`). A failed node ticks, answers and votes no more; it leaves the peer
+network, dropping whatever it had queued (so no vote it could not make
+durable goes out) and closing its connections (so its peers elect other
+leaders); a proposal that asks it to tick a group (RaftGroup._propose)
+raises NodeFailedError, while proposals already queued are never answered
+(their waiters time out); and its `on_failure` callbacks run once with the
+reason. Only a restart brings it back.
 """
 from __future__ import annotations
 
@@ -22,11 +44,11 @@ import heapq
 import logging
 import math
 import struct
-from typing import Any
+from typing import Any, Callable
 
-from raftka.raft.group import RaftGroup
+from raftka.raft.group import NotLeaderError, RaftGroup
 from raftka.raft.pysyncobj_adapter import monotonic_time
-from raftka.raft.transport import PeerNetwork
+from raftka.raft.transport import ErrorTally, PeerNetwork
 from raftka.raft.votes import VoteStore
 
 log = logging.getLogger(__name__)
@@ -34,6 +56,20 @@ log = logging.getLogger(__name__)
 NODE_CHANNEL = 0xFFFFFFFF        # frames for the node itself, not a group
 HEARTBEAT = struct.Struct(">IQQQ")   # group, term, last index, commit index
 GROUP_IDS = struct.Struct(">I")
+TICK_RETRY_S = 0.1               # a group whose tick raised ticks again no sooner than this
+
+FailureCallback = Callable[[str], None]
+
+
+class NodeFailedError(NotLeaderError):
+    """A proposal on a group of a node that is out of service (its storage
+    failed): nothing it is asked to replicate will be. A NotLeaderError, so
+    callers that retry elsewhere on one do here too."""
+
+    def __init__(self, group_id: int, node_id: int, reason: str) -> None:
+        super().__init__(group_id, None)
+        self.args = (f"group {group_id}: node {node_id} is out of service ({reason})",)
+        self.reason = reason
 
 
 class RaftNode:
@@ -45,7 +81,13 @@ class RaftNode:
         self.network = network
         self.votes = votes
         if votes is not None:
-            network.before_flush = votes.sync
+            network.before_flush = self._sync_votes
+        # exception types meaning local storage is broken: the node fails (see the module docstring)
+        self.storage_errors: tuple[type[BaseException], ...] = (OSError,)
+        self.failure: str | None = None
+        self.group_errors = ErrorTally(log)   # group -> ticks (and heartbeat parts) that raised
+        self._tick_failing: set[int] = set()  # groups whose last tick raised
+        self._on_failure: list[FailureCallback] = []
         self._groups: dict[int, RaftGroup] = {}
         self._dirty: set[int] = set()
         self._dirty_scheduled = False
@@ -64,6 +106,91 @@ class RaftNode:
     def node_id(self) -> int:
         return self.network.config.node_id
 
+    # ---- failure: out of service ------------------------------------------------
+
+    @property
+    def failed(self) -> bool:
+        """Out of service since `fail`; `failure` says why."""
+        return self.failure is not None
+
+    def on_failure(self, callback: FailureCallback) -> None:
+        """Call `callback(reason)` once when this node fails (at once if it already has)."""
+        self._on_failure.append(callback)
+        if self.failure is not None:
+            self._call_failure_callback(callback, self.failure)
+
+    def fail(self, reason: str) -> None:
+        """Take this node out of service for good (its storage is broken): stop
+        ticking and answering for every group, leave the peer network, refuse
+        proposals that would tick a group (NodeFailedError), and tell the
+        `on_failure` callbacks. Later calls do nothing."""
+        if self.failure is not None:
+            return
+        self.failure = reason
+        log.error("node %d: out of service: %s", self.node_id, reason)
+        for timer in (self._timer, self._heartbeat_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._heartbeat_timer = None
+        self._timer_at = math.inf
+        self._dirty.clear()
+        self._due.clear()
+        self._heap.clear()
+        self.network.leave(f"node {self.node_id} is out of service: {reason}")
+        for callback in list(self._on_failure):
+            self._call_failure_callback(callback, reason)
+
+    def _call_failure_callback(self, callback: FailureCallback, reason: str) -> None:
+        try:
+            callback(reason)
+        except Exception:
+            log.exception("node %d: an on_failure callback failed", self.node_id)
+
+    def _is_storage_error(self, exc: BaseException) -> bool:
+        return isinstance(exc, self.storage_errors)
+
+    def _group_error(self, group_id: int, exc: Exception, what: str, *args: Any) -> None:
+        """`exc` came out of one group while it `what`: a storage error fails
+        the node; anything else is counted and logged for that group alone."""
+        if self._is_storage_error(exc):
+            self.fail(f"group {group_id} failed {what % args}: {type(exc).__name__}: {exc}")
+        else:
+            self.group_errors.record(group_id, exc, f"node %d: group %d failed {what}",
+                                     self.node_id, group_id, *args)
+
+    def _sync_votes(self) -> None:
+        """Make every group's term and vote durable before the network flushes;
+        a vote store that cannot fails the node, and nothing is sent."""
+        assert self.votes is not None
+        try:
+            self.votes.sync()
+        except Exception as exc:
+            if not self._is_storage_error(exc):
+                raise
+            self.fail(f"the vote store could not sync: {type(exc).__name__}: {exc}")
+
+    def _deliver(self, replica: RaftGroup, peer_id: int, message: Any) -> None:
+        """A message for `replica`: dropped once the node failed; a storage error
+        while handling it fails the node. Any other exception goes on to
+        PeerNetwork, which drops the message (counted, logged) and carries on."""
+        if self.failure is not None:
+            return
+        try:
+            replica.transport.deliver(peer_id, message)
+        except NodeFailedError:
+            return   # the node failed while this message was handled
+        except Exception as exc:
+            if not self._is_storage_error(exc):
+                raise
+            self.fail(f"group {replica.group_id} failed to handle a message from peer {peer_id}: "
+                      f"{type(exc).__name__}: {exc}")
+
+    def _activity(self, group_id: int) -> None:
+        """A group was proposed to (or handled a message): tick it, or refuse if failed."""
+        if self.failure is not None:
+            raise NodeFailedError(group_id, self.node_id, self.failure)
+        self.mark_active(group_id)
+
     def group(self, group_id: int) -> RaftGroup:
         return self._groups[group_id]
 
@@ -75,10 +202,14 @@ class RaftNode:
         if replica.group_id in self._groups or replica.group_id == NODE_CHANNEL:
             raise ValueError(f"group {replica.group_id} already runs on node {self.node_id}")
         self._groups[replica.group_id] = replica
-        replica.transport.on_activity = lambda gid=replica.group_id: self.mark_active(gid)
-        self.network.register_group(replica.group_id, replica.transport.deliver)
+        replica.transport.on_activity = lambda gid=replica.group_id: self._activity(gid)
+        self.network.register_group(replica.group_id,
+                                    lambda peer_id, message, r=replica: self._deliver(r, peer_id, message))
         for peer_id in self.network.connected_peers:
-            replica.transport.peer_connected(peer_id)
+            try:
+                replica.transport.peer_connected(peer_id)
+            except Exception as exc:
+                self._group_error(replica.group_id, exc, "to learn of peer %d", peer_id)
         period = replica.conf.appendEntriesPeriod
         if period < self._heartbeat_interval_s:
             self._heartbeat_interval_s = period
@@ -88,6 +219,7 @@ class RaftNode:
     def remove_group(self, group_id: int) -> RaftGroup:
         replica = self._groups.pop(group_id)
         self._dirty.discard(group_id)
+        self._tick_failing.discard(group_id)
         self._due.pop(group_id, None)
         self.network.unregister_group(group_id)
         replica.destroy()
@@ -106,16 +238,26 @@ class RaftNode:
                 timer.cancel()
         self._timer = self._heartbeat_timer = None
         for group_id in list(self._groups):
-            self.remove_group(group_id)
+            try:
+                self.remove_group(group_id)
+            except Exception:   # a broken disk must not keep the rest from closing
+                log.exception("node %d: stopping group %d failed", self.node_id, group_id)
         self._loop = None
         await self.network.close()
         if self.votes is not None:
-            self.votes.close()
+            try:
+                self.votes.close()
+            except Exception:
+                if self.failure is None:
+                    raise
+                log.exception("node %d: closing the vote store of a failed node failed", self.node_id)
 
     # ---- ticking -------------------------------------------------------------
 
     def mark_active(self, group_id: int) -> None:
-        """Tick `group_id` at the next loop iteration."""
+        """Tick `group_id` at the next loop iteration (never, once the node failed)."""
+        if self.failure is not None:
+            return
         self._dirty.add(group_id)
         if not self._dirty_scheduled and self._loop is not None:
             self._dirty_scheduled = True
@@ -125,6 +267,8 @@ class RaftNode:
         self._dirty_scheduled = False
         active, self._dirty = self._dirty, set()
         for group_id in active:
+            if self.failure is not None:
+                return
             replica = self._groups.get(group_id)
             if replica is not None:
                 self._tick_one(replica)
@@ -142,14 +286,29 @@ class RaftNode:
         self._tick_active()
 
     def _tick_one(self, replica: RaftGroup) -> None:
+        """Tick one group and schedule its next tick. Whatever it raises stays
+        with it (see the module docstring): a group that raised ticks again
+        TICK_RETRY_S later at the earliest, not in a busy loop."""
         try:
             replica.doTick(0.0)
-        except Exception:  # one bad group must not stop replication for every group
-            log.exception("node %d: tick of group %d failed", self.node_id, replica.group_id)
-        self._schedule(replica)
+            due = replica.next_tick_due()
+            self._tick_failing.discard(replica.group_id)
+        except Exception as exc:
+            self._group_error(replica.group_id, exc, "to tick")
+            if self.failure is not None:
+                return
+            self._tick_failing.add(replica.group_id)
+            due = monotonic_time() + TICK_RETRY_S
+            try:
+                due = max(due, replica.next_tick_due())
+            except Exception:
+                pass   # counted above; retry at the earliest
+        self._schedule(replica, due)
 
-    def _schedule(self, replica: RaftGroup) -> None:
-        due = replica.next_tick_due()
+    def _schedule(self, replica: RaftGroup, due: float | None = None) -> None:
+        """Tick `replica` at `due` (its own next_tick_due() when None) unless something comes first."""
+        if due is None:
+            due = replica.next_tick_due()
         if self._due.get(replica.group_id) == due:
             return
         self._due[replica.group_id] = due
@@ -168,6 +327,8 @@ class RaftNode:
     def _on_timer(self) -> None:
         self._timer, self._timer_at = None, math.inf
         self.tick()
+        if self.failure is not None:
+            return
         while self._heap and self._due.get(self._heap[0][1]) != self._heap[0][0]:
             heapq.heappop(self._heap)  # drop stale entries so the timer is armed for a real one
         if self._heap:
@@ -183,16 +344,26 @@ class RaftNode:
         self._heartbeat_timer = self._loop.call_later(self._heartbeat_interval_s, self._heartbeat_round)
 
     def _heartbeat_round(self) -> None:
+        if self.failure is not None:
+            return
         self._arm_heartbeats()
         now = monotonic_time()
         hold_s = 2 * self._heartbeat_interval_s
         per_peer: dict[int, bytearray] = {}
         connected = self.network.connected_peers
-        for replica in self._groups.values():
-            entry = replica.coalesced_heartbeat(now, hold_s)
-            if entry is None:
+        for replica in list(self._groups.values()):
+            if replica.group_id in self._tick_failing:
+                continue   # no heartbeats for a group that cannot tick: let its followers elect
+            try:
+                entry = replica.coalesced_heartbeat(now, hold_s)
+                if entry is None:
+                    continue
+                self._schedule(replica)
+            except Exception as exc:   # that group is left to pysyncobj's own heartbeats; the others carry on
+                self._group_error(replica.group_id, exc, "to offer a coalesced heartbeat")
+                if self.failure is not None:
+                    return
                 continue
-            self._schedule(replica)
             packed = HEARTBEAT.pack(*entry)
             for peer_id in replica.replica_ids:
                 if peer_id != self.node_id and peer_id in connected:
@@ -202,7 +373,7 @@ class RaftNode:
         self.network.flush()
 
     def _on_node_message(self, peer_id: int, message: Any) -> None:
-        if not isinstance(message, dict):
+        if self.failure is not None or not isinstance(message, dict):
             return
         kind = message.get("type")
         if kind == "rk_hb":
@@ -218,9 +389,19 @@ class RaftNode:
         accepted, stale = bytearray(), bytearray()
         for group_id, term, last, commit in HEARTBEAT.iter_unpack(entries):
             replica = self._groups.get(group_id)
-            if replica is not None and replica.accept_coalesced_heartbeat(peer_id, term, last, commit, now):
+            ok = False
+            if replica is not None:
+                try:
+                    ok = replica.accept_coalesced_heartbeat(peer_id, term, last, commit, now)
+                    if ok:
+                        self._schedule(replica)
+                except Exception as exc:   # refused for that group; the others' still count
+                    self._group_error(group_id, exc, "to take a coalesced heartbeat from peer %d", peer_id)
+                    if self.failure is not None:
+                        return
+                    ok = False
+            if ok:
                 accepted += GROUP_IDS.pack(group_id)
-                self._schedule(replica)
             else:
                 stale += GROUP_IDS.pack(group_id)
         self.network.send(peer_id, NODE_CHANNEL, {"type": "rk_hb_ack", "ok": bytes(accepted), "stale": bytes(stale)})
@@ -231,25 +412,40 @@ class RaftNode:
             log.warning("node %d: malformed heartbeat answers from peer %d", self.node_id, peer_id)
             return
         now = monotonic_time()
-        for (group_id,) in GROUP_IDS.iter_unpack(accepted):
-            replica = self._groups.get(group_id)
-            if replica is not None:
-                replica.coalesced_heartbeat_answered(peer_id, True, now)
-        for (group_id,) in GROUP_IDS.iter_unpack(stale):
-            replica = self._groups.get(group_id)
-            if replica is not None:
-                replica.coalesced_heartbeat_answered(peer_id, False, now)
-                self.mark_active(group_id)
+        for answer, ids in ((True, accepted), (False, stale)):
+            for (group_id,) in GROUP_IDS.iter_unpack(ids):
+                replica = self._groups.get(group_id)
+                if replica is None:
+                    continue
+                try:
+                    replica.coalesced_heartbeat_answered(peer_id, answer, now)
+                except Exception as exc:
+                    self._group_error(group_id, exc, "to take a coalesced heartbeat answer from peer %d", peer_id)
+                    if self.failure is not None:
+                        return
+                if not answer:
+                    self.mark_active(group_id)
 
     # ---- peers ---------------------------------------------------------------
 
     def _peer_connected(self, peer_id: int) -> None:
-        for replica in self._groups.values():
-            replica.transport.peer_connected(peer_id)
+        self._tell_groups(peer_id, True)
 
     def _peer_disconnected(self, peer_id: int) -> None:
-        for replica in self._groups.values():
-            replica.transport.peer_disconnected(peer_id)
+        self._tell_groups(peer_id, False)
+
+    def _tell_groups(self, peer_id: int, connected: bool) -> None:
+        for replica in list(self._groups.values()):
+            if self.failure is not None:
+                return
+            try:
+                if connected:
+                    replica.transport.peer_connected(peer_id)
+                else:
+                    replica.transport.peer_disconnected(peer_id)
+            except Exception as exc:
+                self._group_error(replica.group_id, exc, "to learn that peer %d %s", peer_id,
+                                  "connected" if connected else "disconnected")
 
     def status(self) -> dict[str, Any]:
         return {gid: {"leader": r.leader_id, "term": r.leader_epoch} for gid, r in self._groups.items()}

@@ -9,9 +9,20 @@ Raft group of a broker shares.
   and handed to the handler registered for that group.
 - Everything sent during one event-loop iteration (one tick of all groups)
   goes to each peer in a single write.
-- Anything malformed (bad handshake, wrong secret, unknown peer, oversized
-  or garbage frame, undecodable payload) closes that one connection and logs
-  why; the network, its other connections and its groups carry on.
+- Anything malformed on the wire (bad handshake, wrong secret, unknown peer,
+  oversized or garbage frame, undecodable payload) closes that one connection
+  and logs why; the network, its other connections and its groups carry on.
+- A message that decodes but makes its group's handler raise (a dict missing
+  a key, a value of the wrong type, a bug) is dropped, not the connection:
+  every group between two brokers shares it. The drop is counted per group
+  (`dropped_messages`) and logged with group, peer and exception, at most
+  once per group every LOG_INTERVAL_S seconds. Whoever registers a handler
+  decides what else an exception means: RaftNode's handlers take the node out
+  of service on a storage error (raft/node.py) before it gets here.
+- `leave()` takes the whole network out of service at once (RaftNode does, when
+  its storage failed): queued frames are dropped, sends refused, nothing more
+  delivered, and every connection and the listener closed, so peers see the
+  node go away and elect around it.
 - Outboxes are bounded: past `max_outbox_bytes` for a peer, sends are refused
   (Raft retries), so a slow peer cannot grow memory without bound.
 
@@ -21,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -32,6 +44,41 @@ log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[int, Any], None]
 PeerCallback = Callable[[int], None]
+
+LOG_INTERVAL_S = 10.0   # per group: at most one logged error in this long
+
+
+class ErrorTally:
+    """Errors counted per key (a group id), logged with their traceback at
+    most once per key every `interval_s` seconds; the next logged one says how
+    many went unlogged in between. One group failing on every message or
+    tick must not flood the log, nor hide another group's first error."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = LOG_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.counts: dict[int, int] = {}
+        self._logger = logger
+        self._interval_s = interval_s
+        self._clock = clock
+        self._logged_at: dict[int, float] = {}
+        self._unlogged: dict[int, int] = {}
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def record(self, key: int, exc: BaseException, what: str, *args: Any) -> None:
+        """Count `exc` under `key`; log "`what % args`: exception" unless `key` was logged lately."""
+        self.counts[key] = self.counts.get(key, 0) + 1
+        now = self._clock()
+        logged_at = self._logged_at.get(key)
+        if logged_at is not None and now - logged_at < self._interval_s:
+            self._unlogged[key] = self._unlogged.get(key, 0) + 1
+            return
+        self._logged_at[key] = now
+        unlogged = self._unlogged.pop(key, 0)
+        since = f" ({unlogged} more since the last report)" if unlogged else ""
+        self._logger.error(f"{what}: %s: %s%s", *args, type(exc).__name__, exc, since, exc_info=exc)
 
 
 @dataclass(frozen=True)
@@ -66,7 +113,10 @@ class PeerNetwork:
         self._dialer_task: asyncio.Task | None = None
         self._flush_scheduled = False
         self._closing = False
+        self._left: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # group -> messages dropped because its handler raised
+        self.dropped_messages = ErrorTally(log)
 
     # ---- lifecycle -----------------------------------------------------
 
@@ -92,6 +142,29 @@ class PeerNetwork:
         for link in list(self._links.values()):
             link.close("network closing")
 
+    def leave(self, reason: str) -> None:
+        """Take this node out of the network at once (its storage failed, say):
+        drop every queued frame, refuse every later send, deliver nothing more,
+        close every connection and the listener and dial no more. Peers see
+        the node leave and elect around it. `close()` still finishes the job."""
+        if self._left is not None:
+            return
+        self._left = reason
+        self._closing = True
+        log.error("node %d: leaving the peer network: %s", self.config.node_id, reason)
+        if self._dialer_task:
+            self._dialer_task.cancel()
+        if self._server:
+            self._server.close()
+        for link in list(self._links.values()):
+            link.discard_queued()
+            link.close(f"node {self.config.node_id} left the peer network: {reason}")
+
+    @property
+    def left(self) -> str | None:
+        """Why this node left the network (`leave`), or None."""
+        return self._left
+
     # ---- groups and peers ----------------------------------------------
 
     def register_group(self, group_id: int, handler: MessageHandler) -> None:
@@ -113,7 +186,7 @@ class PeerNetwork:
     def send(self, peer_id: int, group_id: int, message: Any) -> bool:
         """Queue a message for a peer; False if it is not connected or is backed up."""
         link = self._links.get(peer_id)
-        if link is None:
+        if link is None or self._left is not None:
             return False
         frame = new_frame()
         encode_into(frame, message)
@@ -130,8 +203,12 @@ class PeerNetwork:
         """Write every queued frame, one write per peer (after `before_flush`,
         which makes the votes those frames reflect durable)."""
         self._flush_scheduled = False
+        if self._left is not None:
+            return
         if self.before_flush is not None:
             self.before_flush()
+        if self._left is not None:   # before_flush failed and took the node out: nothing leaves
+            return
         for link in self._links.values():
             link.flush()
 
@@ -149,8 +226,7 @@ class PeerNetwork:
             old.close(f"replaced by a new connection from node {peer_id}")
         self._links[peer_id] = link
         log.info("node %d: connected to peer %d", self.config.node_id, peer_id)
-        for callback in self._on_connected:
-            callback(peer_id)
+        self._notify(self._on_connected, peer_id, "connected")
         return True
 
     def _lost(self, peer_id: int | None, link: "_PeerProtocol") -> None:
@@ -158,16 +234,31 @@ class PeerNetwork:
             return
         del self._links[peer_id]
         log.info("node %d: lost peer %d", self.config.node_id, peer_id)
-        for callback in self._on_disconnected:
-            callback(peer_id)
+        self._notify(self._on_disconnected, peer_id, "disconnected")
+
+    def _notify(self, callbacks: list[PeerCallback], peer_id: int, what: str) -> None:
+        for callback in callbacks:
+            try:
+                callback(peer_id)
+            except Exception:   # a callback's bug must not close the link (or skip the other callbacks)
+                log.exception("node %d: a peer-%s callback for peer %d failed", self.config.node_id, what, peer_id)
 
     def _deliver(self, peer_id: int, group_id: int, message: Any) -> None:
+        """Hand one message to its group's handler. An exception from the
+        handler drops that message only (counted and logged, see the module
+        docstring); the connection and every other group carry on."""
+        if self._left is not None:
+            return
         handler = self._handlers.get(group_id)
         if handler is None:
             log.debug("node %d: message for unknown group %d from %d dropped",
                       self.config.node_id, group_id, peer_id)
             return
-        handler(peer_id, message)
+        try:
+            handler(peer_id, message)
+        except Exception as exc:
+            self.dropped_messages.record(group_id, exc, "node %d: dropped a message for group %d from peer %d",
+                                         self.config.node_id, group_id, peer_id)
 
     async def _dial_forever(self) -> None:
         assert self._loop is not None
@@ -228,6 +319,8 @@ class _PeerProtocol(asyncio.Protocol):
                 if self._peer_id is None or not data:
                     return
             for frame in self._decoder.feed(data):
+                if self._closed:   # the network left while handling an earlier frame
+                    return
                 self._network._deliver(self._peer_id, frame.group_id, decode(frame.payload))
         except (handshake.AuthError, FrameError, CodecError) as exc:
             self.close(f"{type(exc).__name__}: {exc}")
@@ -297,6 +390,10 @@ class _PeerProtocol(asyncio.Protocol):
     def queue(self, frame: bytes | bytearray) -> None:
         self._outbox.append(frame)
         self._outbox_bytes += len(frame)
+
+    def discard_queued(self) -> None:
+        self._outbox.clear()
+        self._outbox_bytes = 0
 
     def flush(self) -> None:
         if self._outbox and self._transport and not self._closed:

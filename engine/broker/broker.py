@@ -1,5 +1,11 @@
 """Broker: one Raftka broker process's parts together: the ClusterController
-(Raft groups, storage, metadata) and the Kafka listener, on one event loop."""
+(Raft groups, storage, metadata) and the Kafka listener, on one event loop.
+
+When its RaftNode fails (local storage broke: an OSError or StorageError
+while replicating, see raft/node.py) the broker logs it at CRITICAL and goes
+out of service: it no longer replicates, leads or votes, so the other
+brokers elect new leaders for its partitions, and Produce is answered with
+KAFKA_STORAGE_ERROR. Only a restart (once the disk is fixed) brings it back."""
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +20,7 @@ from raftka.broker.metrics import BrokerMetrics
 from raftka.broker.server import KafkaServer
 from raftka.cluster.controller import ClusterController
 from raftka.config import Config
-from raftka.errors import NoControllerError
+from raftka.errors import NoControllerError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +39,10 @@ class Broker:
         self.groups = GroupService(self.controller)
         self.handlers = Handlers(self.controller, self.groups)
         self.controller.on_replica_started = self.handlers.replica_started
+        self.failure: str | None = None   # why this broker is out of service, if it is
+        node = self.controller.node
+        node.storage_errors = (*node.storage_errors, StorageError)   # a log write the disk refused
+        node.on_failure(self._storage_failed)
         self.server = KafkaServer(self.handlers, config.max_request_bytes)
         self.port: int | None = None
         self.metrics: BrokerMetrics | None = None
@@ -60,6 +70,12 @@ class Broker:
                 return
             except NoControllerError as waiting:
                 log.warning("%s", waiting)
+
+    def _storage_failed(self, reason: str) -> None:
+        self.failure = self.handlers.storage_failure = reason
+        log.critical("broker %d is out of service, its storage failed: %s. It no longer replicates, leads or "
+                     "votes (the other brokers elect new leaders for its partitions) and answers Produce with "
+                     "KAFKA_STORAGE_ERROR; restart it once the disk is fixed", self.config.node_id, reason)
 
     async def _observe_terms(self) -> None:
         while True:

@@ -72,6 +72,7 @@ class Handlers:
         self.groups = groups
         self.waiters = CommitWaiters()
         self.metrics: BrokerMetrics | None = None    # set by the broker when metrics are on
+        self.storage_failure: str | None = None      # set by the broker when its storage failed
         self._table: dict[int, Callable[[Request], Awaitable[Response]]] = {
             kafka.API_VERSIONS: self.api_versions, kafka.METADATA: self.metadata,
             kafka.PRODUCE: self.produce, kafka.FETCH: self.fetch, kafka.LIST_OFFSETS: self.list_offsets,
@@ -221,6 +222,8 @@ class Handlers:
 
     async def _append(self, topic: str, partition: int, records: bytes | None, timeout_s: float) -> tuple[int, int]:
         """(error code, base offset) of one partition's part of a produce."""
+        if self.storage_failure is not None:
+            return ErrorCode.KAFKA_STORAGE_ERROR, -1
         replica, code = self._leader_replica(topic, partition)
         if replica is None:
             return code, -1
