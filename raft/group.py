@@ -243,6 +243,7 @@ class RaftGroup(AdaptedSyncObj):
         self._stale_peers: set[int] = set()        # followers that refused a coalesced heartbeat
         self.refused_messages = 0                  # peer messages refused (foreign type or command); see _refusal
         self._outstanding: dict[int, Callable[[Any, Exception | None], None]] = {}  # proposals in flight
+        self._out_of_service: Exception | None = None   # see take_out_of_service
         self._proposal_ids = itertools.count()
         self._leader_heard_at = -float("inf")      # when a leader last proved itself to us (lease; see _in_lease)
         self._prevote_round = 0                    # our latest pre-vote round, and who granted it
@@ -260,7 +261,18 @@ class RaftGroup(AdaptedSyncObj):
 
     @property
     def is_leader(self) -> bool:
-        return self._raft_is_leader()
+        return self._out_of_service is None and self._raft_is_leader()
+
+    def take_out_of_service(self, error: Exception) -> None:
+        """This member stops serving for good (its node's storage is broken):
+        it no longer counts as leader, new proposals raise `error`, and those in
+        flight fail with it at once."""
+        if self._out_of_service is not None:
+            return
+        self._out_of_service = error
+        outstanding, self._outstanding = self._outstanding, {}
+        for callback in outstanding.values():
+            callback(None, error)
 
     @property
     def leader_id(self) -> int | None:
@@ -387,6 +399,8 @@ class RaftGroup(AdaptedSyncObj):
         """Replicate `command`; `callback(result of applying it here, None)` once
         committed and applied, or `callback(None, error)`. Leader only.
         `wake` False: the caller is this group's tick, which takes it up itself."""
+        if self._out_of_service is not None:
+            raise self._out_of_service
         if not self.is_leader:
             raise NotLeaderError(self.group_id, self.leader_id)
         token = next(self._proposal_ids)

@@ -32,9 +32,9 @@ the embedder adds) is no bad message: it takes the whole node out of service
 (`fail`). A failed node ticks, answers and votes no more; it leaves the peer
 network, dropping whatever it had queued (so no vote it could not make
 durable goes out) and closing its connections (so its peers elect other
-leaders); a proposal that asks it to tick a group (RaftGroup._propose)
-raises NodeFailedError, while proposals already queued are never answered
-(their waiters time out); and its `on_failure` callbacks run once with the
+leaders); every group is taken out of service (RaftGroup.take_out_of_service:
+no longer leader, new proposals raise NodeFailedError and those in flight
+fail with it at once); and its `on_failure` callbacks run once with the
 reason. Only a restart brings it back.
 """
 from __future__ import annotations
@@ -137,6 +137,8 @@ class RaftNode:
         self._due.clear()
         self._heap.clear()
         self.network.leave(f"node {self.node_id} is out of service: {reason}")
+        for group_id, group in self._groups.items():
+            group.take_out_of_service(NodeFailedError(group_id, self.node_id, reason))
         for callback in list(self._on_failure):
             self._call_failure_callback(callback, reason)
 

@@ -187,7 +187,7 @@ def test_an_io_error_takes_the_node_out_of_service_and_the_others_elect_around_i
         assert len(broken.failures) == 1         # the callback fires once
         assert broken.network.connected_peers == set()   # it left: no heartbeats, no votes from it
         assert not broken.network.send(others[0].node_id, B, {"type": "ping"})
-        with pytest.raises(NodeFailedError):    # still leader in its frozen state, yet refuses at once
+        with pytest.raises(NodeFailedError):    # out of service: refuses at once, naming why
             replica.propose_append(make_batch(1), lambda *_: None)
         for gid in (A, B):
             with pytest.raises(NotLeaderError):

@@ -221,3 +221,23 @@ def test_appends_in_flight_when_the_group_is_removed_fail_at_once_with_unknown_t
             log.close()
             leader.index.close()
     asyncio.run(scenario())
+
+
+def test_appends_in_flight_when_the_node_fails_are_answered_at_once(tmp_path):
+    async def scenario() -> None:
+        _ports, brokers, leader = await start_cluster(tmp_path)
+        try:
+            assert await leader.replica.replicate(make_batch(), 10) == 0
+            for follower in (b for b in brokers if b is not leader):   # nothing more commits
+                await follower.node.stop()
+            in_flight = [asyncio.ensure_future(leader.replica.replicate(make_batch(), 60)) for _ in range(3)]
+            await asyncio.sleep(0.3)
+            assert not any(f.done() for f in in_flight)
+            leader.node.fail("EIO from the journal")   # what a storage error does
+            for future in in_flight:
+                with pytest.raises(NotLeaderOrFollowerError, match="out of service"):
+                    await asyncio.wait_for(future, 1)
+            assert not leader.replica.is_leader
+        finally:
+            await leader.node.stop()
+    asyncio.run(scenario())

@@ -150,6 +150,13 @@ class PartitionReplica(RaftGroup):
                 self.transport.on_activity()   # ticks this group at the next loop iteration
         return future
 
+    def take_out_of_service(self, error: Exception) -> None:
+        pending, self._pending_appends = self._pending_appends, []
+        for _batches, future in pending:
+            if not future.done():
+                future.set_exception(error)
+        super().take_out_of_service(error)
+
     def destroy(self) -> None:
         """Stop this replica (its topic was deleted, or the broker stops): appends
         not yet proposed and those in flight fail at once (GroupRemovedError)."""
@@ -205,6 +212,8 @@ class PartitionReplica(RaftGroup):
         return APPEND_HEADER.pack(APPEND_COMMAND, self.leader_epoch) + batches
 
     def _check_append(self, batches: bytes | bytearray | memoryview) -> None:
+        if self._out_of_service is not None:
+            raise self._out_of_service
         if not self.is_leader:
             raise NotLeaderError(self.group_id, self.leader_id)
         if len(batches) + APPEND_HEADER.size > MAX_COMMAND_BYTES:
