@@ -328,7 +328,8 @@ async def _failover_once(brokers: LocalBrokers, partitions: int, kill_controller
         await probe.close()
     victim = controller if kill_controller else leaders[0]
     led = [p for p, leader in leaders.items() if leader == victim]
-    if not led:
+    if not led:   # the controller leads no partition now: move things around for the next round
+        brokers.kill(victim)
         return None
     partition = led[0]
     survivors = [n for n in brokers.node_ids if n != victim]
