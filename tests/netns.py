@@ -112,8 +112,7 @@ class NamespaceNetwork:
         self.firewall = firewall or firewall_tool()
         if self.firewall not in FIREWALLS:
             raise NetnsUnavailable("neither nft nor iptables is installed")
-        self.tag = f"{os.getpid()}{chr(ord('a') + next(_counter) % 26)}"   # the letter ends the PID
-        self.bridge = f"rk{self.tag}br"
+        self._new_tag()
         self.subnet: ipaddress.IPv4Network | None = None
         self.faults: dict[int, str] = {}        # host -> the fault in force
         self._created_namespaces: list[str] = []
@@ -122,6 +121,17 @@ class NamespaceNetwork:
             raise ValueError(f"interface names too long for tag {self.tag}")
 
     # ---- names and addresses -------------------------------------------------
+
+    def _new_tag(self) -> None:
+        self.tag = f"{os.getpid()}{chr(ord('a') + next(_counter) % 26)}"   # the letter ends the PID
+        self.bridge = f"rk{self.tag}br"
+
+    def _names_free(self) -> bool:
+        """No interface or namespace already has one of this network's names (the same PID
+        in another PID namespace sharing this network namespace, or a killed run's leftovers)."""
+        return not _link_exists(self.bridge) and not any(
+            _link_exists(self.veth(h)) or os.path.exists(os.path.join(NETNS_DIR, self.namespace(h)))
+            for h in self.host_ids)
 
     @property
     def host_ids(self) -> list[int]:
@@ -176,6 +186,12 @@ class NamespaceNetwork:
         self.close()
 
     def _create(self) -> None:
+        for _ in range(26):
+            if self._names_free():
+                break
+            self._new_tag()
+        else:
+            raise NetnsError(f"no free names for this network (rk{os.getpid()}<a-z>br taken)")
         _run(["ip", "link", "add", self.bridge, "type", "bridge"])
         self._bridge_created = True
         _run(["ip", "link", "set", self.bridge, "up"])
