@@ -17,16 +17,17 @@ which has its own loopback. <x> is a /24 no address or route of the root
 namespace already overlaps, checked before and after taking it (another
 run taking the same one at the same moment makes this one move on).
 Namespaces, veths and the bridge are named after this process's PID and a
-per-process letter (`raftka-<pid><a>-<i>`, `rk<pid><a>...`), so concurrent
-runs never share one; `__exit__` deletes them all, also when setup or the
-test failed. Nothing is changed outside them: no sysctl, no root-namespace
-firewall rule.
+per-process letter (`raftka-<pid><a>-<i>`, `rk<pid><a>...`; a name already
+taken moves it to the next letter), so concurrent runs never share one;
+`__exit__` deletes them all, also when setup or the test failed. Nothing
+else is changed: no sysctl, no root-namespace firewall rule.
 
 Faults are rules in a table (nft: `inet raftka_fault`) or the INPUT/OUTPUT
 chains (iptables) of the host's own namespace; loopback is never filtered.
 A dropped packet just vanishes: peers see silence, not a reset, as when a
-cable is pulled or a switch port dies. Each fault replaces the host's
-previous one; `heal` removes it.
+cable is pulled or a switch port dies (only the host's own sends that its
+OUTPUT drops fail at once, with EPERM; TCP retransmits them). Each fault
+replaces the host's previous one; `heal` removes it.
 """
 from __future__ import annotations
 
