@@ -3,7 +3,10 @@ the CLI, the tests and the benchmarks share (`LocalBrokers`).
 
 Each node is a `raftka serve --config <dir>/node-<i>/broker.toml` process:
 Kafka listener on 127.0.0.1:<base_port + i - 1>, peer port chosen free at
-start, data under <dir>/node-<i>/data. The cluster secret is made fresh for
+start, data under <dir>/node-<i>/data. A node may instead have an address of
+its own (`hosts`: Kafka listener, peer port and advertised address all on
+it) and a command prefix (`command_prefixes`: `ip netns exec <ns>` runs it in
+a network namespace, tests/netns.py). The cluster secret is made fresh for
 each run and handed to the nodes in RAFTKA_CLUSTER_SECRET, never written to
 disk. Processes are stopped by their PID (SIGTERM, then SIGKILL after a
 grace period), never by name, and die with the process that started them
@@ -21,11 +24,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 from raftka.ports import consecutive_free_ports, free_ports
 
 READY_TIMEOUT_S = 60.0
 PR_SET_PDEATHSIG = 1
+LOOPBACK = "127.0.0.1"
 
 
 def raftka_command(*args: str) -> list[str]:
@@ -37,18 +42,27 @@ def raftka_command(*args: str) -> list[str]:
     return [sys.executable, "-P", "-m", "raftka.cli", *args]
 
 
-def write_configs(nodes: int, base_port: int, data_dir: Path, settings: dict[str, object] | None = None) -> list[Path]:
-    """One broker.toml per node under data_dir/node-<i>; `settings` adds Config fields to every node's."""
+def write_configs(nodes: int, base_port: int, data_dir: Path, settings: dict[str, object] | None = None,
+                  hosts: Sequence[str] | None = None) -> list[Path]:
+    """One broker.toml per node under data_dir/node-<i>; `settings` adds Config fields to every node's.
+
+    Every node listens on 127.0.0.1 unless `hosts` gives node i's address
+    (hosts[i - 1]): its Kafka listener, its peer port and the address it
+    advertises to clients are then all on that address, and its peers dial it there."""
+    own_hosts = hosts is not None
+    hosts = _node_hosts(nodes, hosts)
     peer_ports = free_ports(nodes)
     paths = []
     for i in range(1, nodes + 1):
         node_dir = data_dir / f"node-{i}"
         node_dir.mkdir(parents=True, exist_ok=True)
-        peers = "".join(f'\n  {{ id = {j}, host = "127.0.0.1", port = {peer_ports[j - 1]} }},'
+        host = hosts[i - 1]
+        peers = "".join(f'\n  {{ id = {j}, host = "{hosts[j - 1]}", port = {peer_ports[j - 1]} }},'
                         for j in range(1, nodes + 1) if j != i)
+        advertised = f'advertised_host = "{host}"\nadvertised_port = {base_port + i - 1}\n' if own_hosts else ""
         text = (f'# written by `raftka cluster`; the cluster secret comes from RAFTKA_CLUSTER_SECRET\n'
-                f'node_id = {i}\nhost = "127.0.0.1"\nport = {base_port + i - 1}\n'
-                f'peer_host = "127.0.0.1"\npeer_port = {peer_ports[i - 1]}\n'
+                f'node_id = {i}\nhost = "{host}"\nport = {base_port + i - 1}\n{advertised}'
+                f'peer_host = "{host}"\npeer_port = {peer_ports[i - 1]}\n'
                 f'data_dir = "{node_dir / "data"}"\n'
                 f'default_replication_factor = {min(3, nodes)}\n'
                 + "".join(f"{key} = {_toml_value(value)}\n" for key, value in (settings or {}).items())
@@ -57,6 +71,14 @@ def write_configs(nodes: int, base_port: int, data_dir: Path, settings: dict[str
         path.write_text(text)
         paths.append(path)
     return paths
+
+
+def _node_hosts(nodes: int, hosts: Sequence[str] | None) -> list[str]:
+    if hosts is None:
+        return [LOOPBACK] * nodes
+    if len(hosts) != nodes:
+        raise ValueError(f"{nodes} nodes need {nodes} hosts, got {list(hosts)}")
+    return [str(host) for host in hosts]
 
 
 def _toml_value(value: object) -> str:
@@ -72,19 +94,30 @@ class BrokerStartError(RuntimeError):
 
 
 class LocalBrokers:
-    """`nodes` `raftka serve` processes on 127.0.0.1 forming one cluster.
+    """`nodes` `raftka serve` processes forming one cluster, on 127.0.0.1 unless `hosts` says otherwise.
 
     Node i (1-based) listens for Kafka clients on base_port + i - 1 and keeps
     its data in root/node-<i>/data. `kill` and `restart` crash and revive one
     node (the same config, data and ports), for failover tests and benches.
+
+    On several hosts (network namespaces, tests/netns.py): `hosts[i - 1]` is
+    node i's own address (see write_configs) and `command_prefixes[i - 1]` is
+    put before its `raftka serve` command (`["ip", "netns", "exec", ns]`). The
+    prefix must exec the broker in place (as `ip netns exec` does), so the
+    PID started is the broker's and kill, stop and the /proc readings reach it.
     """
 
     def __init__(self, root: Path, nodes: int = 3, base_port: int | None = None,
-                 settings: dict[str, object] | None = None) -> None:
+                 settings: dict[str, object] | None = None, *, hosts: Sequence[str] | None = None,
+                 command_prefixes: Sequence[Sequence[str]] | None = None) -> None:
         self.root = Path(root).resolve()
         self.nodes = nodes
+        self.hosts = _node_hosts(nodes, hosts)
+        if command_prefixes is not None and len(command_prefixes) != nodes:
+            raise ValueError(f"{nodes} nodes need {nodes} command prefixes, got {len(command_prefixes)}")
+        self.command_prefixes = [list(prefix) for prefix in command_prefixes or [[]] * nodes]
         self.base_port = base_port if base_port is not None else consecutive_free_ports(nodes)
-        self.configs = write_configs(nodes, self.base_port, self.root, settings)
+        self.configs = write_configs(nodes, self.base_port, self.root, settings, hosts)
         self.env = dict(os.environ, RAFTKA_CLUSTER_SECRET=secrets.token_hex(16))
         self.processes: dict[int, subprocess.Popen] = {}
         self.ready_lines: dict[int, str] = {}
@@ -93,11 +126,14 @@ class LocalBrokers:
     def node_ids(self) -> list[int]:
         return list(range(1, self.nodes + 1))
 
+    def host(self, node_id: int) -> str:
+        return self.hosts[node_id - 1]
+
     def port(self, node_id: int) -> int:
         return self.base_port + node_id - 1
 
     def bootstrap(self, node_ids: list[int] | None = None) -> str:
-        return ",".join(f"127.0.0.1:{self.port(n)}" for n in (node_ids or self.node_ids))
+        return ",".join(f"{self.host(n)}:{self.port(n)}" for n in (node_ids or self.node_ids))
 
     def node_dir(self, node_id: int) -> Path:
         return self.configs[node_id - 1].parent
@@ -112,11 +148,14 @@ class LocalBrokers:
         process = self.processes.get(node_id)
         return process is not None and process.poll() is None
 
+    def command(self, node_id: int) -> list[str]:
+        """The argv that runs node `node_id`: its prefix, then `raftka serve --config <its broker.toml>`."""
+        return [*self.command_prefixes[node_id - 1], *raftka_command("serve", "--config", str(self.configs[node_id - 1]))]
+
     def spawn(self, node_id: int) -> subprocess.Popen:
         """Start node `node_id` without waiting for it (see wait_ready)."""
         with open(self.log_path(node_id), "ab") as log:
-            process = subprocess.Popen(raftka_command("serve", "--config", str(self.configs[node_id - 1])),
-                                       stdout=subprocess.PIPE, stderr=log, env=self.env,
+            process = subprocess.Popen(self.command(node_id), stdout=subprocess.PIPE, stderr=log, env=self.env,
                                        preexec_fn=die_with_parent)
         self.processes[node_id] = process
         return process
