@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -94,6 +96,28 @@ class PeerNetworkConfig:
     max_outbox_bytes: int = 256 * 1024 * 1024
     handshake_timeout_s: float = 5.0
     reconnect_interval_s: float = 0.2
+    # a peer connection whose sent data stays unacknowledged this long, or that
+    # answers no keepalive probe for this long when idle, is closed and redialled
+    # (TCP_USER_TIMEOUT, keepalive): after a silent cut the old connection would
+    # otherwise look established until TCP's backed-off retransmit timer fired,
+    # up to a minute after the network healed
+    dead_link_timeout_s: float = 5.0
+
+
+def detect_dead_link(sock: socket.socket, timeout_s: float) -> None:
+    """Make the kernel drop `sock` when its peer has been unreachable for about
+    `timeout_s`: with data in flight (TCP_USER_TIMEOUT) or idle (keepalive
+    probes every second after a second of silence). Linux options; others skip."""
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", 1), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", max(1, math.ceil(timeout_s))),
+                        ("TCP_USER_TIMEOUT", int(timeout_s * 1000))):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    for level, option, value in options:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError:
+            pass   # not a TCP socket (tests), or not supported here
 
 
 class PeerNetwork:
@@ -302,6 +326,9 @@ class _PeerProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            detect_dead_link(sock, self._config.dead_link_timeout_s)
         loop = asyncio.get_running_loop()
         self._timeout = loop.call_later(self._config.handshake_timeout_s, self._handshake_timed_out)
         if self._dialed_peer is None:

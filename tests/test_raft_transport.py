@@ -191,3 +191,22 @@ def test_a_dial_in_flight_when_the_network_closes_does_not_register():
         assert dialer.connected_peers == set()
         await acceptor.close()
     asyncio.run(scenario())
+
+
+def test_peer_connections_ask_the_kernel_to_drop_a_dead_link_within_the_timeout():
+    import socket
+
+    async def scenario():
+        dialer, acceptor, _received = await two_brokers(dead_link_timeout_s=3.0)
+        try:
+            for network in (dialer, acceptor):
+                for link in network._links.values():
+                    sock = link._transport.get_extra_info("socket")
+                    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 3000
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 1
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+        finally:
+            await dialer.close()
+            await acceptor.close()
+    asyncio.run(scenario())
