@@ -114,10 +114,10 @@ def run(args: argparse.Namespace) -> int:
     def report(result: Any) -> None:
         if args.json or not (single or args.verbose) or not result.ok:
             return
-        print(f"seed {result.seed}: ok, trace {result.trace_hash}, {result.acks} acks, "
-              f"{result.leader_changes} leaders, {result.one_way_episodes} one-way, "
-              f"{result.foreign_refused}/{result.foreign_injected} foreign refused, {result.elapsed_s:.1f} s",
-              flush=True)
+        print(f"seed {result.seed}: ok, trace {result.trace_hash}, {_count(result.acks, 'ack')}, "
+              f"{_count(result.leader_changes, 'term')} led, {_count(result.one_way_episodes, 'one-way episode')}, "
+              f"{result.foreign_refused} of {_count(result.foreign_injected, 'foreign entry', 'foreign entries')} "
+              f"refused (the rest lost), {result.elapsed_s:.1f} s", flush=True)
 
     outcome = simulation.sweep(seeds, args.steps, args.nodes, faults, args.plant, args.partitions,
                                on_result=report)
@@ -144,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"raftka simulate: {what}: seed {failure.seed} failed after {len(outcome.results) - 1} "
           f"passed ({outcome.elapsed_s:.1f} s)")
     return 1
+
+
+def _count(number: int, one: str, many: str | None = None) -> str:
+    return f"{number} {one if number == 1 else many or one + 's'}"
 
 
 def _as_json(args: argparse.Namespace, seeds: range, faults: list[str], outcome: Any,
