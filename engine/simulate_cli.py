@@ -32,8 +32,8 @@ journal, segment files and LMDB index, under a fake clock and an in-memory
 network with faults, all drawn from one seed. Invariants are checked after
 every step (one leader per term, committed logs agree byte for byte,
 acknowledged appends stay at their offsets, dense offsets, nothing readable
-past the high watermark, foreign commands refused, at most one leader change
-per one-way partition); after healing, every node must hold every
+past the high watermark, foreign commands refused, no leader deposed by a
+node cut off one way); after healing, every node must hold every
 acknowledged append in identical segment files. Same seed, same trace hash.
 
 faults:

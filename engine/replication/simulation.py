@@ -25,9 +25,13 @@ for every group:
   the group does not declare is refused (counted in `refused_messages`) by
   the node it reaches, and no such command ever enters a journal;
 - leader stickiness: while one node's inbound links are cut (a one-way
-  episode, which runs with no kills or link cuts besides), each group changes
-  leader at most ONE_WAY_LEADER_CHANGES times: the cut node, hearing no one,
-  must not depose the leader over and over (PreVote's job).
+  episode, which runs with no kills or link cuts besides), a leader that
+  every other node follows keeps leading in its term: the cut node, hearing
+  no one, must not depose it (PreVote's job). A group elects then only if the
+  cut node itself led (it steps down, hearing no majority); that election may
+  take several terms (candidates race) until every other node follows one
+  leader, which from then on must stay. So leader changes in an episode are
+  bounded: none when the cut node did not lead, one election's worth when it did.
 `heal_and_converge` then ends all faults and requires every node to hold
 every acknowledged append, nothing but what was proposed, and byte-identical
 segment files.
@@ -67,9 +71,6 @@ MIN_DELAY_S = 0.001               # every message takes at least this long
 SIM_RAFT = dict(raftMinTimeout=0.3, raftMaxTimeout=0.6, appendEntriesPeriod=0.05, leaderFallbackTimeout=0.6,
                 logCompactionMinEntries=25, logCompactionMinTime=5.0)
 MAX_HEAL_STEPS = 3000
-# Leader changes a group may see during one one-way episode: the cut node may
-# be the leader, which then steps down (no majority answers it) once.
-ONE_WAY_LEADER_CHANGES = 1
 
 # Fault names, as `raftka simulate --faults` takes them.
 FAULT_NAMES = ("kill", "partition", "oneway", "reorder", "duplicate", "drop", "foreign")
@@ -106,7 +107,8 @@ class Faults:
     restart: float = 0.05            # per crashed node per step
     cut: float = 0.01                # a link is cut both ways
     heal: float = 0.05               # a cut link is healed
-    oneway: float = 0.005            # a one-way episode starts (only when every group is settled)
+    oneway: float = 0.005            # a one-way episode starts (only when every node is up, no link
+                                     # cut and every group led by a leader all nodes follow)
     oneway_steps: tuple[int, int] = (150, 300)   # its length, uniform in this range
     foreign: float = 0.02            # a peer's append_entries holding a foreign command is injected
     propose: float = 0.3             # per group: its leader is asked to append
@@ -270,7 +272,10 @@ class OneWay:
     node_id: int
     start_step: int
     end_step: int
-    changes_at_start: dict[int, int]   # group -> leaders seen before it
+    terms_led: dict[int, set[int]] = field(default_factory=dict)   # group -> terms with a leader seen so far
+    # group -> (term, leader) that every node but the cut one follows, at the last check; None: none such
+    followed: dict[int, tuple[int, int] | None] = field(default_factory=dict)
+    leader_changes: int = 0
 
 
 @dataclass
@@ -483,11 +488,25 @@ class Simulation:
                 return False
         return True
 
+    def _followed_leader(self, group_id: int, cut_node: int) -> tuple[int, int] | None:
+        """(term, leader) when every live node but `cut_node` follows one leader
+        (itself among them) at its term; else None."""
+        replicas = [m.replicas[group_id] for m in self.members.values() if m.alive and m.node_id != cut_node]
+        leaders = [r for r in replicas if r.is_leader]
+        if len(leaders) != 1:
+            return None
+        leader = leaders[0]
+        if any(r.leader_id != leader.self_id or r.leader_epoch != leader.leader_epoch for r in replicas):
+            return None
+        return leader.leader_epoch, leader.self_id
+
     def _start_one_way(self) -> None:
         node_id = self.rng.choice(sorted(self.members))
         length = self.rng.randint(*self.faults.oneway_steps)
-        self.one_way = OneWay(node_id, self.step_number, self.step_number + length,
-                              {g: len(state.leaders_by_term) for g, state in self.groups.items()})
+        self.one_way = OneWay(node_id, self.step_number, self.step_number + length)
+        for group_id, group in self.groups.items():
+            self.one_way.terms_led[group_id] = set(group.leaders_by_term)
+            self.one_way.followed[group_id] = self._followed_leader(group_id, node_id)
         self.one_way_episodes += 1
         self._record("oneway", self.step_number, node_id, length)
 
@@ -590,16 +609,26 @@ class Simulation:
                 if member.alive:
                     self._check_replica(group, member.node_id, member.replicas[group_id])
             self._check_acks(group)
-        episode = self.one_way
-        if episode is not None:
-            for group_id, group in self.groups.items():
-                changes = len(group.leaders_by_term) - episode.changes_at_start[group_id]
-                if changes > ONE_WAY_LEADER_CHANGES:
-                    terms = sorted(group.leaders_by_term)[-changes:]
+        if self.one_way is not None:
+            self._check_stickiness(self.one_way)
+
+    def _check_stickiness(self, episode: OneWay) -> None:
+        """During a one-way episode, a leader that every node but the cut one
+        followed at the previous step still leads, in the same term."""
+        for group_id, group in self.groups.items():
+            followed = episode.followed[group_id]
+            if followed is not None:
+                term, leader = followed
+                replica = self.members[leader].replicas[group_id]
+                if not (replica.is_leader and replica.leader_epoch == term):
                     raise self._violation(
-                        f"group {group_id}: {changes} leader changes (terms {terms}) since step "
-                        f"{episode.start_step}, while node {episode.node_id} receives nothing (one-way "
-                        f"partition); at most {ONE_WAY_LEADER_CHANGES} allowed")
+                        f"group {group_id}: node {leader}, leader of term {term} followed by every node but "
+                        f"{episode.node_id}, lost its leadership (now term {replica.leader_epoch}) while node "
+                        f"{episode.node_id} receives nothing (one-way partition since step {episode.start_step})")
+            new_terms = set(group.leaders_by_term) - episode.terms_led[group_id]
+            episode.leader_changes += len(new_terms)
+            episode.terms_led[group_id] |= new_terms
+            episode.followed[group_id] = self._followed_leader(group_id, episode.node_id)
 
     def _check_agreed(self, group: GroupState) -> None:
         """The agreed log's batches not seen before: offsets dense from 0, and
