@@ -13,6 +13,9 @@
   raftka topics create|list|describe|delete, raftka produce, raftka consume,
   raftka status                        operator commands against any broker
                                        (--bootstrap, default 127.0.0.1:9092)
+  raftka simulate [--seeds N] [--plant BUG] ...
+                                       the deterministic Raft simulation over many
+                                       seeds (raftka simulate --help)
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from raftka.admin import add_commands as add_admin_commands
 from raftka.admin import run as run_admin
 from raftka.config import Config, ConfigError, load_config
 from raftka.errors import RaftkaError
+from raftka.simulate_cli import add_command as add_simulate_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,11 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     cluster.add_argument("--data-dir", type=Path, default=Path("./raftka-cluster"))
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
     add_admin_commands(commands)
+    add_simulate_command(commands)
     args, rest = parser.parse_known_args(argv)
     if args.command != "bench" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if hasattr(args, "run"):
         return run_admin(args)
+    if hasattr(args, "simulate"):
+        return args.simulate(args)
     if args.command != "serve":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command in ("serve", "cluster"):

@@ -154,7 +154,7 @@ ENGINE_LAYERS = [
     {"storage"},
     {"replication", "cluster"},
     {"broker", "groups", "client"},
-    {"admin", "cli"},
+    {"admin", "cli", "simulate_cli"},
 ]
 
 

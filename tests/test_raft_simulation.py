@@ -1,80 +1,154 @@
 """Raft invariants under random schedules of the deterministic simulation
-(tests/raft_sim.py): hypothesis picks seeds, each seed is a full schedule of
-message loss, duplication, reordering, link cuts and crash/restarts."""
+(raftka.replication.simulation, also `raftka simulate`): each seed is a full
+schedule of message loss, duplication, reordering, link cuts, one-way
+partitions, foreign entries from peers and crash/restarts. A fixed sweep of
+seeds must hold every invariant; each planted bug must be caught on the seed
+recorded for it, and only while planted."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import Phase, given, settings, strategies as st
 
-from tests.raft_sim import Faults, InvariantViolation, Simulation
+from raftka.replication import PartitionReplica
+from raftka.replication.simulation import (FAULT_NAMES, PLANTS, Faults, InvariantViolation, Simulation,
+                                           UnsupportedFault, replay_command, run_seed, shortest_failing, sweep)
+from raftka.raft.group import RaftGroup
 
+SEEDS = int(os.environ.get("RAFTKA_SIM_SEEDS", "50"))
 STEPS = int(os.environ.get("RAFTKA_SIM_STEPS", "400"))
-EXAMPLES = int(os.environ.get("RAFTKA_SIM_EXAMPLES", "25"))
+
+# The first seed of 0.. that catches each plant at the default settings
+# (400 steps, 3 nodes, 1 partition, every fault); `raftka simulate --seeds 100
+# --plant NAME` finds the same.
+CATCHING_SEEDS = {
+    "forget-vote": (15, "two leaders in term"),
+    "no-prevote": (1, "lost its leadership"),
+    "drop-foreign-silently": (0, "foreign command (type 1) was not refused"),
+    "stock-snapshot": (11, "diverges from the agreed log"),
+}
 
 
-def run(seed: int, steps: int = STEPS, **options) -> Simulation:
-    with tempfile.TemporaryDirectory() as root:
-        sim = Simulation(Path(root), seed, **options)
+@pytest.mark.parametrize("seeds,nodes,partitions", [
+    (range(SEEDS), 3, 1),
+    (range(1000, 1004), 5, 1),
+    (range(2000, 2004), 3, 3),
+])
+def test_a_sweep_of_seeds_keeps_every_invariant_and_converges(tmp_path, seeds, nodes, partitions):
+    outcome = sweep(seeds, STEPS, nodes=nodes, partitions=partitions, root=tmp_path, shrink=False)
+    assert outcome.ok, outcome.failure.failure
+    assert len(outcome.results) == len(seeds)
+    assert all(r.leader_changes for r in outcome.results), "a schedule in which no leader was ever elected"
+    assert sum(r.acks for r in outcome.results) > 20 * len(seeds)
+    assert sum(r.foreign_refused for r in outcome.results) > 0
+    if len(seeds) >= 20:
+        assert sum(r.one_way_episodes for r in outcome.results) >= 5, "the one-way invariant was hardly exercised"
+
+
+def test_a_seed_replays_exactly(tmp_path):
+    def simulate(directory: Path) -> Simulation:
+        sim = Simulation(directory, 7, partitions=2)
         try:
-            sim.run(steps)
+            sim.run(250)
         finally:
             sim.stop_all()
         return sim
-
-
-@settings(max_examples=EXAMPLES, phases=[Phase.explicit, Phase.reuse, Phase.generate])  # a smaller seed is no simpler
-@given(seed=st.integers(0, 2**32 - 1))
-def test_random_faults_keep_raft_invariants_and_replicas_converge(seed):
-    sim = run(seed)
-    assert sim.leaders_by_term, f"seed {seed}: no leader was ever elected"
-
-
-def test_a_seed_replays_exactly():
-    first, second = run(7, 250), run(7, 250)
-    assert first.agreed == second.agreed and first.leaders_by_term == second.leaders_by_term
-    assert [a.base_offset for a in first.acks] == [a.base_offset for a in second.acks]
+    first, second = simulate(tmp_path / "a"), simulate(tmp_path / "b")
+    assert first.trace_hash == second.trace_hash
+    for group_id, group in first.groups.items():
+        assert group.agreed == second.groups[group_id].agreed
+        assert group.leaders_by_term == second.groups[group_id].leaders_by_term
+        assert [a.base_offset for a in group.acks] == [a.base_offset for a in second.groups[group_id].acks]
     assert first.acks, "the schedule acknowledged nothing"
+    assert run_seed(7, 250, root=tmp_path).trace_hash == run_seed(7, 250, root=tmp_path).trace_hash
+    assert run_seed(8, 250, root=tmp_path).trace_hash != run_seed(7, 250, root=tmp_path).trace_hash
 
 
-def first_violation(seeds: range, steps: int, **options) -> tuple[int, InvariantViolation] | None:
-    for seed in seeds:
+@pytest.mark.parametrize("plant", sorted(PLANTS))
+def test_each_planted_bug_is_caught_on_its_seed_and_only_while_planted(tmp_path, plant):
+    seed, expected = CATCHING_SEEDS[plant]
+    caught = run_seed(seed, STEPS, plant=plant, root=tmp_path)
+    assert not caught.ok and expected in caught.failure, caught.failure
+    assert caught.failure.startswith(f"seed {seed}, step {caught.failed_step}")
+    assert "PRE_VOTE" not in PartitionReplica.__dict__ and PartitionReplica.PRE_VOTE is True
+    for name in ("_refusal", "_on_snapshot_chunk"):
+        assert name not in PartitionReplica.__dict__ and getattr(PartitionReplica, name) is getattr(RaftGroup, name)
+    clean = run_seed(seed, STEPS, root=tmp_path)
+    assert clean.ok, clean.failure
+    if plant == "forget-vote":   # its schedule (racing elections, PreVote off) with votes kept: clean
+        forgetful = PLANTS[plant]
+        sim = Simulation(tmp_path / "kept", seed, faults=forgetful.adjust_faults(Faults()),
+                         raft_overrides=forgetful.options["raft_overrides"])
+        with PLANTS["no-prevote"].applied():
+            try:
+                sim.run(STEPS)
+            finally:
+                sim.stop_all()
+
+
+def test_the_plant_is_restored_when_the_run_fails_with_an_error(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulator bug")
+    monkeypatch.setattr(Simulation, "run", broken)
+    with pytest.raises(RuntimeError):
+        run_seed(0, 10, plant="no-prevote", root=tmp_path)
+    assert PartitionReplica.PRE_VOTE is True and "PRE_VOTE" not in PartitionReplica.__dict__
+
+
+def test_a_failure_shrinks_to_a_shorter_run_that_still_fails(tmp_path):
+    seed, _ = CATCHING_SEEDS["stock-snapshot"]
+    failed = run_seed(seed, STEPS, plant="stock-snapshot", root=tmp_path)
+    shortest, reruns = shortest_failing(failed, lambda n: run_seed(seed, n, plant="stock-snapshot", root=tmp_path))
+    assert not shortest.ok and shortest.steps <= STEPS and reruns >= 1
+    replayed = run_seed(seed, shortest.steps, plant="stock-snapshot", root=tmp_path)
+    assert replayed.failure == shortest.failure and replayed.trace_hash == shortest.trace_hash
+    assert replay_command(seed, shortest.steps, plant="stock-snapshot") == \
+        f"raftka simulate --seed {seed} --steps {shortest.steps} --plant stock-snapshot"
+
+
+def test_the_sweep_stops_at_the_first_failing_seed_and_shrinks_it(tmp_path):
+    outcome = sweep(range(3), 150, plant="drop-foreign-silently", root=tmp_path)
+    assert not outcome.ok and outcome.failure.seed == 0 and len(outcome.results) == 1
+    assert outcome.shortest is not None and not outcome.shortest.ok
+    assert outcome.shortest.steps <= outcome.failure.failed_step
+
+
+def test_fault_names_turn_faults_on_and_reserved_names_are_refused():
+    assert Faults.of(FAULT_NAMES) == Faults()
+    quiet = Faults.of([])
+    assert (quiet.crash, quiet.cut, quiet.oneway, quiet.duplicate, quiet.drop, quiet.foreign) == (0, 0, 0, 0, 0, 0)
+    assert quiet.max_delay_s == 0.001 and Faults.of(["kill"]).crash == Faults().crash
+    for reserved in ("disk-full", "clock", "power"):
+        with pytest.raises(UnsupportedFault, match="not yet: lands with the durable-log work"):
+            Faults.of(["kill", reserved])
+    with pytest.raises(ValueError, match="unknown fault"):
+        Faults.of(["gremlins"])
+    with pytest.raises(ValueError):
+        run_seed(0, 10, nodes=4)
+
+
+def test_without_faults_a_run_elects_once_and_acknowledges_everything(tmp_path):
+    result = run_seed(3, 200, faults=[], root=tmp_path)
+    assert result.ok and result.leader_changes == 1 and result.acks > 20
+    assert result.foreign_injected == 0 and result.one_way_episodes == 0
+
+
+def test_the_checker_fails_a_run_whose_code_raises(tmp_path, monkeypatch):
+    def explode(self, command):
+        raise RuntimeError("apply exploded")
+    monkeypatch.setattr(PartitionReplica, "_apply_hook", explode)
+    with pytest.raises(InvariantViolation, match=r"node \d raised RuntimeError: apply exploded"):
+        sim = Simulation(tmp_path, 0, faults=Faults.of([]))
         try:
-            run(seed, steps, **options)
-        except InvariantViolation as violation:
-            return seed, violation
-    return None
+            sim.run(100)
+        finally:
+            sim.stop_all()
 
 
-# Fast, near-simultaneous elections and quick crash/restart cycles with slow
-# links: the schedule in which a restarted node is asked for its vote again.
-VOTE_RACE = dict(faults=Faults(crash=0.1, restart=1.0, drop=0.05, max_delay_s=0.2),
-                 raft_overrides=dict(raftMinTimeout=0.3, raftMaxTimeout=0.31))
-
-
-def test_checker_catches_a_node_that_forgets_its_vote_across_restarts(monkeypatch):
-    # With PreVote a candidate first needs a majority's pre-vote, which makes
-    # the racing elections this bug needs rare; the checker's power is shown
-    # on pysyncobj's bare election path.
-    from raftka.replication import PartitionReplica
-    monkeypatch.setattr(PartitionReplica, "PRE_VOTE", False)
-    found = first_violation(range(100), 300, persist_vote=False, **VOTE_RACE)
-    assert found is not None, "forgetting votes went unnoticed in 100 schedules"
-    seed, violation = found
-    assert "two leaders in term" in str(violation) and f"seed {seed}" in str(violation)
-    run(seed, 300, **VOTE_RACE)  # the same schedule with votes kept is clean
-
-
-def test_checker_catches_stock_pysyncobj_committing_unverified_entries_on_a_snapshot_chunk(monkeypatch):
-    from raftka.replication import PartitionReplica
-    def stock(self, node, message):
-        self.transport.handle_raft_message(node, message)
-        self._verified_end = None
-    monkeypatch.setattr(PartitionReplica, "_on_snapshot_chunk", stock)
-    found = first_violation(range(100, 200), STEPS)
-    assert found is not None, "the stock snapshot handling went unnoticed in 100 schedules"
-    seed, violation = found
-    assert "diverges" in str(violation) or "acknowledged" in str(violation), violation
+@pytest.mark.xfail(strict=True, reason="pysyncobj counts response_vote messages, not voters: in a group of 5 a "
+                                       "duplicated vote response makes a candidate leader with 2 votes of 5 "
+                                       "(the fix belongs in raft/group.py: one vote per peer and term)")
+def test_five_nodes_a_duplicated_vote_response_must_not_elect_a_second_leader(tmp_path):
+    result = run_seed(105, 52, nodes=5, root=tmp_path)
+    assert result.ok, result.failure
