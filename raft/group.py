@@ -249,6 +249,9 @@ class RaftGroup(AdaptedSyncObj):
         self._prevote_round = 0                    # our latest pre-vote round, and who granted it
         self._prevote_grants: set[int] = set()
         self._prevote_won = False
+        self._prevote_term = -1                    # our term when the latest pre-vote round began
+        self._votes_term: Any = None               # the term whose votes _voters holds
+        self._voters: set[int] = set()             # peers whose vote for us in that term was counted
         self._refusal_logged_at = -float("inf")
         settings = raft_conf(self.group_dir, group_id=group_id, accepts=type(self).accepts_command, **raft_settings)
         settings.update(serializer=self._write_checkpoint, deserializer=self._read_checkpoint)
@@ -465,13 +468,17 @@ class RaftGroup(AdaptedSyncObj):
         if self._election_deadline() >= now:
             return
         if self._prevote_won:
-            self._prevote_won = False   # pysyncobj elects in this tick, at term + 1
-            return
+            self._prevote_won = False
+            if self.raftCurrentTerm == self._prevote_term:
+                return   # pysyncobj elects in this tick, at term + 1
+            # our term moved since the round (another candidate asked for our
+            # vote): that majority was for a term now gone; ask again
         self._set_election_deadline(now + self._new_election_timeout())
         if not self._connected_nodes():
             return
         self._prevote_round += 1
         self._prevote_grants = {self.self_id}
+        self._prevote_term = self.raftCurrentTerm
         message = {"type": "rk_prevote", "term": self.raftCurrentTerm + 1, "round": self._prevote_round,
                    "last_log_index": self._last_log_index(), "last_log_term": self._last_log_term()}
         for node in self._other_nodes():
@@ -506,7 +513,8 @@ class RaftGroup(AdaptedSyncObj):
                                                       "last_log_index": -1, "last_log_term": -1})
 
     def _on_prevote_response(self, peer_id: int, message: dict) -> None:
-        if message.get("round") != self._prevote_round or not message.get("granted") or self.is_leader:
+        if (message.get("round") != self._prevote_round or not message.get("granted") or self.is_leader
+                or self.raftCurrentTerm != self._prevote_term):
             return
         self._prevote_grants.add(peer_id)
         if len(self._prevote_grants) > len(self.replica_ids) / 2 and not self._prevote_won:
@@ -570,6 +578,15 @@ class RaftGroup(AdaptedSyncObj):
                 self.transport.send(node, {"type": "rk_higher_term", "term": self.raftCurrentTerm})
         elif kind == "request_vote" and self.PRE_VOTE and self._in_lease(monotonic_time()):
             return   # leader stickiness: a live leader is not deposed by one node's timer
+        elif kind == "response_vote":
+            # pysyncobj counts vote messages, not voters: a vote delivered twice
+            # would count twice (two leaders in one term with five members)
+            term = message.get("term")
+            if term != self._votes_term:
+                self._votes_term, self._voters = term, set()
+            if node.broker_id in self._voters:
+                return
+            self._voters.add(node.broker_id)
         if kind == "append_entries" and "prevLogIdx" in message:
             self._on_append_entries(node, message)
         elif kind == "append_entries" and message.get("serialized") is not None:

@@ -181,6 +181,7 @@ def test_raft_errors_reach_clients_as_kafka_errors_at_the_replication_boundary(t
     async def scenario() -> None:
         _ports, brokers, leader = await start_cluster(tmp_path)
         followers = [b for b in brokers if b is not leader]
+        await wait_for(lambda: followers[0].replica.leader_id == leader.node_id)   # it has heard from the leader
         with pytest.raises(NotLeaderOrFollowerError) as not_leader:
             await followers[0].replica.replicate(make_batch(), 5)
         assert not_leader.value.error_code == ErrorCode.NOT_LEADER_OR_FOLLOWER
