@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from raftka.records.batch import Record, build_batch
+from raftka.replication.simulation import readable_bytes  # noqa: F401  (tests import it from here)
 
 settings.register_profile("ci", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
@@ -24,14 +25,6 @@ def make_batch(count: int = 3, value_size: int = 16, timestamp_ms: int = 1_700_0
     return build_batch(records)
 
 
-def readable_bytes(log) -> bytes:
-    """Every byte a reader of `log` (a PartitionLog) can see: start to high watermark."""
-    out, offset = bytearray(), log.log_start_offset
-    while offset < log.high_watermark:
-        piece = log.read(offset, 1 << 20)
-        out += piece.buffer
-        offset = piece.next_offset
-    return bytes(out)
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ def wait_for(predicate, what: str, timeout_s: float = DEADLINE_S):
             value = predicate()
             if value:
                 return value
-        except (OSError, KeyError, StopIteration, struct.error):
+        except (OSError, KeyError, ValueError, StopIteration, struct.error):
             pass                      # a broker restarting, or not yet knowing the topic
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)

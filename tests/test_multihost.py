@@ -40,6 +40,7 @@ from raftka.protocol import kafka
 from raftka.records.batch import parse_records
 from tests.netns import FIREWALLS, NamespaceNetwork, unavailable_reason
 from tests.test_broker_clients import read_response, request_frame
+from tests.test_broker_failover import wait_for as failover_wait_for
 
 NODES = 3
 PARTITIONS = 3
@@ -300,16 +301,8 @@ def records_on_disk(brokers: LocalBrokers, node: int, topic: str, partition: int
 
 
 def wait_for(predicate, what: str, timeout_s: float = DEADLINE_S):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except (OSError, KeyError, ValueError, struct.error):
-            pass
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+    """tests/test_broker_failover.py's wait_for, with this file's longer default deadline."""
+    return failover_wait_for(predicate, what, timeout_s)
 
 
 def complete_leaders(brokers: LocalBrokers, node: int, topic: str) -> dict[int, int] | None:

@@ -565,7 +565,7 @@ class Simulation:
         else:
             raise self._violation(f"no convergence within {max_steps} steps after healing: {self.describe()}")
         for group_id, group in self.groups.items():
-            views = {m.node_id: _readable_bytes(m.replicas[group_id].log) for m in self.members.values()}
+            views = {m.node_id: readable_bytes(m.replicas[group_id].log) for m in self.members.values()}
             for ack in group.acks:
                 for node_id, view in views.items():
                     if _payload_at(view, ack.base_offset) != ack.payload:
@@ -677,7 +677,7 @@ class Simulation:
         if len(log.read(log.high_watermark, 1 << 20).buffer):
             raise self._violation(f"group {group.group_id}, node {node_id}: readable past the high watermark "
                                   f"{log.high_watermark}")
-        view = _readable_bytes(log)
+        view = readable_bytes(log)
         shorter, longer = sorted((view, group.agreed), key=len)
         if longer[:len(shorter)] != shorter:
             raise self._violation(f"group {group.group_id}: node {node_id}'s committed log diverges "
@@ -703,7 +703,7 @@ class Simulation:
         return InvariantViolation(self.seed, self.step_number, what, self.healing)
 
 
-def _readable_bytes(log: PartitionLog) -> bytes:
+def readable_bytes(log: PartitionLog) -> bytes:
     """Every byte a reader of `log` can see: start to high watermark."""
     out, offset = bytearray(), log.log_start_offset
     while offset < log.high_watermark:
