@@ -31,7 +31,8 @@ from pysyncobj.node import Node
 
 from raftka.raft import checkpoint
 from raftka.raft.journal import JournalPath
-from raftka.raft.pysyncobj_adapter import AdaptedSyncObj, AdaptedTransport, ForeignCommandError, monotonic_time
+from raftka.raft.pysyncobj_adapter import (AdaptedSyncObj, AdaptedTransport, ForeignCommandError, command_type,
+                                           monotonic_time)
 from raftka.raft.votes import VoteStore
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,6 @@ class ReplicationError(Exception):
         super().__init__(f"group {group_id}: command not committed ({reason.name})")
         self.group_id = group_id
         self.reason = reason
-
-
 
 
 class GroupRemovedError(ReplicationError):
@@ -273,6 +272,10 @@ class RaftGroup(AdaptedSyncObj):
         if self._out_of_service is not None:
             return
         self._out_of_service = error
+        self._fail_outstanding(error)
+
+    def _fail_outstanding(self, error: Exception) -> None:
+        """Answer every proposal still in flight with `error`, now."""
         outstanding, self._outstanding = self._outstanding, {}
         for callback in outstanding.values():
             callback(None, error)
@@ -426,9 +429,7 @@ class RaftGroup(AdaptedSyncObj):
         """Stop this member; every proposal still in flight fails at once with
         GroupRemovedError instead of waiting for an outcome that will never come."""
         super().destroy()
-        outstanding, self._outstanding = self._outstanding, {}
-        for callback in outstanding.values():
-            callback(None, GroupRemovedError(self.group_id))
+        self._fail_outstanding(GroupRemovedError(self.group_id))
 
     def _propose_future(self, command: bytes) -> "asyncio.Future[Any]":
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -552,9 +553,7 @@ class RaftGroup(AdaptedSyncObj):
                     and isinstance(entry[1], int) and isinstance(entry[2], int)):
                 return "a malformed entry"
             if not self.accepts_command(entry[0]):
-                command = entry[0]
-                first = command[0] if isinstance(command, (bytes, bytearray, memoryview)) and command else None
-                return f"an entry of command type {first} at index {entry[1]}"
+                return f"an entry of command type {command_type(entry[0])} at index {entry[1]}"
         return None
 
     def _on_raft_message(self, node: PeerNode, message: dict) -> None:

@@ -160,7 +160,7 @@ class DiskJournal(AdaptedJournal):
 
     def add(self, command: bytes, idx: int, term: int) -> None:
         if self.accepts is not None and not self.accepts(command):
-            raise ForeignCommandError(self.group_id, command[0] if command else None, f"journal add at index {idx}")
+            raise ForeignCommandError(self.group_id, command, f"journal add at index {idx}")
         if self._slots and idx != self._slots[-1].index + 1:
             raise AssertionError(f"journal index {idx} does not follow {self._slots[-1].index}")
         segment = self._writable_segment(idx, len(command))
@@ -357,7 +357,7 @@ class DiskJournal(AdaptedJournal):
             if crc32c(command) != crc:
                 break
             if self.accepts is not None and not self.accepts(command):
-                raise ForeignCommandError(self.group_id, command[0] if command else None,
+                raise ForeignCommandError(self.group_id, command,
                                           f"journal {segment.path} record at byte {position} (index {index})")
             self._slots.append(_Slot(index, term, segment, position + RECORD_HEADER.size, size))
             position = end

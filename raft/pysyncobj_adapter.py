@@ -43,13 +43,19 @@ from pysyncobj.transport import Transport
 PYSYNCOBJ_VERSION = "0.3.17"
 
 
+def command_type(command: Any) -> int | None:
+    """A Raft command's type (its first byte); None when it is not bytes or is empty."""
+    return command[0] if isinstance(command, (bytes, bytearray, memoryview)) and len(command) else None
+
+
 class ForeignCommandError(Exception):
     """A Raft entry whose command type is not one its group declares: refused
     as corruption (from a peer, a journal or a proposal), never applied."""
 
-    def __init__(self, group: Any, command_type: int | None, where: str) -> None:
-        super().__init__(f"group {group}: {where}: command type {command_type} is not one of this group's; refused")
-        self.command_type = command_type
+    def __init__(self, group: Any, command: Any, where: str) -> None:
+        self.command_type = command_type(command)
+        super().__init__(f"group {group}: {where}: command type {self.command_type} is not one of this group's; "
+                         "refused")
 
 # What this module overrides, calls or reads, per owner. Tests forbid these
 # names (and every other private name of pysyncobj's classes) outside this module.
@@ -95,6 +101,7 @@ def _check_pysyncobj() -> None:
 _check_pysyncobj()
 
 NO_OP_COMMAND: int = _syncobj._COMMAND_TYPE.NO_OP   # the entry a new leader appends at the start of its term
+NO_OP_ENTRY = bytes((NO_OP_COMMAND,))                # that entry's whole command
 
 
 # ---- global patches --------------------------------------------------------
@@ -184,14 +191,13 @@ class AdaptedSyncObj(SyncObj):
     @classmethod
     def accepts_command(cls, command: Any) -> bool:
         """Whether `command` may be in this group's log: one of COMMAND_TYPES, or the no-op."""
-        return (isinstance(command, (bytes, bytearray, memoryview)) and len(command) > 0
-                and (command[0] in cls.COMMAND_TYPES or (command[0] == NO_OP_COMMAND and len(command) == 1)))
+        return command_type(command) in cls.COMMAND_TYPES or command == NO_OP_ENTRY
 
     # ---- hooks ---------------------------------------------------------------
 
     def _apply_hook(self, command: bytes) -> Any:
         """Apply one committed command of a type in COMMAND_TYPES (subclasses do)."""
-        raise ForeignCommandError(getattr(self, "group_id", "?"), command[0] if command else None, "apply")
+        raise ForeignCommandError(getattr(self, "group_id", "?"), command, "apply")
 
     def _load_dump_hook(self, clear_journal: bool) -> None:
         """Load the checkpoint (at start, or one received: `clear_journal`)."""
@@ -208,10 +214,10 @@ class AdaptedSyncObj(SyncObj):
         """Runs at the end of every tick."""
 
     def _SyncObj__doApplyCommand(self, command: bytes) -> Any:
-        if command[:1] == bytes((NO_OP_COMMAND,)) and len(command) == 1:
+        if command == NO_OP_ENTRY:
             return None
         if not self.accepts_command(command):
-            raise ForeignCommandError(getattr(self, "group_id", "?"), command[0] if command else None, "apply")
+            raise ForeignCommandError(getattr(self, "group_id", "?"), command, "apply")
         return self._apply_hook(command)
 
     def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:

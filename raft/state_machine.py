@@ -49,8 +49,6 @@ class StateMachineReplica(RaftGroup):
         return self._propose_future(STATE_COMMAND + payload)
 
     def _apply_hook(self, command: bytes) -> Any:
-        if command[:1] != STATE_COMMAND:
-            return super()._apply_hook(command)
         return self.machine.apply(memoryview(command)[1:])
 
     def _write_checkpoint(self, path: str, raft_data: tuple) -> None:

@@ -151,32 +151,30 @@ class PartitionReplica(RaftGroup):
         return future
 
     def take_out_of_service(self, error: Exception) -> None:
-        pending, self._pending_appends = self._pending_appends, []
-        for _batches, future in pending:
-            if not future.done():
-                future.set_exception(error)
+        self._fail_pending_appends(error)
         super().take_out_of_service(error)
 
     def destroy(self) -> None:
         """Stop this replica (its topic was deleted, or the broker stops): appends
         not yet proposed and those in flight fail at once (GroupRemovedError)."""
+        self._fail_pending_appends(GroupRemovedError(self.group_id))
+        super().destroy()
+
+    def _fail_pending_appends(self, error: Exception) -> None:
+        """Fail the appends waiting for this group's next tick to be proposed."""
         pending, self._pending_appends = self._pending_appends, []
         for _batches, future in pending:
             if not future.done():
-                future.set_exception(GroupRemovedError(self.group_id))
-        super().destroy()
+                future.set_exception(error)
 
     def _flush_appends(self) -> None:
         """Propose every pending append, as few entries as the size limit allows."""
-        pending, self._pending_appends = self._pending_appends, []
-        if not pending:
+        if not self._pending_appends:
             return
         if not self.is_leader:
-            error = NotLeaderError(self.group_id, self.leader_id)
-            for _batches, future in pending:
-                if not future.done():
-                    future.set_exception(error)
+            self._fail_pending_appends(NotLeaderError(self.group_id, self.leader_id))
             return
+        pending, self._pending_appends = self._pending_appends, []
         chunk: list[tuple[Any, asyncio.Future[Any]]] = []
         size = MULTI_APPEND_HEADER.size
         for batches, future in pending:
@@ -221,8 +219,6 @@ class PartitionReplica(RaftGroup):
                                       f"command limit of {MAX_COMMAND_BYTES - APPEND_HEADER.size}")
 
     def _apply_hook(self, command: bytes) -> Any:
-        if command[:1] not in (b"\x10", b"\x11"):
-            return super()._apply_hook(command)
         index = self._raft_last_applied() + 1  # pysyncobj bumps it after the apply returns
         if index <= self._recorded_applied_index:
             return None  # applied before a restart; the journal replays it
