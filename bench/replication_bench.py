@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import collections
 import datetime
-import io
 import itertools
 import json
 import os
@@ -39,8 +38,7 @@ import threading
 import time
 from pathlib import Path
 
-from kio.index import load_request_schema, load_response_schema
-from kio.serial import entity_reader, entity_writer
+from kio.index import load_request_schema
 from kio.static.primitive import i16, i32
 
 from raftka.bench.storage_bench import batch_of_size, mb_s, open_log
@@ -53,20 +51,11 @@ MIB = 1024 * 1024
 TOPIC = "replication-bench"
 PRODUCE_VERSION = 3
 METADATA_VERSION = 4
+CLIENT_ID = "replication-bench"
 
 
 def drop_dirty_pages() -> None:
     os.sync()
-
-
-def _frame(api_key: int, version: int, correlation_id: int, body) -> bytes:
-    schema = type(body)
-    header_schema = schema.__header_schema__
-    out = io.BytesIO()
-    entity_writer(header_schema)(out, header_schema(request_api_key=i16(api_key), request_api_version=i16(version),
-                                                    correlation_id=i32(correlation_id), client_id="replication-bench"))
-    entity_writer(schema)(out, body)
-    return struct.pack(">i", out.tell()) + out.getvalue()
 
 
 def produce_request(batch: bytes, correlation_id: int, topic: str = TOPIC, partition_index: int = 0) -> bytes:
@@ -76,7 +65,7 @@ def produce_request(batch: bytes, correlation_id: int, topic: str = TOPIC, parti
     topic_data = kafka.nested(schema, "TopicProduceData")(name=topic, partition_data=(partition,))
     body = schema(transactional_id=None, acks=i16(-1), timeout=datetime.timedelta(seconds=30),
                   topic_data=(topic_data,))
-    return _frame(0, PRODUCE_VERSION, correlation_id, body)
+    return kafka.encode_request(0, PRODUCE_VERSION, correlation_id, body, client_id=CLIENT_ID)
 
 
 class Connection:
@@ -99,7 +88,7 @@ class Connection:
                 size = struct.unpack(">i", await self.reader.readexactly(4))[0]
                 data = await self.reader.readexactly(size)
                 future, api_key, version = self._pending.popleft()
-                body, _ = entity_reader(load_response_schema(api_key, version))(data, 4)  # after correlation id
+                body = kafka.decode_response(api_key, version, data)
                 if not future.done():
                     future.set_result(body)
         except (asyncio.IncompleteReadError, OSError) as error:
@@ -128,7 +117,8 @@ class Connection:
         schema = load_request_schema(3, METADATA_VERSION)
         body = schema(topics=(kafka.nested(schema, "MetadataRequestTopic")(name=topic),),
                       allow_auto_topic_creation=False)
-        response = await self.request(lambda cid: _frame(3, METADATA_VERSION, cid, body), 3, METADATA_VERSION)
+        response = await self.request(
+            lambda cid: kafka.encode_request(3, METADATA_VERSION, cid, body, client_id=CLIENT_ID), 3, METADATA_VERSION)
         found = [t for t in response.topics if t.name == topic and int(t.error_code) == 0]
         return ({int(p.partition_index): int(p.leader_id) for t in found for p in t.partitions},
                 int(response.controller_id))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import io
 import socket
 import struct
 import subprocess
@@ -14,7 +13,6 @@ import time
 
 import pytest
 from kio.index import load_request_schema
-from kio.serial import entity_writer
 from kio.static.primitive import i16, i32
 
 from raftka.errors import ErrorCode
@@ -130,13 +128,15 @@ def test_kcat_lists_produces_and_consumes(broker):
 # ---- raw bytes on the socket ---------------------------------------------------
 
 def request_frame(api_key: int, version: int, correlation_id: int, body) -> bytes:
-    schema = load_request_schema(api_key, version)
-    header_schema = schema.__header_schema__
-    out = io.BytesIO()
-    entity_writer(header_schema)(out, header_schema(request_api_key=i16(api_key), request_api_version=i16(version),
-                                                    correlation_id=i32(correlation_id), client_id="raw"))
-    entity_writer(schema)(out, body)
-    return struct.pack(">i", len(out.getvalue())) + out.getvalue()
+    return kafka.encode_request(api_key, version, correlation_id, body, client_id="raw")
+
+
+def ask(address: tuple[str, int], api_key: int, version: int, body, timeout_s: float = 5.0):
+    """One request to the broker at `address` on a connection of its own; the decoded response body."""
+    with socket.create_connection(address, timeout=timeout_s) as sock:
+        sock.settimeout(timeout_s)
+        sock.sendall(request_frame(api_key, version, 1, body))
+        return kafka.decode_response(api_key, version, read_response(sock))
 
 
 def api_versions_frame(correlation_id: int) -> bytes:

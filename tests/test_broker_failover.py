@@ -6,17 +6,15 @@ its own data, catches up, and after a clean stop every replica's segment
 files are byte-identical."""
 from __future__ import annotations
 
-import socket
 import struct
 import time
 
-from kio.index import load_request_schema, load_response_schema
-from kio.serial import entity_reader
+from kio.index import load_request_schema
 
 from raftka.broker.local_cluster import LocalBrokers
 from raftka.protocol import kafka
 from raftka.records.batch import parse_records
-from tests.test_broker_clients import read_response, request_frame
+from tests.test_broker_clients import ask
 
 TOPIC = "replicated"
 PARTITIONS = 3
@@ -29,10 +27,7 @@ def partition_leaders(port: int) -> dict[int, int]:
     schema = load_request_schema(3, 4)
     body = schema(topics=(kafka.nested(schema, "MetadataRequestTopic")(name=TOPIC),),
                   allow_auto_topic_creation=False)
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(request_frame(3, 4, 1, body))
-        frame = read_response(sock)
-    response, _ = entity_reader(load_response_schema(3, 4))(frame, 4)   # after the correlation id
+    response = ask(("127.0.0.1", port), 3, 4, body)
     topic = next(t for t in response.topics if t.name == TOPIC)
     return {int(p.partition_index): int(p.leader_id) for p in topic.partitions}
 

@@ -32,14 +32,13 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-from kio.index import load_request_schema, load_response_schema
-from kio.serial import entity_reader
+from kio.index import load_request_schema
 
 from raftka.broker.local_cluster import LocalBrokers
 from raftka.protocol import kafka
 from raftka.records.batch import parse_records
 from tests.netns import FIREWALLS, NamespaceNetwork, unavailable_reason
-from tests.test_broker_clients import read_response, request_frame
+from tests.test_broker_clients import ask
 from tests.test_broker_failover import wait_for as failover_wait_for
 
 NODES = 3
@@ -101,11 +100,7 @@ def metadata(host: str, port: int, topic: str, timeout_s: float = 1.0) -> tuple[
     """(controller, partition -> leader and ISR, broker -> address) as the broker at host:port answers Metadata v4."""
     schema = load_request_schema(3, 4)
     body = schema(topics=(kafka.nested(schema, "MetadataRequestTopic")(name=topic),), allow_auto_topic_creation=False)
-    with socket.create_connection((host, port), timeout=timeout_s) as sock:
-        sock.settimeout(timeout_s)
-        sock.sendall(request_frame(3, 4, 1, body))
-        frame = read_response(sock)
-    response, _ = entity_reader(load_response_schema(3, 4))(frame, 4)
+    response = ask((host, port), 3, 4, body, timeout_s)
     brokers = {int(b.node_id): (b.host, int(b.port)) for b in response.brokers}
     found = next((t for t in response.topics if t.name == topic), None)
     partitions = {} if found is None else {

@@ -23,19 +23,17 @@ import collections
 import os
 import random
 import signal
-import socket
 import subprocess
 import threading
 import time
 
 import pytest
-from kio.index import load_request_schema, load_response_schema
-from kio.serial import entity_reader
+from kio.index import load_request_schema
 
 from raftka.broker.local_cluster import LocalBrokers
 from raftka.protocol import kafka
 from raftka.records.batch import parse_records
-from tests.test_broker_clients import read_response, request_frame
+from tests.test_broker_clients import ask
 
 TOPIC = "nemesis"
 PARTITIONS = 3
@@ -62,11 +60,7 @@ def leadership_claims(port: int, timeout_s: float = 2.0) -> dict[int, tuple[int,
     partition = kafka.nested(schema, "ListOffsetsPartition")
     body = schema(replica_id=-1, isolation_level=0, topics=(topic(name=TOPIC, partitions=tuple(
         partition(partition_index=p, current_leader_epoch=-1, timestamp=-1) for p in range(PARTITIONS))),))
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
-        sock.settimeout(timeout_s)
-        sock.sendall(request_frame(2, 4, 7, body))
-        frame = read_response(sock)
-    response, _ = entity_reader(load_response_schema(2, 4))(frame, 4)   # after the correlation id
+    response = ask(("127.0.0.1", port), 2, 4, body, timeout_s)
     return {int(p.partition_index): (int(p.leader_epoch), int(p.offset))
             for t in response.topics if t.name == TOPIC for p in t.partitions if p.error_code == 0}
 

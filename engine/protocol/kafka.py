@@ -24,7 +24,7 @@ from typing import Any
 from kio.index import load_request_schema, load_response_schema
 from kio.schema.errors import ErrorCode as KioErrorCode
 from kio.serial import entity_reader, entity_writer
-from kio.static.primitive import i32
+from kio.static.primitive import i16, i32
 
 from raftka.errors import ErrorCode
 
@@ -143,6 +143,31 @@ def answer(request: Request, **values: Any) -> bytes:
 def nested(schema: type, name: str) -> type:
     """A nested entity class of a kio schema's module (e.g. MetadataResponseTopic)."""
     return getattr(sys.modules[schema.__module__], name)
+
+
+def encode_request(api_key: int, api_version: int, correlation_id: int, body: Any,
+                   client_id: str = "raftka") -> bytes:
+    """A whole request frame, size included: what a client sends (the
+    benchmarks' and tests' raw Kafka clients)."""
+    schema = load_request_schema(api_key, api_version)
+    header_schema = schema.__header_schema__
+    out = io.BytesIO()
+    out.write(b"\0\0\0\0")
+    entity_writer(header_schema)(out, header_schema(request_api_key=i16(api_key), request_api_version=i16(api_version),
+                                                    correlation_id=i32(correlation_id), client_id=client_id))
+    entity_writer(schema)(out, body)
+    data = out.getbuffer()
+    _SIZE.pack_into(data, 0, len(data) - 4)
+    return bytes(data)
+
+
+def decode_response(api_key: int, api_version: int, frame: bytes | memoryview) -> Any:
+    """The body of a response frame (its size prefix removed) to an `api_key`
+    request of `api_version`: what a client reads."""
+    schema = load_response_schema(api_key, api_version)
+    _header, position = entity_reader(schema.__header_schema__)(frame, 0)
+    body, _ = entity_reader(schema)(frame, position)
+    return body
 
 
 def encode_response(correlation_id: int, response: Any) -> bytes:
