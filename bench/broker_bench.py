@@ -36,20 +36,14 @@ TOPIC = "bench"
 WARMUP_MESSAGES = 300
 
 
-def _proc_stat(pid: int) -> list[str]:
-    """/proc/PID/stat fields after the command name (state, ppid, ...)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()
-
-
-def _cpu_s(pids: list[int]) -> float:
+def _brokers_cpu_s(brokers: LocalBrokers) -> float:
+    """CPU seconds the brokers still running have used so far."""
     total = 0.0
-    for pid in pids:
+    for node_id in brokers.node_ids:
         try:
-            fields = _proc_stat(pid)
+            total += brokers.cpu_seconds(node_id)
         except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
+            continue   # exited
     return total
 
 
@@ -60,12 +54,12 @@ class CpuMeter:
     (the Python thread) means the load generator was."""
 
     def __init__(self, brokers: LocalBrokers) -> None:
-        self._pids = [brokers.pid(n) for n in brokers.node_ids]
+        self._brokers_of = brokers
 
     def __enter__(self) -> "CpuMeter":
         usage = resource.getrusage(resource.RUSAGE_SELF)
         self._client = usage.ru_utime + usage.ru_stime
-        self._brokers = _cpu_s(self._pids)
+        self._brokers = _brokers_cpu_s(self._brokers_of)
         self._wall = time.perf_counter()
         return self
 
@@ -73,7 +67,7 @@ class CpuMeter:
         wall = time.perf_counter() - self._wall
         usage = resource.getrusage(resource.RUSAGE_SELF)
         self.client_cores = (usage.ru_utime + usage.ru_stime - self._client) / wall
-        self.broker_cores = (_cpu_s(self._pids) - self._brokers) / wall
+        self.broker_cores = (_brokers_cpu_s(self._brokers_of) - self._brokers) / wall
 
     def record(self, into: dict) -> dict:
         into.update(client_cores=round(self.client_cores, 2), broker_cores=round(self.broker_cores, 2))
