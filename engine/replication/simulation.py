@@ -72,8 +72,14 @@ SIM_RAFT = dict(raftMinTimeout=0.3, raftMaxTimeout=0.6, appendEntriesPeriod=0.05
                 logCompactionMinEntries=25, logCompactionMinTime=5.0)
 MAX_HEAL_STEPS = 3000
 
-# Fault names, as `raftka simulate --faults` takes them.
-FAULT_NAMES = ("kill", "partition", "oneway", "reorder", "duplicate", "drop", "foreign")
+# Fault names, as `raftka simulate --faults` takes them, each with the Faults
+# field that turns it off and that field's value when off.
+_FAULT_OFF: dict[str, tuple[str, float]] = {
+    "kill": ("crash", 0.0), "partition": ("cut", 0.0), "oneway": ("oneway", 0.0),
+    "reorder": ("max_delay_s", MIN_DELAY_S), "duplicate": ("duplicate", 0.0), "drop": ("drop", 0.0),
+    "foreign": ("foreign", 0.0),
+}
+FAULT_NAMES = tuple(_FAULT_OFF)
 RESERVED_FAULTS = ("disk-full", "clock", "power")   # named now, simulated with the durable-log work
 
 # Commands a hostile or broken peer sends: pysyncobj's REGULAR (pickled),
@@ -123,21 +129,7 @@ class Faults:
         unknown = sorted(names - set(FAULT_NAMES))
         if unknown:
             raise ValueError(f"unknown fault {unknown[0]!r} (known: {', '.join(FAULT_NAMES)})")
-        off: dict[str, Any] = {}
-        if "kill" not in names:
-            off["crash"] = 0.0
-        if "partition" not in names:
-            off["cut"] = 0.0
-        if "oneway" not in names:
-            off["oneway"] = 0.0
-        if "reorder" not in names:
-            off["max_delay_s"] = MIN_DELAY_S
-        if "duplicate" not in names:
-            off["duplicate"] = 0.0
-        if "drop" not in names:
-            off["drop"] = 0.0
-        if "foreign" not in names:
-            off["foreign"] = 0.0
+        off = {field: value for name, (field, value) in _FAULT_OFF.items() if name not in names}
         return replace(cls(**overrides), **off)
 
 
