@@ -33,6 +33,7 @@ from raftka.raft import checkpoint
 from raftka.raft.journal import JournalPath
 from raftka.raft.pysyncobj_adapter import (AdaptedSyncObj, AdaptedTransport, ForeignCommandError, command_type,
                                            monotonic_time)
+from raftka.raft.transport import LOG_INTERVAL_S
 from raftka.raft.votes import VoteStore
 
 log = logging.getLogger(__name__)
@@ -561,7 +562,7 @@ class RaftGroup(AdaptedSyncObj):
         if refusal is not None:
             self.refused_messages += 1
             now = monotonic_time()
-            if now - self._refusal_logged_at >= 10.0:
+            if now - self._refusal_logged_at >= LOG_INTERVAL_S:
                 self._refusal_logged_at = now
                 log.warning("group %d: refused a message from peer %d: %s (%d refused so far)",
                             self.group_id, node.broker_id, refusal, self.refused_messages)
