@@ -470,27 +470,15 @@ class Simulation:
         """Every node up, no link cut, and each group led by one leader every node follows."""
         if self.cut_links or not all(m.alive for m in self.members.values()):
             return False
-        for group_id in self.groups:
-            replicas = [m.replicas[group_id] for m in self.members.values()]
-            leaders = [r for r in replicas if r.is_leader]
-            if len(leaders) != 1:
-                return False
-            leader = leaders[0]
-            if any(r.leader_id != leader.self_id or r.leader_epoch != leader.leader_epoch for r in replicas):
-                return False
-        return True
+        return all(_followed_by_all([m.replicas[group_id] for m in self.members.values()]) is not None
+                   for group_id in self.groups)
 
     def _followed_leader(self, group_id: int, cut_node: int) -> tuple[int, int] | None:
         """(term, leader) when every live node but `cut_node` follows one leader
         (itself among them) at its term; else None."""
         replicas = [m.replicas[group_id] for m in self.members.values() if m.alive and m.node_id != cut_node]
-        leaders = [r for r in replicas if r.is_leader]
-        if len(leaders) != 1:
-            return None
-        leader = leaders[0]
-        if any(r.leader_id != leader.self_id or r.leader_epoch != leader.leader_epoch for r in replicas):
-            return None
-        return leader.leader_epoch, leader.self_id
+        leader = _followed_by_all(replicas)
+        return None if leader is None else (leader.leader_epoch, leader.self_id)
 
     def _start_one_way(self) -> None:
         node_id = self.rng.choice(sorted(self.members))
@@ -693,6 +681,17 @@ class Simulation:
 
     def _violation(self, what: str) -> InvariantViolation:
         return InvariantViolation(self.seed, self.step_number, what, self.healing)
+
+
+def _followed_by_all(replicas: list[PartitionReplica]) -> PartitionReplica | None:
+    """The one leader among `replicas` that every one of them follows at its term, or None."""
+    leaders = [r for r in replicas if r.is_leader]
+    if len(leaders) != 1:
+        return None
+    leader = leaders[0]
+    if any(r.leader_id != leader.self_id or r.leader_epoch != leader.leader_epoch for r in replicas):
+        return None
+    return leader
 
 
 def readable_bytes(log: PartitionLog) -> bytes:
