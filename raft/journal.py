@@ -142,6 +142,7 @@ class SyncJob:
     def __init__(self, files: list[tuple["_Segment", int, int]], directory: Path | None,
                  target_index: int, generation: int) -> None:
         self.files = files                 # (segment, its own dup'd fd, size covered)
+        self.sync_calls = 0                # fdatasync/fsync calls made by run()
         self.directory = directory
         self.target_index = target_index
         self.generation = generation
@@ -154,8 +155,10 @@ class SyncJob:
             if fdatasync:
                 for _segment, fd, _size in self.files:
                     os.fdatasync(fd)
+                    self.sync_calls += 1
                 if self.directory is not None:
                     fsync_directory(self.directory)
+                    self.sync_calls += 1
         finally:
             for _segment, fd, _size in self.files:
                 os.close(fd)
@@ -351,14 +354,15 @@ class DiskJournal(RaftStateJournal):
 
     @property
     def needs_sync(self) -> bool:
-        """Written since the last sync job, and no job in flight."""
-        return bool(self._unsynced or self._new_file) and not self._sync_in_flight
+        """Written since the last sync job, no job in flight, and acknowledgements wait for syncs."""
+        return self.fsync and bool(self._unsynced or self._new_file) and not self._sync_in_flight
 
     def sync_job(self) -> SyncJob | None:
         """The group commit of everything written so far (None if nothing is,
         or a job is still in flight); run it anywhere, then `complete` it here."""
-        if not self.needs_sync:
-            return None
+        return self._make_job() if self.needs_sync else None
+
+    def _make_job(self) -> SyncJob:
         files = [(segment, os.dup(segment.fd), segment.size_bytes) for segment in self._unsynced.values()]
         job = SyncJob(files, self.directory if self._new_file else None,
                       self._slots[-1].index if self._slots else 0, self._generation)
@@ -408,13 +412,11 @@ class DiskJournal(RaftStateJournal):
         return sum(segment.size_bytes for segment in self._segments)
 
     def sync(self) -> None:
-        """A group commit now, on this thread (waits for none in flight)."""
+        """A group commit of every file now, on this thread (waits for none in flight)."""
         self._unsynced.update((id(segment), segment) for segment in self._segments)
-        self._sync_in_flight = False
-        job = self.sync_job()
-        if job is not None:
-            job.run()
-            self.complete(job)
+        job = self._make_job()
+        job.run()
+        self.complete(job)
 
     def abandon(self) -> None:
         """Close without saving anything, as a killed process would (tests)."""

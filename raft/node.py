@@ -101,6 +101,7 @@ class RaftNode:
         self._heartbeat_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sync_wanted: dict[int, RaftGroup] = {}   # groups whose journal has writes to sync
+        self.fdatasyncs = 0                            # calls made by completed group commits
         self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
         network.on_peer_connected(self._peer_connected)
         network.on_peer_disconnected(self._peer_disconnected)
@@ -311,6 +312,7 @@ class RaftNode:
             replica.journal.abort(job)
             self.fail(f"group {replica.group_id}: journal fdatasync failed: {type(error).__name__}: {error}")
             return
+        self.fdatasyncs += job.sync_calls
         try:
             replica.journal_synced(job)
         except Exception as exc:

@@ -117,18 +117,17 @@ class LogSyncJob:
         self.log_offset = log_offset          # segment bytes below this offset are covered
         self.entries_bytes = entries_bytes    # entries file bytes covered
         self.generation = generation
+        self.sync_calls = 0                   # fdatasync/fsync calls made by run()
 
     def run(self, fdatasync: bool = True) -> None:
         try:
             if fdatasync:
                 for fd in self.fds:
                     os.fdatasync(fd)
+                    self.sync_calls += 1
                 if self.directory is not None:
-                    fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    fsync_directory(self.directory)
+                    self.sync_calls += 1
         finally:
             for fd in self.fds:
                 os.close(fd)
@@ -166,6 +165,7 @@ class LogJournal(RaftStateJournal):
         self._fd = -1
         self._open_entries()
         self._durable_index = self._slots[-1][0] if self._slots else 0
+        partition_log.on_sync = self._sync_entries   # fsync=interval, clean closes: the entries file goes too
 
     # ---- pysyncobj's Journal interface ---------------------------------
 
@@ -293,11 +293,15 @@ class LogJournal(RaftStateJournal):
 
     @property
     def needs_sync(self) -> bool:
-        return self._dirty and not self._sync_in_flight
+        """Written since the last sync job, no job in flight, and acknowledgements wait for syncs."""
+        return self.fsync and self._dirty and not self._sync_in_flight
 
     def sync_job(self) -> LogSyncJob | None:
-        if not self.needs_sync:
-            return None
+        """The group commit of everything written so far (None if not needed,
+        or one is in flight); run it anywhere, then `complete` it here."""
+        return self._make_job() if self.needs_sync else None
+
+    def _make_job(self) -> LogSyncJob:
         fds = [os.dup(self._fd)]
         segment_fd = self.log.active_fd()
         if segment_fd is not None:
@@ -319,11 +323,9 @@ class LogJournal(RaftStateJournal):
 
     def sync(self) -> None:
         """A group commit now, on this thread."""
-        self._dirty, self._sync_in_flight = True, False
-        job = self.sync_job()
-        if job is not None:
-            job.run()
-            self.complete(job)
+        job = self._make_job()
+        job.run()
+        self.complete(job)
 
     @property
     def unsynced_bytes(self) -> int:
@@ -339,10 +341,20 @@ class LogJournal(RaftStateJournal):
     def abandon(self) -> None:
         """Close without saving anything, as a killed process would."""
         self._meta_dirty = False
-        self.close()
+        self._close()
 
     def close(self) -> None:
         self._save_meta_hint()
+        self._sync_entries()
+        self._close()
+
+    def _sync_entries(self) -> None:
+        """fdatasync the entries file (the log synced its segments)."""
+        if self._fd >= 0 and self._synced_bytes < self._file_bytes:
+            os.fdatasync(self._fd)
+            self._synced_bytes = self._file_bytes
+
+    def _close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -33,7 +33,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from raftka.config import Config
 from raftka.errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
@@ -107,6 +107,7 @@ class PartitionLog:
         # True when a Raft journal makes appends durable (a replica's log): append then never syncs
         self.journaled = False
         self.recovered_short = False   # recovery cut data below the recorded high watermark
+        self.on_sync: Callable[[], None] | None = None   # a Raft journal syncing its own file alongside
         self._bytes_since_index = 0
         self._max_timestamp = -1     # running max of batch maxTimestamp
         self._last_time_entry = -1   # largest timestamp in the time index
@@ -393,6 +394,8 @@ class PartitionLog:
         if self._dirty_since_sync or force:
             self._segments[-1].sync()
             self._dirty_since_sync = False
+            if self.on_sync is not None:
+                self.on_sync()
             if self._config.fsync != "never":
                 self._advance_recovery_point()
 
