@@ -100,6 +100,9 @@ class Config:
     group_max_size: int = 1000
     # offset.metadata.max.bytes: the metadata string of a committed offset
     offset_metadata_max_bytes: int = 4096
+    # producer.id.expiration.ms: an idempotent producer id idle this long, by
+    # the log's own timestamps, is forgotten (its next batch starts afresh)
+    producer_id_expiration_ms: int = 24 * 3600 * 1000
 
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
@@ -109,7 +112,7 @@ class Config:
                     "index_commit_max_pending", "lmdb_map_size_bytes", "default_partitions",
                     "default_replication_factor", "replica_lag_time_max_ms", "max_request_bytes",
                     "offsets_topic_partitions", "offsets_topic_replication_factor", "group_min_session_timeout_ms",
-                    "group_max_session_timeout_ms", "group_max_size")
+                    "group_max_session_timeout_ms", "group_max_size", "producer_id_expiration_ms")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -238,6 +241,7 @@ BROKER_CONFIGS: dict[str, str] = {
     "group.max.session.timeout.ms": "group_max_session_timeout_ms",
     "group.max.size": "group_max_size",
     "offset.metadata.max.bytes": "offset_metadata_max_bytes",
+    "producer.id.expiration.ms": "producer_id_expiration_ms",
 }
 
 

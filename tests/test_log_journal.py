@@ -64,7 +64,7 @@ def test_entries_write_their_batches_once_and_no_ops_take_no_offset(replica):
     journal.add(multi([make_batch(2, seed=2), make_batch(1, seed=3)], 1), 3, 1)
     journal.add(NO_OP_ENTRY, 4, 2)
     assert log.log_end_offset == 6
-    assert [journal.slot(i) for i in (1, 2, 3, 4)] == [(1, 1, 0, 0), (2, 1, 0, 3), (3, 1, 3, 6), (4, 2, 6, 6)]
+    assert [journal.slot(i) for i in (1, 2, 3, 4)] == [(1, 1, 0, 0, -1), (2, 1, 0, 3, -1), (3, 1, 3, 6, -1), (4, 2, 6, 6, -1)]
     assert journal.pop_outcome(2) == 0 and journal.pop_outcome(3) == [3, 5]
     size = sum(segment.size_bytes for segment in log.segments)
     assert size == len(make_batch(3, seed=1)) + len(make_batch(2, seed=2)) + len(make_batch(1, seed=3))
@@ -83,10 +83,10 @@ def test_truncating_an_uncommitted_suffix_truncates_the_segments(replica):
     journal.deleteEntriesFrom(2)        # entries 3 and 4 go, with their data
     assert len(journal) == 2 and log.log_end_offset == 4
     journal.add(append(make_batch(1, seed=9), 2), 3, 2)
-    assert journal.slot(3) == (3, 2, 4, 5)
+    assert journal.slot(3) == (3, 2, 4, 5, -1)
     replica.crash()
     replica.open()                     # the entries file says the same after a restart
-    assert [replica.journal.slot(i) for i in (1, 2, 3)] == [(1, 1, 0, 2), (2, 1, 2, 4), (3, 2, 4, 5)]
+    assert [replica.journal.slot(i) for i in (1, 2, 3)] == [(1, 1, 0, 2, -1), (2, 1, 2, 4, -1), (3, 2, 4, 5, -1)]
 
 
 def test_a_crash_cutting_the_entries_file_or_the_segment_at_any_byte_reopens_consistent(tmp_path):
@@ -128,7 +128,7 @@ def test_a_follower_installing_a_checkpoint_records_where_the_data_lies_without_
     journal.clear()
     journal.add(marker(0, 10), 7, 3)
     journal.add(marker(10, 12), 8, 3)
-    assert log.log_end_offset == 0 and journal.slot(8) == (8, 3, 10, 12)
+    assert log.log_end_offset == 0 and journal.slot(8) == (8, 3, 10, 12, -1)
     assert len(journal) == 2 and journal.first_index() == 7
 
 

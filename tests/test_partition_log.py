@@ -340,13 +340,13 @@ def test_unusable_data_directory_is_a_clear_storage_error(tmp_path):
         raftka.open(not_a_dir / "data")
 
 
-def test_segments_roll_by_age(tmp_path):
-    import time
-    h = Harness(tmp_path, segment_ms=20)
-    h.log.append(make_batch(1))
-    time.sleep(0.05)
-    h.log.append(make_batch(1, seed=1))
-    assert [s.base_offset for s in h.log.segments] == [0, 1]
+def test_segments_roll_by_age_measured_by_the_batches_timestamps_not_the_wall_clock(tmp_path):
+    h = Harness(tmp_path, segment_ms=1000)
+    h.log.append(make_batch(1, timestamp_ms=1_000_000))
+    h.log.append(make_batch(1, timestamp_ms=1_000_999))   # younger than segment_ms: same segment
+    log = h.reopen()                                      # a restart does not reset the age
+    log.append(make_batch(1, timestamp_ms=1_001_000))     # segment_ms after the first batch: a new one
+    assert [s.base_offset for s in log.segments] == [0, 2]
 
 
 @pytest.mark.parametrize("policy", ["never", "interval", "always"])

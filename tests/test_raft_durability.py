@@ -112,3 +112,27 @@ def test_every_broker_sigkilled_at_once_loses_no_acknowledged_record(tmp_path):
 
     finally:
         brokers.stop()
+
+
+def test_retention_is_the_leaders_decision_and_every_replica_carries_it_out_alike(tmp_path):
+    sim = Simulation(tmp_path, 5, faults=Faults.of([]), log_settings=dict(segment_bytes=1024, retention_bytes=2048))
+    random.seed(5)
+    with patched_clock(sim.clock):
+        for node_id in sim.members:
+            sim.start_node(node_id)
+    try:
+        run_steps(sim, 300)
+        replicas = [m.replicas[1] for m in sim.members.values()]
+        leader = next(r for r in replicas if r.is_leader)
+        followers = [r for r in replicas if r is not leader]
+        assert len(leader.log.segments) > 4
+        for follower in followers:     # a follower's own clock, however far ahead, deletes nothing
+            assert follower.log.enforce_retention(now_ms=10 ** 15) == 0 and follower.log.log_start_offset == 0
+        leader.log.enforce_retention()  # the leader decides, and replicates the decision
+        assert leader.log.log_start_offset == 0
+        run_steps(sim, 50)
+        starts = {r.log.log_start_offset for r in replicas}
+        assert len(starts) == 1 and starts.pop() > 0
+        sim.heal_and_converge()         # every replica's segment files still byte-identical
+    finally:
+        sim.stop_all()

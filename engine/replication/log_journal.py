@@ -12,9 +12,12 @@ applying an entry writes nothing.
 What maps Raft indexes to offsets is the entries file,
 `<partition dir>/raft.entries`: a header (magic, format version) and one
 fixed-size record per entry, `raft index | term | base offset | next
-offset | crc32c`. Entries that carry no batches (pysyncobj's no-op at the
-start of each term) take no offset: their base and next offsets are equal,
-so consumers never see them and offsets stay dense. The file is written
+offset | control | crc32c`. Entries that carry no batches take no offset:
+their base and next offsets are equal, so consumers never see them and
+offsets stay dense. Those are pysyncobj's no-op at the start of each term
+(control -1) and the leader's retention decisions (`0x13 | new log start
+offset`, control = that offset), which every replica carries out when the
+entry commits. The file is written
 with the segment and synced with it (one group commit covers both), and on
 open the two are reconciled: records that are torn or point past the
 segments' valid end are cut, and segment bytes past the last recorded entry
@@ -53,19 +56,22 @@ ENTRIES_FILE = "raft.entries"
 MAGIC = b"RKRE"
 FORMAT_VERSION = 1                        # bump (and migrate) when the layout below changes
 FILE_HEAD = struct.Struct("<4sHH")        # magic, format version, reserved
-RECORD = struct.Struct("<QQqqI")          # raft index, term, base offset, next offset, crc32c of the first 32 bytes
-RECORD_BODY = struct.Struct("<QQqq")
+RECORD = struct.Struct("<QQqqqI")         # raft index, term, base offset, next offset, control, crc32c of the rest
+RECORD_BODY = struct.Struct("<QQqqq")
 APPEND_COMMAND = 0x10
 APPEND_HEADER = struct.Struct(">Bi")      # command type, leader epoch
 MULTI_APPEND_COMMAND = 0x11
 MULTI_APPEND_HEADER = struct.Struct(">BiI")
 PART_SIZE = struct.Struct(">I")
+LOG_START_COMMAND = 0x13                  # the leader's retention decision: the new log start offset
+LOG_START = struct.Struct(">Bq")
+NO_CONTROL = -1
 MARKER_COMMAND = 0x1F                     # a checkpoint's boundary entry: where its data lies
 MARKER = struct.Struct(">Bqq")
 DEFAULT_CACHE_BYTES = 32 * 1024 * 1024
 REWRITE_DEAD_RECORDS = 4096               # compaction rewrites the entries file past this many dropped records
 
-Slot = tuple[int, int, int, int]          # (raft index, term, base offset, next offset)
+Slot = tuple[int, int, int, int, int]     # (raft index, term, base offset, next offset, control)
 
 
 class JournalFormatError(Exception):
@@ -75,6 +81,10 @@ class JournalFormatError(Exception):
 
 def marker(base_offset: int, next_offset: int) -> bytes:
     return MARKER.pack(MARKER_COMMAND, base_offset, next_offset)
+
+
+def log_start_command(offset: int) -> bytes:
+    return LOG_START.pack(LOG_START_COMMAND, offset)
 
 
 def is_marker(command: Any) -> bool:
@@ -178,10 +188,12 @@ class LogJournal(RaftStateJournal):
         base = log_.log_end_offset
         outcome: Any = None
         if command == NO_OP_ENTRY:
-            slot = (idx, term, base, base)
+            slot = (idx, term, base, base, NO_CONTROL)
         elif is_marker(command):
             _, base, next_offset = MARKER.unpack(bytes(command))
-            slot = (idx, term, base, next_offset)
+            slot = (idx, term, base, next_offset, NO_CONTROL)
+        elif len(command) == LOG_START.size and command[0] == LOG_START_COMMAND:
+            slot = (idx, term, base, base, LOG_START.unpack(bytes(command))[1])
         else:
             parts = append_parts(command)
             if parts is None:
@@ -195,7 +207,7 @@ class LogJournal(RaftStateJournal):
                     log_.truncate(base)
                 raise
             outcome = bases if command[0] == MULTI_APPEND_COMMAND else bases[0]
-            slot = (idx, term, base, log_.log_end_offset)
+            slot = (idx, term, base, log_.log_end_offset, NO_CONTROL)
             if self.on_added is not None:
                 self.on_added(parts, bases)
         self._write_record(slot)
@@ -217,7 +229,7 @@ class LogJournal(RaftStateJournal):
         """Drop entries [entryFrom, end): a follower's conflicting suffix, data included."""
         if entryFrom >= len(self._slots):
             return
-        index, _term, base, _next = self._slots[entryFrom]
+        index, _term, base, _next, _control = self._slots[entryFrom]
         del self._slots[entryFrom:]
         self._forget_from(index)
         for stale in [i for i in self._outcomes if i >= index]:
@@ -265,7 +277,7 @@ class LogJournal(RaftStateJournal):
         return slot[1] if slot is not None else None
 
     def slot(self, index: int) -> Slot | None:
-        """(index, term, base offset, next offset) of the entry at raft `index`, None if not held."""
+        """(index, term, base offset, next offset, control) of the entry at raft `index`, None if not held."""
         if not self._slots:
             return None
         position = index - self._slots[0][0]
@@ -381,7 +393,7 @@ class LogJournal(RaftStateJournal):
         log_end = self.log.log_end_offset
         position = FILE_HEAD.size
         while position + RECORD.size <= len(data):
-            index, term, base, next_offset, crc = RECORD.unpack_from(data, position)
+            index, term, base, next_offset, control, crc = RECORD.unpack_from(data, position)
             if crc != crc32c(data[position:position + RECORD_BODY.size]):
                 break
             if self._slots:
@@ -392,7 +404,7 @@ class LogJournal(RaftStateJournal):
                 break   # its data did not survive (a power loss took unsynced segment bytes)
             if not self._slots:
                 self._file_first = index
-            self._slots.append((index, term, base, next_offset))
+            self._slots.append((index, term, base, next_offset, control))
             position += RECORD.size
         if position < len(data):
             log.warning("%s: entries file cut at byte %d of %d (torn, or its data was lost)", self.log.name,
@@ -450,10 +462,12 @@ class LogJournal(RaftStateJournal):
     # ---- commands --------------------------------------------------------------
 
     def _entry(self, slot: Slot) -> tuple[Any, int, int]:
-        index, term, base, next_offset = slot
+        index, term, base, next_offset, control = slot
         command = self._cache.get(index)
         if command is None:
-            if base == next_offset:
+            if control != NO_CONTROL:
+                command = log_start_command(control)
+            elif base == next_offset:
                 command = NO_OP_ENTRY
             else:
                 command = APPEND_HEADER.pack(APPEND_COMMAND, term) + self.log.read_range(base, next_offset)

@@ -52,8 +52,9 @@ from raftka.raft import checkpoint
 from raftka.raft.group import (MAX_COMMAND_BYTES, FailReason, GroupRemovedError, NotLeaderError, PeerNode, RaftGroup,
                                ReplicationError, settle_future)
 from raftka.raft.pysyncobj_adapter import NO_OP_ENTRY, monotonic_time
-from raftka.replication.log_journal import (APPEND_COMMAND, APPEND_HEADER, MULTI_APPEND_COMMAND,
-                                            MULTI_APPEND_HEADER, PART_SIZE, LogJournal, LogJournalPath, marker)
+from raftka.replication.log_journal import (APPEND_COMMAND, APPEND_HEADER, LOG_START_COMMAND, MULTI_APPEND_COMMAND,
+                                            MULTI_APPEND_HEADER, NO_CONTROL, PART_SIZE, LogJournal, LogJournalPath,
+                                            log_start_command, marker)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class CatchUp:
 class PartitionReplica(RaftGroup):
     """This broker's replica of one partition's Raft group."""
 
-    COMMAND_TYPES = frozenset({APPEND_COMMAND, MULTI_APPEND_COMMAND})
+    COMMAND_TYPES = frozenset({APPEND_COMMAND, MULTI_APPEND_COMMAND, LOG_START_COMMAND})
 
     def __init__(self, group_id: int, partition_log: PartitionLog, self_id: int, replica_ids: list[int],
                  network: Any, group_dir: Path, journal_max_bytes: int = 128 * 1024 * 1024,
@@ -82,11 +83,13 @@ class PartitionReplica(RaftGroup):
         self._log = partition_log
         partition_log.journaled = True       # the Raft log's group commits sync it
         partition_log.recovered_short = False  # the entries file, not the applied index, says what it holds
+        partition_log.on_retention = self._propose_log_start   # retention is the leader's decision, replicated
+        self._log_start_proposed = -1
         self._catch_up: CatchUp | None = None
         self._pending_appends: list[tuple[Any, asyncio.Future[Any]]] = []   # proposed at the next tick
         self._duplicates: list[tuple[int, asyncio.Future[Any]]] = []   # retries of appends not yet committed
         self.on_high_watermark: Callable[[], None] | None = None   # the broker wakes waiting fetches
-        self.producers = ProducerState()
+        self.producers = ProducerState(partition_log.config.producer_id_expiration_ms)
         super().__init__(group_id, self_id, replica_ids, network, group_dir, journal_max_bytes, **raft_settings)
         journal = self.journal
         journal.on_added = self._record_producers
@@ -100,6 +103,18 @@ class PartitionReplica(RaftGroup):
     @property
     def log(self) -> PartitionLog:
         return self._log
+
+    def _propose_log_start(self, offset: int) -> None:
+        """Retention found segments below `offset` to delete: as leader, replicate
+        that (every replica deletes when it commits); a follower waits for it."""
+        if not self.is_leader or offset <= self._log_start_proposed:
+            return
+        self._log_start_proposed = offset
+
+        def done(_result: Any, error: Exception | None) -> None:
+            if error is not None:
+                self._log_start_proposed = -1   # proposed again at the next retention run
+        self._propose(log_start_command(offset), done)
 
     def _rebuild_producer_state(self) -> None:
         self.producers.rebuild([segment.view() for segment in self._log.segments[-REBUILD_SEGMENTS:]])
@@ -301,6 +316,8 @@ class PartitionReplica(RaftGroup):
         index = self._raft_last_applied() + 1  # pysyncobj bumps it after the apply returns
         journal: LogJournal = self.journal
         slot = journal.slot(index)
+        if slot is not None and slot[4] != NO_CONTROL:
+            self._log.delete_below(slot[4])   # the leader's retention decision, carried out alike everywhere
         if slot is not None and slot[3] > self._log.high_watermark:
             self._log.set_high_watermark(slot[3], applied_index=index)
             self._answer_duplicates()
@@ -321,7 +338,11 @@ class PartitionReplica(RaftGroup):
         for _command, index, term in (previous, last_applied):
             slot = journal.slot(index)
             assert slot is not None, index
-            entries.append((NO_OP_ENTRY if slot[2] == slot[3] else marker(slot[2], slot[3]), index, term))
+            if slot[4] != NO_CONTROL:
+                command = log_start_command(slot[4])
+            else:
+                command = NO_OP_ENTRY if slot[2] == slot[3] else marker(slot[2], slot[3])
+            entries.append((command, index, term))
         self._log.flush_index()
         checkpoint.write(Path(path), checkpoint.Checkpoint(
             applied_index=last_applied[1], log_end_offset=journal.slot(last_applied[1])[3],

@@ -265,6 +265,7 @@ class GroupState:
     acks_checked: int = 0            # acks compared with agreed_values so far
     agreed_end: int = 0              # offset after the last batch in agreed_values
     agreed_by: int = 0               # the node whose log the agreed log last was
+    agreed_positions: dict[int, int] = field(default_factory=dict)  # batch base offset -> byte position in agreed
 
 
 @dataclass
@@ -290,6 +291,7 @@ class Simulation:
     raft_overrides: dict[str, Any] = field(default_factory=dict)
     partitions: int = 1
     journal_accepts_all: bool = False   # True: a planted bug (drop-foreign-silently)
+    log_settings: dict[str, Any] = field(default_factory=dict)   # Config overrides of every partition log
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -339,7 +341,7 @@ class Simulation:
         for group_id in self.groups:
             storage_id = group_id - 1
             log = PartitionLog(f"p-{storage_id}", member.root / f"p-{storage_id}", storage_id, member.index,
-                               Config(data_dir=member.root))
+                               Config(data_dir=member.root, **self.log_settings))
             replica = self._guard(node_id, PartitionReplica, group_id, log, node_id, list(self.members),
                                   _Endpoint(self, node_id), member.root / f"raft-{storage_id}",
                                   persist_vote=self.persist_vote, journal_fsync=True,
@@ -607,9 +609,10 @@ class Simulation:
             raise self._violation(f"no convergence within {max_steps} steps after healing: {self.describe()}")
         for group_id, group in self.groups.items():
             views = {m.node_id: readable_bytes(m.replicas[group_id].log) for m in self.members.values()}
+            starts = {m.node_id: m.replicas[group_id].log.log_start_offset for m in self.members.values()}
             for ack in group.acks:
                 for node_id, view in views.items():
-                    if _payload_at(view, ack.base_offset) != ack.payload:
+                    if ack.base_offset >= starts[node_id] and _payload_at(view, ack.base_offset) != ack.payload:
                         raise self._violation(f"group {group_id}: acknowledged append at offset {ack.base_offset} "
                                               f"({ack.payload!r}) missing on node {node_id} after healing")
             for node_id, view in views.items():
@@ -675,7 +678,10 @@ class Simulation:
         """The agreed log's batches not seen before: offsets dense from 0, and
         acknowledged offsets holding their appends. Every node's readable log is
         a prefix of the agreed one, so this holds for each of them too."""
+        position = group.agreed_parsed
         for header, batch in iter_batches(memoryview(group.agreed)[group.agreed_parsed:]):
+            group.agreed_positions[header.base_offset] = position
+            position += len(batch)
             if header.base_offset != group.agreed_end:
                 raise self._violation(f"group {group.group_id}, node {group.agreed_by}: batch at offset "
                                       f"{header.base_offset}, expected {group.agreed_end}")
@@ -719,12 +725,19 @@ class Simulation:
             raise self._violation(f"group {group.group_id}, node {node_id}: readable past the high watermark "
                                   f"{log.high_watermark}")
         view = readable_bytes(log)
-        shorter, longer = sorted((view, group.agreed), key=len)
+        # retention moved the log start: compare from where this log starts
+        start = group.agreed_positions.get(log.log_start_offset, 0 if log.log_start_offset == 0 else None)
+        if start is None:
+            if log.log_start_offset != group.agreed_end:
+                return   # starts past everything agreed so far: nothing to compare with yet
+            start = len(group.agreed)
+        agreed = group.agreed[start:]
+        shorter, longer = sorted((view, agreed), key=len)
         if longer[:len(shorter)] != shorter:
             raise self._violation(f"group {group.group_id}: node {node_id}'s committed log diverges "
                                   f"from the agreed log")
-        if len(view) > len(group.agreed):
-            group.agreed, group.agreed_by = view, node_id
+        if len(view) > len(agreed):
+            group.agreed, group.agreed_by = group.agreed[:start] + view, node_id
             self._check_agreed(group)   # dense, acknowledged appends in place: each new batch once
 
     def describe(self) -> str:

@@ -108,6 +108,7 @@ class PartitionLog:
         self.journaled = False
         self.recovered_short = False   # recovery cut data below the recorded high watermark
         self.on_sync: Callable[[], None] | None = None   # a Raft journal syncing its own file alongside
+        self.on_retention: Callable[[int], None] | None = None   # a replica replicating retention decisions
         self._bytes_since_index = 0
         self._max_timestamp = -1     # running max of batch maxTimestamp
         self._last_time_entry = -1   # largest timestamp in the time index
@@ -181,7 +182,7 @@ class PartitionLog:
             raise CorruptRecordError("no record batches", 0)
         data = ffi.from_buffer(batches)
         state = self._scan(data, size, check_crc=True)
-        if self._roll_due(size):
+        if self._roll_due(size, _max_timestamp_of_first(batches)):
             self.roll()
             state = self._scan(data, size, check_crc=False)  # index entries for the new segment
         base_offset = self._log_end_offset
@@ -258,12 +259,17 @@ class PartitionLog:
                 self._pending_times.append((timestamp, offset))
                 self._last_time_entry = timestamp
 
-    def _roll_due(self, incoming_bytes: int) -> bool:
+    def _roll_due(self, incoming_bytes: int, incoming_timestamp: int) -> bool:
+        """Size, or age by the log's own clock: the incoming batch's timestamp
+        against the active segment's first batch's (Kafka's rolling-based
+        timestamp, compared with the data instead of the wall clock), so every
+        replica appending the same batches rolls at the same offsets."""
         active = self._segments[-1]
         if active.size_bytes == 0:
             return False
         too_big = active.size_bytes + incoming_bytes > self._config.segment_bytes
-        too_old = time.time() * 1000 - active.created_ms >= self._config.segment_ms
+        first = active.first_timestamp()
+        too_old = first >= 0 and incoming_timestamp - first >= self._config.segment_ms
         return too_big or too_old
 
     def roll(self) -> None:
@@ -507,20 +513,41 @@ class PartitionLog:
         """Delete the oldest whole segments past retention.bytes or retention.ms.
 
         Never the active segment, never data at or above the high watermark.
-        Returns how many segments were deleted.
+        Returns how many segments were deleted. A replicated log decides here
+        but does not delete: `on_retention(offset)` (its replica) replicates
+        the decision, and every replica deletes when it commits (delete_below),
+        so log start offsets never depend on one replica's clock.
         """
+        point = self.retention_point(now_ms)
+        if point <= self.log_start_offset:
+            return 0
+        if self.on_retention is not None:
+            self.on_retention(point)
+            return 0
+        return self.delete_below(point)
+
+    def retention_point(self, now_ms: int | None = None) -> int:
+        """The base offset of the first segment retention keeps."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         total = self.size_bytes
-        deleted = 0
-        while len(self._segments) > 1 and self._segments[1].base_offset <= self._high_watermark:
-            first = self._segments[0]
+        k = 0
+        while k + 1 < len(self._segments) and self._segments[k + 1].base_offset <= self._high_watermark:
+            first = self._segments[k]
             over_bytes = 0 <= self._config.retention_bytes <= total - first.size_bytes
             over_age = (self._config.retention_ms >= 0
                         and _segment_timestamp(first) < now_ms - self._config.retention_ms)
             if not (over_bytes or over_age):
                 break
             total -= first.size_bytes
-            first.delete()
+            k += 1
+        return self._segments[k].base_offset
+
+    def delete_below(self, offset: int) -> int:
+        """Delete every whole segment below `offset` (never the active one, never
+        data at or above the high watermark); how many went."""
+        deleted = 0
+        while len(self._segments) > 1 and self._segments[1].base_offset <= min(offset, self._high_watermark):
+            self._segments[0].delete()
             del self._segments[0], self._segment_bases[0]
             deleted += 1
         if deleted:
@@ -700,6 +727,11 @@ class PartitionLog:
         """Release files without committing anything: what a crash leaves behind."""
         for segment in self._segments:
             segment.close()
+
+
+def _max_timestamp_of_first(batches: bytes | bytearray | memoryview) -> int:
+    return int.from_bytes(memoryview(batches)[layout.MAX_TIMESTAMP_OFF:layout.MAX_TIMESTAMP_OFF + 8], "big",
+                          signed=True)
 
 
 def _segment_timestamp(segment: Segment) -> int:
