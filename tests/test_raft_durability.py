@@ -26,6 +26,13 @@ def run_steps(sim: Simulation, steps: int) -> None:
             sim.step()
 
 
+def start_nodes(sim: Simulation, seed: int) -> None:
+    random.seed(seed)                 # pysyncobj draws election timeouts from `random`
+    with patched_clock(sim.clock):
+        for node_id in sim.members:
+            sim.start_node(node_id)
+
+
 def test_nothing_commits_until_a_majority_fdatasyncd_it_then_everything_does(tmp_path):
     sim = Simulation(tmp_path, 3, faults=Faults.of([]))
     held: list[tuple[int, int, object]] = []
@@ -35,10 +42,7 @@ def test_nothing_commits_until_a_majority_fdatasyncd_it_then_everything_does(tmp
         if job is not None:
             held.append((node_id, group_id, job))
     sim._schedule_sync = hold
-    random.seed(3)
-    with patched_clock(sim.clock):
-        for node_id in sim.members:
-            sim.start_node(node_id)
+    start_nodes(sim, 3)
     try:
         run_steps(sim, 150)
         replicas = [m.replicas[1] for m in sim.members.values()]
@@ -116,10 +120,7 @@ def test_every_broker_sigkilled_at_once_loses_no_acknowledged_record(tmp_path):
 
 def test_retention_is_the_leaders_decision_and_every_replica_carries_it_out_alike(tmp_path):
     sim = Simulation(tmp_path, 5, faults=Faults.of([]), log_settings=dict(segment_bytes=1024, retention_bytes=2048))
-    random.seed(5)
-    with patched_clock(sim.clock):
-        for node_id in sim.members:
-            sim.start_node(node_id)
+    start_nodes(sim, 5)
     try:
         run_steps(sim, 300)
         replicas = [m.replicas[1] for m in sim.members.values()]

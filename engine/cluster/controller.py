@@ -161,7 +161,11 @@ class ClusterController:
     def partition_leader(self, topic: str, partition: int) -> tuple[int, int]:
         """(leader id, leader epoch) as this broker knows them, (-1, -1) when unknown:
         the local replica's view if it hosts one and a leader is known (it is
-        the freshest), otherwise what the metadata records."""
+        the freshest), otherwise what the metadata records. A broker out of
+        service knows nothing current: unknown, so clients ask the others
+        instead of being sent back to a leader that is gone."""
+        if self.node.failed:
+            return -1, -1
         replica = self._replicas.get((topic, partition))
         if replica is not None and replica.leader_id is not None:
             return replica.leader_id, replica.leader_epoch
