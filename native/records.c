@@ -274,8 +274,9 @@ static int record_prefix(const uint8_t *buf, size_t *pos, size_t end, size_t *re
 }
 
 static void put_view(int64_t start, int64_t len, int64_t *index, int64_t *starts, int64_t *ends,
-                     int64_t *rank, int64_t *nulls) {
+                     int64_t *rank, int64_t *nulls, int64_t *bytes) {
     if (len < 0) { *index = 0; *nulls += 1; return; }
+    *bytes += len;
     starts[*rank] = start;
     ends[*rank] = start + len;
     *rank += 1;
@@ -294,7 +295,7 @@ static int decode_headers(const uint8_t *buf, size_t *pos, size_t record_end, in
         v->header_key_starts[n] = kstart;
         v->header_key_ends[n] = kstart + klen;
         put_view(vstart, vlen, &v->header_value_index[n], v->header_value_starts, v->header_value_ends,
-                 value_rank, &v->null_header_values);
+                 value_rank, &v->null_header_values, &v->header_value_bytes);
     }
     return 0;
 }
@@ -309,12 +310,14 @@ static int decode_record(const uint8_t *buf, size_t *pos, size_t end, int64_t i,
     v->timestamps[i] = v->log_append_time ? v->max_timestamp
                        : (int64_t)((uint64_t)v->first_timestamp + (uint64_t)timestamp_delta);
     if (offset_delta != i) v->offsets_sequential = 0;
+    if (v->timestamps[i] != v->timestamps[0]) v->timestamps_uniform = 0;
     err = get_field(buf, pos, record_end, 1, &start, &len);
     if (err) return err;
-    put_view(start, len, &v->key_index[i], v->key_starts, v->key_ends, key_rank, &v->null_keys);
+    put_view(start, len, &v->key_index[i], v->key_starts, v->key_ends, key_rank, &v->null_keys, &v->key_bytes);
     err = get_field(buf, pos, record_end, 1, &start, &len);
     if (err) return err;
-    put_view(start, len, &v->value_index[i], v->value_starts, v->value_ends, value_rank, &v->null_values);
+    put_view(start, len, &v->value_index[i], v->value_starts, v->value_ends, value_rank, &v->null_values,
+             &v->value_bytes);
     err = get_varint32(buf, pos, record_end, &header_count);
     if (err) return err;
     if (header_count < 0 || header_count > (int64_t)(record_end - *pos) / 2) return RK_REC_ERR_FIELD_LENGTH;
@@ -328,7 +331,8 @@ int64_t rk_records_decode(const uint8_t *buf, size_t start, size_t end, rk_recor
     size_t pos = start;
     int64_t key_rank = 0, value_rank = 0, header_value_rank = 0;
     v->null_keys = v->null_values = v->header_total = v->null_header_values = 0;
-    v->offsets_sequential = 1;
+    v->key_bytes = v->value_bytes = v->header_value_bytes = 0;
+    v->offsets_sequential = v->timestamps_uniform = 1;
     v->error_position = -1;
     if (start > end || v->count < 0 || v->count > (int64_t)((end - start) / RK_MIN_RECORD_BYTES)) {
         v->error_position = (int64_t)start;
@@ -341,6 +345,21 @@ int64_t rk_records_decode(const uint8_t *buf, size_t start, size_t end, rk_recor
     }
     if (pos != end) { v->error_position = (int64_t)pos; return RK_REC_ERR_COUNT; }
     return v->count;
+}
+
+int64_t rk_gather(const uint8_t *buf, size_t len, const int64_t *starts, const int64_t *ends, int64_t n,
+                  uint8_t *out, size_t cap, int64_t *lengths) {
+    size_t written = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t start = starts[i], end = ends[i];
+        if (start < 0 || end < start || (uint64_t)end > len) return RK_REC_ERR_INPUT;
+        size_t size = (size_t)(end - start);
+        if (size > cap - written) return RK_REC_ERR_SPACE;
+        memcpy(out + written, buf + start, size);
+        written += size;
+        lengths[i] = (int64_t)size;
+    }
+    return (int64_t)written;
 }
 
 int64_t rk_records_validate(const uint8_t *buf, size_t len, int64_t count, int64_t *error_position) {

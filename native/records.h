@@ -117,7 +117,11 @@ typedef struct {
     int64_t null_values;
     int64_t header_total;          /* headers in the batch; > capacity: call again with more */
     int64_t null_header_values;
+    int64_t key_bytes;             /* bytes of all non-null keys; values and header values alike */
+    int64_t value_bytes;
+    int64_t header_value_bytes;
     int32_t offsets_sequential;    /* 1: offsetDeltas are 0, 1, ..., count - 1 */
+    int32_t timestamps_uniform;    /* 1: every record has the first record's timestamp */
     int64_t error_position;        /* on error: byte position of the bad record */
 } rk_record_views;
 
@@ -132,6 +136,12 @@ int64_t rk_batch_seal(uint8_t *batch, size_t len, const rk_batch_fields *f);
 /* Decodes the records section buf[start, end) (decompressed); returns count
  * or an RK_REC_ERR_* with v->error_position set. Byte positions are into buf. */
 int64_t rk_records_decode(const uint8_t *buf, size_t start, size_t end, rk_record_views *v);
+/* Copies the ranges buf[starts[i], ends[i]) for i < n back to back into out
+ * (cap bytes) and their lengths into lengths; returns the bytes copied, or
+ * RK_REC_ERR_SPACE. Turns a decoded column into one buffer that Python cuts
+ * into bytes objects sequentially (io.BytesIO.read), with no slice objects. */
+int64_t rk_gather(const uint8_t *buf, size_t len, const int64_t *starts, const int64_t *ends, int64_t n,
+                  uint8_t *out, size_t cap, int64_t *lengths);
 /* Checks the records section buf[0, len) holds exactly `count` well-formed
  * records with offsetDeltas 0..count-1; returns count or an RK_REC_ERR_*
  * (RK_REC_ERR_COUNT also for out-of-sequence offsetDeltas). Allocates nothing. */

@@ -33,7 +33,7 @@ from raftka.groups import consumer_protocol
 from raftka.groups.coordinator import GROUP_TICK_S, GroupCoordinator, GroupSettings
 from raftka.groups.offsets_topic import CommittedOffset, GroupRecord, partition_for_group
 from raftka.groups.store import GroupStore, group_record, offset_records
-from raftka.records.batch import ConsumerRecord, build_batch, parse_records
+from raftka.records.batch import ConsumerRecord, build_batch, iter_columns
 
 if TYPE_CHECKING:
     from raftka.client.embedded import Raftka
@@ -254,9 +254,10 @@ class GroupConsumer:
         with self._rk._lock:
             for (topic, partition), position in self._positions.items():
                 chunk = self._rk._manager.log(topic, partition).read(position, READ_BYTES)
-                for record in parse_records(chunk.buffer, topic, partition, position):
-                    records.append(record)
-                    self._positions[(topic, partition)] = record.offset + 1
+                for columns in iter_columns(chunk.buffer, topic, partition, position):
+                    taken = columns.records()[:max_records - len(records)]
+                    records += taken
+                    self._positions[(topic, partition)] = taken[-1].offset + 1
                     if len(records) >= max_records:
                         return records
         return records

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from functools import partial
 from itertools import chain, repeat
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
@@ -122,9 +121,6 @@ def build_batch(
 
 # ---- decoding -------------------------------------------------------------
 
-_new_consumer_record = partial(tuple.__new__, ConsumerRecord)
-
-
 def read_header(buffer: bytes | memoryview, position: int = 0) -> BatchHeader:
     """Parse the header of the batch at `position` (no validation)."""
     return BatchHeader(*layout.HEADER.unpack_from(buffer, position))
@@ -185,22 +181,22 @@ class RecordColumns:
 
     def key_views(self) -> list[memoryview | None]:
         d = self._decoded
-        return self._tail(d.bytes_column("key", d.null_keys, d.count, memoryview))
+        return self._tail(d.bytes_column("key", d.null_keys, d.count, views=True))
 
     def value_views(self) -> list[memoryview | None]:
         d = self._decoded
-        return self._tail(d.bytes_column("value", d.null_values, d.count, memoryview))
+        return self._tail(d.bytes_column("value", d.null_values, d.count, views=True))
 
     def headers(self) -> list[Headers]:
-        return self._tail(self._decoded.headers())
+        return self._tail(list(self._decoded.headers()))
 
     def records(self) -> list[ConsumerRecord]:
         """One ConsumerRecord per record (built by C-level map/zip, not a Python loop)."""
         d = self._decoded
-        fields = zip(repeat(self.topic), repeat(self.partition), d.ints("offsets"), d.ints("timestamps"),
+        fields = zip(repeat(self.topic), repeat(self.partition), d.offsets(), d.timestamps(),
                      d.bytes_column("key", d.null_keys, d.count),
                      d.bytes_column("value", d.null_values, d.count), d.headers())
-        return self._tail(list(map(_new_consumer_record, fields)))
+        return self._tail(list(map(tuple.__new__, repeat(ConsumerRecord), fields)))
 
 
 def decode_columns(header: BatchHeader, data: bytes, topic: str, partition: int, position: int = 0,

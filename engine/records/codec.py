@@ -9,6 +9,7 @@ cost per record is what those builtins charge, not the interpreter's.
                   back v2 batches (split under a size limit, compressed, CRC'd)
   decode_records  one batch's records section -> DecodedRecords: absolute
                   offsets and timestamps, and byte ranges of every field
+  partition_keys  a column of keys -> partitions (Kafka's murmur2), grouped
   validate_records  a whole batch -> its record count, or CorruptRecordError:
                   magic, CRC32C, decompression, every record well-formed, the
                   record count and offset deltas as the header says; allocates
@@ -20,11 +21,12 @@ embedded client (engine/client/embedded.py) uses both.
 """
 from __future__ import annotations
 
+import io
 import operator
 from array import array
 from functools import partial
 from itertools import chain, islice, repeat
-from typing import Any, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 from raftka.errors import CorruptRecordError
 from raftka.native import crc32c, ffi, lib
@@ -216,7 +218,8 @@ class DecodedRecords:
     """One batch's records as native columns over `data` (no per-record Python objects yet)."""
 
     __slots__ = ("data", "count", "null_keys", "null_values", "header_total", "null_header_values",
-                 "offsets_sequential", "_arrays", "_header_arrays")
+                 "key_bytes", "value_bytes", "header_value_bytes", "offsets_sequential", "timestamps_uniform",
+                 "_arrays", "_header_arrays")
 
     def __init__(self, data: bytes, count: int) -> None:
         self.data = data
@@ -228,6 +231,19 @@ class DecodedRecords:
         """A per-record (or per-header) int64 column as a list of ints."""
         return ffi.unpack(self.pointer(name), self.count if count is None else count)
 
+    def offsets(self) -> Iterable[int]:
+        """The records' offsets: a range when they are dense, as they almost always are."""
+        if self.offsets_sequential and self.count:
+            first = self.pointer("offsets")[0]
+            return range(first, first + self.count)
+        return self.ints("offsets")
+
+    def timestamps(self) -> Iterable[int]:
+        """The records' timestamps: one repeated int when a batch has one timestamp."""
+        if self.timestamps_uniform and self.count:
+            return repeat(self.pointer("timestamps")[0], self.count)
+        return self.ints("timestamps")
+
     def view(self, name: str) -> memoryview:
         """A per-record int64 column as a zero-copy memoryview of format 'q'."""
         return memoryview(ffi.buffer(self.pointer(name), self.count * _INT64_BYTES)).cast("q")
@@ -237,23 +253,33 @@ class DecodedRecords:
             return self._header_arrays + _HEADER_ARRAYS.index(name) * max(self.header_total, 1)
         return self._arrays + _RECORD_ARRAYS.index(name) * max(self.count, 1)
 
-    def bytes_column(self, field: str, nulls: int, count: int, make: Any = None) -> list[Any]:
-        """Column `field` ("key", "value", "header_value") as bytes (or make(view)) and None."""
+    def bytes_column(self, field: str, nulls: int, count: int, views: bool = False) -> list[Any]:
+        """Column `field` ("key", "value", "header_value"): bytes, or zero-copy
+        memoryviews of the batch when `views`, and None for nulls."""
         if nulls == count:
             return [None] * count
         present = count - nulls
-        source = self.data if make is None else make(self.data)
-        items = list(map(source.__getitem__, map(slice, self.ints(f"{field}_starts", present),
-                                                 self.ints(f"{field}_ends", present))))
+        starts, ends = self.pointer(f"{field}_starts"), self.pointer(f"{field}_ends")
+        if views:
+            items = list(map(memoryview(self.data).__getitem__,
+                             map(slice, ffi.unpack(starts, present), ffi.unpack(ends, present))))
+        else:  # one copy of the column, cut sequentially: no slice object per item
+            blob = bytearray(getattr(self, f"{field}_bytes"))
+            lengths = ffi.new("int64_t[]", present)
+            copied = lib.rk_gather(ffi.from_buffer("uint8_t[]", self.data), len(self.data), starts, ends, present,
+                                   ffi.from_buffer("uint8_t[]", blob, require_writable=True), len(blob), lengths)
+            if copied != len(blob):
+                raise AssertionError(f"rk_gather copied {copied} of {len(blob)} bytes of {field}s")
+            items = list(map(io.BytesIO(blob).read, ffi.unpack(lengths, present)))
         if nulls == 0:
             return items
         pool = [None, *items]
         return list(map(pool.__getitem__, self.ints(f"{field}_index", count)))
 
-    def headers(self) -> list[tuple[tuple[str, bytes | None], ...]]:
+    def headers(self) -> Iterable[tuple[tuple[str, bytes | None], ...]]:
         """Each record's headers as a tuple of (key, value) pairs."""
         if self.header_total == 0:
-            return [()] * self.count
+            return repeat((), self.count)
         total = self.header_total
         slices = map(slice, self.ints("header_key_starts", total), self.ints("header_key_ends", total))
         keys = list(map(bytes.decode, map(self.data.__getitem__, slices)))  # UTF-8: checked by the decoder
@@ -282,7 +308,10 @@ def decode_records(data: bytes, start: int, end: int, count: int, base_offset: i
         raise corrupt(result, position + views.error_position - start)
     decoded.null_keys, decoded.null_values = views.null_keys, views.null_values
     decoded.header_total, decoded.null_header_values = views.header_total, views.null_header_values
+    decoded.key_bytes, decoded.value_bytes = views.key_bytes, views.value_bytes
+    decoded.header_value_bytes = views.header_value_bytes
     decoded.offsets_sequential = bool(views.offsets_sequential)
+    decoded.timestamps_uniform = bool(views.timestamps_uniform)
     return decoded
 
 
@@ -325,3 +354,29 @@ def validate_records(batch: bytes | bytearray | memoryview, position: int = 0) -
     if result < 0:
         raise corrupt(result, position + layout.HEADER_SIZE + error_position[0])
     return result
+
+
+# ---- partitioning -------------------------------------------------------------
+
+class KeyPartitions(NamedTuple):
+    """Where Kafka's default partitioner sends each record of a column of keys."""
+
+    targets: list[int]        # per record: its partition
+    ranks: list[int]          # per record: earlier records going to the same partition
+    order: list[int]          # record indexes grouped by partition, in input order within one
+    per_partition: list[int]  # per partition: how many records go there
+
+
+def partition_keys(keys: Sequence[bytes | None], partitions: int, sticky: int) -> KeyPartitions:
+    """murmur2(key) mod partitions per keyed record, `sticky` for null keys, in one C call."""
+    keep: list[object] = []
+    column = ffi.new("rk_bytes_column *")
+    _fill_bytes(column, keys, keep)
+    count = len(keys)
+    targets = ffi.new("int32_t[]", max(count, 1))
+    ranks, order = ffi.new("int64_t[]", max(count, 1)), ffi.new("int64_t[]", max(count, 1))
+    per_partition = ffi.new("int64_t[]", partitions)
+    if lib.rk_partition_keys(column, count, partitions, sticky, targets, ranks, order, per_partition) < 0:
+        raise ValueError(f"cannot partition {count} keys over {partitions} partitions (sticky {sticky})")
+    return KeyPartitions(ffi.unpack(targets, count), ffi.unpack(ranks, count), ffi.unpack(order, count),
+                         ffi.unpack(per_partition, partitions))
