@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence, overload
@@ -80,6 +81,7 @@ class Raftka:
         self._appended = threading.Condition(self._lock)
         self._round_robin: dict[str, Iterator[int]] = {}
         self._groups: EmbeddedGroups | None = None
+        self._consumers: weakref.WeakSet[GroupConsumer] = weakref.WeakSet()  # closed by close()
         self._stopping = threading.Event()
         self._ticker = threading.Thread(target=self._tick_forever, name="raftka-tick", daemon=True)
         self._ticker.start()
@@ -252,9 +254,13 @@ class Raftka:
         record (broadcast). Settings: auto_commit, auto_commit_interval_s,
         session_timeout_s, rebalance_timeout_s, auto_offset_reset, client_id."""
         with self._lock:
+            if self._stopping.is_set():
+                raise RuntimeError("the handle is closed")
             if self._groups is None:
                 self._groups = EmbeddedGroups(self)
-        return GroupConsumer(self, self._groups, group_id, list(topics), **settings)
+            consumer = GroupConsumer(self, self._groups, group_id, list(topics), **settings)
+            self._consumers.add(consumer)
+        return consumer
 
     # ---- lifecycle ---------------------------------------------------
 
@@ -269,6 +275,15 @@ class Raftka:
             return self._manager.enforce_retention()
 
     def close(self) -> None:
+        """Close every consumer still open (each commits, when auto-committing,
+        and leaves its group), then stop the groups' loop and thread, the tick
+        thread and the storage. Idempotent; nothing it started outlives it."""
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            consumers = list(self._consumers)
+        for consumer in consumers:
+            consumer.close()
         if self._groups is not None:
             self._groups.close()
         self._stopping.set()

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CALL_TIMEOUT_S = 120.0
+CLOSE_TIMEOUT_S = 5.0
 READ_BYTES = 1 << 20
 REJOIN_ERRORS = (ErrorCode.REBALANCE_IN_PROGRESS, ErrorCode.ILLEGAL_GENERATION, ErrorCode.UNKNOWN_MEMBER_ID)
 
@@ -85,12 +86,30 @@ class EmbeddedGroups:
             self.coordinator.tick()
 
     def close(self) -> None:
+        """Stop the coordinator and every task on its loop, then the loop and its thread.
+
+        Tasks are cancelled and awaited on the loop before it stops, so none is
+        left pending (asyncio would warn "Task was destroyed but it is pending!").
+        """
         if self._loop.is_closed():
             return
-        self._loop.call_soon_threadsafe(self.coordinator.close)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        if self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(self._stop_tasks(), self._loop).result(CLOSE_TIMEOUT_S)
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(CLOSE_TIMEOUT_S)
+        if self._thread.is_alive():
+            raise RuntimeError(f"the groups thread did not stop within {CLOSE_TIMEOUT_S} s")
         self._loop.close()
+
+    async def _stop_tasks(self) -> None:
+        self.coordinator.close()
+        current = asyncio.current_task()
+        tasks = [task for task in asyncio.all_tasks() if task is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # ---- calls from consumer threads ---------------------------------------------
 
