@@ -65,7 +65,7 @@ static inline int next_item(const rk_bytes_column *col, int64_t record, int64_t 
                             int64_t *len, const uint8_t **data) {
     if (col->nulls && col->nulls[record]) { *len = -1; *data = NULL; return 0; }
     if (*item >= col->lengths_count) return RK_REC_ERR_INPUT;
-    int64_t n = col->lengths[*item];
+    int64_t n = col->short_lengths ? (int64_t)col->short_lengths[*item] : col->lengths[*item];
     if (n < 0 || n > INT32_MAX || n > col->data_len - *pos) return RK_REC_ERR_INPUT;
     *len = n;
     *data = col->data + *pos;

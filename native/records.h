@@ -51,6 +51,7 @@ typedef struct {
     const uint8_t *data;       /* the non-null items back to back */
     int64_t data_len;
     const int64_t *lengths;    /* length of each non-null item, in order */
+    const uint8_t *short_lengths; /* instead of `lengths` when every item is under 256 bytes */
     int64_t lengths_count;
     const uint8_t *nulls;      /* per item 1 = null, 0 = not; NULL: none is null */
 } rk_bytes_column;

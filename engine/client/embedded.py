@@ -37,7 +37,8 @@ from raftka.client.group_consumer import EmbeddedGroups, GroupConsumer
 from raftka.config import Config
 from raftka.errors import InvalidPartitionsError, RecordTooLargeError
 from raftka.records import layout
-from raftka.records.batch import ConsumerRecord, Headers, Record, RecordColumns, iter_batches, iter_columns
+from raftka.records.batch import (ConsumerRecord, Headers, Record, RecordColumns, iter_batches, iter_columns,
+                                  record_fields)
 from raftka.records.codec import Columns, encode_batches, partition_keys
 from raftka.records.compression import Compression
 from raftka.storage.log_manager import LogManager
@@ -126,7 +127,7 @@ class Raftka:
         now_ms = int(time.time() * 1000)
         if not records:
             return ProducedRecords(topic, [], {}, [], (), now_ms)
-        values, keys, headers, timestamps = zip(*records)
+        values, keys, headers, timestamps = record_fields(records)
         with self._lock:
             partitions = self._manager.topic(topic).partitions
             placement = self._place(topic, keys, partitions, partition)
@@ -193,8 +194,8 @@ class Raftka:
         C-level map/zip; iteration itself never enters Python per record.
         """
         self._check_offset(topic, partition, offset)
-        lists = map(RecordColumns.records, self._columns(topic, partition, offset, timeout_s))
-        records = itertools.chain.from_iterable(lists)
+        batches = map(RecordColumns.iter_records, self._columns(topic, partition, offset, timeout_s))
+        records = itertools.chain.from_iterable(batches)
         return records if max_records is None else itertools.islice(records, max_records)
 
     def read_batches(self, topic: str, partition: int, offset: int = 0, *,

@@ -59,25 +59,31 @@ def corrupt(code: int, position: int) -> CorruptRecordError:
 
 def _fill_bytes(target: Any, items: Sequence[Any], keep: list[object]) -> None:
     """Point an rk_bytes_column at `items` (bytes-like or None), joined in C."""
-    nulls = items.count(None)
-    if nulls == 0:
-        present: Sequence[Any] = items
-        target.nulls = ffi.NULL
-    else:
-        present = () if nulls == len(items) else list(filter(_NOT_NONE, items))
+    present: Sequence[Any] = items
+    try:
+        data = b"".join(items)  # the common case, no None: one pass over the items, not two
+    except TypeError:
+        data = None
+    if data is None:
+        present = list(filter(_NOT_NONE, items))
         flags = bytes(map(operator.is_, items, repeat(None)))
         target.nulls = ffi.from_buffer("uint8_t[]", flags)
         keep.append(flags)
-    try:
-        data = b"".join(present)
-    except TypeError as exc:
-        raise TypeError(f"record keys, values and header values must be bytes or None: {exc}") from None
-    lengths = array("q", map(len, present))
+        try:
+            data = b"".join(present)
+        except TypeError as exc:
+            raise TypeError(f"record keys, values and header values must be bytes or None: {exc}") from None
     target.data = ffi.from_buffer("uint8_t[]", data)
     target.data_len = len(data)
-    target.lengths = ffi.from_buffer("int64_t[]", lengths)
-    target.lengths_count = len(lengths)
-    keep.extend((data, lengths))
+    target.lengths_count = len(present)
+    try:  # keys and small values: one byte per length
+        short_lengths = bytes(map(len, present))
+        target.short_lengths = ffi.from_buffer("uint8_t[]", short_lengths)
+        keep.extend((data, short_lengths))
+    except ValueError:
+        lengths = array("q", map(len, present))
+        target.lengths = ffi.from_buffer("int64_t[]", lengths)
+        keep.extend((data, lengths))
 
 
 def _fill_timestamps(columns: Any, timestamps: Sequence[int | None], now_ms: int, keep: list[object]) -> None:
