@@ -294,3 +294,8 @@ def test_a_header_key_parses_exactly_when_it_is_valid_utf8(key):
             list(parse_records(sealed(record, 1)))
         return
     assert next(iter(parse_records(sealed(record, 1)))).headers == ((expected, None),)
+
+
+def test_a_header_key_that_is_not_str_is_refused_with_a_type_error():
+    with pytest.raises(TypeError, match="header keys must be str"):
+        build_batch([Record(b"v", None, ((b"bytes-key", b"x"),))])

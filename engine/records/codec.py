@@ -34,6 +34,7 @@ from raftka.records import layout
 from raftka.records.compression import Compression, compress, decompress
 
 _NOT_NONE = partial(operator.is_not, None)
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 _INT64_BYTES = 8
 # per-record arrays rk_records_decode fills, in rk_record_views order
 _RECORD_ARRAYS = ("offsets", "timestamps", "key_index", "key_starts", "key_ends", "value_index",
@@ -114,11 +115,14 @@ def _fill_headers(columns: Any, headers: Sequence[Sequence[tuple[str, bytes | No
         return 0
     counts = array("q", map(len, headers))
     pairs = list(chain.from_iterable(headers))
-    header_keys, header_values = zip(*pairs) if pairs else ((), ())
     columns.header_counts = ffi.from_buffer("int64_t[]", counts)
     keep.append(counts)
-    _fill_bytes(columns.header_keys, list(map(str.encode, header_keys)), keep)
-    _fill_bytes(columns.header_values, header_values, keep)
+    try:
+        header_keys = list(map(str.encode, map(_FIRST, pairs)))
+    except TypeError as exc:
+        raise TypeError(f"header keys must be str: {exc}") from None
+    _fill_bytes(columns.header_keys, header_keys, keep)
+    _fill_bytes(columns.header_values, list(map(_SECOND, pairs)), keep)
     return len(pairs)
 
 
