@@ -206,3 +206,14 @@ def test_read_batches_waits_for_the_next_batch_like_read(rk):
     started = time.monotonic()
     batch = next(rk.read_batches("later", 0, timeout_s=5))
     assert batch.values() == [b"late"] and time.monotonic() - started < 5
+
+
+def test_append_batches_refuses_a_batch_whose_records_do_not_parse_and_writes_nothing(rk):
+    from tests.test_records import GOOD_RECORD, sealed
+    from raftka.errors import CorruptRecordError
+    rk.create_topic("raw", partitions=1)
+    good = sealed(GOOD_RECORD, 1)
+    assert rk.append_batches("raw", 0, good).record_count == 1
+    with pytest.raises(CorruptRecordError, match="records do not parse"):
+        rk.append_batches("raw", 0, good + sealed(GOOD_RECORD + b"\x00", 1))
+    assert rk.offsets("raw", 0).log_end_offset == 1

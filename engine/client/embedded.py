@@ -39,7 +39,7 @@ from raftka.errors import InvalidPartitionsError, RecordTooLargeError
 from raftka.records import layout
 from raftka.records.batch import (ConsumerRecord, Headers, Record, RecordColumns, iter_batches, iter_columns,
                                   record_fields)
-from raftka.records.codec import Columns, encode_batches, partition_keys
+from raftka.records.codec import Columns, encode_batches, partition_keys, validate_records
 from raftka.records.compression import Compression
 from raftka.storage.log_manager import LogManager
 from raftka.storage.partition_log import AppendResult, LogSlice
@@ -136,11 +136,22 @@ class Raftka:
                 columns = (values, keys, headers, timestamps) if indexes is None else \
                     [list(map(column.__getitem__, indexes)) for column in (values, keys, headers, timestamps)]
                 batches = self._encode(Columns(columns[1], columns[0], columns[2], columns[3], now_ms), compression)
-                bases[target] = self.append_batches(topic, target, batches).base_offset
+                bases[target] = self._append(topic, target, batches).base_offset
         return ProducedRecords(topic, placement.targets, bases, placement.ranks, timestamps, now_ms)
 
     def append_batches(self, topic: str, partition: int, batches: bytes | bytearray | memoryview) -> AppendResult:
-        """Append raw Kafka v2 record batches (validated, CRC-checked) as they are."""
+        """Append raw Kafka v2 record batches as they are, after checking each
+        down to its records (validate_records: sizes, magic, CRC32C, record
+        count and offset deltas, every record well-formed); CorruptRecordError
+        and nothing written otherwise."""
+        position = 0
+        for _header, batch in iter_batches(batches):
+            validate_records(batch, position)
+            position += len(batch)
+        return self._append(topic, partition, batches)
+
+    def _append(self, topic: str, partition: int, batches: bytes | bytearray | memoryview) -> AppendResult:
+        """Append batches the log checks only by header and CRC (ours, built from records)."""
         with self._lock:
             log = self._manager.log(topic, partition)
             result = log.append(batches)
