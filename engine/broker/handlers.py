@@ -203,7 +203,7 @@ class Handlers:
     async def produce(self, request: Request) -> Response:
         body = request.body
         timeout_s = max(body.timeout.total_seconds(), 0.001)
-        jobs: list[tuple[str, int, Awaitable[tuple[int, int]]]] = []
+        jobs: list[tuple[str, int, Awaitable[tuple[int, int, int]]]] = []
         for topic in body.topic_data:
             for data in topic.partition_data:
                 jobs.append((topic.name, data.index, self._append(topic.name, data.index, data.records, timeout_s)))
@@ -213,22 +213,24 @@ class Handlers:
         schema = response_schema(request)
         topic_cls, partition_cls = nested(schema, "TopicProduceResponse"), nested(schema, "PartitionProduceResponse")
         by_topic: dict[str, list[Any]] = {}
-        for (name, index, _), (code, base_offset) in zip(jobs, results):
+        for (name, index, _), (code, base_offset, log_start_offset) in zip(jobs, results):
             by_topic.setdefault(name, []).append(build(
-                partition_cls, index=index, error_code=code, base_offset=base_offset, log_append_time=None))
+                partition_cls, index=index, error_code=code, base_offset=base_offset, log_append_time=None,
+                log_start_offset=log_start_offset, record_errors=(), error_message=None))
         return kafka.encode_response(request.correlation_id, build(
             schema, throttle_time=0, responses=tuple(build(topic_cls, name=n, partition_responses=tuple(p))
                                                      for n, p in by_topic.items())))
 
-    async def _append(self, topic: str, partition: int, records: bytes | None, timeout_s: float) -> tuple[int, int]:
-        """(error code, base offset) of one partition's part of a produce."""
+    async def _append(self, topic: str, partition: int, records: bytes | None,
+                      timeout_s: float) -> tuple[int, int, int]:
+        """(error code, base offset, log start offset) of one partition's part of a produce."""
         if self.storage_failure is not None:
-            return ErrorCode.KAFKA_STORAGE_ERROR, -1
+            return ErrorCode.KAFKA_STORAGE_ERROR, -1, -1
         replica, code = self._leader_replica(topic, partition)
         if replica is None:
-            return code, -1
+            return code, -1, -1
         if not records:
-            return ErrorCode.CORRUPT_MESSAGE, -1
+            return ErrorCode.CORRUPT_MESSAGE, -1, -1
         try:
             replica.log.validate(records)
             started = time.perf_counter()
@@ -236,8 +238,8 @@ class Handlers:
             if self.metrics is not None:
                 self._count_produced(topic, records, time.perf_counter() - started)
         except RaftkaError as error:
-            return error.error_code, -1
-        return ErrorCode.NONE, base_offset
+            return error.error_code, -1, -1
+        return ErrorCode.NONE, base_offset, replica.log.log_start_offset
 
     def _count_produced(self, topic: str, records: bytes, commit_s: float) -> None:
         assert self.metrics is not None
@@ -248,7 +250,13 @@ class Handlers:
     # ---- Fetch, ListOffsets -------------------------------------------------------
 
     async def fetch(self, request: Request) -> Response:
+        """Fetch without sessions (KIP-227): a full fetch every time, answered
+        with session id 0, which tells a client asking for a session that
+        none was created; a session id or epoch of a session is refused."""
         body = request.body
+        session_error = _fetch_session_error(getattr(body, "session_id", 0), getattr(body, "session_epoch", -1))
+        if session_error != ErrorCode.NONE:
+            return kafka.fetch_response(request.correlation_id, request.api_version, [], session_error)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(body.max_wait.total_seconds(), 0.0)
         while True:
@@ -259,7 +267,7 @@ class Handlers:
                     for topic, size, count in served:
                         self.metrics.bytes_out.labels(topic).inc(size)
                         self.metrics.records_out.labels(topic).inc(count)
-                return kafka.fetch_response(request.correlation_id, topics)
+                return kafka.fetch_response(request.correlation_id, request.api_version, topics)
             keys = [(t.topic, p.partition) for t in body.topics for p in t.partitions]
             await self.waiters.wait(keys, remaining)
 
@@ -273,10 +281,12 @@ class Handlers:
             partitions = []
             for wanted in topic.partitions:
                 replica, code = self._leader_replica(topic.topic, wanted.partition)
-                high_watermark, records = -1, b""
                 if replica is not None:
+                    code = _leader_epoch_error(getattr(wanted, "current_leader_epoch", -1), replica.leader_epoch)
+                high_watermark, log_start_offset, records = -1, -1, b""
+                if replica is not None and code == ErrorCode.NONE:
                     log_ = replica.log
-                    high_watermark = log_.high_watermark
+                    high_watermark, log_start_offset = log_.high_watermark, log_.log_start_offset
                     limit = min(wanted.partition_max_bytes, budget) if total else wanted.partition_max_bytes
                     try:
                         if limit > 0:
@@ -288,7 +298,7 @@ class Handlers:
                 total += len(records)
                 budget -= len(records)
                 errors |= code != ErrorCode.NONE
-                partitions.append(FetchPartition(wanted.partition, code, high_watermark, records))
+                partitions.append(FetchPartition(wanted.partition, code, high_watermark, log_start_offset, records))
             topics.append((topic.topic, partitions))
         return topics, total, errors, served
 
@@ -416,6 +426,25 @@ class Handlers:
                                  resource_type=resource.resource_type, resource_name=resource.resource_name,
                                  configs=configs))
         return kafka.answer(request, results=tuple(results))
+
+
+def _fetch_session_error(session_id: int, session_epoch: int) -> int:
+    """Sessionless fetches only: session id 0 with epoch -1 (no session) or 0
+    (asking for one, which the answer's session id 0 declines)."""
+    if session_id != 0:
+        return ErrorCode.FETCH_SESSION_ID_NOT_FOUND
+    if session_epoch not in (-1, 0):
+        return ErrorCode.INVALID_FETCH_SESSION_EPOCH
+    return ErrorCode.NONE
+
+
+def _leader_epoch_error(client_epoch: int, leader_epoch: int) -> int:
+    """Kafka's check of the leader epoch a client read from Metadata (-1: none
+    given): older than the leader's is FENCED_LEADER_EPOCH (its metadata is
+    stale), newer is UNKNOWN_LEADER_EPOCH (this broker's is)."""
+    if client_epoch < 0 or client_epoch == leader_epoch:
+        return ErrorCode.NONE
+    return ErrorCode.FENCED_LEADER_EPOCH if client_epoch < leader_epoch else ErrorCode.UNKNOWN_LEADER_EPOCH
 
 
 def _admin_deadline(timeout: timedelta) -> float:

@@ -36,8 +36,8 @@ DESCRIBE_CONFIGS, CREATE_PARTITIONS, DELETE_GROUPS, OFFSET_DELETE = 32, 37, 42, 
 
 # api key -> (min, max) advertised in ApiVersions
 ADVERTISED: dict[int, tuple[int, int]] = {
-    PRODUCE: (0, 3),
-    FETCH: (4, 4),
+    PRODUCE: (0, 9),
+    FETCH: (4, 12),
     LIST_OFFSETS: (1, 4),         # v4 reports the leader epoch (the Raft term): `raftka status` shows it
     METADATA: (0, 4),
     OFFSET_COMMIT: (2, 3),
@@ -205,10 +205,33 @@ def unsupported_response(correlation_id: int) -> bytes:
     return _SIZE.pack(len(body)) + body
 
 
-# ---- Fetch v4 response, assembled around views of the log ------------------
+# ---- flexible versions (KIP-482) -------------------------------------------
+#
+# kio reads and writes every schema, flexible ones included: request header v2
+# and response header v1 carry tagged fields, arrays, strings and bytes are
+# "compact" (unsigned varint length + 1, 0 for null). The one response built
+# by hand is Fetch's (its record bytes are views of the log); these helpers
+# are its compact encoding.
+
+def uvarint(value: int) -> bytes:
+    """An unsigned varint (protobuf's): 7 bits per byte, low bits first."""
+    assert value >= 0, f"uvarint({value}) < 0"
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+NO_TAGGED_FIELDS = b"\0"
+
+
+# ---- Fetch response (v4-v12), assembled around views of the log ----------
 
 _I16, _I32, _I64 = struct.Struct(">h"), struct.Struct(">i"), struct.Struct(">q")
-_FETCH_PARTITION = struct.Struct(">ihqqi")   # index, error, high watermark, last stable offset, aborted (-1)
+_FETCH_PARTITION = struct.Struct(">ihqqq")   # index, error, high watermark, last stable offset, log start
+FETCH_FLEXIBLE_VERSION = 12
 
 
 @dataclass
@@ -216,24 +239,54 @@ class FetchPartition:
     index: int
     error_code: int
     high_watermark: int
+    log_start_offset: int
     records: memoryview | bytes
 
 
-def fetch_response(correlation_id: int, topics: list[tuple[str, list[FetchPartition]]]) -> list[Any]:
-    """Fetch v4 response as buffers to write in order; record bytes are the
-    log's own views, not copies."""
+def fetch_response(correlation_id: int, api_version: int, topics: list[tuple[str, list[FetchPartition]]],
+                   error_code: int = ErrorCode.NONE) -> list[Any]:
+    """The Fetch response of `api_version` (4-12) as buffers to write in order;
+    record bytes are the log's own views, not copies. No fetch session is
+    ever created (session id 0), no transactions (last stable offset = high
+    watermark, no aborted transactions), no preferred read replica (-1)."""
+    assert 4 <= api_version <= FETCH_FLEXIBLE_VERSION, f"Fetch v{api_version} is not built here"
+    flexible = api_version >= FETCH_FLEXIBLE_VERSION
+
+    def count(n: int) -> bytes:
+        return uvarint(n + 1) if flexible else _I32.pack(n)
+
+    def string(text: str) -> bytes:
+        raw = text.encode()
+        return (uvarint(len(raw) + 1) if flexible else _I16.pack(len(raw))) + raw
+
     parts: list[Any] = []
-    head = bytearray(_I32.pack(correlation_id) + _I32.pack(0) + _I32.pack(len(topics)))
+    head = bytearray(_I32.pack(correlation_id))
+    if flexible:
+        head += NO_TAGGED_FIELDS
+    head += _I32.pack(0)                                   # throttle time
+    if api_version >= 7:
+        head += _I16.pack(error_code) + _I32.pack(0)       # session id 0: no session
+    head += count(len(topics))
     for name, partitions in topics:
-        raw = name.encode()
-        head += _I16.pack(len(raw)) + raw + _I32.pack(len(partitions))
+        head += string(name) + count(len(partitions))
         for p in partitions:
-            head += _FETCH_PARTITION.pack(p.index, p.error_code, p.high_watermark, p.high_watermark, -1)
-            head += _I32.pack(len(p.records))
+            packed = _FETCH_PARTITION.pack(p.index, p.error_code, p.high_watermark, p.high_watermark,
+                                           p.log_start_offset)
+            head += packed if api_version >= 5 else packed[:-8]
+            head += uvarint(0) if flexible else _I32.pack(-1)    # aborted transactions: null
+            if api_version >= 11:
+                head += _I32.pack(-1)                            # preferred read replica: none
+            head += uvarint(len(p.records) + 1) if flexible else _I32.pack(len(p.records))
             if len(p.records):
                 parts.append(bytes(head))
                 parts.append(p.records)
                 head = bytearray()
+            if flexible:
+                head += NO_TAGGED_FIELDS                         # partition
+        if flexible:
+            head += NO_TAGGED_FIELDS                             # topic
+    if flexible:
+        head += NO_TAGGED_FIELDS                                 # response
     if head:
         parts.append(bytes(head))
     size = sum(len(p) for p in parts)
