@@ -99,3 +99,9 @@ def test_the_fetch_response_of_every_served_version_decodes_with_kafkas_schema(v
         assert (body.error_code.value, body.session_id) == (0, 0)
     if version >= 11:
         assert first.preferred_read_replica == -1
+
+
+def test_bytes_past_the_body_are_ignored_as_kafka_does_for_librdkafkas_all_topics_metadata():
+    # librdkafka 2.x, Metadata v12 for all topics: a 4-byte placeholder whose first byte is the null array
+    request = kafka.read_request(bytes.fromhex("0003000c00000003000772646b61666b610000000000010000"))
+    assert (request.api_key, request.api_version, request.body.topics) == (3, 12, None)

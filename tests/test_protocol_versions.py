@@ -6,13 +6,21 @@ Kafka's ListOffsets answers)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import subprocess
+import uuid
 
 import pytest
 
+from kio.index import load_request_schema
+from kio.static.primitive import i8, i32, i64
+
+from raftka.errors import ErrorCode
+from raftka.protocol import kafka
 from raftka.records.batch import iter_batches
 from raftka.records.compression import Compression
 from tests.broker_process import BrokerProcess
-from tests.test_broker_clients import consume_all
+from tests.test_broker_clients import ask, consume_all
 
 TIMEOUT_S = 30
 
@@ -98,3 +106,119 @@ def test_zstd_from_kafka_python_and_aiokafka_producers_is_stored_compressed(brok
     assert {h.compression for h in stored_batches(broker, "zstd-py")} == {Compression.ZSTD}
     expected = [b"kafka-python %d" % i * 10 for i in range(300)] + [b"aiokafka %d" % i * 10 for i in range(300)]
     assert [m.value() for m in consume_all(broker.bootstrap, "zstd-py", 1, 600)] == expected
+
+
+# ---- Metadata: leader epochs and topic ids; DescribeCluster --------------------
+
+def test_metadata_reports_leader_epochs_and_a_topic_id_stable_across_requests_and_clients(broker):
+    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka import TopicCollection
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    admin.create_topics([NewTopic("ids", 2, 1)])["ids"].result(TIMEOUT_S)
+    described = admin.describe_topics(TopicCollection(["ids"]))["ids"].result(TIMEOUT_S)
+    body = metadata_v12(broker, "ids")
+    (topic,) = body.topics
+    kafka_text = base64.b64encode(topic.topic_id.bytes).rstrip(b"=").decode()   # as librdkafka prints a Uuid
+    assert str(described.topic_id) == kafka_text and topic.topic_id.int != 0
+    assert metadata_v12(broker, "ids").topics[0].topic_id == topic.topic_id
+    terms = [list_offsets_answer(broker, "ids", -1, partition=p).leader_epoch for p in range(2)]
+    assert [p.leader_epoch for p in topic.partitions] == terms   # the partitions' Raft terms
+    assert all(p.leader_epoch >= 1 for p in topic.partitions)
+    by_id = ask_raw(broker, 3, 12, metadata_request(topic_id=topic.topic_id))
+    assert [(t.name, t.error_code.value) for t in by_id.topics] == [("ids", 0)]
+    unknown = ask_raw(broker, 3, 12, metadata_request(topic_id=uuid.UUID(int=7)))
+    assert [t.error_code.value for t in unknown.topics] == [ErrorCode.UNKNOWN_TOPIC_ID]
+
+
+def metadata_request(name: str | None = None, topic_id: uuid.UUID | None = None):
+    schema = load_request_schema(3, 12)
+    topic = kafka.nested(schema, "MetadataRequestTopic")(topic_id=topic_id or uuid.UUID(int=0), name=name)
+    return schema(topics=(topic,), allow_auto_topic_creation=False, include_topic_authorized_operations=False)
+
+
+def metadata_v12(broker: BrokerProcess, name: str):
+    return ask_raw(broker, 3, 12, metadata_request(name=name))
+
+
+def ask_raw(broker: BrokerProcess, api_key: int, version: int, body):
+    return ask(("127.0.0.1", broker.port), api_key, version, body)
+
+
+def test_describe_cluster_names_the_broker_and_controller(broker):
+    from confluent_kafka.admin import AdminClient
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    cluster = admin.describe_cluster().result(TIMEOUT_S)
+    assert [(n.id, n.host, n.port) for n in cluster.nodes] == [(1, "127.0.0.1", broker.port)]
+    assert cluster.controller.id == 1 and cluster.cluster_id == "raftka"
+    schema = load_request_schema(60, 1)
+    refused = ask_raw(broker, 60, 1, schema(include_cluster_authorized_operations=False, endpoint_type=i8(2)))
+    assert refused.error_code.value == ErrorCode.UNSUPPORTED_ENDPOINT_TYPE
+
+
+# ---- ListOffsets by timestamp: Kafka's semantics -------------------------------
+
+BASE_MS = 1_700_000_000_000
+
+
+@pytest.fixture(scope="module")
+def timed_topic(broker):
+    """`timed`: 10 records at BASE_MS + 1000 * i (i = 0..9), then one at BASE_MS + 500 (out of order)."""
+    from confluent_kafka import Producer
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 0})
+    for i in range(10):
+        producer.produce("timed", value=b"t%d" % i, timestamp=BASE_MS + 1000 * i)
+        producer.flush(TIMEOUT_S)
+    producer.produce("timed", value=b"late", timestamp=BASE_MS + 500)
+    assert producer.flush(TIMEOUT_S) == 0
+    return "timed"
+
+
+def list_offsets_answer(broker: BrokerProcess, topic: str, timestamp: int, version: int = 7, partition: int = 0):
+    schema = load_request_schema(2, version)
+    wanted = kafka.nested(schema, "ListOffsetsPartition")(partition_index=i32(partition), timestamp=i64(timestamp))
+    body = kafka.build(schema, replica_id=i32(-1), isolation_level=i8(0),
+                  topics=(kafka.nested(schema, "ListOffsetsTopic")(name=topic, partitions=(wanted,)),))
+    return ask_raw(broker, 2, version, body).topics[0].partitions[0]
+
+
+def list_offset(broker: BrokerProcess, topic: str, timestamp: int, version: int = 7) -> tuple[int, int, int]:
+    answer = list_offsets_answer(broker, topic, timestamp, version)
+    return answer.error_code.value, answer.offset, answer.timestamp
+
+
+def test_list_offsets_by_timestamp_answers_the_records_own_timestamp_or_minus_one(broker, timed_topic):
+    assert list_offset(broker, timed_topic, BASE_MS + 2500) == (0, 3, BASE_MS + 3000)
+    assert list_offset(broker, timed_topic, BASE_MS + 3000) == (0, 3, BASE_MS + 3000)
+    assert list_offset(broker, timed_topic, BASE_MS) == (0, 0, BASE_MS)
+    assert list_offset(broker, timed_topic, BASE_MS + 60_000) == (0, -1, -1)
+    assert list_offset(broker, timed_topic, -3) == (0, 9, BASE_MS + 9000)      # max timestamp (v7)
+    assert list_offset(broker, timed_topic, -2) == (0, 0, -1)
+    assert list_offset(broker, timed_topic, -1) == (0, 11, -1)
+    assert list_offset(broker, timed_topic, BASE_MS + 2500, version=1) == (0, 3, BASE_MS + 3000)
+
+
+def test_offsets_for_times_in_kafka_python_aiokafka_and_kcat(broker, timed_topic):
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka import TopicPartition as AioPartition
+    from kafka import KafkaConsumer, TopicPartition
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap)
+    found = consumer.offsets_for_times({TopicPartition(timed_topic, 0): BASE_MS + 4200})
+    assert tuple(found[TopicPartition(timed_topic, 0)])[:2] == (5, BASE_MS + 5000)
+    none = consumer.offsets_for_times({TopicPartition(timed_topic, 0): BASE_MS + 60_000})
+    assert none[TopicPartition(timed_topic, 0)] is None
+    consumer.close()
+
+    async def aio() -> tuple:
+        client = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap)
+        await client.start()
+        try:
+            answer = await client.offsets_for_times({AioPartition(timed_topic, 0): BASE_MS + 7001})
+            return tuple(answer[AioPartition(timed_topic, 0)])[:2]
+        finally:
+            await client.stop()
+    assert asyncio.run(aio()) == (8, BASE_MS + 8000)
+
+    read = subprocess.run(["kcat", "-b", broker.bootstrap, "-C", "-t", timed_topic, "-o", f"s@{BASE_MS + 8500}",
+                           "-e", "-q", "-f", "%o %T %s\n"], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert read.returncode == 0, read.stderr
+    assert read.stdout.splitlines() == [f"9 {BASE_MS + 9000} t9", f"10 {BASE_MS + 500} late"]

@@ -190,10 +190,11 @@ class GroupService:
         await self._append(group_id, self.coordinating(group_id), build_batch([group_record(group_id, record)]))
 
     async def commit_offsets(self, group_id: str, generation: int, member_id: str,
-                             offsets: dict[tuple[str, int], CommittedOffset]) -> None:
+                             offsets: dict[tuple[str, int], CommittedOffset],
+                             group_instance_id: str | None = None) -> None:
         """Store the offsets through Raft; GroupError if this member may not."""
         replica = self.coordinating(group_id)
-        self.coordinator.validate_commit(group_id, generation, member_id)
+        self.coordinator.validate_commit(group_id, generation, member_id, group_instance_id)
         if offsets:
             await self._append(group_id, replica, build_batch(offset_records(group_id, offsets)))
 

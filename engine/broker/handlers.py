@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from datetime import timedelta
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, NamedTuple
 
 from raftka.broker.group_apis import GroupHandlers
 from raftka.broker.group_service import GroupService
 from raftka.broker.metrics import BrokerMetrics
 from raftka.cluster.controller import ADMIN_TIMEOUT_S, ClusterController
-from raftka.records.batch import iter_batches
+from raftka.records.batch import decode_batch, iter_batches
 from raftka.config import BROKER_CONFIGS, OFFSETS_TOPIC, TOPIC_CONFIGS, Config, config_text
 from raftka.errors import ErrorCode, OffsetOutOfRangeError, RaftkaError
 from raftka.protocol import kafka
@@ -28,7 +29,10 @@ from raftka.replication import PartitionReplica
 
 log = logging.getLogger(__name__)
 
-LATEST, EARLIEST = -1, -2
+LATEST, EARLIEST, MAX_TIMESTAMP = -1, -2, -3   # ListOffsets' special timestamps
+MAX_TIMESTAMP_READ_BYTES = 4 << 20
+ENDPOINT_TYPE_BROKERS = 1                        # DescribeCluster v1
+ZERO_UUID = uuid.UUID(int=0)                     # Kafka's "no topic id"
 RESOURCE_TOPIC, RESOURCE_BROKER = 2, 4
 SOURCE_TOPIC, SOURCE_STATIC_BROKER, SOURCE_DEFAULT = 1, 4, 5   # DescribeConfigs config_source
 AUTO_CREATE_TIMEOUT_S = 10.0
@@ -78,7 +82,7 @@ class Handlers:
             kafka.PRODUCE: self.produce, kafka.FETCH: self.fetch, kafka.LIST_OFFSETS: self.list_offsets,
             kafka.CREATE_TOPICS: self.create_topics, kafka.DELETE_TOPICS: self.delete_topics,
             kafka.INIT_PRODUCER_ID: self.init_producer_id, kafka.CREATE_PARTITIONS: self.create_partitions,
-            kafka.DESCRIBE_CONFIGS: self.describe_configs,
+            kafka.DESCRIBE_CONFIGS: self.describe_configs, kafka.DESCRIBE_CLUSTER: self.describe_cluster,
             **GroupHandlers(groups).table(),
         }
 
@@ -109,19 +113,21 @@ class Handlers:
         return kafka.encode_response(request.correlation_id, body)
 
     async def metadata(self, request: Request) -> Response:
+        """Brokers, controller and topics; v7+ with each partition's leader
+        epoch (its Raft term), v10+ with topic ids (fixed at creation)."""
         schema = response_schema(request)
         state = self.controller.state
         requested = request.body.topics
+        unknown_ids: list[uuid.UUID] = []
         if requested is None or (request.api_version == 0 and not requested):
             names = sorted(state.topics)
         else:
-            names = [t.name for t in requested]
+            names, unknown_ids = self._requested_topic_names(requested)
         allow_create = self.config.auto_create_topics and getattr(request.body, "allow_auto_topic_creation", True)
         creating = set()
         if allow_create:
             creating = await self._auto_create([n for n in names if n not in state.topics])
         broker_cls, topic_cls = nested(schema, "MetadataResponseBroker"), nested(schema, "MetadataResponseTopic")
-        partition_cls = nested(schema, "MetadataResponsePartition")
         listed = self._listed_brokers()
         brokers = tuple(build(broker_cls, node_id=node_id, host=host, port=port, rack=rack)
                         for node_id, (host, port, rack) in sorted(listed.items()))
@@ -130,21 +136,60 @@ class Handlers:
             topic = state.topics.get(name)
             if topic is None:
                 code = ErrorCode.LEADER_NOT_AVAILABLE if name in creating else self._unknown_topic_code(name)
-                topics.append(build(topic_cls, error_code=code, name=name, is_internal=False, partitions=()))
+                topics.append(build(topic_cls, error_code=code, name=name, topic_id=ZERO_UUID, is_internal=False,
+                                    partitions=()))
                 continue
-            partitions = []
-            for index, info in enumerate(topic.partitions):
-                leader, _epoch = self.controller.partition_leader(name, index)
-                isr = tuple(info.isr) if info.isr else ((leader,) if leader >= 0 else ())
-                partitions.append(build(
-                    partition_cls, error_code=ErrorCode.NONE if leader >= 0 else ErrorCode.LEADER_NOT_AVAILABLE,
-                    partition_index=index, leader_id=leader, replica_nodes=tuple(info.replicas), isr_nodes=isr,
-                    offline_replicas=()))
-            topics.append(build(topic_cls, error_code=ErrorCode.NONE, name=name, is_internal=name == OFFSETS_TOPIC,
-                                partitions=tuple(partitions)))
+            topics.append(build(topic_cls, error_code=ErrorCode.NONE, name=name, topic_id=uuid.UUID(bytes=topic.topic_id),
+                                is_internal=name == OFFSETS_TOPIC,
+                                partitions=self._metadata_partitions(nested(schema, "MetadataResponsePartition"), topic)))
+        topics += [build(topic_cls, error_code=ErrorCode.UNKNOWN_TOPIC_ID, name=None, topic_id=topic_id,
+                         is_internal=False, partitions=()) for topic_id in unknown_ids]
         return kafka.encode_response(request.correlation_id, build(
             schema, throttle_time=0, brokers=brokers, cluster_id=self.config.cluster_id,
             controller_id=self._controller_for_clients(listed), topics=tuple(topics)))
+
+    def _requested_topic_names(self, requested: Any) -> tuple[list[str], list[uuid.UUID]]:
+        """(names, unknown topic ids) of a Metadata request's topics, which
+        v10+ may name by id instead."""
+        by_id = {uuid.UUID(bytes=t.topic_id): t.name for t in self.controller.state.topics.values()}
+        names, unknown_ids = [], []
+        for wanted in requested:
+            name = wanted.name
+            topic_id = getattr(wanted, "topic_id", None)
+            if name is None and topic_id is not None:
+                name = by_id.get(topic_id)
+                if name is None:
+                    unknown_ids.append(topic_id)
+                    continue
+            if name is not None:
+                names.append(name)
+        return names, unknown_ids
+
+    def _metadata_partitions(self, partition_cls: type, topic: Any) -> tuple[Any, ...]:
+        partitions = []
+        for index, info in enumerate(topic.partitions):
+            leader, epoch = self.controller.partition_leader(topic.name, index)
+            isr = tuple(info.isr) if info.isr else ((leader,) if leader >= 0 else ())
+            partitions.append(build(
+                partition_cls, error_code=ErrorCode.NONE if leader >= 0 else ErrorCode.LEADER_NOT_AVAILABLE,
+                partition_index=index, leader_id=leader, leader_epoch=epoch if leader >= 0 else -1,
+                replica_nodes=tuple(info.replicas), isr_nodes=isr, offline_replicas=()))
+        return tuple(partitions)
+
+    async def describe_cluster(self, request: Request) -> Response:
+        """The brokers and controller (as Metadata names them); only the
+        broker endpoints (endpoint type 1) are served."""
+        schema = response_schema(request)
+        listed = self._listed_brokers()
+        if getattr(request.body, "endpoint_type", ENDPOINT_TYPE_BROKERS) != ENDPOINT_TYPE_BROKERS:
+            return kafka.answer(request, error_code=ErrorCode.UNSUPPORTED_ENDPOINT_TYPE,
+                                error_message="only broker endpoints (type 1) are served", cluster_id=self.config.cluster_id,
+                                brokers=())
+        broker_cls = nested(schema, "DescribeClusterBroker")
+        brokers = tuple(build(broker_cls, broker_id=node_id, host=host, port=port, rack=rack)
+                        for node_id, (host, port, rack) in sorted(listed.items()))
+        return kafka.answer(request, error_code=ErrorCode.NONE, error_message=None, cluster_id=self.config.cluster_id,
+                            controller_id=self._controller_for_clients(listed), brokers=brokers)
 
     def _listed_brokers(self) -> dict[int, tuple[str, int, str | None]]:
         """node id -> (host, port, rack) of the registered brokers, and of this
@@ -303,6 +348,10 @@ class Handlers:
         return topics, total, errors, served
 
     async def list_offsets(self, request: Request) -> Response:
+        """Kafka's answers: earliest (-2) the log start offset, latest (-1) the
+        high watermark, max timestamp (-3, v7+) the record with the largest
+        timestamp, a timestamp the first record at or after it, with that
+        record's own timestamp, or offset -1 and timestamp -1 when none is."""
         schema = response_schema(request)
         topic_cls, partition_cls = nested(schema, "ListOffsetsTopicResponse"), nested(schema, "ListOffsetsPartitionResponse")
         topics = []
@@ -310,19 +359,13 @@ class Handlers:
             partitions = []
             for wanted in topic.partitions:
                 replica, code = self._leader_replica(topic.name, wanted.partition_index)
-                offset, timestamp, epoch = -1, -1, -1
                 if replica is not None:
-                    log_, epoch = replica.log, replica.leader_epoch
-                    if wanted.timestamp == LATEST:
-                        offset = log_.high_watermark
-                    elif wanted.timestamp == EARLIEST:
-                        offset = log_.log_start_offset
-                    else:
-                        found = log_.offset_for_timestamp(wanted.timestamp)
-                        offset = log_.high_watermark if found is None else found
-                        timestamp = wanted.timestamp if found is not None else -1
+                    code = _leader_epoch_error(getattr(wanted, "current_leader_epoch", -1), replica.leader_epoch)
+                found = ListedOffset(-1, -1, -1)
+                if replica is not None and code == ErrorCode.NONE:
+                    found = _list_offset(replica, wanted.timestamp)
                 partitions.append(build(partition_cls, partition_index=wanted.partition_index, error_code=code,
-                                        timestamp=timestamp, offset=offset, leader_epoch=epoch))
+                                        timestamp=found.timestamp, offset=found.offset, leader_epoch=found.leader_epoch))
             topics.append(build(topic_cls, name=topic.name, partitions=tuple(partitions)))
         return kafka.answer(request, topics=tuple(topics))
 
@@ -426,6 +469,53 @@ class Handlers:
                                  resource_type=resource.resource_type, resource_name=resource.resource_name,
                                  configs=configs))
         return kafka.answer(request, results=tuple(results))
+
+
+class ListedOffset(NamedTuple):
+    offset: int
+    timestamp: int
+    leader_epoch: int
+
+
+def _list_offset(replica: PartitionReplica, timestamp: int) -> ListedOffset:
+    log_ = replica.log
+    if timestamp == LATEST:
+        return ListedOffset(log_.high_watermark, -1, replica.leader_epoch)
+    if timestamp == EARLIEST:
+        return ListedOffset(log_.log_start_offset, -1, replica.leader_epoch)
+    if timestamp == MAX_TIMESTAMP:
+        return _max_timestamp_record(log_)
+    offset = log_.offset_for_timestamp(timestamp)
+    if offset is None:
+        return ListedOffset(-1, -1, -1)
+    chunk = log_.read(offset, 1)   # at least the batch holding `offset`
+    for header, batch in iter_batches(chunk.buffer):
+        for record in decode_batch(header, batch, log_.name, 0):
+            if record.offset == offset:
+                return ListedOffset(offset, record.timestamp_ms, header.partition_leader_epoch)
+    raise AssertionError(f"{log_.name}: offset {offset} found by timestamp is not in the batch read at it")
+
+
+def _max_timestamp_record(log_: Any) -> ListedOffset:
+    """The first record with the log's largest timestamp (-1/-1 for an empty
+    log): the batch headers are walked, one batch decoded."""
+    best: tuple[int, int] | None = None      # (max timestamp, base offset of its first batch)
+    offset = log_.log_start_offset
+    while offset < log_.high_watermark:
+        chunk = log_.read(offset, MAX_TIMESTAMP_READ_BYTES)
+        for header, _batch in iter_batches(chunk.buffer):
+            if header.base_offset >= offset and (best is None or header.max_timestamp > best[0]):
+                best = (header.max_timestamp, header.base_offset)
+        if chunk.next_offset <= offset:
+            break
+        offset = chunk.next_offset
+    if best is None:
+        return ListedOffset(-1, -1, -1)
+    for header, batch in iter_batches(log_.read(best[1], 1).buffer):
+        for record in decode_batch(header, batch, log_.name, 0):
+            if record.timestamp_ms == best[0]:
+                return ListedOffset(record.offset, record.timestamp_ms, header.partition_leader_epoch)
+    raise AssertionError(f"{log_.name}: no record at the batch's max timestamp {best[0]}")
 
 
 def _fetch_session_error(session_id: int, session_epoch: int) -> int:
