@@ -18,7 +18,9 @@ from typing import Any, Awaitable, Callable, NamedTuple
 from raftka.broker.group_apis import GroupHandlers
 from raftka.broker.group_service import GroupService
 from raftka.broker.metrics import BrokerMetrics
+from raftka.cluster import topic_configs
 from raftka.cluster.controller import ADMIN_TIMEOUT_S, ClusterController
+from raftka.cluster.metadata import RESOURCE_BROKER, RESOURCE_TOPIC
 from raftka.records.batch import decode_batch, iter_batches
 from raftka.config import BROKER_CONFIGS, OFFSETS_TOPIC, TOPIC_CONFIGS, Config, config_text
 from raftka.errors import ErrorCode, OffsetOutOfRangeError, RaftkaError
@@ -33,8 +35,9 @@ LATEST, EARLIEST, MAX_TIMESTAMP = -1, -2, -3   # ListOffsets' special timestamps
 MAX_TIMESTAMP_READ_BYTES = 4 << 20
 ENDPOINT_TYPE_BROKERS = 1                        # DescribeCluster v1
 ZERO_UUID = uuid.UUID(int=0)                     # Kafka's "no topic id"
-RESOURCE_TOPIC, RESOURCE_BROKER = 2, 4
-SOURCE_TOPIC, SOURCE_STATIC_BROKER, SOURCE_DEFAULT = 1, 4, 5   # DescribeConfigs config_source
+# DescribeConfigs config_source
+SOURCE_TOPIC, SOURCE_DYNAMIC_BROKER, SOURCE_DYNAMIC_DEFAULT_BROKER, SOURCE_STATIC_BROKER, SOURCE_DEFAULT = 1, 2, 3, 4, 5
+DEFAULT_CONFIG = Config()      # Kafka's defaults, as Config holds them
 AUTO_CREATE_TIMEOUT_S = 10.0
 
 Response = bytes | list[Any] | None
@@ -83,6 +86,7 @@ class Handlers:
             kafka.CREATE_TOPICS: self.create_topics, kafka.DELETE_TOPICS: self.delete_topics,
             kafka.INIT_PRODUCER_ID: self.init_producer_id, kafka.CREATE_PARTITIONS: self.create_partitions,
             kafka.DESCRIBE_CONFIGS: self.describe_configs, kafka.DESCRIBE_CLUSTER: self.describe_cluster,
+            kafka.ALTER_CONFIGS: self.alter_configs, kafka.INCREMENTAL_ALTER_CONFIGS: self.incremental_alter_configs,
             **GroupHandlers(groups).table(),
         }
 
@@ -440,35 +444,105 @@ class Handlers:
         return kafka.answer(request, results=tuple(results))
 
     async def describe_configs(self, request: Request) -> Response:
-        """Topic configs (the broker defaults, with the topic's own values
-        marked DYNAMIC_TOPIC_CONFIG) and this broker's settings, under Kafka's names."""
+        """Every topic config Raftka takes, with where its value comes from
+        (the topic, a dynamic broker config, the static one, Kafka's default)
+        and, when asked, its synonyms in precedence order; this broker's
+        settings under Kafka's names (resource "<node id>"), or the dynamic
+        cluster-wide ones (resource "")."""
         schema = response_schema(request)
         result_cls, entry_cls = nested(schema, "DescribeConfigsResult"), nested(schema, "DescribeConfigsResourceResult")
+        synonym_cls = nested(schema, "DescribeConfigsSynonym")
+        with_synonyms = getattr(request.body, "include_synonyms", False)
         results = []
         for resource in request.body.resources:
-            code, message, entries = ErrorCode.NONE, None, {}
+            code, message, entries = ErrorCode.NONE, None, []
             if resource.resource_type == RESOURCE_TOPIC:
                 topic = self.controller.state.topics.get(resource.resource_name)
                 if topic is None:
                     code, message = ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"unknown topic {resource.resource_name!r}"
                 else:
-                    for name, field_name in TOPIC_CONFIGS.items():
-                        own = topic.configs.get(name)
-                        entries[name] = (own if own is not None else config_text(getattr(self.config, field_name)),
-                                         SOURCE_TOPIC if own is not None else SOURCE_DEFAULT)
+                    entries = [(name, self._topic_config_layers(name, field, topic.configs), False)
+                               for name, field in TOPIC_CONFIGS.items()]
             elif resource.resource_type == RESOURCE_BROKER and resource.resource_name in ("", str(self.controller.node_id)):
-                entries = {name: (config_text(getattr(self.config, f)), SOURCE_STATIC_BROKER)
-                           for name, f in BROKER_CONFIGS.items()}
+                entries = self._broker_config_entries(resource.resource_name)
             else:
                 code, message = ErrorCode.INVALID_REQUEST, f"cannot describe resource {resource.resource_type}/{resource.resource_name!r}"
             wanted = resource.configuration_keys
-            configs = tuple(build(entry_cls, name=name, value=value, read_only=True, config_source=source,
-                                  is_sensitive=False, synonyms=())
-                            for name, (value, source) in entries.items() if wanted is None or name in wanted)
+            configs = tuple(build(entry_cls, name=name, value=layers[0][1], read_only=read_only,
+                                  config_source=layers[0][2], is_sensitive=False,
+                                  synonyms=tuple(build(synonym_cls, name=n, value=v, source=src) for n, v, src in layers)
+                                  if with_synonyms else (),
+                                  config_type=topic_configs.config_type(name), documentation=None)
+                            for name, layers, read_only in entries if wanted is None or name in wanted)
             results.append(build(result_cls, error_code=code, error_message=message,
                                  resource_type=resource.resource_type, resource_name=resource.resource_name,
                                  configs=configs))
         return kafka.answer(request, results=tuple(results))
+
+    def _topic_config_layers(self, name: str, field: str, own: dict[str, str]) -> list[tuple[str, str, int]]:
+        """(name, value, source) of a topic config wherever it is set, the one in force first."""
+        layers = [(name, own[name], SOURCE_TOPIC)] if name in own else []
+        broker_name = next((b for b, f in topic_configs.DYNAMIC_BROKER_CONFIGS.items() if f == field), None)
+        if broker_name is not None:
+            layers += self._broker_config_layers(broker_name, field)
+        return layers
+
+    def _broker_config_layers(self, name: str, field: str) -> list[tuple[str, str, int]]:
+        dynamic = self.controller.state.broker_configs
+        layers = [(name, dynamic[resource][name], source)
+                  for resource, source in ((str(self.controller.node_id), SOURCE_DYNAMIC_BROKER),
+                                           ("", SOURCE_DYNAMIC_DEFAULT_BROKER))
+                  if name in dynamic.get(resource, {})]
+        static, default = config_text(getattr(self.config, field)), config_text(getattr(DEFAULT_CONFIG, field))
+        if static != default:
+            layers.append((name, static, SOURCE_STATIC_BROKER))
+        return layers + [(name, default, SOURCE_DEFAULT)]
+
+    def _broker_config_entries(self, resource_name: str) -> list[tuple[str, list[tuple[str, str, int]], bool]]:
+        """(name, layers, read only) of this broker's settings, or for resource
+        "" the dynamic cluster-wide defaults alone."""
+        if resource_name == "":
+            return [(name, [(name, value, SOURCE_DYNAMIC_DEFAULT_BROKER)], False)
+                    for name, value in sorted(self.controller.state.broker_configs.get("", {}).items())]
+        return [(name, self._broker_config_layers(name, field), name not in topic_configs.DYNAMIC_BROKER_CONFIGS)
+                for name, field in BROKER_CONFIGS.items()]
+
+    # ---- AlterConfigs, IncrementalAlterConfigs ------------------------------------
+
+    async def alter_configs(self, request: Request) -> Response:
+        """Replace a resource's configs with those given (Kafka's legacy API)."""
+        result_cls = nested(response_schema(request), "AlterConfigsResourceResponse")
+        results = []
+        for resource in request.body.resources:
+            values = {c.name: c.value for c in resource.configs}
+            code, message = await _outcome(self.controller.alter_configs(
+                resource.resource_type, resource.resource_name, values, [], replace=True,
+                validate_only=request.body.validate_only))
+            results.append(build(result_cls, error_code=code, error_message=message,
+                                 resource_type=resource.resource_type, resource_name=resource.resource_name))
+        return kafka.answer(request, responses=tuple(results))
+
+    async def incremental_alter_configs(self, request: Request) -> Response:
+        """SET, DELETE, APPEND and SUBTRACT on a resource's configs."""
+        result_cls = nested(response_schema(request), "AlterConfigsResourceResponse")
+        results = []
+        for resource in request.body.resources:
+            code, message = await _outcome(self._alter_incrementally(resource, request.body.validate_only))
+            results.append(build(result_cls, error_code=code, error_message=message,
+                                 resource_type=resource.resource_type, resource_name=resource.resource_name))
+        return kafka.answer(request, responses=tuple(results))
+
+    async def _alter_incrementally(self, resource: Any, validate_only: bool) -> None:
+        state = self.controller.state
+        if resource.resource_type == RESOURCE_TOPIC:
+            topic = state.topics.get(resource.resource_name)
+            current = topic.configs if topic is not None else {}
+        else:
+            current = state.broker_configs.get(resource.resource_name, {})
+        values, deleted = topic_configs.incremental(
+            current, [(c.name, c.config_operation, c.value) for c in resource.configs])
+        await self.controller.alter_configs(resource.resource_type, resource.resource_name, values, deleted,
+                                            validate_only=validate_only)
 
 
 class ListedOffset(NamedTuple):
