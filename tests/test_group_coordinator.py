@@ -260,10 +260,19 @@ async def test_the_replaced_static_member_id_is_fenced():
 
 
 @run
-async def test_a_static_member_rejoining_with_another_subscription_rebalances():
+async def test_a_static_member_rejoining_with_new_subscription_metadata_resumes_as_in_kafka():
+    h = Harness()
+    _a, b = await form_group(h, 2, instance_ids=("instance-a", "instance-b"))
+    restarted = await h.join(protocols=(("range", b"owned-partitions-differ"), ("roundrobin", b"")),
+                             instance_id="instance-b")
+    assert restarted.generation == b.generation and h.group.state is GroupState.STABLE
+
+
+@run
+async def test_a_static_member_rejoining_with_a_protocol_change_rebalances():
     h = Harness()
     a, _b = await form_group(h, 2, instance_ids=("instance-a", "instance-b"))
-    changed = h.join(protocols=(("range", b"other-topics"),), instance_id="instance-b")
+    changed = h.join(protocols=(("roundrobin", b"sub-rr"),), instance_id="instance-b")   # range no longer shared
     await h.advance(0)
     assert h.group.state is GroupState.PREPARING_REBALANCE
     rejoin_a = h.join(a.member_id, instance_id="instance-a")

@@ -202,12 +202,12 @@ class GroupCoordinator:
                              protocols: tuple[tuple[str, bytes], ...], now: float) -> JoinResult:
         """A known static instance came back under no member id (it restarted):
         it replaces its old member, fenced from now on. In a Stable group whose
-        protocol it still offers with the same subscription it resumes the
-        current generation at once; otherwise the group rebalances."""
+        protocol stays the one selected it resumes the current generation at
+        once (Kafka's rule: its subscription is not compared; the leader
+        notices changes from metadata); otherwise the group rebalances."""
         old = group.members[group.static_members[instance_id]]
         old.fail(GroupError(ErrorCode.FENCED_INSTANCE_ID, group.group_id, f"instance {instance_id!r} rejoined"))
         member_id = f"{instance_id}-{uuid.uuid4()}"
-        unchanged = group.protocol is not None and dict(protocols).get(group.protocol) == old.metadata(group.protocol)
         member = Member(member_id, instance_id, client_id, client_host, session_timeout_ms, rebalance_timeout_ms,
                         protocol_type, protocols, now + session_timeout_ms / 1000, assignment=old.assignment)
         group.members = {member_id if mid == old.member_id else mid: member if mid == old.member_id else m
@@ -215,6 +215,7 @@ class GroupCoordinator:
         group.static_members[instance_id] = member_id
         if group.leader == old.member_id:
             group.leader = member_id
+        unchanged = group.protocol is not None and self._select_protocol(group) == group.protocol
         log.info("group %r: static instance %r rejoined as %s (was %s)", group.group_id, instance_id, member_id,
                  old.member_id)
         if group.state is GroupState.STABLE and unchanged:
