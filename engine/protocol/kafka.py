@@ -7,10 +7,19 @@ apply depends on (api_key, api_version), and kio knows both. Responses are
 never decoded here: kio hands Produce's records over as bytes, and Fetch's
 response is assembled by hand around views of the log (fetch_response).
 
+Flexible versions (KIP-482) need nothing per API: the schema kio loads for
+(api_key, api_version) names its header (request header v2 and response
+header v1, with tagged fields; ApiVersions' response header stays v0) and
+reads and writes compact arrays, strings and tagged fields. To serve an
+API, flexible or not: add its range to ADVERTISED, its handler to the
+broker's table, and answer with `answer(request, **fields)`.
+
 The versions we serve are in ADVERTISED, chosen for what the clients we
 target negotiate (see DESIGN.md, "Kafka protocol"): librdkafka only enables
 compression when Produce v0 is advertised, so v0-2 are advertised and
-refused (no v2 record batches before v3), as Kafka 4.0 does.
+refused (no v2 record batches before v3), as Kafka 4.0 does. Each raised
+version is exercised by librdkafka, kafka-python and aiokafka in
+tests/test_protocol_versions.py and the group and config tests.
 """
 from __future__ import annotations
 
