@@ -24,15 +24,18 @@ OFFSETS_TOPIC = "__consumer_offsets"
 class Config:
     """Every Raftka setting, with Kafka's defaults where Kafka has one.
 
-    fsync policies (what a successful append guarantees):
-      never     data is in the OS page cache; survives a process crash, not a
-                power loss or kernel crash (Kafka's default: replication is the
-                durability mechanism).
-      interval  as `never`, plus segments and the index are fsynced at most
-                `fsync_interval_ms` after an append: a power loss loses at
-                most that window.
-      always    the segment is fdatasync'ed before append returns: survives
-                power loss once append returns.
+    fsync policies (what a successful append, or an acks=all produce, guarantees):
+      always    (default) on disk: embedded, the segment is fdatasync'd before
+                append returns; replicated, every replica fdatasyncs its Raft
+                journal (group commit, off the event loop) before it
+                acknowledges an entry, so a committed append survives a power
+                loss of a minority, and of every node at once.
+      interval  acknowledged from the page cache; segments and the index are
+                fsynced at most `fsync_interval_ms` after an append: a power
+                loss loses at most that window.
+      never     acknowledged from the OS page cache (Kafka's default:
+                replication is the durability mechanism); survives a process
+                crash, not a power loss of a majority.
     """
 
     data_dir: Path = Path("./raftka-data")
@@ -59,7 +62,7 @@ class Config:
     min_insync_replicas: int = 1
     min_compaction_lag_ms: int = 0
     delete_retention_ms: int = DAY_MS
-    fsync: FsyncPolicy = "never"
+    fsync: FsyncPolicy = "always"
     fsync_interval_ms: int = 1000
     # LMDB index writes are grouped: committed at most this often, or when
     # this many entries are pending (recovery rebuilds anything uncommitted)

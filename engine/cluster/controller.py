@@ -74,6 +74,8 @@ class ClusterController:
         self.config = config
         self.node_id = config.node_id
         self.raft_settings = dict(raft_settings)
+        # acknowledge only what the journal has fdatasync'd (fsync=always, the default)
+        self.raft_settings.setdefault("journal_fsync", config.fsync == "always")
         self.raft_dir = config.data_dir / "raft"
         self.logs = LogManager(config)
         self.state = ClusterState()

@@ -4,10 +4,12 @@ written twice, and a gap in sequence numbers is refused.
 
 Kafka keeps the last five batches' (first sequence, last sequence, base
 offset) per producer id; a producer has at most five requests in flight, so
-any retry falls in that window. The state is derived from the log only, so
-every replica that applied the same commands holds the same state (the
-decision is taken at apply time in the Raft group, not by the leader alone),
-and a restarted replica rebuilds it from the tail of its log.
+any retry falls in that window. The state follows the log: every replica records the batches added to its
+Raft log (a restarted one rebuilds from the tail of its log), and the leader
+decides before proposing, so the log carries the decision and replicas never
+differ on it. The leader records a batch it accepts at once, provisionally
+(base offset PENDING_OFFSET), so the next request of the same producer in the
+same round follows it; the log's own record then fills the offset in.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from raftka.records.batch import BatchHeader, iter_batches
 CACHED_BATCHES = 5
 NO_PRODUCER_ID = -1
 REBUILD_SEGMENTS = 2   # the tail of the log a restart rebuilds the state from
+PENDING_OFFSET = -1    # a batch the leader accepted, not yet in its log
 
 
 class _Batch(NamedTuple):
@@ -77,8 +80,12 @@ class ProducerState:
         producer = self._producers.get(header.producer_id)
         if producer is None or header.producer_epoch > producer.epoch:
             producer = self._producers[header.producer_id] = _Producer(header.producer_epoch)
-        producer.batches.append(_Batch(header.base_sequence, header.base_sequence + header.last_offset_delta,
-                                       base_offset))
+        batch = _Batch(header.base_sequence, header.base_sequence + header.last_offset_delta, base_offset)
+        for position, held in enumerate(producer.batches):
+            if held.base_offset == PENDING_OFFSET and held[:2] == batch[:2]:
+                producer.batches[position] = batch   # the provisional record gets its offset
+                return
+        producer.batches.append(batch)
 
     def rebuild(self, segment_views: list[memoryview]) -> None:
         """Recompute from stored batches (the log's last segments, oldest first)."""

@@ -68,6 +68,11 @@ class Segment:
 
     # ---- writing -------------------------------------------------------
 
+    @property
+    def fd(self) -> int | None:
+        """The open descriptor of the active segment (None once sealed)."""
+        return self._fd
+
     def make_active(self, map_capacity_bytes: int) -> None:
         """Open for appends (after recovery, or when this segment is the newest)."""
         if self._fd is None:
