@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import subprocess
 import uuid
 
@@ -222,3 +223,37 @@ def test_offsets_for_times_in_kafka_python_aiokafka_and_kcat(broker, timed_topic
                            "-e", "-q", "-f", "%o %T %s\n"], capture_output=True, text=True, timeout=TIMEOUT_S)
     assert read.returncode == 0, read.stderr
     assert read.stdout.splitlines() == [f"9 {BASE_MS + 9000} t9", f"10 {BASE_MS + 500} late"]
+
+
+# ---- Fetch without sessions (KIP-227) -------------------------------------------
+
+def fetch_v12(broker: BrokerProcess, topic: str, session_id: int, session_epoch: int, leader_epoch: int = -1):
+    schema = load_request_schema(1, 12)
+    wanted = kafka.nested(schema, "FetchPartition")(partition=i32(0), current_leader_epoch=i32(leader_epoch),
+                                                    fetch_offset=i64(0), last_fetched_epoch=i32(-1),
+                                                    log_start_offset=i64(-1), partition_max_bytes=i32(1 << 20))
+    body = schema(cluster_id=None, replica_id=i32(-1), max_wait=datetime.timedelta(0), min_bytes=i32(0),
+                  max_bytes=i32(1 << 20), isolation_level=i8(0), session_id=i32(session_id),
+                  session_epoch=i32(session_epoch), topics=(kafka.nested(schema, "FetchTopic")(
+                      topic=topic, partitions=(wanted,)),), forgotten_topics_data=(), rack_id="")
+    return ask_raw(broker, 1, 12, body)
+
+
+def test_fetch_answers_a_session_request_with_session_id_0_and_refuses_unknown_sessions(broker, timed_topic):
+    asked = fetch_v12(broker, timed_topic, session_id=0, session_epoch=0)    # a client asking for a session
+    assert (asked.error_code.value, asked.session_id) == (0, 0)               # none created: full fetches
+    partition = asked.responses[0].partitions[0]
+    assert partition.records and (partition.high_watermark, partition.log_start_offset) == (11, 0)
+    assert fetch_v12(broker, timed_topic, session_id=12345, session_epoch=1).error_code.value \
+        == ErrorCode.FETCH_SESSION_ID_NOT_FOUND
+    assert fetch_v12(broker, timed_topic, session_id=0, session_epoch=3).error_code.value \
+        == ErrorCode.INVALID_FETCH_SESSION_EPOCH
+
+
+def test_fetch_and_list_offsets_check_the_clients_leader_epoch(broker, timed_topic):
+    epoch = list_offsets_answer(broker, timed_topic, -1).leader_epoch
+    assert fetch_v12(broker, timed_topic, 0, -1, leader_epoch=epoch).responses[0].partitions[0].error_code.value == 0
+    stale = fetch_v12(broker, timed_topic, 0, -1, leader_epoch=epoch - 1).responses[0].partitions[0]
+    ahead = fetch_v12(broker, timed_topic, 0, -1, leader_epoch=epoch + 1).responses[0].partitions[0]
+    assert (stale.error_code.value, ahead.error_code.value) == (ErrorCode.FENCED_LEADER_EPOCH,
+                                                                ErrorCode.UNKNOWN_LEADER_EPOCH)
