@@ -29,6 +29,7 @@ func main() {
 	cfg.Producer.Return.Successes = true
 	cfg.Producer.RequiredAcks = sarama.WaitForAll
 	cfg.Producer.Compression = sarama.CompressionZSTD
+	cfg.Producer.Partitioner = sarama.NewManualPartitioner // each message names its partition
 	cfg.Consumer.Offsets.Initial = sarama.OffsetOldest
 
 	admin, err := sarama.NewClusterAdmin([]string{broker}, cfg)
