@@ -52,6 +52,16 @@ class Config:
     index_interval_bytes: int = 64 * 1024
     # message.max.bytes: the largest record batch accepted, header included
     max_batch_bytes: int = 1024 * 1024 + 12
+    # log.cleanup.policy, compression.type, log.message.timestamp.type,
+    # min.insync.replicas: only Kafka's defaults are implemented (see
+    # engine/cluster/topic_configs.py); log.cleaner.min.compaction.lag.ms and
+    # log.cleaner.delete.retention.ms are kept for compaction, which does not exist yet
+    cleanup_policy: str = "delete"
+    compression_type: str = "producer"
+    message_timestamp_type: str = "CreateTime"
+    min_insync_replicas: int = 1
+    min_compaction_lag_ms: int = 0
+    delete_retention_ms: int = DAY_MS
     fsync: FsyncPolicy = "always"
     fsync_interval_ms: int = 1000
     # LMDB index writes are grouped: committed at most this often, or when
@@ -103,6 +113,11 @@ class Config:
     # producer.id.expiration.ms: an idempotent producer id idle this long, by
     # the log's own timestamps, is forgotten (its next batch starts afresh)
     producer_id_expiration_ms: int = 24 * 3600 * 1000
+    # offsets.retention.minutes: an empty group's committed offsets expire this
+    # long after it became empty (engine/groups/offset_expiry.py), checked every
+    # offsets.retention.check.interval.ms by each group's coordinator
+    offsets_retention_minutes: int = 7 * 24 * 60
+    offsets_retention_check_interval_ms: int = 600_000
 
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
@@ -112,7 +127,8 @@ class Config:
                     "index_commit_max_pending", "lmdb_map_size_bytes", "default_partitions",
                     "default_replication_factor", "replica_lag_time_max_ms", "max_request_bytes",
                     "offsets_topic_partitions", "offsets_topic_replication_factor", "group_min_session_timeout_ms",
-                    "group_max_session_timeout_ms", "group_max_size", "producer_id_expiration_ms")
+                    "group_max_session_timeout_ms", "group_max_size", "producer_id_expiration_ms",
+                    "offsets_retention_minutes", "offsets_retention_check_interval_ms")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -221,6 +237,12 @@ TOPIC_CONFIGS: dict[str, str] = {
     "segment.bytes": "segment_bytes",
     "segment.ms": "segment_ms",
     "max.message.bytes": "max_batch_bytes",
+    "cleanup.policy": "cleanup_policy",
+    "compression.type": "compression_type",
+    "message.timestamp.type": "message_timestamp_type",
+    "min.insync.replicas": "min_insync_replicas",
+    "min.compaction.lag.ms": "min_compaction_lag_ms",
+    "delete.retention.ms": "delete_retention_ms",
 }
 # Kafka's broker config names -> Config fields
 BROKER_CONFIGS: dict[str, str] = {
@@ -229,6 +251,12 @@ BROKER_CONFIGS: dict[str, str] = {
     "log.segment.bytes": "segment_bytes",
     "log.roll.ms": "segment_ms",
     "message.max.bytes": "max_batch_bytes",
+    "log.cleanup.policy": "cleanup_policy",
+    "compression.type": "compression_type",
+    "log.message.timestamp.type": "message_timestamp_type",
+    "min.insync.replicas": "min_insync_replicas",
+    "log.cleaner.min.compaction.lag.ms": "min_compaction_lag_ms",
+    "log.cleaner.delete.retention.ms": "delete_retention_ms",
     "num.partitions": "default_partitions",
     "default.replication.factor": "default_replication_factor",
     "auto.create.topics.enable": "auto_create_topics",
@@ -242,6 +270,8 @@ BROKER_CONFIGS: dict[str, str] = {
     "group.max.size": "group_max_size",
     "offset.metadata.max.bytes": "offset_metadata_max_bytes",
     "producer.id.expiration.ms": "producer_id_expiration_ms",
+    "offsets.retention.minutes": "offsets_retention_minutes",
+    "offsets.retention.check.interval.ms": "offsets_retention_check_interval_ms",
 }
 
 
