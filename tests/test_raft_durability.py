@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 
 
 from raftka.broker.broker import Broker
@@ -134,6 +135,29 @@ def test_retention_is_the_leaders_decision_and_every_replica_carries_it_out_alik
         run_steps(sim, 50)
         starts = {r.log.log_start_offset for r in replicas}
         assert len(starts) == 1 and starts.pop() > 0
-        sim.heal_and_converge()         # every replica's segment files still byte-identical
+        with patched_clock(sim.clock):
+            sim.heal_and_converge()     # every replica's segment files still byte-identical
+    finally:
+        sim.stop_all()
+
+
+def test_a_follower_whose_log_ends_below_the_leaders_log_start_restarts_its_log_there(tmp_path, caplog):
+    sim = Simulation(tmp_path, 9, faults=Faults.of([]), log_settings=dict(segment_bytes=1024, retention_bytes=2048))
+    start_nodes(sim, 9)
+    try:
+        run_steps(sim, 60)
+        leader = next(m.replicas[1] for m in sim.members.values() if m.alive and m.replicas[1].is_leader)
+        away = next(node_id for node_id, m in sim.members.items() if m.replicas[1] is not leader)
+        sim.faults = replace(sim.faults, restart=0.0)   # it stays away until the healing restarts it
+        sim.crash_node(away)
+        for _ in range(6):              # while it is away: appends, retention and compaction on the others
+            run_steps(sim, 60)
+            leader.log.enforce_retention()
+        assert leader.log.log_start_offset > 0
+        with caplog.at_level("WARNING", logger="raftka.replication.partition"):
+            with patched_clock(sim.clock):
+                sim.heal_and_converge()   # restarts it; converges, byte-identical, every acknowledged append held
+        assert any("restarting our log there" in r.getMessage() for r in caplog.records)
+        assert sim.members[away].replicas[1].log.log_start_offset == leader.log.log_start_offset
     finally:
         sim.stop_all()

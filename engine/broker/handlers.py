@@ -197,9 +197,15 @@ class Handlers:
 
     def _listed_brokers(self) -> dict[int, tuple[str, int, str | None]]:
         """node id -> (host, port, rack) of the registered brokers, and of this
-        one before its registration is committed: it answers, so it is listed."""
+        one before its registration is committed: it answers, so it is listed.
+        A broker out of service (its storage failed) leaves itself out, so
+        clients drop their connection to it and ask the others (its own view of
+        leaders is stale: it reports them unknown)."""
         listed = {b.node_id: (b.host, b.port, b.rack) for b in self.controller.state.brokers.values()}
-        listed.setdefault(self.controller.node_id, (*self.config.advertised_address, None))
+        if self.storage_failure is not None:
+            listed.pop(self.controller.node_id, None)
+        else:
+            listed.setdefault(self.controller.node_id, (*self.config.advertised_address, None))
         return listed
 
     def _controller_for_clients(self, listed: dict[int, Any]) -> int:
