@@ -67,8 +67,24 @@ class Config:
     port: int = 9092
     advertised_host: str = ""
     advertised_port: int = 0
-    # Prometheus metrics over HTTP on host:metrics_port (0: off)
+    # max.connections / max.connections.per.ip: a connection past either is
+    # closed as soon as it is accepted (the per-IP limit exempts no address)
+    max_connections: int = 10_000
+    max_connections_per_ip: int = 1000
+    # connections.max.idle.ms: a connection with no request in flight and no
+    # bytes either way for this long is closed
+    connections_max_idle_ms: int = 600_000
+    # queued.max.request.bytes: request bytes being received or handled, all
+    # connections together; a frame that does not fit waits before its body is read
+    queued_max_request_bytes: int = 512 * MIB
+    # message.timestamp.before.max.ms / after.max.ms: how far a produced
+    # batch's timestamps may lie behind / ahead of the broker's clock
+    # (INVALID_TIMESTAMP past either; Kafka 4.0's defaults)
+    message_timestamp_before_max_ms: int = 2**63 - 1
+    message_timestamp_after_max_ms: int = 3_600_000
+    # Prometheus metrics over HTTP on metrics_host:metrics_port (0: off)
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     # ---- cluster (a single node needs none of these) ----
     # broker.id / node.id
     node_id: int = 1
@@ -106,7 +122,9 @@ class Config:
                     "index_commit_max_pending", "lmdb_map_size_bytes", "default_partitions",
                     "default_replication_factor", "replica_lag_time_max_ms", "max_request_bytes",
                     "offsets_topic_partitions", "offsets_topic_replication_factor", "group_min_session_timeout_ms",
-                    "group_max_session_timeout_ms", "group_max_size")
+                    "group_max_session_timeout_ms", "group_max_size", "max_connections", "max_connections_per_ip",
+                    "connections_max_idle_ms", "queued_max_request_bytes", "message_timestamp_before_max_ms",
+                    "message_timestamp_after_max_ms")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -116,6 +134,9 @@ class Config:
             raise ValueError(f"group_initial_rebalance_delay_ms must not be negative, got {self.group_initial_rebalance_delay_ms}")
         if self.group_min_session_timeout_ms > self.group_max_session_timeout_ms:
             raise ValueError("group_min_session_timeout_ms is above group_max_session_timeout_ms")
+        if self.queued_max_request_bytes < self.max_request_bytes:
+            raise ValueError(f"queued_max_request_bytes ({self.queued_max_request_bytes}) is below "
+                             f"max_request_bytes ({self.max_request_bytes}): such a request could never be read")
         if any(peer_id == self.node_id for peer_id, _, _ in self.peers):
             raise ValueError(f"node {self.node_id} lists itself among its peers")
         if self.peers and not self.cluster_secret:
@@ -216,6 +237,30 @@ TOPIC_CONFIGS: dict[str, str] = {
     "segment.ms": "segment_ms",
     "max.message.bytes": "max_batch_bytes",
 }
+_LONG_MAX, _INT_MAX = 2**63 - 1, 2**31 - 1
+# the values Kafka (4.0) accepts for each topic config, both ends included
+TOPIC_CONFIG_RANGES: dict[str, tuple[int, int]] = {
+    "retention.ms": (-1, _LONG_MAX),
+    "retention.bytes": (-1, _LONG_MAX),
+    "segment.bytes": (MIB, _INT_MAX),
+    "segment.ms": (1, _LONG_MAX),
+    "max.message.bytes": (0, _INT_MAX),
+}
+assert TOPIC_CONFIG_RANGES.keys() == TOPIC_CONFIGS.keys()
+
+
+def topic_config_error(name: object, value: object) -> str | None:
+    """Why `name=value` is not a topic config we accept, or None if it is."""
+    if name not in TOPIC_CONFIG_RANGES:
+        return f"unknown topic config {name!r}; supported: {sorted(TOPIC_CONFIGS)}"
+    if not isinstance(value, str) or not value.lstrip("-").isdigit() or len(value) > 20:
+        return f"topic config {name}={value!r} is not an integer"
+    low, high = TOPIC_CONFIG_RANGES[str(name)]
+    if not low <= int(value) <= high:
+        return f"topic config {name}={value} is outside [{low}, {high}]"
+    return None
+
+
 # Kafka's broker config names -> Config fields
 BROKER_CONFIGS: dict[str, str] = {
     "log.retention.ms": "retention_ms",
@@ -235,6 +280,12 @@ BROKER_CONFIGS: dict[str, str] = {
     "group.max.session.timeout.ms": "group_max_session_timeout_ms",
     "group.max.size": "group_max_size",
     "offset.metadata.max.bytes": "offset_metadata_max_bytes",
+    "max.connections": "max_connections",
+    "max.connections.per.ip": "max_connections_per_ip",
+    "connections.max.idle.ms": "connections_max_idle_ms",
+    "queued.max.request.bytes": "queued_max_request_bytes",
+    "log.message.timestamp.before.max.ms": "message_timestamp_before_max_ms",
+    "log.message.timestamp.after.max.ms": "message_timestamp_after_max_ms",
 }
 
 

@@ -32,6 +32,7 @@ class ErrorCode(enum.IntEnum):
     INVALID_SESSION_TIMEOUT = 26
     REBALANCE_IN_PROGRESS = 27
     INVALID_COMMIT_OFFSET_SIZE = 28
+    INVALID_TIMESTAMP = 32
     UNSUPPORTED_VERSION = 35
     TOPIC_ALREADY_EXISTS = 36
     INVALID_PARTITIONS = 37
@@ -66,6 +67,18 @@ class CorruptRecordError(RaftkaError):
         super().__init__(f"corrupt record batch at byte {position}: {reason}")
         self.reason = reason
         self.position = position
+
+
+class InvalidRecordError(RaftkaError):
+    """A well-formed batch a client may not write (a control or transactional batch)."""
+
+    error_code = ErrorCode.INVALID_RECORD
+
+
+class InvalidTimestampError(RaftkaError):
+    """A batch's timestamps lie further from the broker's clock than the topic allows."""
+
+    error_code = ErrorCode.INVALID_TIMESTAMP
 
 
 class RecordTooLargeError(RaftkaError):

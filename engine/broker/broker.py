@@ -21,6 +21,7 @@ from raftka.broker.server import KafkaServer
 from raftka.cluster.controller import ClusterController
 from raftka.config import Config
 from raftka.errors import NoControllerError, StorageError
+from raftka.security.process_limits import make_private, raise_descriptor_limit
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class Broker:
         node = self.controller.node
         node.storage_errors = (*node.storage_errors, StorageError)   # a log write the disk refused
         node.on_failure(self._storage_failed)
-        self.server = KafkaServer(self.handlers, config.max_request_bytes)
+        self.server = KafkaServer(self.handlers, config)
         self.port: int | None = None
         self.metrics: BrokerMetrics | None = None
         self.metrics_port: int | None = None
@@ -62,7 +63,7 @@ class Broker:
         await self.groups.start()
         if self.config.metrics_port:
             self.metrics = self.handlers.metrics = BrokerMetrics(self.controller, self.groups)
-            self.metrics_port = await self.metrics.start(self.config.host, self.config.metrics_port)
+            self.metrics_port = await self.metrics.start(self.config.metrics_host, self.config.metrics_port)
             self._metrics_task = asyncio.get_running_loop().create_task(self._observe_terms())
         while True:   # peers on other hosts may start much later: wait for them, saying so
             try:
@@ -94,7 +95,10 @@ class Broker:
 
 
 async def serve(config: Config, **raft_settings: Any) -> None:
-    """Run a broker until SIGTERM or SIGINT."""
+    """Run a broker until SIGTERM or SIGINT (with the process-wide settings
+    of raftka.security.process_limits: descriptors, private files)."""
+    raise_descriptor_limit()
+    make_private(config.data_dir)
     broker = Broker(config, **raft_settings)
     await broker.start()
     stop = asyncio.Event()
@@ -102,7 +106,7 @@ async def serve(config: Config, **raft_settings: Any) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host, port = config.host, broker.port
-    metrics = f", metrics on http://{host}:{broker.metrics_port}/metrics" if broker.metrics_port else ""
+    metrics = f", metrics on http://{config.metrics_host}:{broker.metrics_port}/metrics" if broker.metrics_port else ""
     print(f"raftka broker {config.node_id} ready on {host}:{port} (data in {config.data_dir}){metrics}", flush=True)
     await stop.wait()
     await broker.stop()

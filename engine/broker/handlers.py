@@ -25,6 +25,7 @@ from raftka.protocol import kafka
 from raftka.storage.log_manager import validate_topic_name
 from raftka.protocol.kafka import FetchPartition, Request, build, nested, response_schema
 from raftka.replication import PartitionReplica
+from raftka.security.batch_rules import check_client_batches
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,8 @@ class Handlers:
         """(error code, base offset) of one partition's part of a produce."""
         if self.storage_failure is not None:
             return ErrorCode.KAFKA_STORAGE_ERROR, -1
+        if topic == OFFSETS_TOPIC:
+            return ErrorCode.INVALID_TOPIC_EXCEPTION, -1    # internal: written by the group coordinators only
         replica, code = self._leader_replica(topic, partition)
         if replica is None:
             return code, -1
@@ -231,6 +234,7 @@ class Handlers:
             return ErrorCode.CORRUPT_MESSAGE, -1
         try:
             replica.log.validate(records)
+            check_client_batches(records, replica.log.config, int(time.time() * 1000))
             started = time.perf_counter()
             base_offset = await replica.replicate(records, timeout_s)
             if self.metrics is not None:
@@ -308,7 +312,10 @@ class Handlers:
                     elif wanted.timestamp == EARLIEST:
                         offset = log_.log_start_offset
                     else:
-                        found = log_.offset_for_timestamp(wanted.timestamp)
+                        try:
+                            found = log_.offset_for_timestamp(wanted.timestamp)
+                        except RaftkaError as error:   # a stored batch that does not decode (within its cap)
+                            code, found = error.error_code, None
                         offset = log_.high_watermark if found is None else found
                         timestamp = wanted.timestamp if found is not None else -1
                 partitions.append(build(partition_cls, partition_index=wanted.partition_index, error_code=code,
@@ -373,6 +380,8 @@ class Handlers:
         for topic in request.body.topics:
             if topic.assignments is not None:
                 code, message = ErrorCode.INVALID_REQUEST, "manual replica assignment is not supported"
+            elif topic.name == OFFSETS_TOPIC:
+                code, message = ErrorCode.INVALID_TOPIC_EXCEPTION, f"{OFFSETS_TOPIC} is internal"
             elif request.body.validate_only:
                 code, message = ErrorCode.NONE, None
                 current = self.controller.state.topics.get(topic.name)

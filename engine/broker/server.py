@@ -3,60 +3,121 @@ connections decode request frames, run them through Handlers, and answer in
 request order (clients pipeline several requests on one connection).
 
 Connections are plain sockets driven by loop.add_reader/add_writer rather
-than asyncio transports, for two reasons. Replies go out with writev straight
-from their buffers, so a Fetch's record bytes travel from the segment mapping
-to the kernel without a copy in Python (a transport joins and buffers them).
-And a large request is received with recv_into into a buffer of its exact
-size, not gathered from chunks.
+than asyncio transports: replies go out with writev straight from their
+buffers, so a Fetch's record bytes travel from the segment mapping to the
+kernel without a copy in Python (a transport joins and buffers them).
 
-A frame whose size is out of range (below a header, above
-`max_request_bytes`) or whose bytes do not decode closes that connection
-with a logged reason; other connections, and the log, are untouched. An API
-or version we do not serve gets UNSUPPORTED_VERSION (ApiVersions: the v0
-fallback, so the client retries lower) and the connection stays open.
+No client can make the broker allocate what it has not sent, or hold more
+than its share (every limit is a Config field):
+  - a frame's size must be in [8, max_request_bytes]; its bytes are
+    received into a buffer that grows as they arrive, never one of the
+    size the prefix claims; each frame is walked for lengths and array
+    counts before kio decodes it (raftka.security.request_bounds);
+  - the request bytes being received or handled on all connections together
+    stay within queued_max_request_bytes: a frame larger than the receive
+    buffer is reserved in full when its size prefix is read, and a connection
+    whose next such frame does not fit stops reading until replies free room
+    (a reserved frame needs nothing more to complete, so waiting cannot
+    deadlock); frames that fit the receive buffer are counted, never held;
+  - at most MAX_PIPELINED requests per connection are in flight: the frame
+    loop stops cutting at the cap and reading resumes as replies go out;
+  - max_connections and max_connections_per_ip: a connection past either is
+    closed when accepted; connections_max_idle_ms closes a connection with
+    nothing in flight and no bytes either way for that long;
+  - accept failing for want of descriptors (EMFILE) pauses accepting for
+    ACCEPT_BACKOFF_S and is logged once per LOG_INTERVAL_S, not per try.
+
+A frame whose size is out of range or whose bytes do not decode closes that
+connection with a logged reason; other connections, and the log, are
+untouched. An API or version we do not serve gets UNSUPPORTED_VERSION
+(ApiVersions: the v0 fallback, so the client retries lower) and the
+connection stays open.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import itertools
 import logging
+import mmap
 import os
 import socket
 import struct
+import time
 from typing import Any
 
 from raftka.broker.handlers import Handlers, Response
+from raftka.config import Config
 from raftka.protocol import kafka
+from raftka.security.request_bounds import check_request
 
 log = logging.getLogger(__name__)
 
 _SIZE = struct.Struct(">i")
 MIN_REQUEST_BYTES = 8          # api key, version, correlation id
 MAX_PIPELINED = 100            # requests in flight per connection before reading pauses
-RECEIVE_BYTES = 256 << 10      # receive buffer; larger frames get a buffer of their own
+RECEIVE_BYTES = 256 << 10      # receive buffer (its pages are touched only as bytes arrive)
 IOV_MAX = 1024                 # buffers per writev call (Linux's limit)
 OUTPUT_LOW_WATER = 1 << 20     # queued reply bytes below which the next reply is written
+ACCEPT_BACKOFF_S = 0.1         # accepting pauses this long when the process is out of descriptors
+LOG_INTERVAL_S = 10.0          # a repeated listener warning is logged at most this often
+IDLE_CHECK_MAX_S = 10.0        # idle connections are looked for at least this often
 _RETRY = (BlockingIOError, InterruptedError)
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class _RateLimitedLog:
+    """One warning per interval for a repeated event, with how often it happened."""
+
+    def __init__(self, interval_s: float = LOG_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self._last = -interval_s
+        self._suppressed = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self._suppressed += 1
+            return
+        suffix = f" (and {self._suppressed} more like it in the last {self.interval_s:.0f} s)" if self._suppressed else ""
+        log.warning(message + suffix, *args)
+        self._last, self._suppressed = now, 0
 
 
 class KafkaServer:
-    """The Kafka listener of one broker."""
+    """The Kafka listener of one broker, with the limits of `config`."""
 
-    def __init__(self, handlers: Handlers, max_request_bytes: int) -> None:
+    def __init__(self, handlers: Handlers, config: Config) -> None:
         self.handlers = handlers
-        self.max_request_bytes = max_request_bytes
+        self.config = config
+        self.max_request_bytes = config.max_request_bytes
         self._listener: socket.socket | None = None
         self._connections: set[_Connection] = set()
+        self._per_ip: collections.Counter[str] = collections.Counter()
+        # request bytes reserved by frames being received or handled; invariant: <= queued_max_request_bytes
+        self.queued_request_bytes = 0
+        self._budget_waiters: collections.deque[_Connection] = collections.deque()
+        self._waking = False
+        self._accept_log = _RateLimitedLog()
+        self._refused_log = _RateLimitedLog()
+        self._idle_task: asyncio.Task[None] | None = None
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port (useful when `port` is 0)."""
         self._listener = socket.create_server((host, port), backlog=1024)
         self._listener.setblocking(False)
         asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept)
+        self._idle_task = asyncio.get_running_loop().create_task(self._close_idle())
         return self._listener.getsockname()[1]
 
     async def stop(self) -> None:
+        if self._idle_task is not None:
+            self._idle_task.cancel()
         if self._listener is not None:
             asyncio.get_running_loop().remove_reader(self._listener.fileno())
             self._listener.close()
@@ -70,31 +131,113 @@ class KafkaServer:
                 sock, peer = self._listener.accept()
             except _RETRY:
                 return
-            except OSError as error:    # e.g. out of descriptors: the listener stays up
-                log.warning("kafka listener: accept failed: %s", error)
-                return
+            except OSError as error:
+                if error.errno in _OUT_OF_RESOURCES:
+                    self._back_off_accepting(error)
+                    return
+                self._accept_log.warning("kafka listener: accept failed: %s", error)
+                continue
+            host = peer[0] if isinstance(peer, tuple) else ""
+            refusal = self._refusal(host)
+            if refusal:
+                self._refused_log.warning("kafka listener: connection from %s refused: %s", peer, refusal)
+                sock.close()
+                continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._connections.add(_Connection(self, sock, peer))
+            self._per_ip[host] += 1
+            self._connections.add(_Connection(self, sock, peer, host))
+
+    def _refusal(self, host: str) -> str:
+        if len(self._connections) >= self.config.max_connections:
+            return f"max_connections ({self.config.max_connections}) reached"
+        if self._per_ip[host] >= self.config.max_connections_per_ip:
+            return f"max_connections_per_ip ({self.config.max_connections_per_ip}) reached for {host}"
+        return ""
+
+    def _back_off_accepting(self, error: OSError) -> None:
+        """Out of descriptors: stop accepting for a moment (the pending
+        connection stays in the backlog) instead of spinning on it."""
+        self._accept_log.warning("kafka listener: accept failed: %s; accepting again in %.1f s",
+                                 error, ACCEPT_BACKOFF_S)
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        fd = self._listener.fileno()
+        loop.remove_reader(fd)
+
+        def resume() -> None:
+            if self._listener is not None:
+                loop.add_reader(fd, self._accept)
+        loop.call_later(ACCEPT_BACKOFF_S, resume)
+
+    def forget(self, connection: "_Connection") -> None:
+        if connection in self._connections:
+            self._connections.discard(connection)
+            self._per_ip[connection.host] -= 1
+            if self._per_ip[connection.host] <= 0:
+                del self._per_ip[connection.host]
+
+    # ---- the in-flight request bytes budget -----------------------------------
+
+    def reserve(self, size: int, wait: bool = True) -> bool:
+        """Take `size` bytes of the budget if they fit. A frame that fits the
+        receive buffer (`wait` False) is counted but never waits: its bytes
+        are already here, and a budget held by other connections' large frames
+        must not stall a client's small requests."""
+        if wait and self.queued_request_bytes + size > self.config.queued_max_request_bytes:
+            return False
+        self.queued_request_bytes += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.queued_request_bytes -= size
+        assert self.queued_request_bytes >= 0, f"queued request bytes {self.queued_request_bytes} < 0"
+        if self._budget_waiters and not self._waking:
+            self._waking = True
+            asyncio.get_running_loop().call_soon(self._wake_budget_waiters)
+
+    def _wake_budget_waiters(self) -> None:
+        self._waking = False
+        while self._budget_waiters:
+            waiter = self._budget_waiters.popleft()
+            waiter.budget_freed()
+            if waiter.waiting_for_budget:
+                return     # it still does not fit: the others keep waiting
+
+    def wait_for_budget(self, connection: "_Connection") -> None:
+        self._budget_waiters.append(connection)
+
+    async def _close_idle(self) -> None:
+        idle_s = self.config.connections_max_idle_ms / 1000
+        while True:
+            await asyncio.sleep(min(idle_s / 2, IDLE_CHECK_MAX_S))
+            now = asyncio.get_running_loop().time()
+            for connection in [c for c in self._connections if c.idle_since(now) > idle_s]:
+                connection.close(f"idle for more than {self.config.connections_max_idle_ms} ms")
 
 
 class _Connection:
-    def __init__(self, server: KafkaServer, sock: socket.socket, peer: Any) -> None:
+    def __init__(self, server: KafkaServer, sock: socket.socket, peer: Any, host: str) -> None:
         self._server = server
         self._sock = sock
         self._fd = sock.fileno()
         self._peer = peer
-        self._client_host = f"/{peer[0]}" if isinstance(peer, tuple) else ""
+        self.host = host
+        self._client_host = f"/{host}" if host else ""
         self._loop = asyncio.get_running_loop()
         self._closed = False
+        self._last_active = self._loop.time()
         # input: frames are cut from [_start, _end) of the receive buffer; a
-        # frame too large for it is received into _large (its exact size)
-        self._input = bytearray(RECEIVE_BYTES)
+        # frame too large for it grows in _large as its bytes arrive, up to
+        # _large_size (reserved in the server's budget when its prefix was read)
+        self._input = mmap.mmap(-1, RECEIVE_BYTES)
         self._input_view = memoryview(self._input)
         self._start = self._end = 0
         self._large: bytearray | None = None
-        self._large_received = 0
+        self._large_size = 0
         self._reading = True
+        self.waiting_for_budget = False
+        self._reserved = 0         # budget bytes this connection holds
         # output: buffers queued for writev, oldest first
         self._output: collections.deque[memoryview] = collections.deque()
         self._output_bytes = 0
@@ -106,6 +249,12 @@ class _Connection:
         self._replies_waiting = asyncio.Event()
         self._writer = self._loop.create_task(self._write_in_order())
         self._loop.add_reader(self._fd, self._on_readable)
+
+    def idle_since(self, now: float) -> float:
+        """Seconds without bytes either way and with nothing in flight (0 if busy)."""
+        if self._replies or self._output:
+            return 0.0
+        return now - self._last_active
 
     def close(self, reason: str | None) -> None:
         """Close the socket; `reason` is logged (None: the client closed it)."""
@@ -122,14 +271,32 @@ class _Connection:
         self._drained.set()
         self._writer.cancel()
         self._sock.close()
-        self._server._connections.discard(self)
+        self._large = None
+        self._server.forget(self)
+        if self._reserved:
+            reserved, self._reserved = self._reserved, 0
+            self._server.release(reserved)
 
     # ---- input ------------------------------------------------------------
 
+    def _set_reading(self, reading: bool) -> None:
+        if reading == self._reading or self._closed:
+            return
+        self._reading = reading
+        if reading:
+            self._loop.add_reader(self._fd, self._on_readable)
+        else:
+            self._loop.remove_reader(self._fd)
+
+    def _can_read(self) -> bool:
+        return not self.waiting_for_budget and len(self._replies) < MAX_PIPELINED
+
     def _on_readable(self) -> None:
+        large = self._large
         try:
-            if self._large is not None:
-                received = self._sock.recv_into(memoryview(self._large)[self._large_received:])
+            if large is not None:   # into the front of the (empty) receive buffer, then onto the frame
+                wanted = min(self._large_size - len(large), RECEIVE_BYTES)
+                received = self._sock.recv_into(self._input_view[:wanted])
             else:
                 received = self._sock.recv_into(self._input_view[self._end:])
         except _RETRY:
@@ -140,46 +307,61 @@ class _Connection:
         if received == 0:
             self.close(None)
             return
-        if self._large is not None:
-            self._large_received += received
-            if self._large_received < len(self._large):
+        self._last_active = self._loop.time()
+        if large is not None:
+            large += self._input_view[:received]
+            if len(large) < self._large_size:
                 return
-            frame, self._large = self._large, None
-            self._dispatch(memoryview(frame).toreadonly())   # kio reads only read-only buffers
+            self._large = None
+            self._dispatch(memoryview(large).toreadonly(), self._large_size)   # kio reads only read-only buffers
         else:
             self._end += received
+        self._cut_frames()
+        self._set_reading(self._can_read())
+
+    def budget_freed(self) -> None:
+        """The server has budget again: try the frame that waited for it."""
+        self.waiting_for_budget = False
+        if not self._closed:
             self._cut_frames()
-        if len(self._replies) >= MAX_PIPELINED and self._reading and not self._closed:
-            self._reading = False
-            self._loop.remove_reader(self._fd)
+            self._set_reading(self._can_read())
 
     def _cut_frames(self) -> None:
         view = self._input_view
-        while self._end - self._start >= 4 and not self._closed:
+        while self._end - self._start >= 4 and not self._closed and self._large is None:
+            if len(self._replies) >= MAX_PIPELINED:
+                break                      # resumed by _write_in_order as replies go out
             (size,) = _SIZE.unpack_from(self._input, self._start)
             if not MIN_REQUEST_BYTES <= size <= self._server.max_request_bytes:
                 self.close(f"request size {size} outside [{MIN_REQUEST_BYTES}, {self._server.max_request_bytes}]")
                 return
             body, available = self._start + 4, self._end - self._start - 4
+            if available < size and 4 + size <= RECEIVE_BYTES:
+                break                      # the rest will arrive into the buffer
+            if not self._server.reserve(size, wait=4 + size > RECEIVE_BYTES):
+                if not self.waiting_for_budget:
+                    self.waiting_for_budget = True
+                    self._server.wait_for_budget(self)
+                break
+            self._reserved += size
             if available >= size:
                 self._start = body + size
-                self._dispatch(bytes(view[body:body + size]))
+                self._dispatch(bytes(view[body:body + size]), size)
                 continue
-            if 4 + size > len(self._input):   # receive the rest straight into a buffer of its size
-                self._large = bytearray(size)
-                self._large[:available] = view[body:self._end]
-                self._large_received = available
-                self._start = self._end = 0
-                return
-            break
+            self._large = bytearray(view[body:self._end])   # grows as the rest arrives
+            self._large_size = size
+            self._start = self._end = 0
+            return
         # keep the partial frame at the front so the next receive has room
         remaining = self._end - self._start
         if self._start:
             view[:remaining] = view[self._start:self._end]
             self._start, self._end = 0, remaining
 
-    def _dispatch(self, frame: bytes | memoryview) -> None:
+    def _dispatch(self, frame: bytes | memoryview, reserved: int) -> None:
+        """Answer one frame; its `reserved` budget bytes are released once its handler is done."""
         try:
+            check_request(frame)
             request = kafka.read_request(frame, self._client_host)
         except kafka.UnsupportedRequest as unsupported:
             log.info("kafka connection %s: %s", self._peer, unsupported)
@@ -188,12 +370,22 @@ class _Connection:
                 done.set_result(kafka.api_versions_fallback(unsupported.correlation_id))
             else:
                 done.set_result(kafka.unsupported_response(unsupported.correlation_id))
+            self._release(reserved)
             self._queue_reply(done)
             return
         except kafka.MalformedRequest as malformed:
+            self._release(reserved)
             self.close(f"malformed request: {malformed}")
             return
-        self._queue_reply(self._loop.create_task(self._server.handlers.handle(request)))
+        task = self._loop.create_task(self._server.handlers.handle(request))
+        task.add_done_callback(lambda _: self._release(reserved))
+        self._queue_reply(task)
+
+    def _release(self, size: int) -> None:
+        if self._closed:
+            return      # close() gave back everything this connection held
+        self._reserved -= size
+        self._server.release(size)
 
     def _queue_reply(self, reply: "asyncio.Future[Response]") -> None:
         self._replies.append(reply)
@@ -221,8 +413,8 @@ class _Connection:
                 self.close("internal error answering a request")
                 return
             if not self._reading and len(self._replies) < MAX_PIPELINED // 2 and not self._closed:
-                self._reading = True
-                self._loop.add_reader(self._fd, self._on_readable)
+                self._cut_frames()         # frames already received come first
+                self._set_reading(self._can_read())
             if not parts or self._closed:
                 continue
             self._send(parts)
@@ -251,6 +443,7 @@ class _Connection:
                 self.close(f"send failed: {error}")
                 return
             self._output_bytes -= sent
+            self._last_active = self._loop.time()
             while sent:
                 head = self._output[0]
                 if len(head) <= sent:

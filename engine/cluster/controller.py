@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from raftka.cluster import metadata
 from raftka.cluster.metadata import METADATA_GROUP_ID, ClusterState, PartitionInfo
-from raftka.config import OFFSETS_TOPIC, TOPIC_CONFIGS, Config
+from raftka.config import OFFSETS_TOPIC, TOPIC_CONFIGS, Config, topic_config_error
 from raftka.errors import (ErrorCode, InvalidConfigError, InvalidPartitionsError, InvalidReplicationFactorError, NoControllerError,
                            RaftkaError, UnknownTopicOrPartitionError)
 from raftka.storage.log_manager import PARTITIONS_MAX, LogManager, validate_topic_name
@@ -447,7 +447,6 @@ class ClusterController:
 
 def _validate_topic_configs(configs: dict[str, str]) -> None:
     for key, value in configs.items():
-        if key not in TOPIC_CONFIGS:
-            raise InvalidConfigError(f"unknown topic config {key!r}; supported: {sorted(TOPIC_CONFIGS)}")
-        if value is None or not value.lstrip("-").isdigit():
-            raise InvalidConfigError(f"topic config {key}={value!r} is not an integer")
+        problem = topic_config_error(key, value)
+        if problem is not None:
+            raise InvalidConfigError(problem)

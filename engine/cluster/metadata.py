@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from raftka.config import topic_config_error
 from raftka.errors import ErrorCode, RaftkaError
 from raftka.storage.log_manager import PARTITIONS_MAX, validate_topic_name
 from raftka.raft import codec
@@ -140,6 +141,8 @@ class ClusterState:
             return ErrorCode.TOPIC_ALREADY_EXISTS
         replicas = self._valid_assignment(c["replicas"], 0)
         configs = {_str(k): _str(v) for k, v in dict(c["configs"]).items()}
+        if any(topic_config_error(k, v) is not None for k, v in configs.items()):
+            return ErrorCode.INVALID_CONFIG    # never let a config no log can open into the state
         topic_id = c["topic_id"]
         if not isinstance(topic_id, bytes) or len(topic_id) != 16:
             return ErrorCode.INVALID_REQUEST

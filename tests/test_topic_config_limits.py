@@ -1,0 +1,46 @@
+"""Topic configs are checked against Kafka's ranges in both places they can
+enter: the controller's CreateTopics check and the metadata state machine, so
+a config no partition log can open (segment.bytes=0) never reaches the state,
+even from a command that skipped the first check."""
+from __future__ import annotations
+
+import pytest
+
+from raftka.cluster import metadata
+from raftka.config import Config, ConfigError, load_config, topic_config_error
+from raftka.errors import ErrorCode
+from tests.test_cluster_metadata import TOPIC_ID, state_with_brokers
+
+
+@pytest.mark.parametrize("name,value", [
+    ("segment.bytes", "0"), ("segment.bytes", str(2**31)), ("segment.ms", "0"), ("retention.ms", "-2"),
+    ("retention.bytes", "-5"), ("max.message.bytes", "-1"), ("retention.ms", "9" * 25), ("retention.ms", "1e3"),
+    ("cleanup.policy", "compact"),
+])
+def test_values_outside_kafkas_range_are_refused(name: str, value: str) -> None:
+    assert topic_config_error(name, value) is not None
+
+
+@pytest.mark.parametrize("name,value", [
+    ("segment.bytes", str(1 << 20)), ("retention.ms", "-1"), ("retention.bytes", "-1"),
+    ("segment.ms", "1"), ("max.message.bytes", "0"),
+])
+def test_values_at_kafkas_bounds_are_accepted(name: str, value: str) -> None:
+    assert topic_config_error(name, value) is None
+
+
+def test_state_machine_refuses_a_create_with_a_config_no_log_can_open_and_stays_usable() -> None:
+    state = state_with_brokers(1)
+    command = metadata.create_topic("wedge", TOPIC_ID, [[1]], {"segment.bytes": "0"})
+    assert state.apply(command) == ErrorCode.INVALID_CONFIG
+    assert "wedge" not in state.topics
+    assert state.apply(metadata.create_topic("fine", TOPIC_ID, [[1]], {})) == ErrorCode.NONE
+
+
+def test_in_flight_budget_below_the_largest_request_is_refused() -> None:
+    with pytest.raises(ConfigError, match="queued_max_request_bytes"):
+        load_config(None, environ={}, max_request_bytes=10 << 20, queued_max_request_bytes=1 << 20)
+
+
+def test_metrics_listen_on_loopback_unless_told() -> None:
+    assert Config().metrics_host == "127.0.0.1"
