@@ -82,6 +82,11 @@ class Config:
     # (INVALID_TIMESTAMP past either; Kafka 4.0's defaults)
     message_timestamp_before_max_ms: int = 2**63 - 1
     message_timestamp_after_max_ms: int = 3_600_000
+    # TLS on the Kafka listener (PEM files; empty: plaintext). With tls_ca,
+    # clients must present a certificate signed by it (mutual TLS)
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
     # Prometheus metrics over HTTP on metrics_host:metrics_port (0: off)
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
@@ -137,6 +142,8 @@ class Config:
         if self.queued_max_request_bytes < self.max_request_bytes:
             raise ValueError(f"queued_max_request_bytes ({self.queued_max_request_bytes}) is below "
                              f"max_request_bytes ({self.max_request_bytes}): such a request could never be read")
+        if (self.tls_key or self.tls_ca) and not self.tls_cert:
+            raise ValueError("tls_key and tls_ca need tls_cert (the listener's certificate)")
         if any(peer_id == self.node_id for peer_id, _, _ in self.peers):
             raise ValueError(f"node {self.node_id} lists itself among its peers")
         if self.peers and not self.cluster_secret:

@@ -43,6 +43,7 @@ import logging
 import mmap
 import os
 import socket
+import ssl
 import struct
 import time
 from typing import Any
@@ -51,6 +52,7 @@ from raftka.broker.handlers import Handlers, Response
 from raftka.config import Config
 from raftka.protocol import kafka
 from raftka.security.request_bounds import check_request
+from raftka.security.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,10 @@ OUTPUT_LOW_WATER = 1 << 20     # queued reply bytes below which the next reply i
 ACCEPT_BACKOFF_S = 0.1         # accepting pauses this long when the process is out of descriptors
 LOG_INTERVAL_S = 10.0          # a repeated listener warning is logged at most this often
 IDLE_CHECK_MAX_S = 10.0        # idle connections are looked for at least this often
+TLS_WRITE_BYTES = 256 << 10    # plaintext handed to one SSL write (TLS cannot use writev)
 _RETRY = (BlockingIOError, InterruptedError)
+# a TLS socket may need the other direction first (a handshake message, a key update)
+_TLS_RETRY = (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError)
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -102,6 +107,8 @@ class KafkaServer:
         self._accept_log = _RateLimitedLog()
         self._refused_log = _RateLimitedLog()
         self._idle_task: asyncio.Task[None] | None = None
+        self.tls = server_context(config)     # None: plaintext
+        self.handshake_log = _RateLimitedLog()
 
     @property
     def connection_count(self) -> int:
@@ -146,6 +153,8 @@ class KafkaServer:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._per_ip[host] += 1
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             self._connections.add(_Connection(self, sock, peer, host))
 
     def _refusal(self, host: str) -> str:
@@ -221,6 +230,10 @@ class _Connection:
         self._server = server
         self._sock = sock
         self._fd = sock.fileno()
+        # TLS: no request is read before the handshake completes
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._handshaking = self._tls
+        self._handshake_writer = False
         self._peer = peer
         self.host = host
         self._client_host = f"/{host}" if host else ""
@@ -265,7 +278,7 @@ class _Connection:
             log.warning("kafka connection %s closed: %s", self._peer, reason)
         if self._reading:
             self._loop.remove_reader(self._fd)
-        if self._writing:
+        if self._writing or self._handshake_writer:
             self._loop.remove_writer(self._fd)
         self._output.clear()
         self._drained.set()
@@ -285,13 +298,50 @@ class _Connection:
         self._reading = reading
         if reading:
             self._loop.add_reader(self._fd, self._on_readable)
+            self._read_tls_pending()
         else:
             self._loop.remove_reader(self._fd)
 
     def _can_read(self) -> bool:
         return not self.waiting_for_budget and len(self._replies) < MAX_PIPELINED
 
+    def _handshake(self) -> None:
+        try:
+            self._sock.do_handshake()   # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            self._set_handshake_writer(False)
+            return
+        except ssl.SSLWantWriteError:
+            self._set_handshake_writer(True)
+            return
+        except (ssl.SSLError, OSError) as error:
+            self._server.handshake_log.warning("kafka connection %s: TLS handshake failed: %s", self._peer, error)
+            self.close(None)
+            return
+        self._set_handshake_writer(False)
+        self._handshaking = False
+        self._last_active = self._loop.time()
+        self._read_tls_pending()
+
+    def _set_handshake_writer(self, on: bool) -> None:
+        if on != self._handshake_writer and not self._closed:
+            self._handshake_writer = on
+            if on:
+                self._loop.add_writer(self._fd, self._handshake)
+            else:
+                self._loop.remove_writer(self._fd)
+
+    def _read_tls_pending(self) -> None:
+        """Bytes TLS already decrypted do not make the socket readable: read them now."""
+        if self._tls and self._reading and not self._closed and self._sock.pending():  # type: ignore[attr-defined]
+            self._loop.call_soon(self._on_readable)
+
     def _on_readable(self) -> None:
+        if self._closed or not self._reading:
+            return
+        if self._handshaking:
+            self._handshake()
+            return
         large = self._large
         try:
             if large is not None:   # into the front of the (empty) receive buffer, then onto the frame
@@ -299,7 +349,10 @@ class _Connection:
                 received = self._sock.recv_into(self._input_view[:wanted])
             else:
                 received = self._sock.recv_into(self._input_view[self._end:])
-        except _RETRY:
+        except _TLS_RETRY:
+            return
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            self.close(None)
             return
         except OSError as error:
             self.close(f"receive failed: {error}")
@@ -311,6 +364,7 @@ class _Connection:
         if large is not None:
             large += self._input_view[:received]
             if len(large) < self._large_size:
+                self._read_tls_pending()
                 return
             self._large = None
             self._dispatch(memoryview(large).toreadonly(), self._large_size)   # kio reads only read-only buffers
@@ -318,6 +372,7 @@ class _Connection:
             self._end += received
         self._cut_frames()
         self._set_reading(self._can_read())
+        self._read_tls_pending()
 
     def budget_freed(self) -> None:
         """The server has budget again: try the frame that waited for it."""
@@ -436,8 +491,11 @@ class _Connection:
     def _flush(self) -> None:
         while self._output:
             try:
-                sent = os.writev(self._fd, list(itertools.islice(self._output, IOV_MAX)))
-            except _RETRY:
+                if self._tls:   # the same buffer is retried after a want-write, as OpenSSL requires
+                    sent = self._sock.send(self._output[0][:TLS_WRITE_BYTES])
+                else:
+                    sent = os.writev(self._fd, list(itertools.islice(self._output, IOV_MAX)))
+            except _TLS_RETRY:
                 break
             except OSError as error:
                 self.close(f"send failed: {error}")
