@@ -7,6 +7,8 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
+from raftka.security.scram import MECHANISMS
+
 FsyncPolicy = Literal["never", "interval", "always"]
 FSYNC_POLICIES: tuple[str, ...] = ("never", "interval", "always")
 
@@ -87,6 +89,14 @@ class Config:
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
+    # SASL on the Kafka listener: a comma-separated list of SCRAM-SHA-512,
+    # SCRAM-SHA-256, PLAIN (empty: off, every client trusted: for a trusted
+    # network only). PLAIN sends the password itself: offered only over TLS
+    # unless sasl_plain_without_tls
+    sasl_mechanisms: str = ""
+    sasl_plain_without_tls: bool = False
+    # super.users: principals ("User:alice,User:bob") no ACL restricts
+    super_users: str = ""
     # Prometheus metrics over HTTP on metrics_host:metrics_port (0: off)
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
@@ -142,6 +152,9 @@ class Config:
         if self.queued_max_request_bytes < self.max_request_bytes:
             raise ValueError(f"queued_max_request_bytes ({self.queued_max_request_bytes}) is below "
                              f"max_request_bytes ({self.max_request_bytes}): such a request could never be read")
+        unknown = [m for m in self.sasl_mechanisms.split(",") if m.strip() and m.strip().upper() not in MECHANISMS]
+        if unknown:
+            raise ValueError(f"sasl_mechanisms: {unknown} not among {list(MECHANISMS)}")
         if (self.tls_key or self.tls_ca) and not self.tls_cert:
             raise ValueError("tls_key and tls_ca need tls_cert (the listener's certificate)")
         if any(peer_id == self.node_id for peer_id, _, _ in self.peers):

@@ -5,7 +5,6 @@ each, the broker is alive, its RSS and descriptors are bounded, and another
 client is still served."""
 from __future__ import annotations
 
-import datetime
 import os
 import socket
 import struct

@@ -17,10 +17,11 @@ from typing import Any
 from raftka.broker.group_service import GroupService
 from raftka.broker.handlers import Handlers
 from raftka.broker.metrics import BrokerMetrics
+from raftka.broker.security_apis import Security, SecurityHandlers
 from raftka.broker.server import KafkaServer
 from raftka.cluster.controller import ClusterController
 from raftka.config import Config
-from raftka.errors import NoControllerError, StorageError
+from raftka.errors import NoControllerError, RaftkaError, StorageError
 from raftka.security.process_limits import make_private, raise_descriptor_limit
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,10 @@ class Broker:
         node = self.controller.node
         node.storage_errors = (*node.storage_errors, StorageError)   # a log write the disk refused
         node.on_failure(self._storage_failed)
-        self.server = KafkaServer(self.handlers, config)
+        self.security = Security(config, self.controller)
+        self.handlers.security = self.security
+        self.handlers.add_apis(SecurityHandlers(self.security).table())
+        self.server = KafkaServer(self.handlers, config, self.security)
         self.port: int | None = None
         self.metrics: BrokerMetrics | None = None
         self.metrics_port: int | None = None
@@ -68,9 +72,13 @@ class Broker:
         while True:   # peers on other hosts may start much later: wait for them, saying so
             try:
                 await self.controller.wait_ready(READY_LOG_INTERVAL_S)
-                return
+                break
             except NoControllerError as waiting:
                 log.warning("%s", waiting)
+        try:
+            await self.security.bootstrap_admin()
+        except RaftkaError as error:   # another broker may have done it; a restart tries again
+            log.warning("could not give the admin user its credentials: %s", error)
 
     def _storage_failed(self, reason: str) -> None:
         self.failure = self.handlers.storage_failure = reason

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from datetime import timedelta
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from raftka.broker.group_apis import GroupHandlers
 from raftka.broker.group_service import GroupService
@@ -26,6 +26,9 @@ from raftka.storage.log_manager import validate_topic_name
 from raftka.protocol.kafka import FetchPartition, Request, build, nested, response_schema
 from raftka.replication import PartitionReplica
 from raftka.security.batch_rules import check_client_batches
+
+if TYPE_CHECKING:
+    from raftka.broker.security_apis import Security
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,7 @@ class Handlers:
         self.waiters = CommitWaiters()
         self.metrics: BrokerMetrics | None = None    # set by the broker when metrics are on
         self.storage_failure: str | None = None      # set by the broker when its storage failed
+        self.security: Security | None = None        # set by the broker: authorization (ACLs) when SASL is on
         self._table: dict[int, Callable[[Request], Awaitable[Response]]] = {
             kafka.API_VERSIONS: self.api_versions, kafka.METADATA: self.metadata,
             kafka.PRODUCE: self.produce, kafka.FETCH: self.fetch, kafka.LIST_OFFSETS: self.list_offsets,
@@ -82,6 +86,10 @@ class Handlers:
             kafka.DESCRIBE_CONFIGS: self.describe_configs,
             **GroupHandlers(groups).table(),
         }
+
+    def add_apis(self, table: dict[int, Callable[[Request], Awaitable[Response]]]) -> None:
+        """Serve more APIs (the security ones, from engine/broker/security_apis.py)."""
+        self._table.update(table)
 
     @property
     def config(self) -> Config:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import errno
 import itertools
 import logging
@@ -49,6 +50,7 @@ import time
 from typing import Any
 
 from raftka.broker.handlers import Handlers, Response
+from raftka.broker.security_apis import SASL_APIS, Security, sasl_disabled_answer
 from raftka.config import Config
 from raftka.protocol import kafka
 from raftka.security.request_bounds import check_request
@@ -93,8 +95,9 @@ class _RateLimitedLog:
 class KafkaServer:
     """The Kafka listener of one broker, with the limits of `config`."""
 
-    def __init__(self, handlers: Handlers, config: Config) -> None:
+    def __init__(self, handlers: Handlers, config: Config, security: Security | None = None) -> None:
         self.handlers = handlers
+        self.security = security
         self.config = config
         self.max_request_bytes = config.max_request_bytes
         self._listener: socket.socket | None = None
@@ -234,6 +237,9 @@ class _Connection:
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._handshaking = self._tls
         self._handshake_writer = False
+        # SASL (None: off): until it authenticates, only ApiVersions and the SASL APIs are served
+        self._sasl = server.security.session(self._tls) if server.security is not None else None
+        self._close_when_sent: str | None = None
         self._peer = peer
         self.host = host
         self._client_host = f"/{host}" if host else ""
@@ -303,7 +309,7 @@ class _Connection:
             self._loop.remove_reader(self._fd)
 
     def _can_read(self) -> bool:
-        return not self.waiting_for_budget and len(self._replies) < MAX_PIPELINED
+        return not self.waiting_for_budget and len(self._replies) < MAX_PIPELINED and self._close_when_sent is None
 
     def _handshake(self) -> None:
         try:
@@ -432,9 +438,35 @@ class _Connection:
             self._release(reserved)
             self.close(f"malformed request: {malformed}")
             return
+        gated = self._gate(request)
+        if gated is None:
+            self._release(reserved)
+            return
+        request = gated
         task = self._loop.create_task(self._server.handlers.handle(request))
         task.add_done_callback(lambda _: self._release(reserved))
         self._queue_reply(task)
+
+    def _gate(self, request: kafka.Request) -> kafka.Request | None:
+        """SASL: answer its own APIs here, refuse other requests before
+        authentication, and stamp the principal on the rest. None: handled."""
+        sasl = self._sasl
+        if request.api_key in SASL_APIS:
+            done: asyncio.Future[Response] = self._loop.create_future()
+            done.set_result(sasl.answer(request) if sasl is not None else sasl_disabled_answer(request))
+            if sasl is not None and sasl.failed:
+                self._close_when_sent = "SASL authentication failed"
+                self._set_reading(False)
+            self._queue_reply(done)
+            return None
+        if sasl is None:
+            return request
+        if sasl.authenticated:
+            return dataclasses.replace(request, principal=sasl.principal)
+        if request.api_key == kafka.API_VERSIONS:
+            return request
+        self.close(f"API {request.api_key} before SASL authentication")
+        return None
 
     def _release(self, size: int) -> None:
         if self._closed:
@@ -520,3 +552,5 @@ class _Connection:
             self._drained.clear()
         else:
             self._drained.set()
+        if self._close_when_sent is not None and not self._output and not self._replies:
+            self.close(self._close_when_sent)

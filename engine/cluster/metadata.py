@@ -18,6 +18,7 @@ from raftka.config import topic_config_error
 from raftka.errors import ErrorCode, RaftkaError
 from raftka.storage.log_manager import PARTITIONS_MAX, validate_topic_name
 from raftka.raft import codec
+from raftka.security.state import COMMANDS as SECURITY_COMMANDS, SecurityState
 
 METADATA_GROUP_ID = 0
 SNAPSHOT_VERSION = 1
@@ -93,6 +94,7 @@ class ClusterState:
         self.next_group_id = METADATA_GROUP_ID + 1
         self.next_producer_id = 0
         self.producer_id_blocks: dict[int, tuple[int, int]] = {}   # broker -> [first, end) it hands out
+        self.security = SecurityState()    # users' SCRAM credentials and ACLs
         self.version = 0   # bumped by every apply that changed something
         self._listeners: list[Callable[[], None]] = []
 
@@ -209,7 +211,8 @@ class ClusterState:
             "brokers": [[b.node_id, b.host, b.port, b.rack] for b in self.brokers.values()],
             "topics": [[t.name, t.topic_id, t.configs,
                         [[p.group_id, p.replicas, p.leader, p.leader_epoch, p.isr] for p in t.partitions]]
-                       for t in self.topics.values()]})
+                       for t in self.topics.values()],
+            "security": self.security.snapshot_data()})
 
     def restore(self, snapshot: bytes) -> None:
         data = codec.decode(snapshot)
@@ -221,6 +224,7 @@ class ClusterState:
         self.brokers = {b[0]: BrokerInfo(*b) for b in data["brokers"]}
         self.topics = {name: TopicInfo(name, topic_id, [PartitionInfo(*p) for p in partitions], dict(configs))
                        for name, topic_id, configs, partitions in data["topics"]}
+        self.security.restore_data(data.get("security"))
         self._changed()
 
 
@@ -237,6 +241,7 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict], ErrorCode]] = {
     "create_partitions": ClusterState._create_partitions,
     "record_leader": ClusterState._record_leader,
     "allocate_producer_ids": ClusterState._allocate_producer_ids,
+    **{op: (lambda state, c, apply=apply: apply(state.security, c)) for op, apply in SECURITY_COMMANDS.items()},
 }
 
 
