@@ -14,6 +14,8 @@
   raftka topics create|list|describe|delete, raftka produce, raftka consume,
   raftka status                        operator commands against any broker
                                        (--bootstrap, default 127.0.0.1:9092)
+  raftka users add|list|delete, raftka acls add|list|remove
+                                       users (SCRAM) and ACLs of a secured cluster
   raftka simulate [--seeds N] [--plant BUG] ...
                                        the deterministic Raft simulation over many
                                        seeds (raftka simulate --help)
@@ -30,6 +32,7 @@ from raftka.admin import add_commands as add_admin_commands
 from raftka.admin import run as run_admin
 from raftka.config import Config, ConfigError, load_config
 from raftka.errors import RaftkaError
+from raftka.security.cli import add_commands as add_security_commands
 from raftka.simulate_cli import add_command as add_simulate_command
 
 
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--tls-key", help="PEM private key of --tls-cert (if not in that file)")
     serve.add_argument("--tls-ca", help="PEM CA: clients must present a certificate it signed (mutual TLS)")
     add_admin_commands(commands)
+    add_security_commands(commands)
     add_simulate_command(commands)
     args, rest = parser.parse_known_args(argv)
     if args.command != "bench" and rest:

@@ -46,7 +46,7 @@ class Broker:
         node.storage_errors = (*node.storage_errors, StorageError)   # a log write the disk refused
         node.on_failure(self._storage_failed)
         self.security = Security(config, self.controller)
-        self.handlers.security = self.security
+        self.handlers.secure(self.security)
         self.handlers.add_apis(SecurityHandlers(self.security).table())
         self.server = KafkaServer(self.handlers, config, self.security)
         self.port: int | None = None

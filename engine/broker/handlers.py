@@ -25,6 +25,7 @@ from raftka.protocol import kafka
 from raftka.storage.log_manager import validate_topic_name
 from raftka.protocol.kafka import FetchPartition, Request, build, nested, response_schema
 from raftka.replication import PartitionReplica
+from raftka.security import state as acl
 from raftka.security.batch_rules import check_client_batches
 
 if TYPE_CHECKING:
@@ -78,14 +79,22 @@ class Handlers:
         self.metrics: BrokerMetrics | None = None    # set by the broker when metrics are on
         self.storage_failure: str | None = None      # set by the broker when its storage failed
         self.security: Security | None = None        # set by the broker: authorization (ACLs) when SASL is on
+        self.group_handlers = GroupHandlers(groups)
         self._table: dict[int, Callable[[Request], Awaitable[Response]]] = {
             kafka.API_VERSIONS: self.api_versions, kafka.METADATA: self.metadata,
             kafka.PRODUCE: self.produce, kafka.FETCH: self.fetch, kafka.LIST_OFFSETS: self.list_offsets,
             kafka.CREATE_TOPICS: self.create_topics, kafka.DELETE_TOPICS: self.delete_topics,
             kafka.INIT_PRODUCER_ID: self.init_producer_id, kafka.CREATE_PARTITIONS: self.create_partitions,
             kafka.DESCRIBE_CONFIGS: self.describe_configs,
-            **GroupHandlers(groups).table(),
+            **self.group_handlers.table(),
         }
+
+    def secure(self, security: "Security") -> None:
+        """Check every request against `security`'s ACLs (when SASL is on)."""
+        self.security = self.group_handlers.security = security
+
+    def _may(self, request: Request, operation: int, resource_type: int, name: str) -> bool:
+        return self.security is None or self.security.allowed(request, operation, resource_type, name)
 
     def add_apis(self, table: dict[int, Callable[[Request], Awaitable[Response]]]) -> None:
         """Serve more APIs (the security ones, from engine/broker/security_apis.py)."""
@@ -125,10 +134,14 @@ class Handlers:
             names = sorted(state.topics)
         else:
             names = [t.name for t in requested]
+        denied = {n for n in names if not self._may(request, acl.OP_DESCRIBE, acl.RESOURCE_TOPIC, n)}
+        if requested is None or not requested:
+            names = [n for n in names if n not in denied]    # topics you may not describe are not listed
         allow_create = self.config.auto_create_topics and getattr(request.body, "allow_auto_topic_creation", True)
         creating = set()
         if allow_create:
-            creating = await self._auto_create([n for n in names if n not in state.topics])
+            creating = await self._auto_create([n for n in names if n not in state.topics and n not in denied
+                                                and self._may_create(request, n)])
         broker_cls, topic_cls = nested(schema, "MetadataResponseBroker"), nested(schema, "MetadataResponseTopic")
         partition_cls = nested(schema, "MetadataResponsePartition")
         listed = self._listed_brokers()
@@ -137,6 +150,10 @@ class Handlers:
         topics = []
         for name in names:
             topic = state.topics.get(name)
+            if name in denied:
+                topics.append(build(topic_cls, error_code=ErrorCode.TOPIC_AUTHORIZATION_FAILED, name=name,
+                                    is_internal=False, partitions=()))
+                continue
             if topic is None:
                 code = ErrorCode.LEADER_NOT_AVAILABLE if name in creating else self._unknown_topic_code(name)
                 topics.append(build(topic_cls, error_code=code, name=name, is_internal=False, partitions=()))
@@ -154,6 +171,10 @@ class Handlers:
         return kafka.encode_response(request.correlation_id, build(
             schema, throttle_time=0, brokers=brokers, cluster_id=self.config.cluster_id,
             controller_id=self._controller_for_clients(listed), topics=tuple(topics)))
+
+    def _may_create(self, request: Request, topic: str) -> bool:
+        return self._may(request, acl.OP_CREATE, acl.RESOURCE_CLUSTER, acl.CLUSTER_NAME) \
+            or self._may(request, acl.OP_CREATE, acl.RESOURCE_TOPIC, topic)
 
     def _listed_brokers(self) -> dict[int, tuple[str, int, str | None]]:
         """node id -> (host, port, rack) of the registered brokers, and of this
@@ -215,7 +236,10 @@ class Handlers:
         jobs: list[tuple[str, int, Awaitable[tuple[int, int]]]] = []
         for topic in body.topic_data:
             for data in topic.partition_data:
-                jobs.append((topic.name, data.index, self._append(topic.name, data.index, data.records, timeout_s)))
+                job = self._append(topic.name, data.index, data.records, timeout_s) \
+                    if self._may(request, acl.OP_WRITE, acl.RESOURCE_TOPIC, topic.name) \
+                    else _answered(ErrorCode.TOPIC_AUTHORIZATION_FAILED)
+                jobs.append((topic.name, data.index, job))
         results = await asyncio.gather(*(job for _, _, job in jobs))
         if body.acks == 0:
             return None
@@ -263,8 +287,9 @@ class Handlers:
         body = request.body
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(body.max_wait.total_seconds(), 0.0)
+        denied = {t.topic for t in body.topics if not self._may(request, acl.OP_READ, acl.RESOURCE_TOPIC, t.topic)}
         while True:
-            topics, total, errors, served = self._read_fetch(body)
+            topics, total, errors, served = self._read_fetch(body, denied)
             remaining = deadline - loop.time()
             if total >= body.min_bytes or errors or remaining <= 0:
                 if self.metrics is not None:
@@ -275,7 +300,7 @@ class Handlers:
             keys = [(t.topic, p.partition) for t in body.topics for p in t.partitions]
             await self.waiters.wait(keys, remaining)
 
-    def _read_fetch(self, body: Any) -> tuple[list[tuple[str, list[FetchPartition]]], int, bool,
+    def _read_fetch(self, body: Any, denied: set[str]) -> tuple[list[tuple[str, list[FetchPartition]]], int, bool,
                                               list[tuple[str, int, int]]]:
         """(topics, bytes, any error, (topic, bytes, records) served per partition)."""
         budget = body.max_bytes
@@ -285,6 +310,8 @@ class Handlers:
             partitions = []
             for wanted in topic.partitions:
                 replica, code = self._leader_replica(topic.topic, wanted.partition)
+                if topic.topic in denied:
+                    replica, code = None, ErrorCode.TOPIC_AUTHORIZATION_FAILED
                 high_watermark, records = -1, b""
                 if replica is not None:
                     log_ = replica.log
@@ -312,6 +339,8 @@ class Handlers:
             partitions = []
             for wanted in topic.partitions:
                 replica, code = self._leader_replica(topic.name, wanted.partition_index)
+                if not self._may(request, acl.OP_DESCRIBE, acl.RESOURCE_TOPIC, topic.name):
+                    replica, code = None, ErrorCode.TOPIC_AUTHORIZATION_FAILED
                 offset, timestamp, epoch = -1, -1, -1
                 if replica is not None:
                     log_, epoch = replica.log, replica.leader_epoch
@@ -342,6 +371,9 @@ class Handlers:
             return kafka.answer(request, error_code=ErrorCode.INVALID_REQUEST,
                                 producer_id=-1, producer_epoch=-1)
         code, producer_id = ErrorCode.NONE, -1
+        if self.security is not None and not self.security.may_write_idempotently(request):
+            return kafka.answer(request, error_code=ErrorCode.CLUSTER_AUTHORIZATION_FAILED,
+                                producer_id=-1, producer_epoch=-1)
         try:
             producer_id = await self.controller.allocate_producer_id()
         except RaftkaError as error:
@@ -363,6 +395,8 @@ class Handlers:
         for topic in request.body.topics:
             if topic.assignments:
                 code, message = ErrorCode.INVALID_REQUEST, "manual replica assignment is not supported"
+            elif not self._may_create(request, topic.name):
+                code, message = ErrorCode.TOPIC_AUTHORIZATION_FAILED, None
             elif request.body.validate_only:
                 code, message = await _outcome(_validate_topic_name(topic.name))
             else:
@@ -377,6 +411,9 @@ class Handlers:
         deadline = _admin_deadline(request.body.timeout)
         results = []
         for name in request.body.topic_names:
+            if not self._may(request, acl.OP_DELETE, acl.RESOURCE_TOPIC, name):
+                results.append(build(result_cls, name=name, error_code=ErrorCode.TOPIC_AUTHORIZATION_FAILED))
+                continue
             code, _message = await _outcome(self.controller.delete_topic(name, _remaining_s(deadline)))
             results.append(build(result_cls, name=name, error_code=code))
         return kafka.answer(request, responses=tuple(results))
@@ -390,6 +427,8 @@ class Handlers:
                 code, message = ErrorCode.INVALID_REQUEST, "manual replica assignment is not supported"
             elif topic.name == OFFSETS_TOPIC:
                 code, message = ErrorCode.INVALID_TOPIC_EXCEPTION, f"{OFFSETS_TOPIC} is internal"
+            elif not self._may(request, acl.OP_ALTER, acl.RESOURCE_TOPIC, topic.name):
+                code, message = ErrorCode.TOPIC_AUTHORIZATION_FAILED, None
             elif request.body.validate_only:
                 code, message = ErrorCode.NONE, None
                 current = self.controller.state.topics.get(topic.name)
@@ -413,13 +452,18 @@ class Handlers:
             code, message, entries = ErrorCode.NONE, None, {}
             if resource.resource_type == RESOURCE_TOPIC:
                 topic = self.controller.state.topics.get(resource.resource_name)
-                if topic is None:
+                if not self._may(request, acl.OP_DESCRIBE_CONFIGS, acl.RESOURCE_TOPIC, resource.resource_name):
+                    code, message = ErrorCode.TOPIC_AUTHORIZATION_FAILED, None
+                elif topic is None:
                     code, message = ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"unknown topic {resource.resource_name!r}"
                 else:
                     for name, field_name in TOPIC_CONFIGS.items():
                         own = topic.configs.get(name)
                         entries[name] = (own if own is not None else config_text(getattr(self.config, field_name)),
                                          SOURCE_TOPIC if own is not None else SOURCE_DEFAULT)
+            elif resource.resource_type == RESOURCE_BROKER and \
+                    not self._may(request, acl.OP_DESCRIBE_CONFIGS, acl.RESOURCE_CLUSTER, acl.CLUSTER_NAME):
+                code, message = ErrorCode.CLUSTER_AUTHORIZATION_FAILED, None
             elif resource.resource_type == RESOURCE_BROKER and resource.resource_name in ("", str(self.controller.node_id)):
                 entries = {name: (config_text(getattr(self.config, f)), SOURCE_STATIC_BROKER)
                            for name, f in BROKER_CONFIGS.items()}
@@ -454,6 +498,11 @@ async def _outcome(operation: Awaitable[None]) -> tuple[int, str | None]:
     except RaftkaError as error:
         return error.error_code, str(error)
     return ErrorCode.NONE, None
+
+
+async def _answered(code: int) -> tuple[int, int]:
+    """A produce job already decided: (error code, base offset -1)."""
+    return code, -1
 
 
 async def _validate_topic_name(name: str) -> None:

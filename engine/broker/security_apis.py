@@ -149,6 +149,14 @@ class Security:
         return self.authorizer.allowed(request.principal, request.client_host.lstrip("/"), operation,
                                        resource_type, name)
 
+    def may_write_idempotently(self, request: Request) -> bool:
+        """InitProducerId: IDEMPOTENT_WRITE on the cluster, or (KIP-679) WRITE on some topic."""
+        if self.allowed(request, acl.OP_IDEMPOTENT_WRITE, acl.RESOURCE_CLUSTER, acl.CLUSTER_NAME):
+            return True
+        return any(b.resource_type == acl.RESOURCE_TOPIC and b.permission == acl.ALLOW
+                   and b.operation in (acl.OP_WRITE, acl.OP_ALL) and b.principal in (request.principal, "User:*")
+                   for b in self.state.acls)
+
     async def bootstrap_admin(self, environ: dict[str, str] | None = None) -> None:
         """At start: give RAFTKA_ADMIN_USER SCRAM-SHA-512 and -256 credentials
         from RAFTKA_ADMIN_PASSWORD unless that user already has them (a later
@@ -199,7 +207,7 @@ class SecurityHandlers:
         if code != ErrorCode.NONE:
             return kafka.answer(request, error_code=code, error_message=None, results=())
         users = self.security.state.users()
-        wanted = sorted(users) if request.body.users is None else [u.name for u in request.body.users]
+        wanted = [u.name for u in request.body.users] if request.body.users else sorted(users)   # none or empty: all
         results = []
         for user in wanted:
             credentials = users.get(user, [])
