@@ -1,7 +1,7 @@
 """The `raftka` command line.
 
   raftka serve [--config F] [--host H] [--port P] [--data-dir D]
-               [--tls-cert F --tls-key F [--tls-ca F]]
+               [--tls-cert F --tls-key F [--tls-ca F]] [--sasl MECHANISMS]
                                        a Kafka broker: single node on 127.0.0.1:9092
                                        with ./raftka-data by default; a cluster member
                                        with a TOML config (RAFTKA_* variables override)
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--tls-cert", help="PEM certificate (chain): the Kafka listener speaks TLS only")
     serve.add_argument("--tls-key", help="PEM private key of --tls-cert (if not in that file)")
     serve.add_argument("--tls-ca", help="PEM CA: clients must present a certificate it signed (mutual TLS)")
+    serve.add_argument("--sasl", metavar="MECHANISMS",
+                       help="SASL mechanisms, e.g. SCRAM-SHA-512,SCRAM-SHA-256,PLAIN (default: off)")
     add_admin_commands(commands)
     add_security_commands(commands)
     add_simulate_command(commands)
@@ -82,7 +84,8 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from raftka.broker.broker import serve as serve_broker
     flags = {k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir),
                                ("metrics_port", args.metrics_port), ("tls_cert", args.tls_cert),
-                               ("tls_key", args.tls_key), ("tls_ca", args.tls_ca)) if v is not None}
+                               ("tls_key", args.tls_key), ("tls_ca", args.tls_ca),
+                               ("sasl_mechanisms", args.sasl)) if v is not None}
     try:
         config = load_config(args.config, **flags)
     except ConfigError as error:

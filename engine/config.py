@@ -108,7 +108,7 @@ class Config:
     peer_host: str = "127.0.0.1"
     peer_port: int = 0
     # shared by every broker; peers authenticate with it (HMAC challenge)
-    cluster_secret: str = ""
+    cluster_secret: str = dataclasses.field(default="", repr=False)   # a secret: kept out of reprs and logs
     # default.replication.factor, capped at the number of brokers
     default_replication_factor: int = 1
     # replica.lag.time.max.ms: a follower out of the ISR after this long behind

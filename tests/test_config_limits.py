@@ -1,4 +1,4 @@
-"""Topic configs are checked against Kafka's ranges in both places they can
+"""Limits and security settings of the one Config. Topic configs are checked against Kafka's ranges in both places they can
 enter: the controller's CreateTopics check and the metadata state machine, so
 a config no partition log can open (segment.bytes=0) never reaches the state,
 even from a command that skipped the first check."""
@@ -44,3 +44,12 @@ def test_in_flight_budget_below_the_largest_request_is_refused() -> None:
 
 def test_metrics_listen_on_loopback_unless_told() -> None:
     assert Config().metrics_host == "127.0.0.1"
+
+
+def test_cluster_secret_stays_out_of_the_config_repr() -> None:
+    assert "s3cret-value" not in repr(Config(cluster_secret="s3cret-value"))
+
+
+def test_unknown_sasl_mechanism_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match="GSSAPI"):
+        load_config(None, environ={}, sasl_mechanisms="SCRAM-SHA-512,GSSAPI")
