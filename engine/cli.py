@@ -32,7 +32,7 @@ from raftka.admin import add_commands as add_admin_commands
 from raftka.admin import run as run_admin
 from raftka.config import Config, ConfigError, load_config
 from raftka.errors import RaftkaError
-from raftka.security.cli import add_commands as add_security_commands
+from raftka.security_cli import add_commands as add_security_commands
 from raftka.simulate_cli import add_command as add_simulate_command
 
 

@@ -51,5 +51,7 @@ def test_cluster_secret_stays_out_of_the_config_repr() -> None:
 
 
 def test_unknown_sasl_mechanism_is_refused_by_name() -> None:
+    from raftka.broker.security_apis import enabled_mechanisms
     with pytest.raises(ConfigError, match="GSSAPI"):
-        load_config(None, environ={}, sasl_mechanisms="SCRAM-SHA-512,GSSAPI")
+        enabled_mechanisms(Config(sasl_mechanisms="SCRAM-SHA-512,GSSAPI"))
+    assert enabled_mechanisms(Config(sasl_mechanisms="scram-sha-256, PLAIN")) == ("SCRAM-SHA-256", "PLAIN")

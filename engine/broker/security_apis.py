@@ -22,7 +22,7 @@ import os
 from typing import Any, Awaitable, Callable
 
 from raftka.cluster.controller import ClusterController
-from raftka.config import Config
+from raftka.config import Config, ConfigError
 from raftka.errors import ErrorCode, RaftkaError
 from raftka.protocol import kafka
 from raftka.protocol.kafka import (ALTER_USER_SCRAM_CREDENTIALS, CREATE_ACLS, DELETE_ACLS, DESCRIBE_ACLS,
@@ -43,8 +43,12 @@ ADMIN_TIMEOUT_S = 10.0
 
 
 def enabled_mechanisms(config: Config) -> tuple[str, ...]:
-    """The SASL mechanisms `sasl_mechanisms` names (empty: SASL off; Config checked the names)."""
-    return tuple(m.strip().upper() for m in config.sasl_mechanisms.split(",") if m.strip())
+    """The SASL mechanisms `sasl_mechanisms` names (empty: SASL off); ConfigError for one we do not serve."""
+    names = tuple(m.strip().upper() for m in config.sasl_mechanisms.split(",") if m.strip())
+    unknown = [m for m in names if m not in scram.MECHANISMS]
+    if unknown:
+        raise ConfigError(f"sasl_mechanisms: {unknown} not among {list(scram.MECHANISMS)}")
+    return names
 
 
 def super_users(config: Config, environ: dict[str, str] | None = None) -> frozenset[str]:
