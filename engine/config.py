@@ -67,6 +67,9 @@ class Config:
     port: int = 9092
     advertised_host: str = ""
     advertised_port: int = 0
+    # partition replicas one broker may hold (each costs descriptors and a Raft group):
+    # CreateTopics / CreatePartitions past it get INVALID_PARTITIONS
+    max_partitions_per_broker: int = 10_000
     # max.connections / max.connections.per.ip: a connection past either is
     # closed as soon as it is accepted (the per-IP limit exempts no address)
     max_connections: int = 10_000
@@ -135,7 +138,7 @@ class Config:
                     "index_commit_max_pending", "lmdb_map_size_bytes", "default_partitions",
                     "default_replication_factor", "replica_lag_time_max_ms", "max_request_bytes",
                     "offsets_topic_partitions", "offsets_topic_replication_factor", "group_min_session_timeout_ms",
-                    "group_max_session_timeout_ms", "group_max_size", "max_connections", "max_connections_per_ip",
+                    "group_max_session_timeout_ms", "group_max_size", "max_connections", "max_connections_per_ip", "max_partitions_per_broker",
                     "connections_max_idle_ms", "queued_max_request_bytes", "message_timestamp_before_max_ms",
                     "message_timestamp_after_max_ms")
         for name in positive:

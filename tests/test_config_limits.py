@@ -55,3 +55,13 @@ def test_unknown_sasl_mechanism_is_refused_by_name() -> None:
     with pytest.raises(ConfigError, match="GSSAPI"):
         enabled_mechanisms(Config(sasl_mechanisms="SCRAM-SHA-512,GSSAPI"))
     assert enabled_mechanisms(Config(sasl_mechanisms="scram-sha-256, PLAIN")) == ("SCRAM-SHA-256", "PLAIN")
+
+
+def test_partitions_past_the_per_broker_limit_are_refused_before_proposing() -> None:
+    from raftka.cluster.controller import check_broker_partition_limit
+    from raftka.errors import InvalidPartitionsError
+    state = state_with_brokers(1, 2)
+    assert state.apply(metadata.create_topic("a", TOPIC_ID, [[1, 2]] * 6, {})) == ErrorCode.NONE
+    check_broker_partition_limit(state, [[1, 2]] * 4, limit=10)          # 10 each: at the limit
+    with pytest.raises(InvalidPartitionsError, match=r"\[1, 2\]"):
+        check_broker_partition_limit(state, [[1, 2]] * 5, limit=10)
