@@ -70,6 +70,9 @@ class Config:
     # partition replicas one broker may hold (each costs descriptors and a Raft group):
     # CreateTopics / CreatePartitions past it get INVALID_PARTITIONS
     max_partitions_per_broker: int = 10_000
+    # fetch.max.bytes: the most record bytes one Fetch response carries, whatever
+    # the client asks (its first batch always goes, as Kafka's does)
+    fetch_max_bytes: int = 55 * MIB
     # max.connections / max.connections.per.ip: a connection past either is
     # closed as soon as it is accepted (the per-IP limit exempts no address)
     max_connections: int = 10_000
@@ -138,7 +141,7 @@ class Config:
                     "index_commit_max_pending", "lmdb_map_size_bytes", "default_partitions",
                     "default_replication_factor", "replica_lag_time_max_ms", "max_request_bytes",
                     "offsets_topic_partitions", "offsets_topic_replication_factor", "group_min_session_timeout_ms",
-                    "group_max_session_timeout_ms", "group_max_size", "max_connections", "max_connections_per_ip", "max_partitions_per_broker",
+                    "group_max_session_timeout_ms", "group_max_size", "max_connections", "max_connections_per_ip", "max_partitions_per_broker", "fetch_max_bytes",
                     "connections_max_idle_ms", "queued_max_request_bytes", "message_timestamp_before_max_ms",
                     "message_timestamp_after_max_ms")
         for name in positive:
@@ -298,6 +301,7 @@ BROKER_CONFIGS: dict[str, str] = {
     "group.max.session.timeout.ms": "group_max_session_timeout_ms",
     "group.max.size": "group_max_size",
     "offset.metadata.max.bytes": "offset_metadata_max_bytes",
+    "fetch.max.bytes": "fetch_max_bytes",
     "max.connections": "max_connections",
     "max.connections.per.ip": "max_connections_per_ip",
     "connections.max.idle.ms": "connections_max_idle_ms",

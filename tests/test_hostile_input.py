@@ -31,9 +31,11 @@ MAX_REQUEST_BYTES = 8 << 20
 QUEUED_MAX_REQUEST_BYTES = 3 * MAX_REQUEST_BYTES
 MAX_CONNECTIONS_PER_IP = 80
 IDLE_MS = 3000
+FETCH_MAX_BYTES = 1 << 20
 SETTINGS = dict(lmdb_map_size_bytes=64 << 20, segment_bytes=16 << 20, offsets_topic_partitions=2,
                 max_request_bytes=MAX_REQUEST_BYTES, queued_max_request_bytes=QUEUED_MAX_REQUEST_BYTES,
-                max_connections_per_ip=MAX_CONNECTIONS_PER_IP, connections_max_idle_ms=IDLE_MS)
+                max_connections_per_ip=MAX_CONNECTIONS_PER_IP, connections_max_idle_ms=IDLE_MS,
+                fetch_max_bytes=FETCH_MAX_BYTES)
 
 
 class LimitedBroker:
@@ -299,3 +301,18 @@ def test_out_of_descriptors_backs_off_without_spinning_and_recovers(tmp_path):
                 time.sleep(0.2)
     finally:
         limited.brokers.stop()
+
+
+def test_a_fetch_asking_for_gigabytes_gets_at_most_the_brokers_fetch_max_bytes(bounded):
+    from tests.test_broker_in_process import fetch_frame
+    from confluent_kafka.admin import AdminClient, NewTopic
+    admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{bounded.port}"})
+    admin.create_topics([NewTopic("big-fetch", 1, 1)])["big-fetch"].result(TIMEOUT_S)
+    batch = make_batch(count=40, value_size=15_000)          # ~600 KB
+    with bounded.connect() as sock:
+        for i in range(4):
+            sock.sendall(produce_frame("big-fetch", batch, i))
+            assert struct.pack(">h", ErrorCode.NONE) in read_response(sock)
+        sock.sendall(fetch_frame("big-fetch", 2**31 - 1))     # max_bytes and partition_max_bytes: 2 GiB
+        response = read_response(sock)
+    assert len(batch) < len(response) <= FETCH_MAX_BYTES + 1024   # two whole batches, not four

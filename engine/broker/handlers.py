@@ -303,7 +303,8 @@ class Handlers:
     def _read_fetch(self, body: Any, denied: set[str]) -> tuple[list[tuple[str, list[FetchPartition]]], int, bool,
                                               list[tuple[str, int, int]]]:
         """(topics, bytes, any error, (topic, bytes, records) served per partition)."""
-        budget = body.max_bytes
+        cap = self.config.fetch_max_bytes    # the broker's bound, whatever the client asks
+        budget = min(body.max_bytes, cap)
         total, errors = 0, False
         topics, served = [], []
         for topic in body.topics:
@@ -316,7 +317,7 @@ class Handlers:
                 if replica is not None:
                     log_ = replica.log
                     high_watermark = log_.high_watermark
-                    limit = min(wanted.partition_max_bytes, budget) if total else wanted.partition_max_bytes
+                    limit = min(wanted.partition_max_bytes, budget if total else cap)
                     try:
                         if limit > 0:
                             chunk = log_.read(wanted.fetch_offset, limit)
