@@ -251,8 +251,28 @@ def settle_disk() -> None:
     os.sync()
 
 
+def storage_counters(brokers: LocalBrokers | None) -> tuple[int, float] | None:
+    """(bytes written to storage, journal fdatasync calls) summed over the local brokers."""
+    if brokers is None:
+        return None
+    return (sum(brokers.write_bytes(n) for n in brokers.node_ids),
+            sum(brokers.metric(n, "raftka_journal_fdatasyncs_total") for n in brokers.node_ids))
+
+
+def storage_cost(before: tuple[int, float] | None, after: tuple[int, float] | None, acked_bytes: int,
+                 replication_factor: int) -> dict | None:
+    """What the brokers wrote for the acknowledged bytes: per byte and replica, and fdatasyncs per MB."""
+    if before is None or after is None or not acked_bytes:
+        return None
+    written, syncs = after[0] - before[0], after[1] - before[1]
+    return {"written_bytes": written, "acked_bytes": acked_bytes, "fdatasyncs": int(syncs),
+            "written_per_acked_byte_per_replica": round(written / acked_bytes / replication_factor, 3),
+            "fdatasyncs_per_acked_mb": round(syncs / (acked_bytes / 1e6), 2)}
+
+
 def run_workload(args: argparse.Namespace, bootstrap: str, kind: str, size: int, volume: int, progress) -> dict:
     settle_disk()
+    counters_before = storage_counters(args.brokers)
     topic = _topic(kind, size)
     create_topic(bootstrap, args.replication_factor, topic, args.partitions)
     count = max(volume // size, args.producers)
@@ -262,6 +282,7 @@ def run_workload(args: argparse.Namespace, bootstrap: str, kind: str, size: int,
     if kind in ("produce", "consume"):
         reports = _run(Workload(args, bootstrap, topic, size, count, args.duration_s), show, producers=True)
         total = produced_by(reports)
+        counters_after = storage_counters(args.brokers)
         if kind == "consume":
             reading = Workload(args, bootstrap, topic, size, total)   # what was written, read back
             reports = _run(reading, show, consumers=True)
@@ -269,12 +290,14 @@ def run_workload(args: argparse.Namespace, bootstrap: str, kind: str, size: int,
         reports = _run(Workload(args, bootstrap, topic, size, count, args.duration_s), show,
                        producers=True, consumers=True)
         total = produced_by(reports)
+        counters_after = storage_counters(args.brokers)
     progress.update(task, total=progress.tasks[task].completed or 1, completed=progress.tasks[task].completed or 1)
     consumed = summarise(reports, "consumer", CONSUMER_TARGET_MB_S, total)
     if consumed is not None and kind == "consume":   # records written earlier: their age is no latency
         consumed["latency_ms"] = {}
     return {"workload": kind, "message_bytes": size, "messages": total,
-            "produce": summarise(reports, "producer", PRODUCER_TARGET_MB_S, total), "consume": consumed}
+            "produce": summarise(reports, "producer", PRODUCER_TARGET_MB_S, total), "consume": consumed,
+            "storage": storage_cost(counters_before, counters_after, total * size, args.replication_factor)}
 
 
 def run_latency(args: argparse.Namespace, bootstrap: str, size: int, peak_msgs_s: float, load: float,
@@ -394,6 +417,12 @@ def print_table(result: dict) -> None:
                   f"{s['per_client_mb_s']:.1f} | {_latency(s['latency_ms'])} | {s['mb_s'] / reference:.2f} | "
                   f"{s['target_mb_s']:.0f} | {s['verdict']} | {s['generator_thread_cores']:.2f} / "
                   f"{s['generator_cores']:.2f} cores{bound} |")
+    for row in result["rows"]:
+        cost = row.get("storage")
+        if cost is not None and row["workload"] != "consume":
+            print(f"storage, {row['workload']} {row['message_bytes']} B: {cost['written_per_acked_byte_per_replica']:.2f} "
+                  f"bytes written per acknowledged byte per replica, {cost['fdatasyncs_per_acked_mb']:.1f} "
+                  f"fdatasyncs per acknowledged MB (all brokers)")
     print("\nlatency: produce = librdkafka's send-to-acknowledgement at full load (time queued in the client);"
           " consume (in 'both') = send time to receipt."
           "\nvs reference: produce against durable write / RF, consume against loopback TCP.")
@@ -472,6 +501,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     amount.add_argument("--volume-mib", type=int, help="data per workload (default 256, --quick 64)")
     amount.add_argument("--duration-s", type=float, help="produce for this long per workload instead of a volume")
     parser.add_argument("--acks", choices=("all", "1", "0"), default="all")
+    parser.add_argument("--fsync", choices=("always", "interval", "never"), default="always",
+                        help="the brokers' fsync policy (default always: acks=all means fdatasync'd on a majority; "
+                             "never: acknowledged from the page cache)")
     parser.add_argument("--replication-factor", type=int, help="default min(brokers, 3)")
     parser.add_argument("--no-latency", action="store_true", help="skip the latency-at-fixed-load phase")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="where cluster.json and .png go")
@@ -517,15 +549,19 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="raftka-bench-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
+        args.brokers = None
         if args.bootstrap:
             bootstrap = args.bootstrap
             args.replication_factor = args.replication_factor or min(brokers_in(bootstrap), 3)
             setup = f"cluster at {args.bootstrap}, RF={args.replication_factor}, acks={args.acks}"
         else:
             print(f"starting {args.nodes} broker process(es)...", flush=True)
-            brokers = stack.enter_context(LocalBrokers(workdir / "cluster", args.nodes))
+            brokers = stack.enter_context(LocalBrokers(workdir / "cluster", args.nodes, settings={"fsync": args.fsync},
+                                                       metrics=True))
+            args.brokers = brokers
             bootstrap = brokers.bootstrap()
-            setup = f"{args.nodes} broker{'s' if args.nodes > 1 else ''}, RF={args.replication_factor}, acks={args.acks}"
+            setup = (f"{args.nodes} broker{'s' if args.nodes > 1 else ''}, RF={args.replication_factor}, "
+                     f"acks={args.acks}, fsync={args.fsync}")
         print("measuring this machine's reference (durable write, loopback TCP)...", flush=True)
         reference = measure_reference(workdir, volume, args.replication_factor)
         rows, latency = [], []
@@ -541,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
                 for load in LATENCY_LOADS:
                     latency.append(run_latency(args, bootstrap, latency_size(args), peak, load, progress))
     result = {"setup": setup, "nodes": None if args.bootstrap else args.nodes, "acks": args.acks,
+              "fsync": None if args.bootstrap else args.fsync,
               "partitions": args.partitions, "producers": args.producers, "consumers": args.consumers,
               "volume_bytes": volume, "duration_s": args.duration_s, "quick": args.quick, "reference": reference,
               "generator": {"kind": "native (C loop over librdkafka)", "librdkafka": _librdkafka_version(),

@@ -5,6 +5,7 @@ The embedded API, small enough for one README section:
   Raftka.create_topic / delete_topic / topics
   Raftka.produce / produce_batch / append_batches -> offsets
   Raftka.read(topic, partition, offset, timeout_s=...) -> ConsumerRecord iterator
+  Raftka.read_batches(topic, partition, offset, timeout_s=...) -> RecordColumns iterator
   Raftka.offsets / offset_for_timestamp / flush / close
   Raftka.consumer(group, topics) -> GroupConsumer (poll / iterate / commit / close)
 Errors are typed (raftka.errors) and carry Kafka error codes.
@@ -21,26 +22,26 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "raftka.client.embedded": ("PartitionOffsets", "Raftka", "RecordMetadata", "open"),
+    "raftka.client.embedded": ("PartitionOffsets", "ProducedRecords", "Raftka", "RecordMetadata", "open"),
     "raftka.client.group_consumer": ("GroupConsumer",),
     "raftka.config": ("Config",),
     "raftka.errors": ("CorruptRecordError", "DataDirLockedError", "GroupError", "InvalidPartitionsError",
                       "InvalidTopicError", "OffsetOutOfRangeError", "RaftkaError", "RecordTooLargeError",
                       "StorageError", "TopicAlreadyExistsError", "UnknownTopicOrPartitionError"),
-    "raftka.records.batch": ("ConsumerRecord", "Record", "build_batch", "parse_records"),
+    "raftka.records.batch": ("ConsumerRecord", "Record", "RecordColumns", "build_batch", "parse_records"),
     "raftka.records.compression": ("Compression",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)
 
 if TYPE_CHECKING:
-    from raftka.client.embedded import PartitionOffsets, Raftka, RecordMetadata, open
+    from raftka.client.embedded import PartitionOffsets, ProducedRecords, Raftka, RecordMetadata, open
     from raftka.client.group_consumer import GroupConsumer
     from raftka.config import Config
     from raftka.errors import (CorruptRecordError, DataDirLockedError, GroupError, InvalidPartitionsError,
                                InvalidTopicError, OffsetOutOfRangeError, RaftkaError, RecordTooLargeError,
                                StorageError, TopicAlreadyExistsError, UnknownTopicOrPartitionError)
-    from raftka.records.batch import ConsumerRecord, Record, build_batch, parse_records
+    from raftka.records.batch import ConsumerRecord, Record, RecordColumns, build_batch, parse_records
     from raftka.records.compression import Compression
 
 

@@ -152,6 +152,23 @@ def topics_delete(args: argparse.Namespace, out: TextIO) -> None:
     print(f"deleted topic {args.name}", file=out)
 
 
+def topics_alter(args: argparse.Namespace, out: TextIO) -> None:
+    """Set (--config k=v) and remove (--delete-config k) a topic's configs
+    with IncrementalAlterConfigs; the rest stay as they are."""
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
+    if not args.config and not args.delete_config:
+        raise AdminError("nothing to change: give --config key=value or --delete-config key")
+    admin = _admin(args)
+    _known_topic(_metadata(admin, args), args.name)
+    entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in args.config]
+    entries += [ConfigEntry(k, None, incremental_operation=AlterConfigOpType.DELETE) for k in args.delete_config]
+    resource = ConfigResource(ResourceType.TOPIC, args.name, incremental_configs=entries)
+    futures = admin.incremental_alter_configs([resource], request_timeout=args.timeout_s)
+    _result(futures[resource], f"altering topic {args.name!r}", args)
+    changed = [f"{k}={v}" for k, v in args.config] + [f"{k} (default)" for k in args.delete_config]
+    print(f"altered topic {args.name}: {', '.join(changed)}", file=out)
+
+
 def _ids(ids: list[int]) -> str:
     return ",".join(map(str, ids)) or "-"
 
@@ -323,8 +340,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         add_connection_arguments(parser)
         return parser
 
-    topics = commands.add_parser("topics", help="create, list, describe or delete topics",
-                                 description="create, list, describe or delete topics")
+    topics = commands.add_parser("topics", help="create, list, describe, alter or delete topics",
+                                 description="create, list, describe, alter or delete topics")
     verbs = topics.add_subparsers(dest="verb", metavar="VERB", required=True)
     create = command("create", "create a topic", verbs)
     create.add_argument("name")
@@ -338,6 +355,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     describe = command("describe", "partitions of a topic (or all) with leader, replicas, ISR", verbs)
     describe.add_argument("name", nargs="?")
     describe.set_defaults(run=topics_describe)
+    alter = command("alter", "change a topic's configs", verbs)
+    alter.add_argument("name")
+    alter.add_argument("--config", "-c", action="append", default=[], type=_key_value,
+                       help="set topic config key=value (retention.ms, segment.bytes, ...); repeatable")
+    alter.add_argument("--delete-config", "-d", action="append", default=[],
+                       help="remove the topic's own value of this config (back to the broker's); repeatable")
+    alter.set_defaults(run=topics_alter)
     delete = command("delete", "delete a topic", verbs)
     delete.add_argument("name")
     delete.set_defaults(run=topics_delete)

@@ -20,11 +20,11 @@ import logging
 import sys
 from typing import Any
 
-FAULT_NAMES = ("kill", "partition", "oneway", "reorder", "duplicate", "drop", "foreign")
-RESERVED_FAULTS = ("disk-full", "clock", "power")
-PLANT_NAMES = ("forget-vote", "no-prevote", "drop-foreign-silently", "stock-snapshot")
+FAULT_NAMES = ("kill", "partition", "oneway", "reorder", "duplicate", "drop", "foreign", "power")
+RESERVED_FAULTS = ("disk-full", "clock")
+PLANT_NAMES = ("forget-vote", "no-prevote", "drop-foreign-silently", "no-fsync", "stock-snapshot")
 DEFAULT_STEPS = 400
-NOT_YET = "not yet: lands with the durable-log work"
+NOT_YET = "not simulated yet"
 
 DESCRIPTION = """\
 Run the deterministic simulation: every node's real partition replica, Raft
@@ -33,7 +33,7 @@ network with faults, all drawn from one seed. Invariants are checked after
 every step (one leader per term, committed logs agree byte for byte,
 acknowledged appends stay at their offsets, dense offsets, nothing readable
 past the high watermark, foreign commands refused, no leader deposed by a
-node cut off one way); after healing, every node must hold every
+node cut off one way, acknowledged appends survive power losses); after healing, every node must hold every
 acknowledged append in identical segment files. Same seed, same trace hash.
 
 faults:
@@ -44,12 +44,16 @@ faults:
   duplicate  deliver a message twice
   drop       lose a message
   foreign    a peer sends append_entries holding a command the group does not declare
-  disk-full, clock, power: reserved, not yet simulated
+  power      one node, a minority or every node at once loses every byte it had
+             not fdatasync'd (journal tails, segment bytes past the recovery
+             point), then restarts
+  disk-full, clock: reserved, not yet simulated
 
 plants (known bugs put in for the run, to show the checker catches them):
   forget-vote            a restarted node forgets its vote (PreVote off, elections racing)
   no-prevote             PreVote and leader stickiness off
   drop-foreign-silently  foreign entries from a peer accepted instead of refused
+  no-fsync               a replica acknowledges journal entries before they are fdatasync'd
   stock-snapshot         stock pysyncobj's commit on a snapshot chunk that installs nothing
 """
 

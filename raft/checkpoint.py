@@ -13,11 +13,14 @@ File format (all integers big-endian):
     | 2 x (u64 raft index | u64 term | u32 size | command bytes)
     | u32 size | state bytes
     | u32 crc32c of everything before it
-Written to a temporary file and renamed by pysyncobj's serializer; a file
-that fails any check is refused (CheckpointError), never half-used.
+Written to a temporary file, fdatasync'd, and renamed by pysyncobj's
+serializer; the journal fsyncs the directory (the rename) before it deletes
+the files the checkpoint replaces. A file that fails any check is refused
+(CheckpointError), never half-used.
 """
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +88,11 @@ def decode(data: bytes) -> Checkpoint:
 
 
 def write(path: Path, point: Checkpoint) -> None:
-    path.write_bytes(encode(point))
+    """Write and fdatasync (the caller renames it into place)."""
+    with open(path, "wb") as file:
+        file.write(encode(point))
+        file.flush()
+        os.fdatasync(file.fileno())
 
 
 def read(path: Path) -> Checkpoint:

@@ -132,11 +132,14 @@ class GroupTransport(AdaptedTransport):
         self.on_raft_extension: Callable[[int, dict], None] | None = None     # RaftGroup's own (RAFT_EXTENSIONS)
         self.on_raft_message: Callable[[PeerNode, dict], None] | None = None
         self.rewrite_outgoing: Callable[[PeerNode, dict], None] | None = None
+        self.hold_outgoing: Callable[[PeerNode, Any], bool] | None = None   # True: not sent now (held)
         self.on_activity: Callable[[], None] | None = None
 
     def send(self, node: PeerNode, message: Any) -> bool:
         if self.rewrite_outgoing is not None:
             self.rewrite_outgoing(node, message)
+        if self.hold_outgoing is not None and self.hold_outgoing(node, message):
+            return True
         return self._network.send(node.broker_id, self._group_id, message)
 
     def peer(self, peer_id: int) -> PeerNode | None:
@@ -179,14 +182,16 @@ class GroupTransport(AdaptedTransport):
 
 def raft_conf(group_dir: Path, journal_fsync: bool = False, persist_vote: bool = True,
               vote_store: VoteStore | None = None, group_id: int = 0,
-              accepts: Callable[[bytes], bool] | None = None, **overrides: Any) -> dict[str, Any]:
+              accepts: Callable[[bytes], bool] | None = None,
+              journal_path: Callable[..., str] = JournalPath, **overrides: Any) -> dict[str, Any]:
     """pysyncobj settings for a group ticked by RaftNode (never its own thread).
     With `vote_store` (the node's), term and vote are made durable there;
-    `accepts` says which commands the group's journal may hold."""
+    `accepts` says which commands the group's journal may hold; `journal_path`
+    makes the journalFile value (JournalPath: a DiskJournal)."""
     settings: dict[str, Any] = dict(
         autoTick=False, pollerType="select",
-        journalFile=JournalPath(group_dir / "journal", fsync=journal_fsync, persist_vote=persist_vote,
-                                vote_store=vote_store, group_id=group_id, accepts=accepts),
+        journalFile=journal_path(group_dir / "journal", fsync=journal_fsync, persist_vote=persist_vote,
+                                 vote_store=vote_store, group_id=group_id, accepts=accepts),
         fullDumpFile=str(group_dir / "checkpoint"),
         appendEntriesUseBatch=False,          # send each command at once, pipelined
         appendEntriesBatchSizeBytes=MAX_MESSAGE_ENTRIES_BYTES,
@@ -236,6 +241,11 @@ class RaftGroup(AdaptedSyncObj):
         self.transport.on_raft_message = self._on_raft_message
         self.transport.on_raft_extension = self._on_raft_extension
         self.transport.rewrite_outgoing = self._rewrite_outgoing
+        self.transport.hold_outgoing = self._hold_outgoing
+        # who runs this group's journal syncs (RaftNode: a thread pool; None: inline, at once)
+        self.sync_scheduler: Callable[[RaftGroup], None] | None = None
+        self._held_acks: dict[int, tuple[PeerNode, dict, int, int | None]] = {}   # peer -> ack awaiting fsync
+        self._commit_at_tick = 0                   # commit index when the current tick began
         self._verified_end: int | None = None   # last index an incoming message verified; see _rewrite_outgoing
         self._checkpoint_loaded = False
         self._caught_up_at: dict[int, float] = {}  # follower -> last time its log reached our commit index
@@ -253,12 +263,17 @@ class RaftGroup(AdaptedSyncObj):
         self._votes_term: Any = None               # the term whose votes _voters holds
         self._voters: set[int] = set()             # peers whose vote for us in that term was counted
         self._refusal_logged_at = -float("inf")
-        settings = raft_conf(self.group_dir, group_id=group_id, accepts=type(self).accepts_command, **raft_settings)
+        settings = raft_conf(self.group_dir, group_id=group_id, accepts=type(self).accepts_command,
+                             journal_path=self._journal_path, **raft_settings)
         settings.update(serializer=self._write_checkpoint, deserializer=self._read_checkpoint)
         super().__init__(PeerNode(self_id), list(peers.values()), SyncObjConf(**settings), self.transport)
         if not peers:
             # a group of one has no one to split the vote with: elect at once
             self._set_election_deadline(monotonic_time())
+
+    def _journal_path(self, directory: Path, **options: Any) -> str:
+        """The journalFile value for pysyncobj: a DiskJournal by default."""
+        return JournalPath(directory, **options)
 
     # ---- leadership ----------------------------------------------------
 
@@ -341,7 +356,7 @@ class RaftGroup(AdaptedSyncObj):
     def next_tick_due(self) -> float:
         """When this group must tick again if nothing arrives (pysyncobj's clock)."""
         if self.is_leader:
-            if not self._other_nodes() and self._raft_commit_index() < self._last_log_index() \
+            if not self._other_nodes() and self._raft_commit_index() < self._raft_log().durable_index \
                     and self._last_log_term() == self._raft_term():
                 # a group of one commits what it appended this tick at the next
                 # one; nothing else would tick it before the heartbeat period
@@ -464,6 +479,7 @@ class RaftGroup(AdaptedSyncObj):
     def _before_tick_hook(self) -> None:
         """Turn an election pysyncobj would start in this tick into a pre-vote round."""
         super()._before_tick_hook()
+        self._commit_at_tick = self._raft_commit_index()
         if not self.PRE_VOTE or self.is_leader or not self._other_nodes():
             return
         now = monotonic_time()
@@ -524,6 +540,80 @@ class RaftGroup(AdaptedSyncObj):
             self._set_election_deadline(0.0)   # pysyncobj's election at the next tick
             if self.transport.on_activity is not None:
                 self.transport.on_activity()
+
+    # ---- durability: acknowledge only what is on disk --------------------
+    #
+    # With a journal that syncs (fsync=always), an entry counts for this
+    # member only once it is fdatasync'd (DiskJournal.durable_index). A
+    # follower's acknowledgement (pysyncobj's next_node_idx) of entries past
+    # that point is held and sent when the sync returns; the leader counts
+    # itself in the commit only up to it (_before_apply_hook), so the commit
+    # index, and with it every acknowledgement to a client, means "on disk on
+    # a majority". Syncs are group commits: the sync_scheduler (RaftNode's
+    # thread pool) runs one job per journal at a time, covering everything
+    # written before it started, and calls journal_synced when it returns.
+
+    def _after_tick_hook(self) -> None:
+        super()._after_tick_hook()
+        self.schedule_sync()
+
+    def schedule_sync(self) -> None:
+        """Have the journal's unsynced writes synced (at once, with no scheduler)."""
+        journal = self._raft_log()
+        if not journal.needs_sync:
+            return
+        if self.sync_scheduler is not None:
+            self.sync_scheduler(self)
+            return
+        job = journal.sync_job()
+        if job is not None:
+            job.run()
+            self.journal_synced(job)
+
+    def journal_synced(self, job: Any) -> None:
+        """A sync job of this group's journal returned: release what it made durable."""
+        journal = self._raft_log()
+        journal.complete(job)
+        durable = journal.durable_index
+        for peer_id, (node, message, index, term) in list(self._held_acks.items()):
+            if journal.term_at(index) != term:
+                del self._held_acks[peer_id]      # the entry it acknowledged was replaced: nothing to say
+            elif index <= durable:
+                del self._held_acks[peer_id]
+                self.transport.send(node, message)
+        if self.is_leader and self._raft_commit_index() < durable and self.transport.on_activity is not None:
+            self.transport.on_activity()          # the commit may move: tick
+        if journal.needs_sync:
+            self.schedule_sync()
+
+    def _hold_outgoing(self, node: PeerNode, message: Any) -> bool:
+        """Hold a follower's acknowledgement of entries not yet durable here."""
+        if not (isinstance(message, dict) and message.get("type") == "next_node_idx" and message.get("success")):
+            return False
+        index = message.get("next_node_idx")
+        if not isinstance(index, int):
+            return False
+        journal = self._raft_log()
+        if index - 1 <= journal.durable_index:
+            self._held_acks.pop(node.broker_id, None)
+            return False
+        self._held_acks[node.broker_id] = (node, message, index - 1, journal.term_at(index - 1))
+        return True
+
+    def _before_apply_hook(self) -> None:
+        """As leader, count this member in the commit only up to its durable index."""
+        if not self._raft_is_leader():
+            return
+        commit = self._raft_commit_index()
+        journal = self._raft_log()
+        durable = journal.durable_index
+        if commit <= self._commit_at_tick or durable >= commit:
+            return
+        positions = sorted([durable, *self._match_index().values()], reverse=True)
+        allowed = min(commit, positions[len(self.replica_ids) // 2])
+        if allowed <= self._commit_at_tick or journal.term_at(allowed) != self._raft_term():
+            allowed = self._commit_at_tick   # Raft counts only entries of its own term
+        self._set_commit_index(allowed)
 
     # ---- pipelining fixes to pysyncobj's replication --------------------
     #

@@ -22,10 +22,16 @@ On-disk format, in directory `<group>.journal/`:
   declares (`accepts`) is refused: ForeignCommandError, the group does not
   start. `add` refuses such a command too.
 
-Durability of entries follows `fsync`: with False (default, like Kafka
-relying on replication) an entry survives a process crash (page cache) but
-not a power loss of a majority; with True every add is fsynced before
-pysyncobj acknowledges it.
+Durability of entries follows `fsync`. With True (the broker's default,
+`fsync=always`) an entry counts as the replica's only once it is
+fdatasync'd: `durable_index` says how far that is, the group holds its
+acknowledgements (a follower's next_node_idx, the leader's own vote in the
+commit count) below it, and the syncs are group commits run off the event
+loop (`sync_job()`: every file written since the last job, one fdatasync
+each, the directory too when a file was created; one job in flight at a
+time, so appends made meanwhile share the next). With False (`fsync=never`)
+`durable_index` is the last index: acknowledged from the page cache, which
+survives a process crash but not a power loss.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from raftka.native import crc32c
+from raftka.native.files import fsync_directory
 from raftka.raft.pysyncobj_adapter import AdaptedJournal, ForeignCommandError
 from raftka.raft.votes import VoteStore
 
@@ -70,6 +77,7 @@ class _Segment:
         self.first_index = first_index
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         self.size_bytes = os.fstat(self.fd).st_size
+        self.synced_bytes = self.size_bytes   # what a power loss keeps (a fresh file: see _writable_segment)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -124,28 +132,50 @@ REMOVER_QUEUE_MAX = 1024
 _REMOVER = _Remover()
 
 
-class DiskJournal(AdaptedJournal):
-    """pysyncobj's Raft log for one group, on disk with a small in-memory index."""
+class SyncJob:
+    """One group commit of a journal: fdatasync every file written since the
+    previous job (and the directory, when a file was created), on any thread.
+    It holds its own descriptors, so a file removed meanwhile is still synced
+    or harmlessly closed. `DiskJournal.complete(job)` then, on the journal's
+    thread, moves `durable_index` to `target_index`."""
 
-    def __init__(self, directory: Path, fsync: bool = False, segment_bytes: int = DEFAULT_SEGMENT_BYTES,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, persist_vote: bool = True,
-                 vote_store: "VoteStore | None" = None, group_id: int = 0,
-                 accepts: "Callable[[bytes], bool] | None" = None) -> None:
-        """`accepts(command)`: whether a command may be in this group's log (None: any)."""
+    def __init__(self, files: list[tuple["_Segment", int, int]], directory: Path | None,
+                 target_index: int, generation: int) -> None:
+        self.files = files                 # (segment, its own dup'd fd, size covered)
+        self.sync_calls = 0                # fdatasync/fsync calls made by run()
+        self.directory = directory
+        self.target_index = target_index
+        self.generation = generation
+
+    def run(self, fdatasync: bool = True) -> None:
+        """fdatasync each file, then fsync the directory; raises the first OSError.
+        (`fdatasync` False: only release the descriptors; the simulation models
+        the disk itself, with power_loss.)"""
+        try:
+            if fdatasync:
+                for _segment, fd, _size in self.files:
+                    os.fdatasync(fd)
+                    self.sync_calls += 1
+                if self.directory is not None:
+                    fsync_directory(self.directory)
+                    self.sync_calls += 1
+        finally:
+            for _segment, fd, _size in self.files:
+                os.close(fd)
+            self.files = [(segment, -1, size) for segment, _fd, size in self.files]
+
+
+class RaftStateJournal(AdaptedJournal):
+    """What every journal keeps besides entries: currentTerm and votedFor
+    (durable before any message reflecting them leaves: in the node's
+    VoteStore, or else fsynced in the `meta` file) and the commit index (a
+    hint), in `<directory>/meta`, JSON, replaced atomically."""
+
+    def __init__(self, directory: Path, persist_vote: bool = True, vote_store: "VoteStore | None" = None,
+                 group_id: int = 0) -> None:
         self.directory = Path(directory)
-        self.accepts = accepts
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.fsync = fsync
-        self.segment_bytes = segment_bytes
-        self.cache_bytes = cache_bytes
         self.persist_vote = persist_vote  # False only in the simulation's deliberate-bug test
-        self._slots: list[_Slot] = []
-        self._segments: list[_Segment] = []
-        self._cache: OrderedDict[int, bytes] = OrderedDict()   # raft index -> command, ascending
-        self._cached_bytes = 0
-        # the first entry's command once read from disk: pysyncobj reads
-        # entry 0 (for its index) on every lookup, long after the cache let it go
-        self._first_command: tuple[int, bytes] | None = None
         self._meta = self._load_meta()
         self._meta_dirty = False
         # with a node's VoteStore, term and vote are made durable there, many
@@ -154,73 +184,6 @@ class DiskJournal(AdaptedJournal):
         stored = vote_store.get(group_id) if vote_store is not None else None
         if stored is not None and stored[0] >= self._meta["term"]:
             self._meta["term"], self._meta["voted_for"] = stored
-        self._recover()
-
-    # ---- pysyncobj's Journal interface ---------------------------------
-
-    def add(self, command: bytes, idx: int, term: int) -> None:
-        if self.accepts is not None and not self.accepts(command):
-            raise ForeignCommandError(self.group_id, command, f"journal add at index {idx}")
-        if self._slots and idx != self._slots[-1].index + 1:
-            raise AssertionError(f"journal index {idx} does not follow {self._slots[-1].index}")
-        segment = self._writable_segment(idx, len(command))
-        header = RECORD_HEADER.pack(len(command), crc32c(command), idx, term)
-        position = segment.size_bytes
-        written = os.pwritev(segment.fd, [header, command], position)
-        if written != RECORD_HEADER.size + len(command):
-            os.ftruncate(segment.fd, position)
-            raise OSError(f"short journal write at {segment.path}:{position}")
-        segment.size_bytes += written
-        if self.fsync:
-            os.fdatasync(segment.fd)
-        self._slots.append(_Slot(idx, term, segment, position + RECORD_HEADER.size, len(command)))
-        self._remember(idx, bytes(command))
-
-    def clear(self) -> None:
-        for segment in self._segments:
-            segment.remove()
-        self._segments, self._slots = [], []
-        self._forget_from(0)
-
-    def deleteEntriesFrom(self, entryFrom: int) -> None:
-        """Drop entries [entryFrom, end) (a follower's conflicting suffix)."""
-        if entryFrom >= len(self._slots):
-            return
-        cut = self._slots[entryFrom]
-        self._forget_from(cut.index)
-        del self._slots[entryFrom:]
-        while self._segments and self._segments[-1] is not cut.segment:
-            self._segments.pop().remove()
-        cut_position = cut.position - RECORD_HEADER.size
-        if cut_position == 0 and len(self._segments) > 1:
-            self._segments.pop().remove()
-        else:
-            os.ftruncate(cut.segment.fd, cut_position)
-            cut.segment.size_bytes = cut_position
-
-    def deleteEntriesTo(self, entryTo: int) -> None:
-        """Drop entries [0, entryTo) (compaction); whole files below go away."""
-        if entryTo <= 0:
-            return
-        del self._slots[:entryTo]
-        first_kept = self._slots[0].segment if self._slots else None
-        while self._segments and self._segments[0] is not first_kept and len(self._segments) > 1:
-            self._segments.pop(0).remove()
-        first_kept = self._slots[0].index if self._slots else None
-        while self._cache:
-            index = next(iter(self._cache))
-            if first_kept is not None and index >= first_kept:
-                break
-            self._cached_bytes -= len(self._cache.pop(index))
-        self._first_command = None
-
-    def __getitem__(self, item: int | slice) -> Any:
-        if isinstance(item, slice):
-            return _EntryRange(self, range(*item.indices(len(self._slots))))
-        return self._entry(self._slots[item])
-
-    def __len__(self) -> int:
-        return len(self._slots)
 
     def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
         if self._meta["commit_index"] != raftCommitIndex:
@@ -249,10 +212,188 @@ class DiskJournal(AdaptedJournal):
         if self._meta_dirty:
             self._store_meta(durable=False)
 
+    def _save_meta_hint(self) -> None:
+        """At close: the commit index as a hint (term and vote are durable already)."""
+        if self._meta_dirty:
+            self._store_meta(durable=False)
+
+    def _load_meta(self) -> dict[str, Any]:
+        path = self.directory / "meta"
+        if not path.exists():
+            return {"term": 0, "voted_for": None, "commit_index": 1}
+        try:
+            meta = json.loads(path.read_bytes())
+            return {"term": int(meta["term"]), "voted_for": meta["voted_for"],
+                    "commit_index": int(meta["commit_index"])}
+        except (ValueError, KeyError, TypeError) as error:
+            raise JournalCorruptError(f"{path}: {error}") from error
+
+    def _store_meta(self, durable: bool) -> None:
+        meta = dict(self._meta)
+        if not self.persist_vote:
+            meta["voted_for"] = None
+        path, temporary = self.directory / "meta", self.directory / "meta.tmp"
+        with open(temporary, "wb") as file:
+            file.write(json.dumps(meta).encode())
+            if durable:
+                file.flush()
+                os.fsync(file.fileno())
+        os.replace(temporary, path)
+        if durable:
+            fsync_directory(self.directory)
+        self._meta_dirty = False
+
+
+
+
+class DiskJournal(RaftStateJournal):
+    """pysyncobj's Raft log for one group, on disk with a small in-memory index."""
+
+    def __init__(self, directory: Path, fsync: bool = False, segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, persist_vote: bool = True,
+                 vote_store: "VoteStore | None" = None, group_id: int = 0,
+                 accepts: "Callable[[bytes], bool] | None" = None) -> None:
+        """`accepts(command)`: whether a command may be in this group's log (None: any)."""
+        super().__init__(directory, persist_vote, vote_store, group_id)
+        self.accepts = accepts
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        self.cache_bytes = cache_bytes
+        self._slots: list[_Slot] = []
+        self._segments: list[_Segment] = []
+        self._cache = CommandCache(cache_bytes)
+        # the first entry's command once read from disk: pysyncobj reads
+        # entry 0 (for its index) on every lookup, long after the cache let it go
+        self._first_command: tuple[int, bytes] | None = None
+        self._durable_index = 0                 # entries up to here are fdatasync'd (with fsync)
+        self._unsynced: dict[int, _Segment] = {}   # id -> segment written since the last sync job
+        self._new_file = False                  # a segment file created since the last sync job
+        self._sync_in_flight = False
+        self._generation = 0                    # bumped when entries are removed from the end
+        self._recover()
+        self._durable_index = self._slots[-1].index if self._slots else 0   # recovered: on disk as far as we know
+
+    # ---- pysyncobj's Journal interface ---------------------------------
+
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        if self.accepts is not None and not self.accepts(command):
+            raise ForeignCommandError(self.group_id, command, f"journal add at index {idx}")
+        if self._slots and idx != self._slots[-1].index + 1:
+            raise AssertionError(f"journal index {idx} does not follow {self._slots[-1].index}")
+        segment = self._writable_segment(idx, len(command))
+        header = RECORD_HEADER.pack(len(command), crc32c(command), idx, term)
+        position = segment.size_bytes
+        written = os.pwritev(segment.fd, [header, command], position)
+        if written != RECORD_HEADER.size + len(command):
+            os.ftruncate(segment.fd, position)
+            raise OSError(f"short journal write at {segment.path}:{position}")
+        segment.size_bytes += written
+        self._unsynced[id(segment)] = segment
+        self._slots.append(_Slot(idx, term, segment, position + RECORD_HEADER.size, len(command)))
+        self._cache.remember(idx, bytes(command))
+
+    def clear(self) -> None:
+        for segment in self._segments:
+            segment.remove()
+        self._segments, self._slots = [], []
+        self._forget_from(0)
+        self._entries_removed()
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:
+        """Drop entries [entryFrom, end) (a follower's conflicting suffix)."""
+        if entryFrom >= len(self._slots):
+            return
+        cut = self._slots[entryFrom]
+        self._forget_from(cut.index)
+        del self._slots[entryFrom:]
+        while self._segments and self._segments[-1] is not cut.segment:
+            self._segments.pop().remove()
+        cut_position = cut.position - RECORD_HEADER.size
+        if cut_position == 0 and len(self._segments) > 1:
+            self._segments.pop().remove()
+        else:
+            os.ftruncate(cut.segment.fd, cut_position)
+            cut.segment.size_bytes = cut_position
+            cut.segment.synced_bytes = min(cut.segment.synced_bytes, cut_position)
+        self._entries_removed()
+
+    def deleteEntriesTo(self, entryTo: int) -> None:
+        """Drop entries [0, entryTo) (compaction); whole files below go away."""
+        if entryTo <= 0:
+            return
+        if self.fsync:
+            fsync_directory(self.directory.parent)   # the checkpoint's rename, before what it replaces goes
+        del self._slots[:entryTo]
+        first_kept = self._slots[0].segment if self._slots else None
+        while self._segments and self._segments[0] is not first_kept and len(self._segments) > 1:
+            self._segments.pop(0).remove()
+        self._cache.forget_below(self._slots[0].index if self._slots else None)
+        self._first_command = None
+
+    def __getitem__(self, item: int | slice) -> Any:
+        if isinstance(item, slice):
+            return EntryRange(lambda p: self._entry(self._slots[p]), range(*item.indices(len(self._slots))))
+        return self._entry(self._slots[item])
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
     # ---- ours ------------------------------------------------------------
 
     def first_index(self) -> int:
         return self._slots[0].index
+
+    # ---- durability (see the module docstring) ----------------------------
+
+    @property
+    def durable_index(self) -> int:
+        """The last entry this replica may acknowledge: fdatasync'd (with
+        `fsync`), else simply held (page cache)."""
+        last = self._slots[-1].index if self._slots else 0
+        return min(self._durable_index, last) if self.fsync else last
+
+    @property
+    def needs_sync(self) -> bool:
+        """Written since the last sync job, no job in flight, and acknowledgements wait for syncs."""
+        return self.fsync and bool(self._unsynced or self._new_file) and not self._sync_in_flight
+
+    def sync_job(self) -> SyncJob | None:
+        """The group commit of everything written so far (None if nothing is,
+        or a job is still in flight); run it anywhere, then `complete` it here."""
+        return self._make_job() if self.needs_sync else None
+
+    def _make_job(self) -> SyncJob:
+        files = [(segment, os.dup(segment.fd), segment.size_bytes) for segment in self._unsynced.values()]
+        job = SyncJob(files, self.directory if self._new_file else None,
+                      self._slots[-1].index if self._slots else 0, self._generation)
+        self._unsynced, self._new_file, self._sync_in_flight = {}, False, True
+        return job
+
+    def complete(self, job: SyncJob) -> None:
+        """A job's fdatasyncs returned: what it covered is durable (unless
+        entries were removed from the end meanwhile: the next job covers them)."""
+        self._sync_in_flight = False
+        for segment, _fd, size in job.files:
+            segment.synced_bytes = max(segment.synced_bytes, min(size, segment.size_bytes))
+        if job.generation == self._generation:
+            self._durable_index = max(self._durable_index, job.target_index)
+
+    def abort(self, job: SyncJob) -> None:
+        """A job failed: nothing it covered counts as durable."""
+        self._sync_in_flight = False
+
+    def _entries_removed(self) -> None:
+        self._generation += 1
+        last = self._slots[-1].index if self._slots else 0
+        self._durable_index = min(self._durable_index, last)
+
+    def power_loss(self) -> None:
+        """Keep only what was fdatasync'd and close, as a power cut would
+        (the simulation's `power` fault)."""
+        for segment in self._segments:
+            if segment.synced_bytes < segment.size_bytes:
+                os.ftruncate(segment.fd, segment.synced_bytes)
+        self.abandon()
 
     def last_index(self) -> int:
         return self._slots[-1].index
@@ -271,8 +412,11 @@ class DiskJournal(AdaptedJournal):
         return sum(segment.size_bytes for segment in self._segments)
 
     def sync(self) -> None:
-        for segment in self._segments:
-            os.fdatasync(segment.fd)
+        """A group commit of every file now, on this thread (waits for none in flight)."""
+        self._unsynced.update((id(segment), segment) for segment in self._segments)
+        job = self._make_job()
+        job.run()
+        self.complete(job)
 
     def abandon(self) -> None:
         """Close without saving anything, as a killed process would (tests)."""
@@ -280,8 +424,7 @@ class DiskJournal(AdaptedJournal):
         self.close()
 
     def close(self) -> None:
-        if self._meta_dirty:
-            self._store_meta(durable=False)
+        self._save_meta_hint()
         for segment in self._segments:
             segment.close()
         self._segments, self._slots = [], []
@@ -300,20 +443,8 @@ class DiskJournal(AdaptedJournal):
                 self._first_command = (slot.index, command)
         return command, slot.index, slot.term
 
-    def _remember(self, index: int, command: bytes) -> None:
-        if len(command) > self.cache_bytes:
-            return
-        self._cache[index] = command
-        self._cached_bytes += len(command)
-        while self._cached_bytes > self.cache_bytes:
-            self._cached_bytes -= len(self._cache.popitem(last=False)[1])
-
     def _forget_from(self, index: int) -> None:
-        while self._cache:
-            stale = next(reversed(self._cache))
-            if stale < index:
-                break
-            self._cached_bytes -= len(self._cache.pop(stale))
+        self._cache.forget_from(index)
         if self._first_command is not None and self._first_command[0] >= index:
             self._first_command = None
 
@@ -322,10 +453,10 @@ class DiskJournal(AdaptedJournal):
             active = self._segments[-1]
             if active.size_bytes == 0 or active.size_bytes + command_size <= self.segment_bytes:
                 return active
-            if self.fsync:
-                os.fdatasync(active.fd)
         segment = _Segment(self.directory / f"{index:020d}.log", index)
+        segment.synced_bytes = 0   # its directory entry is not durable until the next sync job
         self._segments.append(segment)
+        self._new_file = True
         return segment
 
     def _recover(self) -> None:
@@ -367,44 +498,55 @@ class DiskJournal(AdaptedJournal):
         segment.size_bytes = position
         return False
 
-    def _load_meta(self) -> dict[str, Any]:
-        path = self.directory / "meta"
-        if not path.exists():
-            return {"term": 0, "voted_for": None, "commit_index": 1}
-        try:
-            meta = json.loads(path.read_bytes())
-            return {"term": int(meta["term"]), "voted_for": meta["voted_for"],
-                    "commit_index": int(meta["commit_index"])}
-        except (ValueError, KeyError, TypeError) as error:
-            raise JournalCorruptError(f"{path}: {error}") from error
+class CommandCache:
+    """The commands of recent entries, up to `max_bytes`, oldest dropped first:
+    the leader sends an entry right after adding it, so this saves the read."""
 
-    def _store_meta(self, durable: bool) -> None:
-        meta = dict(self._meta)
-        if not self.persist_vote:
-            meta["voted_for"] = None
-        path, temporary = self.directory / "meta", self.directory / "meta.tmp"
-        with open(temporary, "wb") as file:
-            file.write(json.dumps(meta).encode())
-            if durable:
-                file.flush()
-                os.fsync(file.fileno())
-        os.replace(temporary, path)
-        if durable:
-            directory_fd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(directory_fd)
-            finally:
-                os.close(directory_fd)
-        self._meta_dirty = False
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._commands: OrderedDict[int, Any] = OrderedDict()   # raft index -> command, ascending
+        self._bytes = 0
+
+    def get(self, index: int) -> Any:
+        return self._commands.get(index)
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def remember(self, index: int, command: Any) -> None:
+        if len(command) > self.max_bytes:
+            return
+        self._commands[index] = command
+        self._bytes += len(command)
+        while self._bytes > self.max_bytes:
+            self._bytes -= len(self._commands.popitem(last=False)[1])
+
+    def forget_from(self, index: int) -> None:
+        """Drop entries at `index` and after (a truncated suffix)."""
+        while self._commands:
+            stale = next(reversed(self._commands))
+            if stale < index:
+                break
+            self._bytes -= len(self._commands.pop(stale))
+
+    def forget_below(self, index: int | None) -> None:
+        """Drop entries below `index` (compacted); every entry when None."""
+        while self._commands:
+            oldest = next(iter(self._commands))
+            if index is not None and oldest >= index:
+                break
+            self._bytes -= len(self._commands.pop(oldest))
 
 
-class _EntryRange(Sequence):
-    """A slice of the journal whose commands are read only when touched: the
+class EntryRange(Sequence):
+    """A slice of a journal whose commands are read only when touched: the
     leader slices from a follower's next index to the end and then stops at
-    the batch size, so materialising the slice would read the whole tail."""
+    the batch size, so materialising the slice would read the whole tail.
+    `entry(position)` is the journal's entry at a position of its log."""
 
-    def __init__(self, journal: DiskJournal, positions: range) -> None:
-        self._journal = journal
+    def __init__(self, entry: Callable[[int], Any], positions: range) -> None:
+        self._entry = entry
         self._positions = positions
 
     def __len__(self) -> int:
@@ -412,12 +554,12 @@ class _EntryRange(Sequence):
 
     def __getitem__(self, item: int | slice) -> Any:
         if isinstance(item, slice):
-            return [self._journal._entry(self._journal._slots[p]) for p in self._positions[item]]
-        return self._journal._entry(self._journal._slots[self._positions[item]])
+            return [self._entry(p) for p in self._positions[item]]
+        return self._entry(self._positions[item])
 
     def __iter__(self) -> Iterator[Entry]:
         for position in self._positions:
-            yield self._journal._entry(self._journal._slots[position])
+            yield self._entry(position)
 
 
 class JournalPath(str):

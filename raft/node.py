@@ -40,6 +40,7 @@ reason. Only a restart brings it back.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import heapq
 import logging
 import math
@@ -57,6 +58,7 @@ NODE_CHANNEL = 0xFFFFFFFF        # frames for the node itself, not a group
 HEARTBEAT = struct.Struct(">IQQQ")   # group, term, last index, commit index
 GROUP_IDS = struct.Struct(">I")
 TICK_RETRY_S = 0.1               # a group whose tick raised ticks again no sooner than this
+SYNC_THREADS = 4                 # journal group commits in flight at once (different groups' files)
 
 FailureCallback = Callable[[str], None]
 
@@ -98,6 +100,9 @@ class RaftNode:
         self._heartbeat_interval_s = math.inf
         self._heartbeat_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._sync_wanted: dict[int, RaftGroup] = {}   # groups whose journal has writes to sync
+        self.fdatasyncs = 0                            # calls made by completed group commits
+        self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
         network.on_peer_connected(self._peer_connected)
         network.on_peer_disconnected(self._peer_disconnected)
         network.register_group(NODE_CHANNEL, self._on_node_message)
@@ -205,6 +210,7 @@ class RaftNode:
             raise ValueError(f"group {replica.group_id} already runs on node {self.node_id}")
         self._groups[replica.group_id] = replica
         replica.transport.on_activity = lambda gid=replica.group_id: self._activity(gid)
+        replica.sync_scheduler = self._schedule_sync
         self.network.register_group(replica.group_id,
                                     lambda peer_id, message, r=replica: self._deliver(r, peer_id, message))
         for peer_id in self.network.connected_peers:
@@ -245,6 +251,9 @@ class RaftNode:
             except Exception:   # a broken disk must not keep the rest from closing
                 log.exception("node %d: stopping group %d failed", self.node_id, group_id)
         self._loop = None
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
+            self._syncer = None
         await self.network.close()
         if self.votes is not None:
             try:
@@ -253,6 +262,62 @@ class RaftNode:
                 if self.failure is None:
                     raise
                 log.exception("node %d: closing the vote store of a failed node failed", self.node_id)
+
+    # ---- journal group commits (see RaftGroup, "durability") -------------------
+    #
+    # A group with journal writes to make durable asks here; once per loop
+    # iteration every such group's sync job (one fdatasync per file written
+    # since its last job) goes to a small thread pool, so the event loop never
+    # waits for a disk and syncs of different groups overlap. When a job
+    # returns, the group releases what it made durable and the network
+    # flushes. A failed fdatasync fails the node: the page cache's state is
+    # then unknown, and retrying could report lost data as durable.
+
+    def _schedule_sync(self, replica: RaftGroup) -> None:
+        if self._loop is None:
+            job = replica.journal.sync_job()
+            if job is not None:
+                job.run()
+                replica.journal_synced(job)
+            return
+        if not self._sync_wanted:
+            self._loop.call_soon(self._start_syncs)
+        self._sync_wanted[replica.group_id] = replica
+
+    def _start_syncs(self) -> None:
+        wanted, self._sync_wanted = self._sync_wanted, {}
+        loop = self._loop
+        if loop is None or self.failure is not None:
+            return
+        if self._syncer is None:
+            self._syncer = concurrent.futures.ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="journal-sync")
+        for replica in wanted.values():
+            if self._groups.get(replica.group_id) is not replica:
+                continue
+            try:
+                job = replica.journal.sync_job()
+            except Exception as exc:
+                self._group_error(replica.group_id, exc, "to start a journal sync")
+                continue
+            if job is None:
+                continue
+            future = self._syncer.submit(job.run)
+            future.add_done_callback(lambda done, r=replica, j=job: loop.call_soon_threadsafe(
+                self._synced, r, j, done.exception()))
+
+    def _synced(self, replica: RaftGroup, job: Any, error: BaseException | None) -> None:
+        if self.failure is not None or self._groups.get(replica.group_id) is not replica:
+            return
+        if error is not None:
+            replica.journal.abort(job)
+            self.fail(f"group {replica.group_id}: journal fdatasync failed: {type(error).__name__}: {error}")
+            return
+        self.fdatasyncs += job.sync_calls
+        try:
+            replica.journal_synced(job)
+        except Exception as exc:
+            self._group_error(replica.group_id, exc, "to release synced entries")
+        self.network.flush()
 
     # ---- ticking -------------------------------------------------------------
 

@@ -60,6 +60,7 @@ class ForeignCommandError(Exception):
 # What this module overrides, calls or reads, per owner. Tests forbid these
 # names (and every other private name of pysyncobj's classes) outside this module.
 SYNCOBJ_METHODS = ("_SyncObj__doApplyCommand", "_SyncObj__loadDumpFile", "_SyncObj__tryLogCompaction",
+                   "_SyncObj__applyLogEntries",
                    "_SyncObj__getCurrentLogIndex", "_SyncObj__getCurrentLogTerm",
                    "_SyncObj__generateRaftTimeout", "_onTick", "_applyCommand", "_isLeader", "_getLeader")
 SYNCOBJ_ATTRIBUTES = ("__raftCommitIndex", "__raftLastApplied", "__raftCurrentTerm", "__raftLog", "__noopIDx",
@@ -213,6 +214,14 @@ class AdaptedSyncObj(SyncObj):
     def _after_tick_hook(self) -> None:
         """Runs at the end of every tick."""
 
+    def _before_apply_hook(self) -> None:
+        """Runs before committed entries are applied (after the leader counted
+        its commit index), so a subclass may hold the commit index back."""
+
+    def _SyncObj__applyLogEntries(self) -> Any:
+        self._before_apply_hook()
+        return SyncObj._SyncObj__applyLogEntries(self)
+
     def _SyncObj__doApplyCommand(self, command: bytes) -> Any:
         if command == NO_OP_ENTRY:
             return None
@@ -261,6 +270,10 @@ class AdaptedSyncObj(SyncObj):
 
     def _raft_last_applied(self) -> int:
         return self._SyncObj__raftLastApplied
+
+    def _set_last_applied(self, index: int) -> None:
+        """Everything up to `index` is applied (a checkpoint the journal already covers)."""
+        self._SyncObj__raftLastApplied = index
 
     def _raft_log(self) -> Journal:
         return self._SyncObj__raftLog

@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 
 from raftka.cluster import metadata
-from raftka.config import Config, ConfigError, load_config, topic_config_error
+from raftka.cluster import topic_configs
+from raftka.config import Config, ConfigError, load_config
+from raftka.errors import InvalidConfigError
 from raftka.errors import ErrorCode
 from tests.test_cluster_metadata import TOPIC_ID, state_with_brokers
 
@@ -15,18 +17,20 @@ from tests.test_cluster_metadata import TOPIC_ID, state_with_brokers
 @pytest.mark.parametrize("name,value", [
     ("segment.bytes", "0"), ("segment.bytes", str(2**31)), ("segment.ms", "0"), ("retention.ms", "-2"),
     ("retention.bytes", "-5"), ("max.message.bytes", "-1"), ("retention.ms", "9" * 25), ("retention.ms", "1e3"),
-    ("cleanup.policy", "compact"),
+    ("cleanup.policy", "compact"), ("segment.bytes", "1024"), ("unknown.config", "1"),
 ])
 def test_values_outside_kafkas_range_are_refused(name: str, value: str) -> None:
-    assert topic_config_error(name, value) is not None
+    with pytest.raises(InvalidConfigError):
+        topic_configs.validate({name: value})
 
 
 @pytest.mark.parametrize("name,value", [
     ("segment.bytes", str(1 << 20)), ("retention.ms", "-1"), ("retention.bytes", "-1"),
-    ("segment.ms", "1"), ("max.message.bytes", "0"),
+    ("segment.ms", "1"), ("max.message.bytes", "1"), ("segment.bytes", str(2**31 - 1)),
+    ("retention.ms", str(2**63 - 1)),
 ])
 def test_values_at_kafkas_bounds_are_accepted(name: str, value: str) -> None:
-    assert topic_config_error(name, value) is None
+    topic_configs.validate({name: value})
 
 
 def test_state_machine_refuses_a_create_with_a_config_no_log_can_open_and_stays_usable() -> None:

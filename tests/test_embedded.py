@@ -163,3 +163,57 @@ def test_raw_batches_from_another_client_are_stored_as_they_are(rk):
     assert (result.base_offset, result.last_offset) == (0, 1)
     assert [(r.offset, r.value) for r in rk.read("raw", 0)] == [(0, b"a"), (1, b"b")]
     assert rk.offset_for_timestamp("raw", 0, 1_700_000_000_003) == 1
+
+
+def test_produce_batch_metadata_points_at_each_record_across_partitions(rk):
+    rk.create_topic("mixed", partitions=5)
+    records = [Record(b"value-%d" % i, key=None if i % 3 == 0 else b"key-%d" % (i % 11),
+                      headers=(("n", b"%d" % i),) if i % 4 == 0 else (), timestamp_ms=None if i % 2 else 1_000 + i)
+               for i in range(300)]
+    produced = rk.produce_batch("mixed", records, compression="lz4")
+    assert len(produced) == 300 and produced[-1] == produced[299] and len(produced[10:20]) == 10
+    stored = {(r.partition, r.offset): r for p in range(5) for r in rk.read("mixed", p)}
+    assert len(stored) == 300
+    for record, meta in zip(records, produced):
+        found = stored[(meta.partition, meta.offset)]
+        assert (found.key, found.value, found.headers, found.timestamp_ms) == (
+            record.key, record.value, record.headers, meta.timestamp_ms)
+        if record.key is not None:
+            assert meta.partition == partition_for_key(record.key, 5)
+    assert len({produced[i].partition for i in range(0, 300, 3)}) == 1  # keyless: one partition per call
+
+
+def test_read_batches_gives_the_same_records_as_read_as_columns(rk):
+    rk.create_topic("cols", partitions=1)
+    for start in range(0, 90, 30):
+        rk.produce_batch("cols", [Record(b"v%d" % i, key=None if i % 7 == 0 else b"k%d" % i,
+                                         headers=(("h", None),) if i % 5 == 0 else ()) for i in range(start, start + 30)])
+    expected = list(rk.read("cols", 0, offset=40))
+    batches = list(rk.read_batches("cols", 0, offset=40))
+    assert [len(b) for b in batches] == [20, 30]
+    assert [o for b in batches for o in b.offsets] == [r.offset for r in expected]
+    assert [t for b in batches for t in b.timestamps] == [r.timestamp_ms for r in expected]
+    assert [k for b in batches for k in b.keys()] == [r.key for r in expected]
+    assert [v for b in batches for v in b.values()] == [r.value for r in expected]
+    assert [bytes(v) for b in batches for v in b.value_views()] == [r.value for r in expected]
+    assert [h for b in batches for h in b.headers()] == [r.headers for r in expected]
+    assert [r for b in batches for r in b.records()] == expected
+
+
+def test_read_batches_waits_for_the_next_batch_like_read(rk):
+    rk.create_topic("later", partitions=1)
+    threading.Timer(0.2, rk.produce, ("later", b"late")).start()
+    started = time.monotonic()
+    batch = next(rk.read_batches("later", 0, timeout_s=5))
+    assert batch.values() == [b"late"] and time.monotonic() - started < 5
+
+
+def test_append_batches_refuses_a_batch_whose_records_do_not_parse_and_writes_nothing(rk):
+    from tests.test_records import GOOD_RECORD, sealed
+    from raftka.errors import CorruptRecordError
+    rk.create_topic("raw", partitions=1)
+    good = sealed(GOOD_RECORD, 1)
+    assert rk.append_batches("raw", 0, good).record_count == 1
+    with pytest.raises(CorruptRecordError, match="records do not parse"):
+        rk.append_batches("raw", 0, good + sealed(GOOD_RECORD + b"\x00", 1))
+    assert rk.offsets("raw", 0).log_end_offset == 1

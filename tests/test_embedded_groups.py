@@ -4,6 +4,8 @@ each read everything, committed offsets survive the consumer and a reopen of
 the data directory, and a member that stops polling loses its partitions."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -133,3 +135,32 @@ def test_a_member_that_stops_polling_loses_its_partitions_to_the_others(rk):
 def test_a_subscription_to_an_unknown_topic_is_refused_at_once(rk):
     with pytest.raises(UnknownTopicOrPartitionError):
         rk.consumer("g", ["no-such-topic"])
+
+
+SHUTDOWN_SCRIPT = """
+import gc, sys, threading, raftka
+with raftka.open(sys.argv[1], group_initial_rebalance_delay_ms=0) as rk:
+    rk.create_topic("events", partitions=2)
+    rk.produce_batch("events", [raftka.Record(b"v%d" % i, key=b"k%d" % i) for i in range(50)])
+    first = rk.consumer("billing", ["events"], auto_commit_interval_s=0.05)
+    got = []
+    while len(got) < 50:
+        got += first.poll(timeout_s=1)
+    second = rk.consumer("audit", ["events"])       # left open: the handle closes it
+    second.poll(timeout_s=0.5)
+gc.collect()
+print(len(got), sorted(t.name for t in threading.enumerate()))
+with raftka.open(sys.argv[1]) as rk:
+    committed = rk.consumer("billing", ["events"]).committed()
+    print(sum(committed.values()))
+"""
+
+
+def test_closing_a_handle_with_consumers_stops_every_thread_and_task_without_warnings(tmp_path):
+    result = subprocess.run([sys.executable, "-X", "dev", "-W", "error::ResourceWarning", "-c", SHUTDOWN_SCRIPT,
+                             str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    records, committed = result.stdout.splitlines()
+    assert records.split(" ", 1) == ["50", "['MainThread']"]
+    assert int(committed) == 50  # the consumer the handle closed committed its positions

@@ -40,9 +40,9 @@ class Harness:
         self.persisted.append((group_id, record))
 
     def join(self, member_id: str = "", protocols=PROTOCOLS, protocol_type: str = "consumer",
-             session_ms: int = SESSION_MS) -> asyncio.Task:
+             session_ms: int = SESSION_MS, instance_id: str | None = None) -> asyncio.Task:
         return asyncio.get_running_loop().create_task(self.coordinator.join(
-            "g", member_id, "client", "/127.0.0.1", session_ms, REBALANCE_MS, protocol_type, protocols))
+            "g", member_id, "client", "/127.0.0.1", session_ms, REBALANCE_MS, protocol_type, protocols, instance_id))
 
     async def advance(self, seconds: float) -> None:
         self.clock.now += seconds
@@ -55,9 +55,10 @@ class Harness:
         return self.coordinator.groups["g"]
 
 
-async def form_group(h: Harness, members: int = 3):
-    """Join `members` new members and sync them; returns their join results."""
-    joins = [h.join() for _ in range(members)]
+async def form_group(h: Harness, members: int = 3, instance_ids: tuple[str | None, ...] = ()):
+    """Join `members` new members (static ones with `instance_ids`) and sync
+    them; returns their join results."""
+    joins = [h.join(instance_id=instance_ids[i] if i < len(instance_ids) else None) for i in range(members)]
     await h.advance(0)
     assert not any(j.done() for j in joins), "a new group waits the initial delay"
     await h.advance(DELAY_MS / 1000)
@@ -229,3 +230,75 @@ async def test_the_last_member_leaving_empties_the_group_and_stores_that():
     assert h.group.state is GroupState.EMPTY and h.group.generation == 2
     assert h.persisted[-1][1].members == () and h.persisted[-1][1].generation == 2
     h.coordinator.check_deletable("g")
+
+
+# ---- static membership (group.instance.id) ---------------------------------------
+
+@run
+async def test_a_restarted_static_member_resumes_its_assignment_without_a_rebalance():
+    h = Harness()
+    a, b = await form_group(h, 2, instance_ids=("instance-a", "instance-b"))
+    generation = h.group.generation
+    restarted = await h.join(instance_id="instance-b")     # no member id: a new process
+    assert (restarted.generation, restarted.member_id != b.member_id) == (generation, True)
+    assert h.group.state is GroupState.STABLE and h.group.generation == generation
+    assert await h.coordinator.sync("g", generation, restarted.member_id, {}) == f"assigned-{b.member_id}".encode()
+    h.coordinator.heartbeat("g", generation, a.member_id, "instance-a")        # the other member saw nothing
+    assert [m.member_id for m in h.persisted[-1][1].members] == [a.member_id, restarted.member_id]
+
+
+@run
+async def test_the_replaced_static_member_id_is_fenced():
+    h = Harness()
+    _a, b = await form_group(h, 2, instance_ids=("instance-a", "instance-b"))
+    await h.join(instance_id="instance-b")
+    for call in (lambda: h.coordinator.heartbeat("g", b.generation, b.member_id, "instance-b"),
+                 lambda: h.coordinator.validate_commit("g", b.generation, b.member_id, "instance-b")):
+        with pytest.raises(GroupError) as error:
+            call()
+        assert error.value.error_code == ErrorCode.FENCED_INSTANCE_ID
+
+
+@run
+async def test_a_static_member_rejoining_with_new_subscription_metadata_resumes_as_in_kafka():
+    h = Harness()
+    _a, b = await form_group(h, 2, instance_ids=("instance-a", "instance-b"))
+    restarted = await h.join(protocols=(("range", b"owned-partitions-differ"), ("roundrobin", b"")),
+                             instance_id="instance-b")
+    assert restarted.generation == b.generation and h.group.state is GroupState.STABLE
+
+
+@run
+async def test_a_static_member_rejoining_with_a_protocol_change_rebalances():
+    h = Harness()
+    a, _b = await form_group(h, 2, instance_ids=("instance-a", "instance-b"))
+    changed = h.join(protocols=(("roundrobin", b"sub-rr"),), instance_id="instance-b")   # range no longer shared
+    await h.advance(0)
+    assert h.group.state is GroupState.PREPARING_REBALANCE
+    rejoin_a = h.join(a.member_id, instance_id="instance-a")
+    await h.advance(0)
+    assert (await changed).generation == (await rejoin_a).generation == a.generation + 1
+
+
+@run
+async def test_a_silent_static_member_is_removed_after_its_session_timeout_and_leave_names_it_by_instance():
+    h = Harness()
+    a, _b = await form_group(h, 2, instance_ids=("instance-a", "instance-b"))
+    h.coordinator.heartbeat("g", a.generation, a.member_id)
+    await h.advance(SESSION_MS / 1000 - 1)
+    h.coordinator.heartbeat("g", a.generation, a.member_id)
+    await h.advance(2)                                       # b's session is over
+    assert h.group.state is GroupState.PREPARING_REBALANCE and "instance-b" not in h.group.static_members
+    h.coordinator.leave("g", "", "instance-a")
+    assert h.group.members == {} and h.group.static_members == {}
+
+
+@run
+async def test_a_new_coordinator_knows_the_static_members_from_the_record():
+    h = Harness()
+    _a, b = await form_group(h, 2, instance_ids=("instance-a", "instance-b"))
+    successor = Harness()
+    successor.coordinator.load("g", h.persisted[-1][1])
+    assert successor.group.static_members == {"instance-a": _a.member_id, "instance-b": b.member_id}
+    restarted = await successor.join(instance_id="instance-b")
+    assert restarted.generation == b.generation

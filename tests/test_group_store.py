@@ -49,13 +49,16 @@ def test_malformed_keys_are_refused(data):
         offsets_topic.decode_key(data)
 
 
-def test_groups_map_to_partitions_as_kafka_does():
+def test_groups_map_to_partitions_by_their_java_hash_masked_to_31_bits():
     # Java: "hello".hashCode() == 99162322, "".hashCode() == 0, "polygenelubricants".hashCode() == Integer.MIN_VALUE
     assert offsets_topic.java_string_hash("hello") == 99162322
     assert offsets_topic.java_string_hash("") == 0
     assert offsets_topic.java_string_hash("polygenelubricants") == -2**31
-    assert partition_for_group("hello", 50) == 99162322 % 50
+    assert partition_for_group("hello", 50) == 99162322 % 50               # Kafka's partition too
     assert partition_for_group("polygenelubricants", 50) == 0
+    # a negative hash: masked, not Kafka's abs (-109829509 -> 9); existing groups' records depend on it
+    assert offsets_topic.java_string_hash("billing") == -109829509
+    assert partition_for_group("billing", 50) == (-109829509 & 0x7FFFFFFF) % 50 == 39
 
 
 @pytest.fixture

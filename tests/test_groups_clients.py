@@ -51,7 +51,8 @@ class Member:
         from confluent_kafka import Consumer
         self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
                                   "session.timeout.ms": SESSION_MS, "heartbeat.interval.ms": 500, **settings})
-        self.consumer.subscribe([topic])
+        self.assigned_calls = 0    # on_assign callbacks: one per rebalance this member took part in
+        self.consumer.subscribe([topic], on_assign=self._assigned)
         self.messages: list[tuple[int, int, bytes, bytes]] = []
         self.errors: list = []
         self.assignment: set[int] = set()
@@ -59,6 +60,9 @@ class Member:
         self._calls: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
+
+    def _assigned(self, _consumer, _partitions) -> None:
+        self.assigned_calls += 1
 
     def commit(self, timeout_s: float = 60.0) -> None:
         """A synchronous commit of what was consumed, made on the polling thread
@@ -118,6 +122,29 @@ def test_three_members_share_six_partitions_each_to_exactly_one_and_a_closed_mem
     finally:
         for m in members:
             m.close()
+
+
+def test_a_restarted_static_member_gets_its_partitions_back_without_a_rebalance(broker):
+    create_and_fill(broker.bootstrap, "static", 60)
+    static = {"session.timeout.ms": 30_000}
+    a = Member(broker.bootstrap, "static-group", "static", **{"group.instance.id": "a"}, **static)
+    b = Member(broker.bootstrap, "static-group", "static", **{"group.instance.id": "b"}, **static)
+    restarted = None
+    try:
+        wait_until(lambda: split_evenly([a, b]), TIMEOUT_S, "six partitions split between a and b")
+        wait_until(lambda: len(a.messages) + len(b.messages) >= 60, TIMEOUT_S, "every record consumed")
+        owned_by_a, owned_by_b, b_assigned = a.assignment, b.assignment, b.assigned_calls
+        a.close()                        # a static member does not leave on close
+        restarted = Member(broker.bootstrap, "static-group", "static", **{"group.instance.id": "a"}, **static)
+        wait_until(lambda: restarted.assignment == owned_by_a, TIMEOUT_S, "the restarted a holds a's partitions")
+        time.sleep(1.5)                  # a rebalance would reach b with its next heartbeat (every 0.5 s)
+        assert (b.assigned_calls, b.assignment) == (b_assigned, owned_by_b)
+        assert restarted.assigned_calls == 1 and not b.errors and not restarted.errors
+        assert "(static instance 'a' rejoined)" not in broker.log_text()   # the log line of a rebalance it would start
+    finally:
+        for member in (b, restarted):
+            if member is not None:
+                member.close()
 
 
 KILLABLE_MEMBER = """

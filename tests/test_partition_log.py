@@ -13,7 +13,7 @@ from raftka.config import Config
 from raftka.errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
 from raftka.records import layout
 from raftka.records.batch import Record, build_batch, iter_batches, parse_records, read_header
-from raftka.storage.index import IndexStore
+from raftka.storage.index import UNKNOWN_APPLIED_INDEX, IndexStore
 from raftka.storage.partition_log import PartitionLog
 from tests.conftest import make_batch, readable_bytes
 
@@ -340,13 +340,13 @@ def test_unusable_data_directory_is_a_clear_storage_error(tmp_path):
         raftka.open(not_a_dir / "data")
 
 
-def test_segments_roll_by_age(tmp_path):
-    import time
-    h = Harness(tmp_path, segment_ms=20)
-    h.log.append(make_batch(1))
-    time.sleep(0.05)
-    h.log.append(make_batch(1, seed=1))
-    assert [s.base_offset for s in h.log.segments] == [0, 1]
+def test_segments_roll_by_age_measured_by_the_batches_timestamps_not_the_wall_clock(tmp_path):
+    h = Harness(tmp_path, segment_ms=1000)
+    h.log.append(make_batch(1, timestamp_ms=1_000_000))
+    h.log.append(make_batch(1, timestamp_ms=1_000_999))   # younger than segment_ms: same segment
+    log = h.reopen()                                      # a restart does not reset the age
+    log.append(make_batch(1, timestamp_ms=1_001_000))     # segment_ms after the first batch: a new one
+    assert [s.base_offset for s in log.segments] == [0, 2]
 
 
 @pytest.mark.parametrize("policy", ["never", "interval", "always"])
@@ -363,3 +363,43 @@ def test_every_fsync_policy_keeps_appends_across_reopen(tmp_path, policy):
 def test_an_unknown_fsync_policy_is_refused():
     with pytest.raises(ValueError, match="fsync must be one of"):
         Config(fsync="sometimes")
+
+
+def test_a_sealed_segment_cut_at_any_byte_past_the_recovery_point_reopens_to_the_valid_prefix(tmp_path):
+    # fsync=never: nothing was ever synced, so the recovery point stays at 0 and
+    # a torn sealed segment (a power loss) must be found, not trusted
+    batches = [make_batch(2, value_size=40, seed=seed) for seed in range(6)]
+    size = len(batches[0])
+    ends = [size * i for i in range(4)]
+    for cut in [*range(0, 3 * size, 5), 3 * size]:
+        h = Harness(tmp_path / str(cut), fsync="never", segment_bytes=3 * size, index_interval_bytes=128)
+        for batch in batches:
+            h.log.append(batch)
+        h.log.flush_index()
+        assert len(h.log.segments) == 2 and h.log.recovery_point == 0
+        h.log.abandon()
+        os.truncate(h.log.segments[0].path, cut)
+        log = h.log = h._open()
+        survivors = max(i for i, end in enumerate(ends) if end <= cut)
+        expected_end = 2 * survivors if cut < 3 * size else 12
+        assert log.log_end_offset == expected_end, cut
+        assert len(log.segments) == (1 if cut < 3 * size else 2), cut
+        log.set_high_watermark(log.log_end_offset)
+        assert [r.offset for r in parse_records(h.all_bytes())] == list(range(expected_end))
+        assert log.append(make_batch(1)).base_offset == expected_end   # appends continue densely
+        h.log.abandon()
+        h.index.close()
+
+
+def test_a_synced_log_records_its_recovery_point_and_a_cut_below_the_high_watermark_is_reported(tmp_path):
+    h = Harness(tmp_path, fsync="always", segment_bytes=4096)
+    for seed in range(3):
+        h.log.append(make_batch(2, seed=seed))
+    commit_all(h.log)
+    h.log.flush_index()
+    assert h.log.recovery_point == 6                  # fsync=always: synced at every append
+    log = h.crash(cut_active_at=len(make_batch(2, seed=0)))   # bytes below the recorded high watermark lost
+    assert log.log_end_offset == 2 and log.recovered_short
+    assert log.applied_index == UNKNOWN_APPLIED_INDEX   # the replica must repair, never trust it
+    log.abandon()
+    assert h._open().recovered_short                  # still unrepaired after another restart

@@ -48,3 +48,28 @@ def test_state_rebuilds_from_stored_batches():
     state.rebuild([memoryview(stored)])
     assert state.check(header(4, 0, 4)[0]) == 4
     assert state.check(header(4, 0, 6)[0]) is None
+
+
+def test_an_idle_producer_id_expires_by_the_logs_own_clock_and_its_retry_then_starts_afresh():
+    state = ProducerState(expiration_ms=60_000)
+    old, _ = header(1, 0, 0)                   # timestamp: build_batch's default
+    state.record(old, 0)
+    assert state.check(old) == 0               # a retry: its offset
+    young = read_header(build_batch([Record(b"v", b"k", (), old.max_timestamp + 60_001)], producer_id=2,
+                                    producer_epoch=0, base_sequence=0))
+    state.record(young, 2)
+    assert state.expire() == 1 and len(state) == 1   # producer 1 idle for more than 60 s of log time
+    assert state.check(old) is None            # forgotten: its batch is new again
+    with pytest.raises(OutOfOrderSequenceError):
+        state.check(header(2, 0, 5)[0])        # the live one is still checked
+
+
+def test_expiry_is_the_same_for_every_replica_rebuilding_from_the_same_batches():
+    batches = [build_batch([Record(b"v", b"k", (), 1_000 + 40_000 * i)], producer_id=i, producer_epoch=0,
+                           base_sequence=0, base_offset=i) for i in range(5)]
+    one, other = ProducerState(expiration_ms=100_000), ProducerState(expiration_ms=100_000)
+    for batch in batches:
+        one.record(read_header(batch), read_header(batch).base_offset)
+    one.expire()
+    other.rebuild([memoryview(b"".join(batches))])
+    assert len(one) == len(other) == 3           # ids 0 and 1 are older than 100 s before the newest batch

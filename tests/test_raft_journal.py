@@ -65,7 +65,7 @@ def test_delete_from_and_to_keep_indexes_consecutive_and_drop_whole_files(tmp_pa
 
 def test_memory_holds_at_most_the_cache_whatever_the_volume(tmp_path):
     journal = filled(tmp_path, count=200, size=10_000, cache_bytes=50_000)
-    assert journal._cached_bytes <= 50_000
+    assert journal._cache.size_bytes <= 50_000
     assert journal[0][0] == b"\x01" * 10_000  # older entries come back from disk
 
 

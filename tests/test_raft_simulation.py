@@ -23,10 +23,11 @@ STEPS = int(os.environ.get("RAFTKA_SIM_STEPS", "400"))
 # (400 steps, 3 nodes, 1 partition, every fault); `raftka simulate --seeds 100
 # --plant NAME` finds the same.
 CATCHING_SEEDS = {
-    "forget-vote": (15, "two leaders in term"),
-    "no-prevote": (1, "lost its leadership"),
-    "drop-foreign-silently": (0, "foreign command (type 1) was not refused"),
-    "stock-snapshot": (11, "diverges from the agreed log"),
+    "forget-vote": (32, "two leaders in term"),
+    "no-prevote": (5, "lost its leadership"),
+    "drop-foreign-silently": (0, "ForeignCommandError"),
+    "no-fsync": (15, "holds another append"),
+    "stock-snapshot": (13, "diverges from the agreed log"),
 }
 
 
@@ -44,6 +45,8 @@ def test_a_sweep_of_seeds_keeps_every_invariant_and_converges(tmp_path, seeds, n
     assert sum(r.foreign_refused for r in outcome.results) > 0
     if len(seeds) >= 20:
         assert sum(r.one_way_episodes for r in outcome.results) >= 5, "the one-way invariant was hardly exercised"
+        assert sum(r.power_losses for r in outcome.results) >= 20, "power losses were hardly exercised"
+        assert sum(r.lossy_power_losses for r in outcome.results) >= 5, "no power loss took unsynced data"
 
 
 def test_a_seed_replays_exactly(tmp_path):
@@ -108,7 +111,7 @@ def test_a_failure_shrinks_to_a_shorter_run_that_still_fails(tmp_path):
 
 
 def test_the_sweep_stops_at_the_first_failing_seed_and_shrinks_it(tmp_path):
-    outcome = sweep(range(3), 150, plant="drop-foreign-silently", root=tmp_path)
+    outcome = sweep(range(3), 200, plant="drop-foreign-silently", root=tmp_path)
     assert not outcome.ok and outcome.failure.seed == 0 and len(outcome.results) == 1
     assert outcome.shortest is not None and not outcome.shortest.ok
     assert outcome.shortest.steps <= outcome.failure.failed_step
@@ -117,10 +120,11 @@ def test_the_sweep_stops_at_the_first_failing_seed_and_shrinks_it(tmp_path):
 def test_fault_names_turn_faults_on_and_reserved_names_are_refused():
     assert Faults.of(FAULT_NAMES) == Faults()
     quiet = Faults.of([])
-    assert (quiet.crash, quiet.cut, quiet.oneway, quiet.duplicate, quiet.drop, quiet.foreign) == (0, 0, 0, 0, 0, 0)
+    assert (quiet.crash, quiet.cut, quiet.oneway, quiet.duplicate, quiet.drop, quiet.foreign, quiet.power) == \
+        (0, 0, 0, 0, 0, 0, 0)
     assert quiet.max_delay_s == 0.001 and Faults.of(["kill"]).crash == Faults().crash
-    for reserved in ("disk-full", "clock", "power"):
-        with pytest.raises(UnsupportedFault, match="not yet: lands with the durable-log work"):
+    for reserved in ("disk-full", "clock"):
+        with pytest.raises(UnsupportedFault, match="not simulated yet"):
             Faults.of(["kill", reserved])
     with pytest.raises(ValueError, match="unknown fault"):
         Faults.of(["gremlins"])

@@ -9,7 +9,7 @@ just its error code. Nothing here keeps state.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from raftka.broker.group_service import GroupService
 from raftka.errors import ErrorCode, GroupError
@@ -74,27 +74,47 @@ class GroupHandlers:
             self.service.coordinating(body.group_id)
             result = await self.service.coordinator.join(
                 body.group_id, body.member_id, request.client_id or "", request.client_host, session_ms, rebalance_ms,
-                body.protocol_type, tuple((p.name, p.metadata) for p in body.protocols))
+                body.protocol_type, tuple((p.name, p.metadata) for p in body.protocols),
+                getattr(body, "group_instance_id", None))
         except GroupError as error:
-            return kafka.answer(request, error_code=error.error_code, generation_id=-1, protocol_name="", leader="",
-                           member_id=body.member_id, members=())
-        members = tuple(build(member_cls, member_id=member_id, metadata=metadata)
-                        for member_id, _instance, metadata in result.members)
+            return kafka.answer(request, error_code=error.error_code, generation_id=-1, protocol_type=None,
+                                protocol_name=None if request.api_version >= 7 else "", leader="",
+                                member_id=body.member_id, members=())
+        members = tuple(build(member_cls, member_id=member_id, group_instance_id=instance_id, metadata=metadata)
+                        for member_id, instance_id, metadata in result.members)
         return kafka.answer(request, error_code=ErrorCode.NONE, generation_id=result.generation,
-                       protocol_name=result.protocol or "", leader=result.leader, member_id=result.member_id,
-                       members=members)
+                            protocol_type=body.protocol_type, protocol_name=result.protocol or "",
+                            leader=result.leader, member_id=result.member_id, members=members)
 
     async def sync_group(self, request: Request) -> bytes:
         body = request.body
+        group_instance_id = getattr(body, "group_instance_id", None)
         try:
             self._authorize_group(request, acl.OP_READ, body.group_id)
             self.service.coordinating(body.group_id)
+            self._check_sync_protocol(body)
             assignment = await self.service.coordinator.sync(
                 body.group_id, body.generation_id, body.member_id,
-                {a.member_id: a.assignment for a in body.assignments})
+                {a.member_id: a.assignment for a in body.assignments}, group_instance_id)
         except GroupError as error:
-            return kafka.answer(request, error_code=error.error_code, assignment=b"")
-        return kafka.answer(request, error_code=ErrorCode.NONE, assignment=assignment)
+            return kafka.answer(request, error_code=error.error_code, protocol_type=None, protocol_name=None,
+                                assignment=b"")
+        group = self.service.coordinator.groups.get(body.group_id)
+        return kafka.answer(request, error_code=ErrorCode.NONE, assignment=assignment,
+                            protocol_type=group.protocol_type if group else None,
+                            protocol_name=group.protocol if group else None)
+
+    def _check_sync_protocol(self, body: Any) -> None:
+        """SyncGroup v5+ names the protocol type and name the member joined
+        with: INCONSISTENT_GROUP_PROTOCOL unless they are the group's."""
+        group = self.service.coordinator.groups.get(body.group_id)
+        if group is None:
+            return
+        for given, actual in ((getattr(body, "protocol_type", None), group.protocol_type),
+                              (getattr(body, "protocol_name", None), group.protocol)):
+            if given is not None and actual is not None and given != actual:
+                raise GroupError(ErrorCode.INCONSISTENT_GROUP_PROTOCOL, body.group_id,
+                                 f"{given!r} is not the group's {actual!r}")
 
     async def heartbeat(self, request: Request) -> bytes:
         body = request.body
@@ -102,21 +122,37 @@ class GroupHandlers:
         try:
             self._authorize_group(request, acl.OP_READ, body.group_id)
             self.service.coordinating(body.group_id)
-            self.service.coordinator.heartbeat(body.group_id, body.generation_id, body.member_id)
+            self.service.coordinator.heartbeat(body.group_id, body.generation_id, body.member_id,
+                                               getattr(body, "group_instance_id", None))
         except GroupError as error:
             code = error.error_code
         return kafka.answer(request, error_code=code)
 
     async def leave_group(self, request: Request) -> bytes:
+        """v0-2 name one member; v3+ a batch of members, each by member id
+        and/or group instance id, each answered on its own."""
         body = request.body
-        code = ErrorCode.NONE
+        leaving = [(m.member_id, m.group_instance_id) for m in body.members] if request.api_version >= 3 \
+            else [(body.member_id, None)]
+        codes = []
         try:
             self._authorize_group(request, acl.OP_READ, body.group_id)
             self.service.coordinating(body.group_id)
-            self.service.coordinator.leave(body.group_id, body.member_id)
         except GroupError as error:
-            code = error.error_code
-        return kafka.answer(request, error_code=code)
+            return kafka.answer(request, error_code=error.error_code, members=())
+        for member_id, instance_id in leaving:
+            code = ErrorCode.NONE
+            try:
+                self.service.coordinator.leave(body.group_id, member_id, instance_id)
+            except GroupError as error:
+                code = error.error_code
+            codes.append(code)
+        if request.api_version < 3:
+            return kafka.answer(request, error_code=codes[0])
+        member_cls = nested(response_schema(request), "MemberResponse")
+        members = tuple(build(member_cls, member_id=member_id, group_instance_id=instance_id, error_code=code)
+                        for (member_id, instance_id), code in zip(leaving, codes))
+        return kafka.answer(request, error_code=ErrorCode.NONE, members=members)
 
     # ---- offsets --------------------------------------------------------------------
 
@@ -135,10 +171,12 @@ class GroupHandlers:
                 elif len(metadata.encode()) > self.metadata_max_bytes:
                     codes[(topic.name, p.partition_index)] = ErrorCode.OFFSET_METADATA_TOO_LARGE
                 else:
-                    offsets[(topic.name, p.partition_index)] = CommittedOffset(p.committed_offset, -1, metadata, now_ms)
+                    offsets[(topic.name, p.partition_index)] = CommittedOffset(
+                        p.committed_offset, getattr(p, "committed_leader_epoch", -1), metadata, now_ms)
         try:
             self._authorize_group(request, acl.OP_READ, body.group_id)
-            await self.service.commit_offsets(body.group_id, body.generation_id_or_member_epoch, body.member_id, offsets)
+            await self.service.commit_offsets(body.group_id, body.generation_id_or_member_epoch, body.member_id, offsets,
+                                              getattr(body, "group_instance_id", None))
             codes.update((tp, ErrorCode.NONE) for tp in offsets)
         except GroupError as error:
             codes.update((tp, error.error_code) for tp in offsets)
@@ -148,22 +186,38 @@ class GroupHandlers:
         return kafka.answer(request, topics=topics)
 
     async def offset_fetch(self, request: Request) -> bytes:
+        """Committed offsets of one group (v0-7) or of several (v8+)."""
         body = request.body
         schema = response_schema(request)
-        topic_cls, partition_cls = nested(schema, "OffsetFetchResponseTopic"), nested(schema, "OffsetFetchResponsePartition")
+        if request.api_version < 8:
+            topics, code = self._fetched_offsets(request, schema, "OffsetFetchResponseTopic", "OffsetFetchResponsePartition",
+                                                 body.group_id, body.topics)
+            return kafka.answer(request, topics=topics, error_code=code)
+        group_cls = nested(schema, "OffsetFetchResponseGroup")
+        groups = []
+        for wanted in body.groups:
+            topics, code = self._fetched_offsets(request, schema, "OffsetFetchResponseTopics", "OffsetFetchResponsePartitions",
+                                                 wanted.group_id, wanted.topics)
+            groups.append(build(group_cls, group_id=wanted.group_id, topics=topics, error_code=code))
+        return kafka.answer(request, groups=tuple(groups))
+
+    def _fetched_offsets(self, request: Request, schema: type, topic_name: str, partition_name: str, group_id: str,
+                         requested: Any) -> tuple[tuple[Any, ...], ErrorCode]:
+        """(topics, group error) of one group's OffsetFetch; `requested` None: every partition it committed."""
+        topic_cls, partition_cls = nested(schema, topic_name), nested(schema, partition_name)
         try:
-            self._authorize_group(request, acl.OP_DESCRIBE, body.group_id)
-            committed = self.service.committed_offsets(body.group_id)
+            self._authorize_group(request, acl.OP_DESCRIBE, group_id)
+            committed = self.service.committed_offsets(group_id)
             code = ErrorCode.NONE
         except GroupError as error:
             committed, code = {}, error.error_code
-        if body.topics is None:     # v2+: every partition the group committed
+        if requested is None:
             wanted: dict[str, list[int]] = {}
             for topic, partition in sorted(committed):
                 if self._may(request, acl.OP_DESCRIBE, acl.RESOURCE_TOPIC, topic):
                     wanted.setdefault(topic, []).append(partition)
         else:
-            wanted = {t.name: list(t.partition_indexes) for t in body.topics}
+            wanted = {t.name: list(t.partition_indexes) for t in requested}
         topics = []
         for name, partitions in wanted.items():
             entries = []
@@ -173,9 +227,10 @@ class GroupHandlers:
                 value = committed.get((name, index)) if topic_code == ErrorCode.NONE else None
                 entries.append(build(partition_cls, partition_index=index,
                                      committed_offset=value.offset if value else -1,
+                                     committed_leader_epoch=value.leader_epoch if value else -1,
                                      metadata=value.metadata if value else "", error_code=topic_code))
             topics.append(build(topic_cls, name=name, partitions=tuple(entries)))
-        return kafka.answer(request, topics=tuple(topics), error_code=code)
+        return tuple(topics), code
 
     async def offset_delete(self, request: Request) -> bytes:
         body = request.body

@@ -14,7 +14,10 @@ leadership. This module:
   generation, members and assignments) from LMDB; on losing it, drops them;
 - makes group metadata and committed offsets durable by appending records to
   the partition through Raft; every replica materialises them into LMDB
-  (GroupStore), so the next coordinator finds them.
+  (GroupStore), so the next coordinator finds them;
+- expires the committed offsets of empty groups after
+  `offsets.retention.minutes` (offset_expiry), by appending tombstones to
+  the partitions it coordinates.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from raftka.cluster.controller import ClusterController
 from raftka.errors import ErrorCode, GroupError, NotLeaderOrFollowerError, RaftkaError, ReplicationTimeoutError
 from raftka.groups.consumer_protocol import PROTOCOL_TYPE, ProtocolFormatError, decode_subscription
 from raftka.groups.coordinator import GROUP_TICK_S, GroupCoordinator, GroupSettings
+from raftka.groups.offset_expiry import expired
 from raftka.groups.offsets_topic import CommittedOffset, GroupRecord, partition_for_group
 from raftka.groups.store import GroupStore, group_record, offset_records
 from raftka.records.batch import build_batch
@@ -54,13 +58,17 @@ class GroupService:
         self._materialising: set[int] = set()
         self._creating: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._expirer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
+        loop = asyncio.get_running_loop()
+        self._ticker = loop.create_task(self._tick_forever())
+        self._expirer = loop.create_task(self._expire_forever())
 
     async def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
+        for task in (self._ticker, self._expirer):
+            if task is not None:
+                task.cancel()
         self.coordinator.close()
 
     def replica_started(self, partition: int, replica: PartitionReplica) -> None:
@@ -92,6 +100,47 @@ class GroupService:
                 self.coordinator.tick()
             except Exception:
                 log.exception("group coordinator tick failed")
+
+    async def _expire_forever(self) -> None:
+        interval_s = self.controller.config.offsets_retention_check_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.expire_offsets()
+            except Exception:
+                log.exception("expiring committed offsets failed")
+
+    async def expire_offsets(self, now_ms: int | None = None) -> int:
+        """Tombstone the expired offsets (and emptied groups) of every group
+        this broker coordinates, at `now_ms` (default: the wall clock);
+        returns how many offsets expired. A group whose write fails keeps
+        its offsets until the next round."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        retention_ms = self.controller.config.offsets_retention_minutes * 60_000
+        partitions = self._partitions()
+        count = 0
+        for group_id in sorted(self.store.group_names()) if partitions is not None else ():
+            replica = self.controller.replica(OFFSETS_TOPIC, partition_for_group(group_id, partitions))
+            group = self.coordinator.groups.get(group_id)
+            if replica is None or not replica.is_leader or (group is not None and group.members):
+                continue
+            gone = expired(self.store.group(group_id), self.store.committed(group_id), now_ms, retention_ms)
+            if not gone.offsets and not gone.group:
+                continue
+            records = offset_records(group_id, dict.fromkeys(gone.offsets))
+            try:
+                self.coordinating(group_id)
+                await self._append(group_id, replica, build_batch(
+                    [*records, group_record(group_id, None)] if gone.group else records))
+            except GroupError as error:
+                log.info("group %r: expiring offsets postponed: %s", group_id, error)
+                continue
+            if gone.group:
+                self.coordinator.unload(group_id)
+            log.info("group %r: %d committed offsets expired%s", group_id, len(gone.offsets),
+                     ", group deleted" if gone.group else "")
+            count += len(gone.offsets)
+        return count
 
     # ---- where groups live -------------------------------------------------------
 
@@ -190,10 +239,11 @@ class GroupService:
         await self._append(group_id, self.coordinating(group_id), build_batch([group_record(group_id, record)]))
 
     async def commit_offsets(self, group_id: str, generation: int, member_id: str,
-                             offsets: dict[tuple[str, int], CommittedOffset]) -> None:
+                             offsets: dict[tuple[str, int], CommittedOffset],
+                             group_instance_id: str | None = None) -> None:
         """Store the offsets through Raft; GroupError if this member may not."""
         replica = self.coordinating(group_id)
-        self.coordinator.validate_commit(group_id, generation, member_id)
+        self.coordinator.validate_commit(group_id, generation, member_id, group_instance_id)
         if offsets:
             await self._append(group_id, replica, build_batch(offset_records(group_id, offsets)))
 

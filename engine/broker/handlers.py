@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple
 
 from raftka.broker.group_apis import GroupHandlers
 from raftka.broker.group_service import GroupService
 from raftka.broker.metrics import BrokerMetrics
+from raftka.cluster import topic_configs
 from raftka.cluster.controller import ADMIN_TIMEOUT_S, ClusterController
-from raftka.records.batch import iter_batches
+from raftka.cluster.metadata import RESOURCE_BROKER, RESOURCE_TOPIC
+from raftka.records.batch import decode_batch, iter_batches
 from raftka.config import BROKER_CONFIGS, OFFSETS_TOPIC, TOPIC_CONFIGS, Config, config_text
 from raftka.errors import ErrorCode, OffsetOutOfRangeError, RaftkaError
 from raftka.protocol import kafka
@@ -33,9 +36,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LATEST, EARLIEST = -1, -2
-RESOURCE_TOPIC, RESOURCE_BROKER = 2, 4
-SOURCE_TOPIC, SOURCE_STATIC_BROKER, SOURCE_DEFAULT = 1, 4, 5   # DescribeConfigs config_source
+LATEST, EARLIEST, MAX_TIMESTAMP = -1, -2, -3   # ListOffsets' special timestamps
+MAX_TIMESTAMP_READ_BYTES = 4 << 20
+ENDPOINT_TYPE_BROKERS = 1                        # DescribeCluster v1
+ZERO_UUID = uuid.UUID(int=0)                     # Kafka's "no topic id"
+# DescribeConfigs config_source
+SOURCE_TOPIC, SOURCE_DYNAMIC_BROKER, SOURCE_DYNAMIC_DEFAULT_BROKER, SOURCE_STATIC_BROKER, SOURCE_DEFAULT = 1, 2, 3, 4, 5
+DEFAULT_CONFIG = Config()      # Kafka's defaults, as Config holds them
 AUTO_CREATE_TIMEOUT_S = 10.0
 
 Response = bytes | list[Any] | None
@@ -85,7 +92,8 @@ class Handlers:
             kafka.PRODUCE: self.produce, kafka.FETCH: self.fetch, kafka.LIST_OFFSETS: self.list_offsets,
             kafka.CREATE_TOPICS: self.create_topics, kafka.DELETE_TOPICS: self.delete_topics,
             kafka.INIT_PRODUCER_ID: self.init_producer_id, kafka.CREATE_PARTITIONS: self.create_partitions,
-            kafka.DESCRIBE_CONFIGS: self.describe_configs,
+            kafka.DESCRIBE_CONFIGS: self.describe_configs, kafka.DESCRIBE_CLUSTER: self.describe_cluster,
+            kafka.ALTER_CONFIGS: self.alter_configs, kafka.INCREMENTAL_ALTER_CONFIGS: self.incremental_alter_configs,
             **self.group_handlers.table(),
         }
 
@@ -95,6 +103,10 @@ class Handlers:
 
     def _may(self, request: Request, operation: int, resource_type: int, name: str) -> bool:
         return self.security is None or self.security.allowed(request, operation, resource_type, name)
+
+    def _may_create(self, request: Request, topic: str) -> bool:
+        return self._may(request, acl.OP_CREATE, acl.RESOURCE_CLUSTER, acl.CLUSTER_NAME) \
+            or self._may(request, acl.OP_CREATE, acl.RESOURCE_TOPIC, topic)
 
     def add_apis(self, table: dict[int, Callable[[Request], Awaitable[Response]]]) -> None:
         """Serve more APIs (the security ones, from engine/broker/security_apis.py)."""
@@ -127,13 +139,16 @@ class Handlers:
         return kafka.encode_response(request.correlation_id, body)
 
     async def metadata(self, request: Request) -> Response:
+        """Brokers, controller and topics; v7+ with each partition's leader
+        epoch (its Raft term), v10+ with topic ids (fixed at creation)."""
         schema = response_schema(request)
         state = self.controller.state
         requested = request.body.topics
+        unknown_ids: list[uuid.UUID] = []
         if requested is None or (request.api_version == 0 and not requested):
             names = sorted(state.topics)
         else:
-            names = [t.name for t in requested]
+            names, unknown_ids = self._requested_topic_names(requested)
         denied = {n for n in names if not self._may(request, acl.OP_DESCRIBE, acl.RESOURCE_TOPIC, n)}
         if requested is None or not requested:
             names = [n for n in names if n not in denied]    # topics you may not describe are not listed
@@ -143,7 +158,6 @@ class Handlers:
             creating = await self._auto_create([n for n in names if n not in state.topics and n not in denied
                                                 and self._may_create(request, n)])
         broker_cls, topic_cls = nested(schema, "MetadataResponseBroker"), nested(schema, "MetadataResponseTopic")
-        partition_cls = nested(schema, "MetadataResponsePartition")
         listed = self._listed_brokers()
         brokers = tuple(build(broker_cls, node_id=node_id, host=host, port=port, rack=rack)
                         for node_id, (host, port, rack) in sorted(listed.items()))
@@ -152,29 +166,64 @@ class Handlers:
             topic = state.topics.get(name)
             if name in denied:
                 topics.append(build(topic_cls, error_code=ErrorCode.TOPIC_AUTHORIZATION_FAILED, name=name,
-                                    is_internal=False, partitions=()))
+                                    topic_id=ZERO_UUID, is_internal=False, partitions=()))
                 continue
             if topic is None:
                 code = ErrorCode.LEADER_NOT_AVAILABLE if name in creating else self._unknown_topic_code(name)
-                topics.append(build(topic_cls, error_code=code, name=name, is_internal=False, partitions=()))
+                topics.append(build(topic_cls, error_code=code, name=name, topic_id=ZERO_UUID, is_internal=False,
+                                    partitions=()))
                 continue
-            partitions = []
-            for index, info in enumerate(topic.partitions):
-                leader, _epoch = self.controller.partition_leader(name, index)
-                isr = tuple(info.isr) if info.isr else ((leader,) if leader >= 0 else ())
-                partitions.append(build(
-                    partition_cls, error_code=ErrorCode.NONE if leader >= 0 else ErrorCode.LEADER_NOT_AVAILABLE,
-                    partition_index=index, leader_id=leader, replica_nodes=tuple(info.replicas), isr_nodes=isr,
-                    offline_replicas=()))
-            topics.append(build(topic_cls, error_code=ErrorCode.NONE, name=name, is_internal=name == OFFSETS_TOPIC,
-                                partitions=tuple(partitions)))
+            topics.append(build(topic_cls, error_code=ErrorCode.NONE, name=name, topic_id=uuid.UUID(bytes=topic.topic_id),
+                                is_internal=name == OFFSETS_TOPIC,
+                                partitions=self._metadata_partitions(nested(schema, "MetadataResponsePartition"), topic)))
+        topics += [build(topic_cls, error_code=ErrorCode.UNKNOWN_TOPIC_ID, name=None, topic_id=topic_id,
+                         is_internal=False, partitions=()) for topic_id in unknown_ids]
         return kafka.encode_response(request.correlation_id, build(
             schema, throttle_time=0, brokers=brokers, cluster_id=self.config.cluster_id,
             controller_id=self._controller_for_clients(listed), topics=tuple(topics)))
 
-    def _may_create(self, request: Request, topic: str) -> bool:
-        return self._may(request, acl.OP_CREATE, acl.RESOURCE_CLUSTER, acl.CLUSTER_NAME) \
-            or self._may(request, acl.OP_CREATE, acl.RESOURCE_TOPIC, topic)
+    def _requested_topic_names(self, requested: Any) -> tuple[list[str], list[uuid.UUID]]:
+        """(names, unknown topic ids) of a Metadata request's topics, which
+        v10+ may name by id instead."""
+        by_id = {uuid.UUID(bytes=t.topic_id): t.name for t in self.controller.state.topics.values()}
+        names, unknown_ids = [], []
+        for wanted in requested:
+            name = wanted.name
+            topic_id = getattr(wanted, "topic_id", None)
+            if name is None and topic_id is not None:
+                name = by_id.get(topic_id)
+                if name is None:
+                    unknown_ids.append(topic_id)
+                    continue
+            if name is not None:
+                names.append(name)
+        return names, unknown_ids
+
+    def _metadata_partitions(self, partition_cls: type, topic: Any) -> tuple[Any, ...]:
+        partitions = []
+        for index, info in enumerate(topic.partitions):
+            leader, epoch = self.controller.partition_leader(topic.name, index)
+            isr = tuple(info.isr) if info.isr else ((leader,) if leader >= 0 else ())
+            partitions.append(build(
+                partition_cls, error_code=ErrorCode.NONE if leader >= 0 else ErrorCode.LEADER_NOT_AVAILABLE,
+                partition_index=index, leader_id=leader, leader_epoch=epoch if leader >= 0 else -1,
+                replica_nodes=tuple(info.replicas), isr_nodes=isr, offline_replicas=()))
+        return tuple(partitions)
+
+    async def describe_cluster(self, request: Request) -> Response:
+        """The brokers and controller (as Metadata names them); only the
+        broker endpoints (endpoint type 1) are served."""
+        schema = response_schema(request)
+        listed = self._listed_brokers()
+        if getattr(request.body, "endpoint_type", ENDPOINT_TYPE_BROKERS) != ENDPOINT_TYPE_BROKERS:
+            return kafka.answer(request, error_code=ErrorCode.UNSUPPORTED_ENDPOINT_TYPE,
+                                error_message="only broker endpoints (type 1) are served", cluster_id=self.config.cluster_id,
+                                brokers=())
+        broker_cls = nested(schema, "DescribeClusterBroker")
+        brokers = tuple(build(broker_cls, broker_id=node_id, host=host, port=port, rack=rack)
+                        for node_id, (host, port, rack) in sorted(listed.items()))
+        return kafka.answer(request, error_code=ErrorCode.NONE, error_message=None, cluster_id=self.config.cluster_id,
+                            controller_id=self._controller_for_clients(listed), brokers=brokers)
 
     def _listed_brokers(self) -> dict[int, tuple[str, int, str | None]]:
         """node id -> (host, port, rack) of the registered brokers, and of this
@@ -233,7 +282,7 @@ class Handlers:
     async def produce(self, request: Request) -> Response:
         body = request.body
         timeout_s = max(body.timeout.total_seconds(), 0.001)
-        jobs: list[tuple[str, int, Awaitable[tuple[int, int]]]] = []
+        jobs: list[tuple[str, int, Awaitable[tuple[int, int, int]]]] = []
         for topic in body.topic_data:
             for data in topic.partition_data:
                 job = self._append(topic.name, data.index, data.records, timeout_s) \
@@ -246,24 +295,26 @@ class Handlers:
         schema = response_schema(request)
         topic_cls, partition_cls = nested(schema, "TopicProduceResponse"), nested(schema, "PartitionProduceResponse")
         by_topic: dict[str, list[Any]] = {}
-        for (name, index, _), (code, base_offset) in zip(jobs, results):
+        for (name, index, _), (code, base_offset, log_start_offset) in zip(jobs, results):
             by_topic.setdefault(name, []).append(build(
-                partition_cls, index=index, error_code=code, base_offset=base_offset, log_append_time=None))
+                partition_cls, index=index, error_code=code, base_offset=base_offset, log_append_time=None,
+                log_start_offset=log_start_offset, record_errors=(), error_message=None))
         return kafka.encode_response(request.correlation_id, build(
             schema, throttle_time=0, responses=tuple(build(topic_cls, name=n, partition_responses=tuple(p))
                                                      for n, p in by_topic.items())))
 
-    async def _append(self, topic: str, partition: int, records: bytes | None, timeout_s: float) -> tuple[int, int]:
-        """(error code, base offset) of one partition's part of a produce."""
+    async def _append(self, topic: str, partition: int, records: bytes | None,
+                      timeout_s: float) -> tuple[int, int, int]:
+        """(error code, base offset, log start offset) of one partition's part of a produce."""
         if self.storage_failure is not None:
-            return ErrorCode.KAFKA_STORAGE_ERROR, -1
+            return ErrorCode.KAFKA_STORAGE_ERROR, -1, -1
         if topic == OFFSETS_TOPIC:
-            return ErrorCode.INVALID_TOPIC_EXCEPTION, -1    # internal: written by the group coordinators only
+            return ErrorCode.INVALID_TOPIC_EXCEPTION, -1, -1    # internal: written by the group coordinators only
         replica, code = self._leader_replica(topic, partition)
         if replica is None:
-            return code, -1
+            return code, -1, -1
         if not records:
-            return ErrorCode.CORRUPT_MESSAGE, -1
+            return ErrorCode.CORRUPT_MESSAGE, -1, -1
         try:
             replica.log.validate(records)
             check_client_batches(records, replica.log.config, int(time.time() * 1000))
@@ -272,8 +323,8 @@ class Handlers:
             if self.metrics is not None:
                 self._count_produced(topic, records, time.perf_counter() - started)
         except RaftkaError as error:
-            return error.error_code, -1
-        return ErrorCode.NONE, base_offset
+            return error.error_code, -1, -1
+        return ErrorCode.NONE, base_offset, replica.log.log_start_offset
 
     def _count_produced(self, topic: str, records: bytes, commit_s: float) -> None:
         assert self.metrics is not None
@@ -284,7 +335,13 @@ class Handlers:
     # ---- Fetch, ListOffsets -------------------------------------------------------
 
     async def fetch(self, request: Request) -> Response:
+        """Fetch without sessions (KIP-227): a full fetch every time, answered
+        with session id 0, which tells a client asking for a session that
+        none was created; a session id or epoch of a session is refused."""
         body = request.body
+        session_error = _fetch_session_error(getattr(body, "session_id", 0), getattr(body, "session_epoch", -1))
+        if session_error != ErrorCode.NONE:
+            return kafka.fetch_response(request.correlation_id, request.api_version, [], session_error)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(body.max_wait.total_seconds(), 0.0)
         denied = {t.topic for t in body.topics if not self._may(request, acl.OP_READ, acl.RESOURCE_TOPIC, t.topic)}
@@ -296,7 +353,7 @@ class Handlers:
                     for topic, size, count in served:
                         self.metrics.bytes_out.labels(topic).inc(size)
                         self.metrics.records_out.labels(topic).inc(count)
-                return kafka.fetch_response(request.correlation_id, topics)
+                return kafka.fetch_response(request.correlation_id, request.api_version, topics)
             keys = [(t.topic, p.partition) for t in body.topics for p in t.partitions]
             await self.waiters.wait(keys, remaining)
 
@@ -311,12 +368,14 @@ class Handlers:
             partitions = []
             for wanted in topic.partitions:
                 replica, code = self._leader_replica(topic.topic, wanted.partition)
+                if replica is not None:
+                    code = _leader_epoch_error(getattr(wanted, "current_leader_epoch", -1), replica.leader_epoch)
                 if topic.topic in denied:
                     replica, code = None, ErrorCode.TOPIC_AUTHORIZATION_FAILED
-                high_watermark, records = -1, b""
-                if replica is not None:
+                high_watermark, log_start_offset, records = -1, -1, b""
+                if replica is not None and code == ErrorCode.NONE:
                     log_ = replica.log
-                    high_watermark = log_.high_watermark
+                    high_watermark, log_start_offset = log_.high_watermark, log_.log_start_offset
                     limit = min(wanted.partition_max_bytes, budget if total else cap)
                     try:
                         if limit > 0:
@@ -328,11 +387,15 @@ class Handlers:
                 total += len(records)
                 budget -= len(records)
                 errors |= code != ErrorCode.NONE
-                partitions.append(FetchPartition(wanted.partition, code, high_watermark, records))
+                partitions.append(FetchPartition(wanted.partition, code, high_watermark, log_start_offset, records))
             topics.append((topic.topic, partitions))
         return topics, total, errors, served
 
     async def list_offsets(self, request: Request) -> Response:
+        """Kafka's answers: earliest (-2) the log start offset, latest (-1) the
+        high watermark, max timestamp (-3, v7+) the record with the largest
+        timestamp, a timestamp the first record at or after it, with that
+        record's own timestamp, or offset -1 and timestamp -1 when none is."""
         schema = response_schema(request)
         topic_cls, partition_cls = nested(schema, "ListOffsetsTopicResponse"), nested(schema, "ListOffsetsPartitionResponse")
         topics = []
@@ -340,24 +403,18 @@ class Handlers:
             partitions = []
             for wanted in topic.partitions:
                 replica, code = self._leader_replica(topic.name, wanted.partition_index)
+                if replica is not None:
+                    code = _leader_epoch_error(getattr(wanted, "current_leader_epoch", -1), replica.leader_epoch)
                 if not self._may(request, acl.OP_DESCRIBE, acl.RESOURCE_TOPIC, topic.name):
                     replica, code = None, ErrorCode.TOPIC_AUTHORIZATION_FAILED
-                offset, timestamp, epoch = -1, -1, -1
-                if replica is not None:
-                    log_, epoch = replica.log, replica.leader_epoch
-                    if wanted.timestamp == LATEST:
-                        offset = log_.high_watermark
-                    elif wanted.timestamp == EARLIEST:
-                        offset = log_.log_start_offset
-                    else:
-                        try:
-                            found = log_.offset_for_timestamp(wanted.timestamp)
-                        except RaftkaError as error:   # a stored batch that does not decode (within its cap)
-                            code, found = error.error_code, None
-                        offset = log_.high_watermark if found is None else found
-                        timestamp = wanted.timestamp if found is not None else -1
+                found = ListedOffset(-1, -1, -1)
+                if replica is not None and code == ErrorCode.NONE:
+                    try:
+                        found = _list_offset(replica, wanted.timestamp)
+                    except RaftkaError as error:   # a stored batch that does not decode (within its cap)
+                        code = error.error_code
                 partitions.append(build(partition_cls, partition_index=wanted.partition_index, error_code=code,
-                                        timestamp=timestamp, offset=offset, leader_epoch=epoch))
+                                        timestamp=found.timestamp, offset=found.offset, leader_epoch=found.leader_epoch))
             topics.append(build(topic_cls, name=topic.name, partitions=tuple(partitions)))
         return kafka.answer(request, topics=tuple(topics))
 
@@ -444,40 +501,185 @@ class Handlers:
         return kafka.answer(request, results=tuple(results))
 
     async def describe_configs(self, request: Request) -> Response:
-        """Topic configs (the broker defaults, with the topic's own values
-        marked DYNAMIC_TOPIC_CONFIG) and this broker's settings, under Kafka's names."""
+        """Every topic config Raftka takes, with where its value comes from
+        (the topic, a dynamic broker config, the static one, Kafka's default)
+        and, when asked, its synonyms in precedence order; this broker's
+        settings under Kafka's names (resource "<node id>"), or the dynamic
+        cluster-wide ones (resource "")."""
         schema = response_schema(request)
         result_cls, entry_cls = nested(schema, "DescribeConfigsResult"), nested(schema, "DescribeConfigsResourceResult")
+        synonym_cls = nested(schema, "DescribeConfigsSynonym")
+        with_synonyms = getattr(request.body, "include_synonyms", False)
         results = []
         for resource in request.body.resources:
-            code, message, entries = ErrorCode.NONE, None, {}
-            if resource.resource_type == RESOURCE_TOPIC:
+            code, message, entries = ErrorCode.NONE, None, []
+            if not self._may_configs(request, acl.OP_DESCRIBE_CONFIGS, resource):
+                code, message = _config_refusal(resource), None
+            elif resource.resource_type == RESOURCE_TOPIC:
                 topic = self.controller.state.topics.get(resource.resource_name)
-                if not self._may(request, acl.OP_DESCRIBE_CONFIGS, acl.RESOURCE_TOPIC, resource.resource_name):
-                    code, message = ErrorCode.TOPIC_AUTHORIZATION_FAILED, None
-                elif topic is None:
+                if topic is None:
                     code, message = ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"unknown topic {resource.resource_name!r}"
                 else:
-                    for name, field_name in TOPIC_CONFIGS.items():
-                        own = topic.configs.get(name)
-                        entries[name] = (own if own is not None else config_text(getattr(self.config, field_name)),
-                                         SOURCE_TOPIC if own is not None else SOURCE_DEFAULT)
-            elif resource.resource_type == RESOURCE_BROKER and \
-                    not self._may(request, acl.OP_DESCRIBE_CONFIGS, acl.RESOURCE_CLUSTER, acl.CLUSTER_NAME):
-                code, message = ErrorCode.CLUSTER_AUTHORIZATION_FAILED, None
+                    entries = [(name, self._topic_config_layers(name, field, topic.configs), False)
+                               for name, field in TOPIC_CONFIGS.items()]
             elif resource.resource_type == RESOURCE_BROKER and resource.resource_name in ("", str(self.controller.node_id)):
-                entries = {name: (config_text(getattr(self.config, f)), SOURCE_STATIC_BROKER)
-                           for name, f in BROKER_CONFIGS.items()}
+                entries = self._broker_config_entries(resource.resource_name)
             else:
                 code, message = ErrorCode.INVALID_REQUEST, f"cannot describe resource {resource.resource_type}/{resource.resource_name!r}"
             wanted = resource.configuration_keys
-            configs = tuple(build(entry_cls, name=name, value=value, read_only=True, config_source=source,
-                                  is_sensitive=False, synonyms=())
-                            for name, (value, source) in entries.items() if wanted is None or name in wanted)
+            configs = tuple(build(entry_cls, name=name, value=layers[0][1], read_only=read_only,
+                                  config_source=layers[0][2], is_sensitive=False,
+                                  synonyms=tuple(build(synonym_cls, name=n, value=v, source=src) for n, v, src in layers)
+                                  if with_synonyms else (),
+                                  config_type=topic_configs.config_type(name), documentation=None)
+                            for name, layers, read_only in entries if wanted is None or name in wanted)
             results.append(build(result_cls, error_code=code, error_message=message,
                                  resource_type=resource.resource_type, resource_name=resource.resource_name,
                                  configs=configs))
         return kafka.answer(request, results=tuple(results))
+
+    def _topic_config_layers(self, name: str, field: str, own: dict[str, str]) -> list[tuple[str, str, int]]:
+        """(name, value, source) of a topic config wherever it is set, the one in force first."""
+        layers = [(name, own[name], SOURCE_TOPIC)] if name in own else []
+        broker_name = next((b for b, f in topic_configs.DYNAMIC_BROKER_CONFIGS.items() if f == field), None)
+        if broker_name is not None:
+            layers += self._broker_config_layers(broker_name, field)
+        return layers
+
+    def _broker_config_layers(self, name: str, field: str) -> list[tuple[str, str, int]]:
+        dynamic = self.controller.state.broker_configs
+        layers = [(name, dynamic[resource][name], source)
+                  for resource, source in ((str(self.controller.node_id), SOURCE_DYNAMIC_BROKER),
+                                           ("", SOURCE_DYNAMIC_DEFAULT_BROKER))
+                  if name in dynamic.get(resource, {})]
+        static, default = config_text(getattr(self.config, field)), config_text(getattr(DEFAULT_CONFIG, field))
+        if static != default:
+            layers.append((name, static, SOURCE_STATIC_BROKER))
+        return layers + [(name, default, SOURCE_DEFAULT)]
+
+    def _broker_config_entries(self, resource_name: str) -> list[tuple[str, list[tuple[str, str, int]], bool]]:
+        """(name, layers, read only) of this broker's settings, or for resource
+        "" the dynamic cluster-wide defaults alone."""
+        if resource_name == "":
+            return [(name, [(name, value, SOURCE_DYNAMIC_DEFAULT_BROKER)], False)
+                    for name, value in sorted(self.controller.state.broker_configs.get("", {}).items())]
+        return [(name, self._broker_config_layers(name, field), name not in topic_configs.DYNAMIC_BROKER_CONFIGS)
+                for name, field in BROKER_CONFIGS.items()]
+
+    def _may_configs(self, request: Request, operation: int, resource: Any) -> bool:
+        """DESCRIBE_CONFIGS / ALTER_CONFIGS on a topic, or on the cluster for broker resources."""
+        if resource.resource_type == RESOURCE_TOPIC:
+            return self._may(request, operation, acl.RESOURCE_TOPIC, resource.resource_name)
+        return self._may(request, operation, acl.RESOURCE_CLUSTER, acl.CLUSTER_NAME)
+
+    # ---- AlterConfigs, IncrementalAlterConfigs ------------------------------------
+
+    async def alter_configs(self, request: Request) -> Response:
+        """Replace a resource's configs with those given (Kafka's legacy API)."""
+        result_cls = nested(response_schema(request), "AlterConfigsResourceResponse")
+        results = []
+        for resource in request.body.resources:
+            values = {c.name: c.value for c in resource.configs}
+            if not self._may_configs(request, acl.OP_ALTER_CONFIGS, resource):
+                code, message = _config_refusal(resource), None
+            else:
+                code, message = await _outcome(self.controller.alter_configs(
+                    resource.resource_type, resource.resource_name, values, [], replace=True,
+                    validate_only=request.body.validate_only))
+            results.append(build(result_cls, error_code=code, error_message=message,
+                                 resource_type=resource.resource_type, resource_name=resource.resource_name))
+        return kafka.answer(request, responses=tuple(results))
+
+    async def incremental_alter_configs(self, request: Request) -> Response:
+        """SET, DELETE, APPEND and SUBTRACT on a resource's configs."""
+        result_cls = nested(response_schema(request), "AlterConfigsResourceResponse")
+        results = []
+        for resource in request.body.resources:
+            if not self._may_configs(request, acl.OP_ALTER_CONFIGS, resource):
+                code, message = _config_refusal(resource), None
+            else:
+                code, message = await _outcome(self._alter_incrementally(resource, request.body.validate_only))
+            results.append(build(result_cls, error_code=code, error_message=message,
+                                 resource_type=resource.resource_type, resource_name=resource.resource_name))
+        return kafka.answer(request, responses=tuple(results))
+
+    async def _alter_incrementally(self, resource: Any, validate_only: bool) -> None:
+        state = self.controller.state
+        if resource.resource_type == RESOURCE_TOPIC:
+            topic = state.topics.get(resource.resource_name)
+            current = topic.configs if topic is not None else {}
+        else:
+            current = state.broker_configs.get(resource.resource_name, {})
+        values, deleted = topic_configs.incremental(
+            current, [(c.name, c.config_operation, c.value) for c in resource.configs])
+        await self.controller.alter_configs(resource.resource_type, resource.resource_name, values, deleted,
+                                            validate_only=validate_only)
+
+
+class ListedOffset(NamedTuple):
+    offset: int
+    timestamp: int
+    leader_epoch: int
+
+
+def _list_offset(replica: PartitionReplica, timestamp: int) -> ListedOffset:
+    log_ = replica.log
+    if timestamp == LATEST:
+        return ListedOffset(log_.high_watermark, -1, replica.leader_epoch)
+    if timestamp == EARLIEST:
+        return ListedOffset(log_.log_start_offset, -1, replica.leader_epoch)
+    if timestamp == MAX_TIMESTAMP:
+        return _max_timestamp_record(log_)
+    offset = log_.offset_for_timestamp(timestamp)
+    if offset is None:
+        return ListedOffset(-1, -1, -1)
+    chunk = log_.read(offset, 1)   # at least the batch holding `offset`
+    for header, batch in iter_batches(chunk.buffer):
+        for record in decode_batch(header, batch, log_.name, 0):
+            if record.offset == offset:
+                return ListedOffset(offset, record.timestamp_ms, header.partition_leader_epoch)
+    raise AssertionError(f"{log_.name}: offset {offset} found by timestamp is not in the batch read at it")
+
+
+def _max_timestamp_record(log_: Any) -> ListedOffset:
+    """The first record with the log's largest timestamp (-1/-1 for an empty
+    log): the batch headers are walked, one batch decoded."""
+    best: tuple[int, int] | None = None      # (max timestamp, base offset of its first batch)
+    offset = log_.log_start_offset
+    while offset < log_.high_watermark:
+        chunk = log_.read(offset, MAX_TIMESTAMP_READ_BYTES)
+        for header, _batch in iter_batches(chunk.buffer):
+            if header.base_offset >= offset and (best is None or header.max_timestamp > best[0]):
+                best = (header.max_timestamp, header.base_offset)
+        if chunk.next_offset <= offset:
+            break
+        offset = chunk.next_offset
+    if best is None:
+        return ListedOffset(-1, -1, -1)
+    for header, batch in iter_batches(log_.read(best[1], 1).buffer):
+        for record in decode_batch(header, batch, log_.name, 0):
+            if record.timestamp_ms == best[0]:
+                return ListedOffset(record.offset, record.timestamp_ms, header.partition_leader_epoch)
+    raise AssertionError(f"{log_.name}: no record at the batch's max timestamp {best[0]}")
+
+
+def _fetch_session_error(session_id: int, session_epoch: int) -> int:
+    """Sessionless fetches only: session id 0 with epoch -1 (no session) or 0
+    (asking for one, which the answer's session id 0 declines)."""
+    if session_id != 0:
+        return ErrorCode.FETCH_SESSION_ID_NOT_FOUND
+    if session_epoch not in (-1, 0):
+        return ErrorCode.INVALID_FETCH_SESSION_EPOCH
+    return ErrorCode.NONE
+
+
+def _leader_epoch_error(client_epoch: int, leader_epoch: int) -> int:
+    """Kafka's check of the leader epoch a client read from Metadata (-1: none
+    given): older than the leader's is FENCED_LEADER_EPOCH (its metadata is
+    stale), newer is UNKNOWN_LEADER_EPOCH (this broker's is)."""
+    if client_epoch < 0 or client_epoch == leader_epoch:
+        return ErrorCode.NONE
+    return ErrorCode.FENCED_LEADER_EPOCH if client_epoch < leader_epoch else ErrorCode.UNKNOWN_LEADER_EPOCH
 
 
 def _admin_deadline(timeout: timedelta) -> float:
@@ -501,9 +703,14 @@ async def _outcome(operation: Awaitable[None]) -> tuple[int, str | None]:
     return ErrorCode.NONE, None
 
 
-async def _answered(code: int) -> tuple[int, int]:
-    """A produce job already decided: (error code, base offset -1)."""
-    return code, -1
+def _config_refusal(resource: Any) -> int:
+    return ErrorCode.TOPIC_AUTHORIZATION_FAILED if resource.resource_type == RESOURCE_TOPIC \
+        else ErrorCode.CLUSTER_AUTHORIZATION_FAILED
+
+
+async def _answered(code: int) -> tuple[int, int, int]:
+    """A produce job already decided: (error code, base offset -1, log start offset -1)."""
+    return code, -1, -1
 
 
 async def _validate_topic_name(name: str) -> None:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Sequence
 
@@ -43,7 +44,7 @@ def raftka_command(*args: str) -> list[str]:
 
 
 def write_configs(nodes: int, base_port: int, data_dir: Path, settings: dict[str, object] | None = None,
-                  hosts: Sequence[str] | None = None) -> list[Path]:
+                  hosts: Sequence[str] | None = None, metrics_ports: Sequence[int] | None = None) -> list[Path]:
     """One broker.toml per node under data_dir/node-<i>; `settings` adds Config fields to every node's.
 
     Every node listens on 127.0.0.1 unless `hosts` gives node i's address
@@ -65,6 +66,7 @@ def write_configs(nodes: int, base_port: int, data_dir: Path, settings: dict[str
                 f'peer_host = "{host}"\npeer_port = {peer_ports[i - 1]}\n'
                 f'data_dir = "{node_dir / "data"}"\n'
                 f'default_replication_factor = {min(3, nodes)}\n'
+                + (f'metrics_port = {metrics_ports[i - 1]}\n' if metrics_ports else "")
                 + "".join(f"{key} = {_toml_value(value)}\n" for key, value in (settings or {}).items())
                 + f'peers = [{peers}\n]\n')
         path = node_dir / "broker.toml"
@@ -109,7 +111,7 @@ class LocalBrokers:
 
     def __init__(self, root: Path, nodes: int = 3, base_port: int | None = None,
                  settings: dict[str, object] | None = None, *, hosts: Sequence[str] | None = None,
-                 command_prefixes: Sequence[Sequence[str]] | None = None) -> None:
+                 command_prefixes: Sequence[Sequence[str]] | None = None, metrics: bool = False) -> None:
         self.root = Path(root).resolve()
         self.nodes = nodes
         self.hosts = _node_hosts(nodes, hosts)
@@ -117,7 +119,9 @@ class LocalBrokers:
             raise ValueError(f"{nodes} nodes need {nodes} command prefixes, got {len(command_prefixes)}")
         self.command_prefixes = [list(prefix) for prefix in command_prefixes or [[]] * nodes]
         self.base_port = base_port if base_port is not None else consecutive_free_ports(nodes)
-        self.configs = write_configs(nodes, self.base_port, self.root, settings, hosts)
+        # `metrics`: each node serves Prometheus metrics on a port of its own (metric())
+        self.metrics_ports = free_ports(nodes) if metrics else []
+        self.configs = write_configs(nodes, self.base_port, self.root, settings, hosts, self.metrics_ports)
         self.env = dict(os.environ, RAFTKA_CLUSTER_SECRET=secrets.token_hex(16))
         self.processes: dict[int, subprocess.Popen] = {}
         self.ready_lines: dict[int, str] = {}
@@ -208,6 +212,21 @@ class LocalBrokers:
         """User + system CPU time of the node's process so far."""
         fields = Path(f"/proc/{self.pid(node_id)}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def write_bytes(self, node_id: int) -> int:
+        """Bytes the node's process has sent (or dirtied for) storage so far (/proc/PID/io)."""
+        for line in Path(f"/proc/{self.pid(node_id)}/io").read_text().splitlines():
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+        return 0
+
+    def metric(self, node_id: int, name: str) -> float:
+        """The sum of a metric's samples as the node serves them now (started with metrics=True)."""
+        url = f"http://{self.hosts[node_id - 1]}:{self.metrics_ports[node_id - 1]}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name) and (line[len(name):len(name) + 1] in (" ", "{")))
 
     def peak_rss_bytes(self, node_id: int) -> int:
         for line in Path(f"/proc/{self.pid(node_id)}/status").read_text().splitlines():

@@ -16,6 +16,7 @@ locks.
   raftka_topic_records_out_total{topic}      records fetched (whole batches)
   raftka_commit_seconds                      propose-to-commit latency of appends (histogram)
   raftka_raft_elections_total                new terms seen by this broker's replicas
+  raftka_journal_fdatasyncs_total            fdatasync/fsync calls of Raft log group commits (files and directories)
   raftka_partition_raft_term{topic,partition}          current Raft term (Kafka's leader epoch)
   raftka_partition_leader{topic,partition}             1 if this broker leads it
   raftka_partition_log_end_offset{topic,partition}
@@ -30,7 +31,7 @@ import logging
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
     from raftka.broker.group_service import GroupService
@@ -135,6 +136,8 @@ class _StateCollector:
                 lag.add_metric([*values, str(follower)], behind)
         yield from (term, leader, end, high, lag)
         yield self._group_lag(hw_by_partition)
+        yield CounterMetricFamily("raftka_journal_fdatasyncs", "fdatasync/fsync calls of Raft log group commits",
+                                  value=self.controller.node.fdatasyncs)
 
     def _group_lag(self, hw_by_partition: dict[tuple[str, int], int]) -> GaugeMetricFamily:
         family = GaugeMetricFamily("raftka_group_lag", "high watermark - committed offset (on the coordinator)",

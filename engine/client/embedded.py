@@ -14,6 +14,11 @@ Kafka's sticky partitioner does per batch). There is no replication here:
 an append is committed as soon as it is written, so the high watermark is the
 log end offset.
 
+Records cross into C once per batch (engine/records/codec.py, native/records.c):
+produce_batch transposes the caller's Records into columns, read builds each
+batch's ConsumerRecords with C-level map/zip, and read_batches hands out the
+columns themselves; no Python loop runs per record (README: the cost model).
+
 Thread-safe: one lock serialises access to the data directory; blocking
 readers wait on a condition woken by appends. A background thread runs the
 periodic duties (index group commits, interval fsync, retention).
@@ -23,15 +28,18 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence, overload
 
 from raftka.client.group_consumer import EmbeddedGroups, GroupConsumer
 from raftka.config import Config
 from raftka.errors import InvalidPartitionsError, RecordTooLargeError
-from raftka.partitioner import partition_for_key
-from raftka.records.batch import ConsumerRecord, Headers, Record, build_batch, parse_records
+from raftka.records import layout
+from raftka.records.batch import (ConsumerRecord, Headers, Record, RecordColumns, iter_batches, iter_columns,
+                                  record_fields)
+from raftka.records.codec import Columns, encode_batches, partition_keys, validate_records
 from raftka.records.compression import Compression
 from raftka.storage.log_manager import LogManager
 from raftka.storage.partition_log import AppendResult, LogSlice
@@ -39,8 +47,6 @@ from raftka.storage.partition_log import AppendResult, LogSlice
 # bytes a read pulls from the log per step
 READ_CHUNK_BYTES = 1024 * 1024
 _TICK_INTERVAL_S = 0.1
-# per-record framing allowance when splitting a produce_batch into batches
-_RECORD_OVERHEAD_BYTES = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +82,7 @@ class Raftka:
         self._appended = threading.Condition(self._lock)
         self._round_robin: dict[str, Iterator[int]] = {}
         self._groups: EmbeddedGroups | None = None
+        self._consumers: weakref.WeakSet[GroupConsumer] = weakref.WeakSet()  # closed by close()
         self._stopping = threading.Event()
         self._ticker = threading.Thread(target=self._tick_forever, name="raftka-tick", daemon=True)
         self._ticker.start()
@@ -108,29 +115,43 @@ class Raftka:
         return self.produce_batch(topic, [record], partition=partition, compression=compression)[0]
 
     def produce_batch(self, topic: str, records: Iterable[Record], *, partition: int | None = None,
-                      compression: Compression | str = Compression.NONE) -> list[RecordMetadata]:
-        """Append many records with one write per partition; metadata in input order."""
-        records = list(records)
+                      compression: Compression | str = Compression.NONE) -> "ProducedRecords":
+        """Append many records with one write per partition; where each landed, in input order.
+
+        One C call encodes each batch (keys, values, headers, timestamps,
+        CRC32C) and one partitions all keys; the only per-record work in
+        Python is the caller's building of its Record objects. The result
+        makes a RecordMetadata only when one is asked for.
+        """
+        records = records if isinstance(records, (list, tuple)) else list(records)
         now_ms = int(time.time() * 1000)
+        if not records:
+            return ProducedRecords(topic, [], {}, [], (), now_ms)
+        values, keys, headers, timestamps = record_fields(records)
         with self._lock:
             partitions = self._manager.topic(topic).partitions
-            targets = self._choose_partitions(topic, records, partitions, partition)
-            by_partition: dict[int, list[int]] = {}
-            for i, target in enumerate(targets):
-                by_partition.setdefault(target, []).append(i)
-            results: list[RecordMetadata | None] = [None] * len(records)
-            for target, indexes in by_partition.items():
-                group = [records[i] for i in indexes]
-                batches = self._encode(group, compression, now_ms)
-                appended = self.append_batches(topic, target, batches)
-                for n, i in enumerate(indexes):
-                    ts = records[i].timestamp_ms
-                    results[i] = RecordMetadata(topic, target, appended.base_offset + n,
-                                                now_ms if ts is None else ts)
-        return results  # type: ignore[return-value]
+            placement = self._place(topic, keys, partitions, partition)
+            bases: dict[int, int] = {}
+            for target, indexes in placement.groups:
+                columns = (values, keys, headers, timestamps) if indexes is None else \
+                    [list(map(column.__getitem__, indexes)) for column in (values, keys, headers, timestamps)]
+                batches = self._encode(Columns(columns[1], columns[0], columns[2], columns[3], now_ms), compression)
+                bases[target] = self._append(topic, target, batches).base_offset
+        return ProducedRecords(topic, placement.targets, bases, placement.ranks, timestamps, now_ms)
 
     def append_batches(self, topic: str, partition: int, batches: bytes | bytearray | memoryview) -> AppendResult:
-        """Append raw Kafka v2 record batches (validated, CRC-checked) as they are."""
+        """Append raw Kafka v2 record batches as they are, after checking each
+        down to its records (validate_records: sizes, magic, CRC32C, record
+        count and offset deltas, every record well-formed); CorruptRecordError
+        and nothing written otherwise."""
+        position = 0
+        for _header, batch in iter_batches(batches):
+            validate_records(batch, position)
+            position += len(batch)
+        return self._append(topic, partition, batches)
+
+    def _append(self, topic: str, partition: int, batches: bytes | bytearray | memoryview) -> AppendResult:
+        """Append batches the log checks only by header and CRC (ours, built from records)."""
         with self._lock:
             log = self._manager.log(topic, partition)
             result = log.append(batches)
@@ -139,34 +160,35 @@ class Raftka:
             self._appended.notify_all()
             return result
 
-    def _choose_partitions(self, topic: str, records: list[Record], partitions: int,
-                           explicit: int | None) -> list[int]:
+    def _place(self, topic: str, keys: Sequence[bytes | None], partitions: int,
+               explicit: int | None) -> "_Placement":
+        """Which partition each record goes to (Kafka's partitioner), grouped per partition."""
         if explicit is not None:
             if not 0 <= explicit < partitions:
                 raise InvalidPartitionsError(f"topic {topic!r} has partitions [0, {partitions - 1}], not {explicit}")
-            return [explicit] * len(records)
-        sticky = None
-        targets = []
-        for record in records:
-            if record.key is not None:
-                targets.append(partition_for_key(record.key, partitions))
-                continue
-            if sticky is None:
-                counter = self._round_robin.setdefault(topic, itertools.count())
-                sticky = next(counter) % partitions
-            targets.append(sticky)
-        return targets
+            return _Placement(explicit, None, [(explicit, None)])
+        if partitions == 1:
+            return _Placement(0, None, [(0, None)])
+        null_keys = keys.count(None)
+        sticky = next(self._round_robin.setdefault(topic, itertools.count())) % partitions if null_keys else 0
+        if null_keys == len(keys):
+            return _Placement(sticky, None, [(sticky, None)])
+        placed = partition_keys(keys, partitions, sticky)
+        groups, start = [], 0
+        for target, count in enumerate(placed.per_partition):
+            if count:
+                groups.append((target, placed.order[start:start + count]))
+                start += count
+        return _Placement(placed.targets, placed.ranks, groups)
 
-    def _encode(self, records: list[Record], compression: Compression | str, now_ms: int) -> bytearray:
-        """Encode as few batches as fit under max_batch_bytes."""
+    def _encode(self, columns: Columns, compression: Compression | str) -> bytearray:
+        """Encode as few batches as fit under max_batch_bytes (one C call per batch)."""
         limit = self.config.max_batch_bytes
-        out = bytearray()
-        for chunk in _chunks_under(records, limit):
-            batch = build_batch(chunk, compression=compression, now_ms=now_ms)
-            if len(batch) > limit:
-                raise RecordTooLargeError(
-                    f"a record of {len(batch)} bytes as a batch exceeds max_batch_bytes={limit}")
-            out += batch
+        out, _counts = encode_batches(columns, compression=compression,
+                                     max_records_bytes=limit - layout.HEADER_SIZE)
+        largest = max(header.size_bytes for header, _ in iter_batches(out))
+        if largest > limit:
+            raise RecordTooLargeError(f"a record of {largest} bytes as a batch exceeds max_batch_bytes={limit}")
         return out  # writable: the log patches offsets in place and writes it in one go
 
     # ---- read --------------------------------------------------------
@@ -179,35 +201,48 @@ class Raftka:
         the high watermark: 0 returns what is there (non-blocking), None waits
         forever. OffsetOutOfRangeError (with the valid range) is raised here,
         before iteration, if `offset` is outside [log start, high watermark].
+        Each batch is decoded in one C call and its ConsumerRecords built by
+        C-level map/zip; iteration itself never enters Python per record.
         """
-        with self._lock:
-            log = self._manager.log(topic, partition)
-            log.read(offset, 0)  # range check now, not at the first next()
-        return self._iterate(topic, partition, offset, timeout_s, max_records)
+        self._check_offset(topic, partition, offset)
+        batches = map(RecordColumns.iter_records, self._columns(topic, partition, offset, timeout_s))
+        records = itertools.chain.from_iterable(batches)
+        return records if max_records is None else itertools.islice(records, max_records)
 
-    def _iterate(self, topic: str, partition: int, offset: int, timeout_s: float | None,
-                 max_records: int | None) -> Iterator[ConsumerRecord]:
-        remaining = max_records if max_records is not None else -1
-        while remaining != 0:
+    def read_batches(self, topic: str, partition: int, offset: int = 0, *,
+                     timeout_s: float | None = 0.0) -> Iterator[RecordColumns]:
+        """Like read(), one RecordColumns per stored batch: the records at or after
+        `offset` as columns (offsets, timestamps, keys, values, headers) over the
+        batch's bytes, with no Python object per record until a column is asked for."""
+        self._check_offset(topic, partition, offset)
+        return self._columns(topic, partition, offset, timeout_s)
+
+    def _check_offset(self, topic: str, partition: int, offset: int) -> None:
+        with self._lock:
+            self._manager.log(topic, partition).read(offset, 0)  # range check now, not at the first next()
+
+    def _columns(self, topic: str, partition: int, offset: int,
+                 timeout_s: float | None) -> Iterator[RecordColumns]:
+        while True:
             chunk = self._next_chunk(topic, partition, offset, timeout_s)
             if chunk is None:
                 return
-            for record in parse_records(chunk.buffer, topic, partition, offset):
-                yield record
-                offset = record.offset + 1
-                remaining -= 1
-                if remaining == 0:
-                    return
+            data, next_offset = chunk
+            yield from iter_columns(data, topic, partition, offset)
+            offset = next_offset
 
-    def _next_chunk(self, topic: str, partition: int, offset: int, timeout_s: float | None) -> LogSlice | None:
-        """The next non-empty read from `offset`, waiting per timeout_s; None when it expires."""
+    def _next_chunk(self, topic: str, partition: int, offset: int,
+                    timeout_s: float | None) -> tuple[bytes, int] | None:
+        """The bytes of the next non-empty read from `offset` (copied out of the
+        segment's mapping under the lock, so retention cannot unmap them under
+        a reader) and the offset after them; None when timeout_s expires."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._lock:
             while True:
                 log = self._manager.log(topic, partition)
                 chunk = log.read(offset, READ_CHUNK_BYTES)
                 if chunk.size_bytes:
-                    return chunk
+                    return bytes(chunk.buffer), chunk.next_offset
                 wait_s = None if deadline is None else deadline - time.monotonic()
                 if self._stopping.is_set() or (wait_s is not None and wait_s <= 0):
                     return None
@@ -231,9 +266,13 @@ class Raftka:
         record (broadcast). Settings: auto_commit, auto_commit_interval_s,
         session_timeout_s, rebalance_timeout_s, auto_offset_reset, client_id."""
         with self._lock:
+            if self._stopping.is_set():
+                raise RuntimeError("the handle is closed")
             if self._groups is None:
                 self._groups = EmbeddedGroups(self)
-        return GroupConsumer(self, self._groups, group_id, list(topics), **settings)
+            consumer = GroupConsumer(self, self._groups, group_id, list(topics), **settings)
+            self._consumers.add(consumer)
+        return consumer
 
     # ---- lifecycle ---------------------------------------------------
 
@@ -248,6 +287,15 @@ class Raftka:
             return self._manager.enforce_retention()
 
     def close(self) -> None:
+        """Close every consumer still open (each commits, when auto-committing,
+        and leaves its group), then stop the groups' loop and thread, the tick
+        thread and the storage. Idempotent; nothing it started outlives it."""
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            consumers = list(self._consumers)
+        for consumer in consumers:
+            consumer.close()
         if self._groups is not None:
             self._groups.close()
         self._stopping.set()
@@ -270,19 +318,49 @@ class Raftka:
                 self._manager.tick()
 
 
-def _chunks_under(records: list[Record], limit: int) -> Iterator[list[Record]]:
-    chunk: list[Record] = []
-    size = 0
-    for record in records:
-        record_size = (_RECORD_OVERHEAD_BYTES + len(record.key or b"") + len(record.value or b"")
-                       + sum(len(k) + len(v or b"") + 10 for k, v in record.headers))
-        if chunk and size + record_size > limit - 128:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(record)
-        size += record_size
-    if chunk:
-        yield chunk
+class _Placement(NamedTuple):
+    """Where produce_batch sends records: one partition for all, or per record."""
+
+    targets: int | list[int]       # the partition of all records, or of each
+    ranks: list[int] | None        # per record: its place among its partition's records (None: its index)
+    groups: list[tuple[int, list[int] | None]]  # (partition, record indexes in order; None: all)
+
+
+class ProducedRecords(Sequence[RecordMetadata]):
+    """Where each record of a produce_batch landed, in input order.
+
+    Holds the per-partition base offsets and, when records went to several
+    partitions, per-record partitions and ranks; a RecordMetadata is made
+    only when one is indexed, so producing N records does not build N objects.
+    """
+
+    def __init__(self, topic: str, targets: int | list[int], bases: dict[int, int], ranks: list[int] | None,
+                 timestamps: Sequence[int | None], now_ms: int) -> None:
+        self.topic = topic
+        self._targets, self._bases, self._ranks = targets, bases, ranks
+        self._timestamps, self._now_ms = timestamps, now_ms
+
+    def __len__(self) -> int:
+        return len(self._timestamps)
+
+    @overload
+    def __getitem__(self, index: int) -> RecordMetadata: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[RecordMetadata]: ...
+
+    def __getitem__(self, index: int | slice) -> RecordMetadata | list[RecordMetadata]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        timestamp = self._timestamps[index]  # IndexError past the end, as a list
+        index %= len(self)
+        partition = self._targets if isinstance(self._targets, int) else self._targets[index]
+        rank = index if self._ranks is None else self._ranks[index]
+        return RecordMetadata(self.topic, partition, self._bases[partition] + rank,
+                              self._now_ms if timestamp is None else timestamp)
+
+    def __repr__(self) -> str:
+        return f"ProducedRecords({self.topic!r}, {len(self)} records)"
 
 
 def open(data_dir: str | Path = "./raftka-data", config: Config | None = None, **settings: object) -> Raftka:  # noqa: A001

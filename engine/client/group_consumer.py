@@ -33,7 +33,7 @@ from raftka.groups import consumer_protocol
 from raftka.groups.coordinator import GROUP_TICK_S, GroupCoordinator, GroupSettings
 from raftka.groups.offsets_topic import CommittedOffset, GroupRecord, partition_for_group
 from raftka.groups.store import GroupStore, group_record, offset_records
-from raftka.records.batch import ConsumerRecord, build_batch, parse_records
+from raftka.records.batch import ConsumerRecord, build_batch, iter_columns
 
 if TYPE_CHECKING:
     from raftka.client.embedded import Raftka
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CALL_TIMEOUT_S = 120.0
+CLOSE_TIMEOUT_S = 5.0
 READ_BYTES = 1 << 20
 REJOIN_ERRORS = (ErrorCode.REBALANCE_IN_PROGRESS, ErrorCode.ILLEGAL_GENERATION, ErrorCode.UNKNOWN_MEMBER_ID)
 
@@ -85,12 +86,30 @@ class EmbeddedGroups:
             self.coordinator.tick()
 
     def close(self) -> None:
+        """Stop the coordinator and every task on its loop, then the loop and its thread.
+
+        Tasks are cancelled and awaited on the loop before it stops, so none is
+        left pending (asyncio would warn "Task was destroyed but it is pending!").
+        """
         if self._loop.is_closed():
             return
-        self._loop.call_soon_threadsafe(self.coordinator.close)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        if self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(self._stop_tasks(), self._loop).result(CLOSE_TIMEOUT_S)
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(CLOSE_TIMEOUT_S)
+        if self._thread.is_alive():
+            raise RuntimeError(f"the groups thread did not stop within {CLOSE_TIMEOUT_S} s")
         self._loop.close()
+
+    async def _stop_tasks(self) -> None:
+        self.coordinator.close()
+        current = asyncio.current_task()
+        tasks = [task for task in asyncio.all_tasks() if task is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # ---- calls from consumer threads ---------------------------------------------
 
@@ -254,9 +273,10 @@ class GroupConsumer:
         with self._rk._lock:
             for (topic, partition), position in self._positions.items():
                 chunk = self._rk._manager.log(topic, partition).read(position, READ_BYTES)
-                for record in parse_records(chunk.buffer, topic, partition, position):
-                    records.append(record)
-                    self._positions[(topic, partition)] = record.offset + 1
+                for columns in iter_columns(chunk.buffer, topic, partition, position):
+                    taken = columns.records()[:max_records - len(records)]
+                    records += taken
+                    self._positions[(topic, partition)] = taken[-1].offset + 1
                     if len(records) >= max_records:
                         return records
         return records

@@ -31,7 +31,8 @@ from typing import Any, Callable
 
 from raftka.cluster import metadata
 from raftka.cluster.metadata import METADATA_GROUP_ID, ClusterState, PartitionInfo
-from raftka.config import OFFSETS_TOPIC, TOPIC_CONFIGS, Config, topic_config_error
+from raftka.cluster import topic_configs
+from raftka.config import OFFSETS_TOPIC, Config, ConfigError, config_text
 from raftka.errors import (ErrorCode, InvalidConfigError, InvalidPartitionsError, InvalidReplicationFactorError, NoControllerError,
                            RaftkaError, UnknownTopicOrPartitionError)
 from raftka.storage.log_manager import PARTITIONS_MAX, LogManager, validate_topic_name
@@ -64,9 +65,17 @@ class ClusterController:
     """See the module docstring."""
 
     def __init__(self, config: Config, **raft_settings: Any) -> None:
+        try:   # the static defaults of topic configs: only values Raftka implements
+            topic_configs.validate({name: config_text(getattr(config, field))
+                                    for name, field in topic_configs.DYNAMIC_BROKER_CONFIGS.items()},
+                                   topic_configs.DYNAMIC_BROKER_CONFIGS)
+        except InvalidConfigError as error:
+            raise ConfigError(str(error)) from None
         self.config = config
         self.node_id = config.node_id
         self.raft_settings = dict(raft_settings)
+        # acknowledge only what the journal has fdatasync'd (fsync=always, the default)
+        self.raft_settings.setdefault("journal_fsync", config.fsync == "always")
         self.raft_dir = config.data_dir / "raft"
         self.logs = LogManager(config)
         self.state = ClusterState()
@@ -159,7 +168,11 @@ class ClusterController:
     def partition_leader(self, topic: str, partition: int) -> tuple[int, int]:
         """(leader id, leader epoch) as this broker knows them, (-1, -1) when unknown:
         the local replica's view if it hosts one and a leader is known (it is
-        the freshest), otherwise what the metadata records."""
+        the freshest), otherwise what the metadata records. A broker out of
+        service knows nothing current: unknown, so clients ask the others
+        instead of being sent back to a leader that is gone."""
+        if self.node.failed:
+            return -1, -1
         replica = self._replicas.get((topic, partition))
         if replica is not None and replica.leader_id is not None:
             return replica.leader_id, replica.leader_epoch
@@ -187,7 +200,7 @@ class ClusterController:
             raise InvalidReplicationFactorError(
                 f"replication factor {replication_factor!r} in a cluster of {cluster_size} brokers")
         configs = dict(configs or {})
-        _validate_topic_configs(configs)
+        topic_configs.validate(configs)
         await self._wait_ready_until(deadline)
         brokers = sorted(self.state.brokers)
         assert replication_factor <= len(brokers), f"ready with {brokers} registered, fewer than {cluster_size}"
@@ -219,6 +232,32 @@ class ClusterController:
         check_broker_partition_limit(self.state, replicas, self.config.max_partitions_per_broker)
         await self.propose(metadata.create_partitions(name, replicas), f"add partitions to {name!r}",
                            self._remaining_s(deadline))
+
+    async def alter_configs(self, resource_type: int, name: str, values: dict[str, str], deleted: list[str],
+                            replace: bool = False, validate_only: bool = False,
+                            timeout_s: float = ADMIN_TIMEOUT_S) -> None:
+        """Change a topic's configs, or the dynamic broker configs of resource
+        `name` ("" every broker, "<id>" one), through the metadata group, so
+        every broker applies the change at the same point of its log."""
+        deadline = self._deadline(timeout_s)
+        if resource_type == metadata.RESOURCE_TOPIC:
+            await self._wait_ready_until(deadline)
+            topic = self.state.topics.get(name)
+            if topic is None:
+                raise UnknownTopicOrPartitionError(f"unknown topic {name!r}")
+            current, names = topic.configs, topic_configs.TOPIC_CONFIGS
+        elif resource_type == metadata.RESOURCE_BROKER and (name == "" or name.isdigit()):
+            current, names = self.state.broker_configs.get(name, {}), topic_configs.DYNAMIC_BROKER_CONFIGS
+        else:
+            raise RaftkaError(f"config resource type {resource_type} {name!r} cannot be altered")
+        updated = {} if replace else {k: v for k, v in current.items() if k not in deleted}
+        updated.update(values)
+        topic_configs.validate(updated, names)
+        if validate_only:
+            return
+        await self._wait_ready_until(deadline)
+        await self.propose(metadata.alter_configs(resource_type, name, values, deleted, replace),
+                           f"alter configs of {name!r}", self._remaining_s(deadline))
 
     def _deadline(self, timeout_s: float) -> float:
         assert timeout_s >= 0, f"timeout_s({timeout_s}) < 0"
@@ -365,9 +404,13 @@ class ClusterController:
                 replica.log.reconfigure(topic_config)
 
     def _topic_config(self, configs: dict[str, str]) -> Config:
-        """The broker's settings with a topic's own (validated at creation) on top."""
-        overrides = {TOPIC_CONFIGS[k]: int(v) for k, v in configs.items() if k in TOPIC_CONFIGS}
-        return self.config.replace(**overrides) if overrides else self.config
+        """A topic's settings: this broker's static settings, under the
+        dynamic cluster-wide and per-broker ones, under the topic's own."""
+        dynamic = self.state.broker_configs
+        return topic_configs.effective(self.config, [
+            (dynamic.get("", {}), topic_configs.DYNAMIC_BROKER_CONFIGS),
+            (dynamic.get(str(self.node_id), {}), topic_configs.DYNAMIC_BROKER_CONFIGS),
+            (configs, topic_configs.TOPIC_CONFIGS)])
 
     def _start_replica(self, key: tuple[str, int], info: PartitionInfo) -> None:
         name, partition = key
@@ -463,9 +506,3 @@ def check_broker_partition_limit(state: metadata.ClusterState, new_replicas: lis
         raise InvalidPartitionsError(f"brokers {over} would hold more than max_partitions_per_broker={limit} "
                                      "partition replicas")
 
-
-def _validate_topic_configs(configs: dict[str, str]) -> None:
-    for key, value in configs.items():
-        problem = topic_config_error(key, value)
-        if problem is not None:
-            raise InvalidConfigError(problem)

@@ -14,14 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from raftka.config import topic_config_error
+from raftka.cluster import topic_configs
 from raftka.errors import ErrorCode, RaftkaError
 from raftka.storage.log_manager import PARTITIONS_MAX, validate_topic_name
 from raftka.raft import codec
 from raftka.security.state import COMMANDS as SECURITY_COMMANDS, SecurityState
 
 METADATA_GROUP_ID = 0
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2          # 2 added the dynamic broker configs; 1 is still read
+RESOURCE_TOPIC, RESOURCE_BROKER = 2, 4   # Kafka's config resource types
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,15 @@ def record_leader(name: str, partition: int, group_id: int, leader: int, epoch: 
                          "leader": leader, "epoch": epoch, "isr": isr})
 
 
+def alter_configs(resource_type: int, name: str, values: dict[str, str], deleted: list[str],
+                  replace: bool = False) -> bytes:
+    """Set `values` and remove `deleted` from a topic's configs or a broker
+    resource's dynamic configs ("" the cluster-wide default, "<id>" one
+    broker); `replace` drops every config not in `values` first (AlterConfigs)."""
+    return codec.encode({"op": "alter_configs", "type": resource_type, "name": name, "set": values,
+                         "delete": deleted, "replace": replace})
+
+
 def allocate_producer_ids(node_id: int, count: int) -> bytes:
     return codec.encode({"op": "allocate_producer_ids", "id": node_id, "count": count})
 
@@ -95,6 +105,8 @@ class ClusterState:
         self.next_producer_id = 0
         self.producer_id_blocks: dict[int, tuple[int, int]] = {}   # broker -> [first, end) it hands out
         self.security = SecurityState()    # users' SCRAM credentials and ACLs
+        # dynamic broker configs by resource name: "" the cluster-wide default, "<id>" one broker
+        self.broker_configs: dict[str, dict[str, str]] = {}
         self.version = 0   # bumped by every apply that changed something
         self._listeners: list[Callable[[], None]] = []
 
@@ -143,8 +155,7 @@ class ClusterState:
             return ErrorCode.TOPIC_ALREADY_EXISTS
         replicas = self._valid_assignment(c["replicas"], 0)
         configs = {_str(k): _str(v) for k, v in dict(c["configs"]).items()}
-        if any(topic_config_error(k, v) is not None for k, v in configs.items()):
-            return ErrorCode.INVALID_CONFIG    # never let a config no log can open into the state
+        topic_configs.validate(configs)    # InvalidConfigError: a config no log can open never enters the state
         topic_id = c["topic_id"]
         if not isinstance(topic_id, bytes) or len(topic_id) != 16:
             return ErrorCode.INVALID_REQUEST
@@ -175,6 +186,30 @@ class ClusterState:
         if (leader, epoch, isr) == (info.leader, info.leader_epoch, info.isr):
             return ErrorCode.NONE
         info.leader, info.leader_epoch, info.isr = leader, epoch, isr
+        return ErrorCode.NONE
+
+    def _alter_configs(self, c: dict) -> ErrorCode:
+        resource_type, name = _int(c["type"]), _str(c["name"])
+        values = {_str(k): _str(v) for k, v in dict(c["set"]).items()}
+        deleted = [_str(k) for k in c["delete"]]
+        if resource_type == RESOURCE_TOPIC:
+            topic = self.topics.get(name)
+            if topic is None:
+                return ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
+            current, names = topic.configs, topic_configs.TOPIC_CONFIGS
+        elif resource_type == RESOURCE_BROKER and (name == "" or name.isdigit()):
+            current, names = self.broker_configs.get(name, {}), topic_configs.DYNAMIC_BROKER_CONFIGS
+        else:
+            return ErrorCode.INVALID_REQUEST
+        updated = {} if c["replace"] else {k: v for k, v in current.items() if k not in deleted}
+        updated.update(values)
+        topic_configs.validate(updated, names)   # InvalidConfigError: refused alike everywhere
+        if resource_type == RESOURCE_TOPIC:
+            self.topics[name].configs = updated
+        elif updated:
+            self.broker_configs[name] = updated
+        else:
+            self.broker_configs.pop(name, None)
         return ErrorCode.NONE
 
     def _allocate_producer_ids(self, c: dict) -> ErrorCode:
@@ -209,6 +244,7 @@ class ClusterState:
             "next_producer_id": self.next_producer_id,
             "producer_id_blocks": [[b, first, end] for b, (first, end) in self.producer_id_blocks.items()],
             "brokers": [[b.node_id, b.host, b.port, b.rack] for b in self.brokers.values()],
+            "broker_configs": self.broker_configs,
             "topics": [[t.name, t.topic_id, t.configs,
                         [[p.group_id, p.replicas, p.leader, p.leader_epoch, p.isr] for p in t.partitions]]
                        for t in self.topics.values()],
@@ -216,12 +252,13 @@ class ClusterState:
 
     def restore(self, snapshot: bytes) -> None:
         data = codec.decode(snapshot)
-        if data.get("version") != SNAPSHOT_VERSION:
-            raise ValueError(f"metadata snapshot version {data.get('version')!r} is not {SNAPSHOT_VERSION}")
+        if data.get("version") not in (1, SNAPSHOT_VERSION):
+            raise ValueError(f"metadata snapshot version {data.get('version')!r} is not 1 or {SNAPSHOT_VERSION}")
         self.next_group_id = data["next_group_id"]
         self.next_producer_id = data["next_producer_id"]
         self.producer_id_blocks = {b: (first, end) for b, first, end in data["producer_id_blocks"]}
         self.brokers = {b[0]: BrokerInfo(*b) for b in data["brokers"]}
+        self.broker_configs = {name: dict(configs) for name, configs in data.get("broker_configs", {}).items()}
         self.topics = {name: TopicInfo(name, topic_id, [PartitionInfo(*p) for p in partitions], dict(configs))
                        for name, topic_id, configs, partitions in data["topics"]}
         self.security.restore_data(data.get("security"))
@@ -241,6 +278,7 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict], ErrorCode]] = {
     "create_partitions": ClusterState._create_partitions,
     "record_leader": ClusterState._record_leader,
     "allocate_producer_ids": ClusterState._allocate_producer_ids,
+    "alter_configs": ClusterState._alter_configs,
     **{op: (lambda state, c, apply=apply: apply(state.security, c)) for op, apply in SECURITY_COMMANDS.items()},
 }
 

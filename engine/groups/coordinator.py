@@ -7,6 +7,14 @@ A group moves through Kafka's states:
   Stable / CompletingRebalance --join, leave, session expiry--> PreparingRebalance
   PreparingRebalance --no member left--> Empty;   delete --> Dead
 
+Static membership (KIP-345): a member that joins with a `group.instance.id`
+keeps its place across restarts. A restarted instance (empty member id,
+known instance id) takes over its old member's place under a new member
+id: in a Stable group with unchanged protocols it gets the current
+generation and assignment back with no rebalance; its old member id is
+fenced (FENCED_INSTANCE_ID). Static members do not leave on close; only
+their session timeout (or an explicit LeaveGroup) removes them.
+
 Every completed rebalance bumps the generation. The broker only relays
 assignments: the leader member (the first to join, kept while it stays)
 receives every member's subscription metadata and sends back everyone's
@@ -69,7 +77,7 @@ class JoinResult:
 @dataclass
 class Member:
     member_id: str
-    group_instance_id: str | None          # static membership (JoinGroup v5+) is not served: None
+    group_instance_id: str | None          # static membership (JoinGroup v5+); None: a dynamic member
     client_id: str
     client_host: str
     session_timeout_ms: int
@@ -100,6 +108,7 @@ class Group:
     protocol: str | None = None
     leader: str | None = None
     members: dict[str, Member] = field(default_factory=dict)    # in join order
+    static_members: dict[str, str] = field(default_factory=dict)  # group instance id -> its member id
     rebalance_deadline_s: float = 0.0
     initial_delay_until_s: float = 0.0     # a new group's join window (0: none)
     initial_delay_limit_s: float = 0.0
@@ -133,9 +142,11 @@ class GroupCoordinator:
 
     async def join(self, group_id: str, member_id: str, client_id: str, client_host: str,
                    session_timeout_ms: int, rebalance_timeout_ms: int, protocol_type: str,
-                   protocols: tuple[tuple[str, bytes], ...]) -> JoinResult:
+                   protocols: tuple[tuple[str, bytes], ...], group_instance_id: str | None = None) -> JoinResult:
         """Join (or rejoin, with its member id) the group; resolves when the
-        rebalance completes. A new member (empty member id) gets its id here."""
+        rebalance completes. A new member (empty member id) gets its id here;
+        a known static instance rejoining with an empty member id takes over
+        its old member (see the module docstring)."""
         if not group_id:
             raise GroupError(ErrorCode.INVALID_GROUP_ID, group_id, "empty group id")
         s = self.settings
@@ -149,30 +160,70 @@ class GroupCoordinator:
             group = self.groups[group_id] = Group(group_id)
         self._check_protocols(group, protocol_type, protocols)
         now = self._clock()
+        if not member_id and group_instance_id in group.static_members:
+            return await self._rejoin_static(group, group_instance_id, client_id, client_host, session_timeout_ms,
+                                             rebalance_timeout_ms, protocol_type, protocols, now)
         if not member_id:
             if len(group.members) >= s.max_size:
                 raise GroupError(ErrorCode.GROUP_MAX_SIZE_REACHED, group_id, f"{s.max_size} members")
-            member_id = f"{client_id or 'member'}-{uuid.uuid4()}"
-            member = Member(member_id, None, client_id, client_host, session_timeout_ms,
+            member_id = f"{group_instance_id or client_id or 'member'}-{uuid.uuid4()}"
+            member = Member(member_id, group_instance_id, client_id, client_host, session_timeout_ms,
                             rebalance_timeout_ms, protocol_type, protocols, now + session_timeout_ms / 1000)
             group.members[member_id] = member
+            if group_instance_id is not None:
+                group.static_members[group_instance_id] = member_id
             if group.initial_delay_until_s:
                 group.initial_delay_until_s = min(now + s.initial_rebalance_delay_ms / 1000, group.initial_delay_limit_s)
         else:
-            member = group.members.get(member_id)
-            if member is None:
-                raise GroupError(ErrorCode.UNKNOWN_MEMBER_ID, group_id, f"no member {member_id!r}")
+            _group, member = self._member(group_id, member_id, group_instance_id)
             member.fail(GroupError(ErrorCode.REBALANCE_IN_PROGRESS, group_id, "the member rejoined"))
-            member.protocols, member.protocol_type = protocols, protocol_type
-            member.session_timeout_ms, member.rebalance_timeout_ms = session_timeout_ms, rebalance_timeout_ms
-            member.deadline_s = now + session_timeout_ms / 1000
+            self._update_member(member, protocol_type, protocols, session_timeout_ms, rebalance_timeout_ms, now)
+        return await self._join_rebalance(group, member, now, f"member {member_id} joined")
+
+    async def _join_rebalance(self, group: Group, member: Member, now: float, why: str) -> JoinResult:
+        """Wait for the member's place in the next generation (starting a rebalance unless one is under way)."""
         member.join_future = asyncio.get_running_loop().create_future()
         future = member.join_future
         if group.state is GroupState.PREPARING_REBALANCE:
             self._maybe_complete_join(group, now)
         else:
-            self._prepare_rebalance(group, now, f"member {member_id} joined")
+            self._prepare_rebalance(group, now, why)
         return await future
+
+    @staticmethod
+    def _update_member(member: Member, protocol_type: str, protocols: tuple[tuple[str, bytes], ...],
+                       session_timeout_ms: int, rebalance_timeout_ms: int, now: float) -> None:
+        member.protocols, member.protocol_type = protocols, protocol_type
+        member.session_timeout_ms, member.rebalance_timeout_ms = session_timeout_ms, rebalance_timeout_ms
+        member.deadline_s = now + session_timeout_ms / 1000
+
+    async def _rejoin_static(self, group: Group, instance_id: str, client_id: str, client_host: str,
+                             session_timeout_ms: int, rebalance_timeout_ms: int, protocol_type: str,
+                             protocols: tuple[tuple[str, bytes], ...], now: float) -> JoinResult:
+        """A known static instance came back under no member id (it restarted):
+        it replaces its old member, fenced from now on. In a Stable group whose
+        protocol stays the one selected it resumes the current generation at
+        once (Kafka's rule: its subscription is not compared; the leader
+        notices changes from metadata); otherwise the group rebalances."""
+        old = group.members[group.static_members[instance_id]]
+        old.fail(GroupError(ErrorCode.FENCED_INSTANCE_ID, group.group_id, f"instance {instance_id!r} rejoined"))
+        member_id = f"{instance_id}-{uuid.uuid4()}"
+        member = Member(member_id, instance_id, client_id, client_host, session_timeout_ms, rebalance_timeout_ms,
+                        protocol_type, protocols, now + session_timeout_ms / 1000, assignment=old.assignment)
+        group.members = {member_id if mid == old.member_id else mid: member if mid == old.member_id else m
+                         for mid, m in group.members.items()}   # its place in join order kept
+        group.static_members[instance_id] = member_id
+        if group.leader == old.member_id:
+            group.leader = member_id
+        unchanged = group.protocol is not None and self._select_protocol(group) == group.protocol
+        log.info("group %r: static instance %r rejoined as %s (was %s)", group.group_id, instance_id, member_id,
+                 old.member_id)
+        if group.state is GroupState.STABLE and unchanged:
+            await self._persist(group.group_id, group.record(self._now_ms()))
+            everyone = tuple((m.member_id, m.group_instance_id, m.metadata(group.protocol))
+                             for m in group.members.values()) if member_id == group.leader else ()
+            return JoinResult(group.generation, group.protocol, group.leader or "", member_id, everyone)
+        return await self._join_rebalance(group, member, now, f"static instance {instance_id!r} rejoined")
 
     def _check_protocols(self, group: Group, protocol_type: str, protocols: tuple[tuple[str, bytes], ...]) -> None:
         if not protocol_type or not protocols:
@@ -254,9 +305,9 @@ class GroupCoordinator:
     # ---- SyncGroup, Heartbeat, LeaveGroup --------------------------------
 
     async def sync(self, group_id: str, generation: int, member_id: str,
-                   assignments: dict[str, bytes]) -> bytes:
+                   assignments: dict[str, bytes], group_instance_id: str | None = None) -> bytes:
         """This member's assignment for the generation; the leader brings everyone's."""
-        group, member = self._member(group_id, member_id)
+        group, member = self._member(group_id, member_id, group_instance_id)
         if generation != group.generation:
             raise GroupError(ErrorCode.ILLEGAL_GENERATION, group_id, f"generation {generation}, the group is at {group.generation}")
         now = self._clock()
@@ -293,25 +344,35 @@ class GroupCoordinator:
             if future is not None and not future.done():
                 future.set_result(member.assignment)
 
-    def heartbeat(self, group_id: str, generation: int, member_id: str) -> None:
+    def heartbeat(self, group_id: str, generation: int, member_id: str, group_instance_id: str | None = None) -> None:
         """Keep the member's session; REBALANCE_IN_PROGRESS tells it to rejoin."""
-        group, member = self._member(group_id, member_id)
+        group, member = self._member(group_id, member_id, group_instance_id)
         if generation != group.generation:
             raise GroupError(ErrorCode.ILLEGAL_GENERATION, group_id, f"generation {generation}, the group is at {group.generation}")
         member.deadline_s = self._clock() + member.session_timeout_ms / 1000
         if group.state is GroupState.PREPARING_REBALANCE:
             raise GroupError(ErrorCode.REBALANCE_IN_PROGRESS, group_id)
 
-    def leave(self, group_id: str, member_id: str) -> None:
-        group, member = self._member(group_id, member_id)
+    def leave(self, group_id: str, member_id: str, group_instance_id: str | None = None) -> None:
+        """The member leaves; a static one may be named by its instance id alone (empty member id)."""
+        if not member_id and group_instance_id is not None:
+            group = self.groups.get(group_id)
+            member_id = group.static_members.get(group_instance_id, "") if group is not None else ""
+        group, member = self._member(group_id, member_id, group_instance_id)
         log.info("group %r: member %s left", group_id, member_id)
         self._remove(group, member, ErrorCode.UNKNOWN_MEMBER_ID)
         self._member_gone(group)
 
-    def _member(self, group_id: str, member_id: str) -> tuple[Group, Member]:
+    def _member(self, group_id: str, member_id: str, group_instance_id: str | None = None) -> tuple[Group, Member]:
+        """The group and member a request names; FENCED_INSTANCE_ID when its
+        instance id belongs to another member now (it was replaced)."""
         group = self.groups.get(group_id)
         if group is None:
             raise GroupError(ErrorCode.UNKNOWN_MEMBER_ID, group_id, "no such group here")
+        if group_instance_id is not None and group_instance_id in group.static_members \
+                and group.static_members[group_instance_id] != member_id:
+            raise GroupError(ErrorCode.FENCED_INSTANCE_ID, group_id,
+                             f"instance {group_instance_id!r} is member {group.static_members[group_instance_id]}")
         member = group.members.get(member_id)
         if member is None:
             raise GroupError(ErrorCode.UNKNOWN_MEMBER_ID, group_id, f"no member {member_id!r}")
@@ -320,6 +381,8 @@ class GroupCoordinator:
     def _remove(self, group: Group, member: Member, code: ErrorCode) -> None:
         member.fail(GroupError(code, group.group_id, f"member {member.member_id} removed"))
         del group.members[member.member_id]
+        if member.group_instance_id is not None and group.static_members.get(member.group_instance_id) == member.member_id:
+            del group.static_members[member.group_instance_id]
 
     def _member_gone(self, group: Group) -> None:
         now = self._clock()
@@ -330,7 +393,8 @@ class GroupCoordinator:
 
     # ---- offsets ---------------------------------------------------------------
 
-    def validate_commit(self, group_id: str, generation: int, member_id: str) -> None:
+    def validate_commit(self, group_id: str, generation: int, member_id: str,
+                        group_instance_id: str | None = None) -> None:
         """Raise GroupError unless this member may commit offsets now. A
         generation of -1 with no member is a consumer managing its own
         partitions, allowed while the group has no members."""
@@ -345,9 +409,7 @@ class GroupCoordinator:
             return
         if group.state is GroupState.COMPLETING_REBALANCE:
             raise GroupError(ErrorCode.REBALANCE_IN_PROGRESS, group_id)
-        member = group.members.get(member_id)
-        if member is None:
-            raise GroupError(ErrorCode.UNKNOWN_MEMBER_ID, group_id, f"no member {member_id!r}")
+        _group, member = self._member(group_id, member_id, group_instance_id)
         if generation != group.generation:
             raise GroupError(ErrorCode.ILLEGAL_GENERATION, group_id, f"generation {generation}, the group is at {group.generation}")
         member.deadline_s = self._clock() + member.session_timeout_ms / 1000
@@ -384,6 +446,8 @@ class GroupCoordinator:
                 m.member_id, m.group_instance_id, m.client_id, m.client_host, m.session_timeout_ms,
                 m.rebalance_timeout_ms, record.protocol_type, ((record.protocol or "", m.subscription),),
                 now + m.session_timeout_ms / 1000, assignment=m.assignment)
+            if m.group_instance_id is not None:
+                group.static_members[m.group_instance_id] = m.member_id
         group.state = GroupState.STABLE if group.members else GroupState.EMPTY
         self.groups[group_id] = group
 

@@ -225,6 +225,8 @@ def java_string_hash(text: str) -> int:
 
 
 def partition_for_group(group: str, partitions: int) -> int:
-    """Kafka's choice of a group's __consumer_offsets partition:
-    Utils.abs(groupId.hashCode) % partitions."""
+    """A group's __consumer_offsets partition: (hashCode & 0x7fffffff) %
+    partitions. Kafka's Utils.abs(hashCode) % partitions agrees for
+    non-negative hashes only; this one stays because existing groups'
+    records are in the partitions it chose (clients never compute it)."""
     return (java_string_hash(group) & 0x7FFFFFFF) % partitions

@@ -7,10 +7,19 @@ apply depends on (api_key, api_version), and kio knows both. Responses are
 never decoded here: kio hands Produce's records over as bytes, and Fetch's
 response is assembled by hand around views of the log (fetch_response).
 
+Flexible versions (KIP-482) need nothing per API: the schema kio loads for
+(api_key, api_version) names its header (request header v2 and response
+header v1, with tagged fields; ApiVersions' response header stays v0) and
+reads and writes compact arrays, strings and tagged fields. To serve an
+API, flexible or not: add its range to ADVERTISED, its handler to the
+broker's table, and answer with `answer(request, **fields)`.
+
 The versions we serve are in ADVERTISED, chosen for what the clients we
 target negotiate (see DESIGN.md, "Kafka protocol"): librdkafka only enables
 compression when Produce v0 is advertised, so v0-2 are advertised and
-refused (no v2 record batches before v3), as Kafka 4.0 does.
+refused (no v2 record batches before v3), as Kafka 4.0 does. Each raised
+version is exercised by librdkafka, kafka-python and aiokafka in
+tests/test_protocol_versions.py and the group and config tests.
 """
 from __future__ import annotations
 
@@ -35,27 +44,30 @@ API_VERSIONS, CREATE_TOPICS, DELETE_TOPICS, INIT_PRODUCER_ID = 18, 19, 20, 22
 DESCRIBE_CONFIGS, CREATE_PARTITIONS, DELETE_GROUPS, OFFSET_DELETE = 32, 37, 42, 47
 SASL_HANDSHAKE, SASL_AUTHENTICATE, DESCRIBE_ACLS, CREATE_ACLS, DELETE_ACLS = 17, 36, 29, 30, 31
 DESCRIBE_USER_SCRAM_CREDENTIALS, ALTER_USER_SCRAM_CREDENTIALS = 50, 51
+ALTER_CONFIGS, INCREMENTAL_ALTER_CONFIGS, DESCRIBE_CLUSTER = 33, 44, 60
 
 # api key -> (min, max) advertised in ApiVersions
 ADVERTISED: dict[int, tuple[int, int]] = {
-    PRODUCE: (0, 3),
-    FETCH: (4, 4),
-    LIST_OFFSETS: (1, 4),         # v4 reports the leader epoch (the Raft term): `raftka status` shows it
-    METADATA: (0, 4),
-    OFFSET_COMMIT: (2, 3),
-    OFFSET_FETCH: (1, 3),
+    PRODUCE: (0, 9),
+    FETCH: (4, 12),
+    LIST_OFFSETS: (1, 7),
+    METADATA: (0, 12),
+    OFFSET_COMMIT: (2, 8),
+    OFFSET_FETCH: (1, 8),
     FIND_COORDINATOR: (0, 2),
-    JOIN_GROUP: (0, 2),           # v5+ would be static membership, not served
-    HEARTBEAT: (0, 1),
-    LEAVE_GROUP: (0, 1),
-    SYNC_GROUP: (0, 1),
+    JOIN_GROUP: (0, 7),           # v5+: static membership (group.instance.id)
+    HEARTBEAT: (0, 4),
+    LEAVE_GROUP: (0, 4),
+    SYNC_GROUP: (0, 5),
     DESCRIBE_GROUPS: (0, 2),
     LIST_GROUPS: (0, 2),
     API_VERSIONS: (0, 3),
     CREATE_TOPICS: (2, 3),
     DELETE_TOPICS: (1, 3),
     INIT_PRODUCER_ID: (0, 1),
-    DESCRIBE_CONFIGS: (1, 2),
+    DESCRIBE_CONFIGS: (1, 4),
+    ALTER_CONFIGS: (0, 2),
+    INCREMENTAL_ALTER_CONFIGS: (0, 1),
     CREATE_PARTITIONS: (0, 1),
     DELETE_GROUPS: (0, 1),
     OFFSET_DELETE: (0, 0),
@@ -68,6 +80,7 @@ ADVERTISED: dict[int, tuple[int, int]] = {
     DELETE_ACLS: (1, 1),
     DESCRIBE_USER_SCRAM_CREDENTIALS: (0, 0),
     ALTER_USER_SCRAM_CREDENTIALS: (0, 0),
+    DESCRIBE_CLUSTER: (0, 1),
 }
 # advertised but refused: Produce before v3 cannot carry v2 record batches
 REFUSED: dict[int, range] = {PRODUCE: range(0, 3)}
@@ -120,16 +133,10 @@ def read_request(frame: bytes, client_host: str = "") -> Request:
         position += size
     except Exception as error:  # kio raises whatever the bytes provoke
         raise MalformedRequest(f"API {api_key} v{api_version}: {type(error).__name__}: {error}") from None
-    if position != len(frame) and not _empty_tag_sections(schema, frame[position:]):
-        raise MalformedRequest(f"API {api_key} v{api_version}: {len(frame) - position} trailing bytes")
+    # Bytes past the body are ignored, as Kafka's parser ignores them:
+    # librdkafka's all-topics Metadata v9+ leaves 3 bytes of an i32
+    # placeholder after its compact null array.
     return Request(api_key, api_version, correlation_id, getattr(header, "client_id", None), body, client_host)
-
-
-def _empty_tag_sections(schema: type, rest: bytes | memoryview) -> bool:
-    """A few zero bytes after a flexible body: empty tagged-field sections
-    librdkafka 2.x writes once too often (AlterUserScramCredentials); Kafka
-    ignores them, so do we."""
-    return bool(schema.__flexible__) and len(rest) <= 2 and not any(bytes(rest))
 
 
 def response_schema(request: Request) -> type:
@@ -224,10 +231,33 @@ def unsupported_response(correlation_id: int) -> bytes:
     return _SIZE.pack(len(body)) + body
 
 
-# ---- Fetch v4 response, assembled around views of the log ------------------
+# ---- flexible versions (KIP-482) -------------------------------------------
+#
+# kio reads and writes every schema, flexible ones included: request header v2
+# and response header v1 carry tagged fields, arrays, strings and bytes are
+# "compact" (unsigned varint length + 1, 0 for null). The one response built
+# by hand is Fetch's (its record bytes are views of the log); these helpers
+# are its compact encoding.
+
+def uvarint(value: int) -> bytes:
+    """An unsigned varint (protobuf's): 7 bits per byte, low bits first."""
+    assert value >= 0, f"uvarint({value}) < 0"
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+NO_TAGGED_FIELDS = b"\0"
+
+
+# ---- Fetch response (v4-v12), assembled around views of the log ----------
 
 _I16, _I32, _I64 = struct.Struct(">h"), struct.Struct(">i"), struct.Struct(">q")
-_FETCH_PARTITION = struct.Struct(">ihqqi")   # index, error, high watermark, last stable offset, aborted (-1)
+_FETCH_PARTITION = struct.Struct(">ihqqq")   # index, error, high watermark, last stable offset, log start
+FETCH_FLEXIBLE_VERSION = 12
 
 
 @dataclass
@@ -235,24 +265,54 @@ class FetchPartition:
     index: int
     error_code: int
     high_watermark: int
+    log_start_offset: int
     records: memoryview | bytes
 
 
-def fetch_response(correlation_id: int, topics: list[tuple[str, list[FetchPartition]]]) -> list[Any]:
-    """Fetch v4 response as buffers to write in order; record bytes are the
-    log's own views, not copies."""
+def fetch_response(correlation_id: int, api_version: int, topics: list[tuple[str, list[FetchPartition]]],
+                   error_code: int = ErrorCode.NONE) -> list[Any]:
+    """The Fetch response of `api_version` (4-12) as buffers to write in order;
+    record bytes are the log's own views, not copies. No fetch session is
+    ever created (session id 0), no transactions (last stable offset = high
+    watermark, no aborted transactions), no preferred read replica (-1)."""
+    assert 4 <= api_version <= FETCH_FLEXIBLE_VERSION, f"Fetch v{api_version} is not built here"
+    flexible = api_version >= FETCH_FLEXIBLE_VERSION
+
+    def count(n: int) -> bytes:
+        return uvarint(n + 1) if flexible else _I32.pack(n)
+
+    def string(text: str) -> bytes:
+        raw = text.encode()
+        return (uvarint(len(raw) + 1) if flexible else _I16.pack(len(raw))) + raw
+
     parts: list[Any] = []
-    head = bytearray(_I32.pack(correlation_id) + _I32.pack(0) + _I32.pack(len(topics)))
+    head = bytearray(_I32.pack(correlation_id))
+    if flexible:
+        head += NO_TAGGED_FIELDS
+    head += _I32.pack(0)                                   # throttle time
+    if api_version >= 7:
+        head += _I16.pack(error_code) + _I32.pack(0)       # session id 0: no session
+    head += count(len(topics))
     for name, partitions in topics:
-        raw = name.encode()
-        head += _I16.pack(len(raw)) + raw + _I32.pack(len(partitions))
+        head += string(name) + count(len(partitions))
         for p in partitions:
-            head += _FETCH_PARTITION.pack(p.index, p.error_code, p.high_watermark, p.high_watermark, -1)
-            head += _I32.pack(len(p.records))
+            packed = _FETCH_PARTITION.pack(p.index, p.error_code, p.high_watermark, p.high_watermark,
+                                           p.log_start_offset)
+            head += packed if api_version >= 5 else packed[:-8]
+            head += uvarint(0) if flexible else _I32.pack(-1)    # aborted transactions: null
+            if api_version >= 11:
+                head += _I32.pack(-1)                            # preferred read replica: none
+            head += uvarint(len(p.records) + 1) if flexible else _I32.pack(len(p.records))
             if len(p.records):
                 parts.append(bytes(head))
                 parts.append(p.records)
                 head = bytearray()
+            if flexible:
+                head += NO_TAGGED_FIELDS                         # partition
+        if flexible:
+            head += NO_TAGGED_FIELDS                             # topic
+    if flexible:
+        head += NO_TAGGED_FIELDS                                 # response
     if head:
         parts.append(bytes(head))
     size = sum(len(p) for p in parts)

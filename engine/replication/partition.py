@@ -1,33 +1,37 @@
 """PartitionReplica: one replica of a partition's Raft group, a raft.RaftGroup
 whose replicated command is "append these record batches" to a PartitionLog.
-The Kafka-specific half of replication (idempotent producer state, catch-up
-by fetching segment ranges); raft/ is the generic multi-Raft library under it.
+The Kafka-specific half of replication (idempotent producers, catch-up by
+fetching segment ranges); raft/ is the generic multi-Raft library under it.
 
+- One log: the Raft log of the partition is its segment files (LogJournal,
+  log_journal.py). An entry's batches are written to the segments when the
+  entry is added to the Raft log, with base offset = log end offset and
+  partitionLeaderEpoch = the entry's term, the same bytes on every replica;
+  truncating an uncommitted suffix truncates the segments; committing moves
+  the high watermark (= the end of the last applied entry), and applying
+  writes nothing. pysyncobj's no-op entries take no offset.
 - Commands travel over the broker's shared PeerNetwork through GroupTransport,
   never pysyncobj's pickling TCP transport. A command is raw bytes,
-  `0x10 | leader epoch (i32) | record batches`, not a pickled method call, so
-  applying it copies nothing and unpickles nothing.
-- Appends proposed during one event-loop iteration (the produce requests read
-  together) become one entry, `0x11 | leader epoch (i32) | part count (u32) |
-  part sizes (u32 each) | parts`, each part applied as its own append with
-  its own outcome: the Raft cost (journal write, one message per follower,
-  acknowledgement, commit) is paid per iteration, not per request.
-- Apply is deterministic: the batches get base offset = log end offset and the
-  leader epoch the leader stamped into the command, so every replica writes
-  the same bytes. Batches every replica rejects (corrupt) are rejected by all
-  alike, and the proposer gets the error. High watermark = end of the last
-  applied command.
-- Apply is idempotent across restarts: the partition state stores the high
-  watermark together with the Raft index it was reached at. On start the log
-  is cut back to that high watermark (anything later was never recorded as
-  applied), and entries the journal replays at or below that index are
-  skipped; the rest are applied again.
-- The Raft log is a DiskJournal (raft/journal.py): on disk, durable term and vote.
-- Compaction writes a small checkpoint (raft/checkpoint.py) instead of pickling the
-  object: the Raft index, the log end offset at that index, and the two
-  boundary entries pysyncobj keeps. A follower that receives a checkpoint
-  beyond its own log fetches the missing offset range from the leader
-  (catch-up, below), applying later commands only once it has it.
+  `0x10 | leader epoch (i32) | record batches`, not a pickled method call.
+  Appends proposed during one event-loop iteration (the produce requests
+  read together) become one entry, `0x11 | leader epoch (i32) | part count
+  (u32) | part sizes (u32 each) | parts`, each part its own append with its
+  own outcome: the Raft cost is paid per iteration, not per request.
+- The leader decides, and the log carries the decision: a produce is checked
+  before it is proposed (batches validated; an idempotent producer's
+  sequence checked for every batch against ProducerState, so a retry is
+  answered with the offset it already has and never proposed again). Every
+  replica only writes what the leader proposed, so replicas cannot diverge
+  on a decision. ProducerState follows the log on every replica (as entries
+  are added; rebuilt from the log's tail on a truncation or a restart), so a
+  new leader decides from the same log.
+- Compaction writes a small checkpoint (raft/checkpoint.py): the Raft index,
+  the log end offset at that index, and the two boundary entries as markers
+  of where their data lies. A follower that receives a checkpoint beyond its
+  own log fetches the missing offset range from the leader (catch-up),
+  refusing new entries until it has it; a follower whose log ends below the
+  leader's log start (retention ran while it was away) restarts its log at
+  the leader's log start.
 """
 from __future__ import annotations
 
@@ -41,24 +45,21 @@ from typing import Any, Callable
 from raftka.errors import (CorruptRecordError, InvalidProducerEpochError, NotLeaderOrFollowerError,
                            OutOfOrderSequenceError, RecordTooLargeError, ReplicationTimeoutError,
                            UnknownTopicOrPartitionError)
-from raftka.records import layout
-from raftka.records.batch import read_header
-from raftka.storage.producer_state import REBUILD_SEGMENTS, ProducerState
+from raftka.records.batch import iter_batches
+from raftka.storage.producer_state import NO_PRODUCER_ID, PENDING_OFFSET, REBUILD_SEGMENTS, ProducerState
 from raftka.storage.partition_log import PartitionLog
 from raftka.raft import checkpoint
-from raftka.raft.group import (MAX_COMMAND_BYTES, GroupRemovedError, NotLeaderError, PeerNode, RaftGroup,
+from raftka.raft.group import (MAX_COMMAND_BYTES, FailReason, GroupRemovedError, NotLeaderError, PeerNode, RaftGroup,
                                ReplicationError, settle_future)
-from raftka.raft.pysyncobj_adapter import monotonic_time
+from raftka.raft.pysyncobj_adapter import NO_OP_ENTRY, monotonic_time
+from raftka.replication.log_journal import (APPEND_COMMAND, APPEND_HEADER, LOG_START_COMMAND, MULTI_APPEND_COMMAND,
+                                            MULTI_APPEND_HEADER, NO_CONTROL, PART_SIZE, LogJournal, LogJournalPath,
+                                            log_start_command, marker)
 
 log = logging.getLogger(__name__)
 
 AppendCallback = Callable[[int | None, Exception | None], None]
 
-APPEND_COMMAND = 0x10                  # after pysyncobj's own command types 0..3
-APPEND_HEADER = struct.Struct(">Bi")   # command type, leader epoch
-MULTI_APPEND_COMMAND = 0x11            # several appends (produce requests) in one entry
-MULTI_APPEND_HEADER = struct.Struct(">BiI")   # command type, leader epoch, part count
-PART_SIZE = struct.Struct(">I")
 CATCH_UP_CHUNK_BYTES = 4 * 1024 * 1024
 CATCH_UP_RETRY_S = 0.5
 
@@ -68,36 +69,63 @@ class CatchUp:
     """A follower fetching [its log end offset, target_offset) from the leader."""
 
     target_offset: int
-    applied_index: int
     retry_at: float = field(default=0.0)
 
 
 class PartitionReplica(RaftGroup):
     """This broker's replica of one partition's Raft group."""
 
-    COMMAND_TYPES = frozenset({APPEND_COMMAND, MULTI_APPEND_COMMAND})
+    COMMAND_TYPES = frozenset({APPEND_COMMAND, MULTI_APPEND_COMMAND, LOG_START_COMMAND})
 
     def __init__(self, group_id: int, partition_log: PartitionLog, self_id: int, replica_ids: list[int],
                  network: Any, group_dir: Path, journal_max_bytes: int = 128 * 1024 * 1024,
                  **raft_settings: Any) -> None:
         self._log = partition_log
-        self._recorded_applied_index = partition_log.applied_index
-        partition_log.truncate(partition_log.high_watermark)
+        partition_log.journaled = True       # the Raft log's group commits sync it
+        partition_log.recovered_short = False  # the entries file, not the applied index, says what it holds
+        partition_log.on_retention = self._propose_log_start   # retention is the leader's decision, replicated
+        self._log_start_proposed = -1
         self._catch_up: CatchUp | None = None
-        self._deferred: list[tuple[int, bytes]] = []    # (raft index, command) held during catch-up
         self._pending_appends: list[tuple[Any, asyncio.Future[Any]]] = []   # proposed at the next tick
+        self._duplicates: list[tuple[int, asyncio.Future[Any]]] = []   # retries of appends not yet committed
         self.on_high_watermark: Callable[[], None] | None = None   # the broker wakes waiting fetches
-        self.producers = ProducerState()
-        self._rebuild_producer_state()
+        self.producers = ProducerState(partition_log.config.producer_id_expiration_ms)
         super().__init__(group_id, self_id, replica_ids, network, group_dir, journal_max_bytes, **raft_settings)
+        journal = self.journal
+        journal.on_added = self._record_producers
+        journal.on_truncated = self._rebuild_producer_state
+        self._rebuild_producer_state()
         self.transport.on_extension_message = self._on_extension_message
+
+    def _journal_path(self, directory: Path, **options: Any) -> str:
+        return LogJournalPath(directory, self._log, **options)
 
     @property
     def log(self) -> PartitionLog:
         return self._log
 
+    def _propose_log_start(self, offset: int) -> None:
+        """Retention found segments below `offset` to delete: as leader, replicate
+        that (every replica deletes when it commits); a follower waits for it."""
+        if not self.is_leader or offset <= self._log_start_proposed:
+            return
+        self._log_start_proposed = offset
+
+        def done(_result: Any, error: Exception | None) -> None:
+            if error is not None:
+                self._log_start_proposed = -1   # proposed again at the next retention run
+        self._propose(log_start_command(offset), done)
+
     def _rebuild_producer_state(self) -> None:
         self.producers.rebuild([segment.view() for segment in self._log.segments[-REBUILD_SEGMENTS:]])
+
+    def _record_producers(self, parts: list[memoryview], bases: list[int]) -> None:
+        """An entry's batches were added to the log: remember their producers' sequences."""
+        for part, offset in zip(parts, bases):
+            for header, _batch in iter_batches(part):
+                if header.producer_id != NO_PRODUCER_ID:
+                    self.producers.record(header, offset)
+                offset += header.last_offset_delta + 1
 
     @property
     def catching_up(self) -> bool:
@@ -168,7 +196,7 @@ class PartitionReplica(RaftGroup):
                 future.set_exception(error)
 
     def _flush_appends(self) -> None:
-        """Propose every pending append, as few entries as the size limit allows."""
+        """Check and propose every pending append, as few entries as the size limit allows."""
         if not self._pending_appends:
             return
         if not self.is_leader:
@@ -178,25 +206,89 @@ class PartitionReplica(RaftGroup):
         chunk: list[tuple[Any, asyncio.Future[Any]]] = []
         size = MULTI_APPEND_HEADER.size
         for batches, future in pending:
+            if not self._decide(batches, future):
+                continue
             part_size = PART_SIZE.size + len(batches)
             if chunk and size + part_size > MAX_COMMAND_BYTES:
                 self._propose_parts(chunk)
                 chunk, size = [], MULTI_APPEND_HEADER.size
             chunk.append((batches, future))
             size += part_size
-        self._propose_parts(chunk)
+        if chunk:
+            self._propose_parts(chunk)
+
+    def _decide(self, batches: Any, future: "asyncio.Future[Any]") -> bool:
+        """The leader's decision on one append, before it enters the log: True
+        to propose it; else `future` is answered (an invalid batch, an
+        idempotent producer's out-of-order or fenced batch, or a retry of a
+        batch the log holds: its offset, once committed)."""
+        try:
+            self._log.validate(batches)
+            duplicate = self._check_producers(batches)
+        except (CorruptRecordError, RecordTooLargeError, OutOfOrderSequenceError, InvalidProducerEpochError) as error:
+            settle_future(future, None, error)
+            return False
+        if duplicate is None:
+            return True
+        if duplicate < 0:   # the original is proposed but not yet in the log: the client retries later
+            settle_future(future, None, ReplicationError(self.group_id, FailReason.QUEUE_FULL))
+        elif duplicate < self._log.high_watermark:
+            settle_future(future, duplicate, None)
+        else:
+            self._duplicates.append((duplicate, future))
+        return False
+
+    def _check_producers(self, batches: Any) -> int | None:
+        """Every batch's sequence checked (and provisionally recorded, so the
+        next append of the same iteration follows it); the first batch's
+        original offset if it is a retry (-1 while that original is not in
+        the log yet), else None."""
+        first = True
+        for header, _batch in iter_batches(memoryview(batches)):
+            if header.producer_id == NO_PRODUCER_ID:
+                first = False
+                continue
+            duplicate = self.producers.check(header)
+            if duplicate is not None:
+                if first:
+                    return duplicate
+                raise OutOfOrderSequenceError(f"producer {header.producer_id}: a retried batch "
+                                              f"(sequence {header.base_sequence}) after a new one in one request")
+            self.producers.record(header, PENDING_OFFSET)
+            first = False
+        return None
+
+    def _answer_duplicates(self) -> None:
+        """Retries whose original committed get its offset."""
+        if not self._duplicates:
+            return
+        high_watermark = self._log.high_watermark
+        waiting = []
+        for offset, future in self._duplicates:
+            if offset < high_watermark:
+                settle_future(future, offset, None)
+            else:
+                waiting.append((offset, future))
+        self._duplicates = waiting
 
     def _propose_parts(self, chunk: list[tuple[Any, "asyncio.Future[Any]"]]) -> None:
         if len(chunk) == 1:
             batches, future = chunk[0]
-            self._propose(APPEND_HEADER.pack(APPEND_COMMAND, self.leader_epoch) + batches,
-                          lambda result, error: settle_future(future, result, error), wake=False)
+
+            def settle(result: Any, error: Exception | None) -> None:
+                if error is not None:
+                    self._rebuild_producer_state()
+                settle_future(future, result, error)
+            self._propose(bytearray(APPEND_HEADER.pack(APPEND_COMMAND, self.leader_epoch)) + batches, settle,
+                          wake=False)
             return
         head = MULTI_APPEND_HEADER.pack(MULTI_APPEND_COMMAND, self.leader_epoch, len(chunk))
         sizes = struct.pack(f">{len(chunk)}I", *(len(batches) for batches, _ in chunk))
-        command = b"".join([head, sizes, *(batches for batches, _ in chunk)])
+        command = bytearray(b"".join([head, sizes, *(batches for batches, _ in chunk)]))
 
         def done(results: Any, error: Exception | None) -> None:
+            if error is not None:
+                self._rebuild_producer_state()   # drop the provisional sequences of what did not commit
             for position, (_batches, future) in enumerate(chunk):
                 result = results[position] if isinstance(results, list) else results
                 if error is None and isinstance(result, Exception):
@@ -219,60 +311,19 @@ class PartitionReplica(RaftGroup):
                                       f"command limit of {MAX_COMMAND_BYTES - APPEND_HEADER.size}")
 
     def _apply_hook(self, command: bytes) -> Any:
+        """A committed entry: its data is in the log already; the high
+        watermark moves past it, and the proposer learns its offsets."""
         index = self._raft_last_applied() + 1  # pysyncobj bumps it after the apply returns
-        if index <= self._recorded_applied_index:
-            return None  # applied before a restart; the journal replays it
-        if self._catch_up is not None:
-            self._deferred.append((index, command))
-            return None
-        return self._apply_command(index, command)
-
-    def _apply_command(self, index: int, command: bytes) -> int | Exception | list[int | Exception]:
-        """Apply an append command (0x10: one outcome; 0x11: one per part)
-        at Raft `index`, then move the high watermark once."""
-        if command[:1] == b"\x10":
-            _, leader_epoch = APPEND_HEADER.unpack_from(command)
-            outcome: Any = self._apply_append(memoryview(command)[APPEND_HEADER.size:], leader_epoch)
-        else:
-            outcome = self._apply_parts(command)
-        self._log.set_high_watermark(self._log.log_end_offset, applied_index=index)
-        if self.on_high_watermark is not None:
-            self.on_high_watermark()
-        return outcome
-
-    def _apply_parts(self, command: bytes) -> list[int | Exception] | Exception:
-        """Each part of a 0x11 command appended in order, as separate commands would be."""
-        _, leader_epoch, count = MULTI_APPEND_HEADER.unpack_from(command)
-        position = MULTI_APPEND_HEADER.size + PART_SIZE.size * count
-        if count == 0 or position > len(command):
-            return CorruptRecordError(f"append command of {len(command)} bytes claims {count} parts", 0)
-        sizes = struct.unpack_from(f">{count}I", command, MULTI_APPEND_HEADER.size)
-        if position + sum(sizes) != len(command):
-            return CorruptRecordError(f"append command parts sum to {sum(sizes)} of "
-                                      f"{len(command) - position} bytes", position)
-        view = memoryview(command)
-        outcomes: list[int | Exception] = []
-        for size in sizes:
-            outcomes.append(self._apply_append(view[position:position + size], leader_epoch))
-            position += size
-        return outcomes
-
-    def _apply_append(self, batches: memoryview, leader_epoch: int) -> int | Exception:
-        """Append (or, for an idempotent producer's retry, answer the offset it
-        already has); every replica decides alike from the same log."""
-        outcome: int | Exception
-        try:
-            header = read_header(batches) if len(batches) >= layout.HEADER_SIZE else None
-            duplicate = self.producers.check(header) if header is not None else None
-            if duplicate is not None:
-                outcome = duplicate
-            else:
-                outcome = self._log.append(batches, leader_epoch=leader_epoch).base_offset
-                if header is not None:
-                    self.producers.record(header, outcome)
-        except (CorruptRecordError, RecordTooLargeError, OutOfOrderSequenceError, InvalidProducerEpochError) as error:
-            outcome = error  # every replica rejects it alike; the index is applied all the same
-        return outcome
+        journal: LogJournal = self.journal
+        slot = journal.slot(index)
+        if slot is not None and slot[4] != NO_CONTROL:
+            self._log.delete_below(slot[4])   # the leader's retention decision, carried out alike everywhere
+        if slot is not None and slot[3] > self._log.high_watermark:
+            self._log.set_high_watermark(slot[3], applied_index=index)
+            self._answer_duplicates()
+            if self.on_high_watermark is not None:
+                self.on_high_watermark()
+        return journal.pop_outcome(index)
 
     # ---- checkpoint and catch-up -------------------------------------------
     def _may_compact(self) -> bool:
@@ -282,27 +333,53 @@ class PartitionReplica(RaftGroup):
     def _write_checkpoint(self, path: str, raft_data: tuple) -> None:
         last_applied, previous, _cluster = raft_data
         assert last_applied[1] == self._raft_last_applied(), (last_applied[1], self._raft_last_applied())
-        # the stored state (high watermark at applied index) must not lag the
-        # checkpoint, or a restart would refetch what it already has
+        journal: LogJournal = self.journal
+        entries = []
+        for _command, index, term in (previous, last_applied):
+            slot = journal.slot(index)
+            assert slot is not None, index
+            if slot[4] != NO_CONTROL:
+                command = log_start_command(slot[4])
+            else:
+                command = NO_OP_ENTRY if slot[2] == slot[3] else marker(slot[2], slot[3])
+            entries.append((command, index, term))
         self._log.flush_index()
         checkpoint.write(Path(path), checkpoint.Checkpoint(
-            applied_index=last_applied[1], log_end_offset=self._log.log_end_offset,
-            entries=(tuple(previous), tuple(last_applied))))
+            applied_index=last_applied[1], log_end_offset=journal.slot(last_applied[1])[3],
+            entries=(entries[0], entries[1])))
 
     def _read_checkpoint(self, path: str) -> tuple:
         point = checkpoint.read(Path(path))
-        if self._log.high_watermark < point.log_end_offset and point.applied_index > self._recorded_applied_index:
+        if self._log.high_watermark < point.log_end_offset:
             self._start_catch_up(point)
         previous, last_applied = point.entries
         cluster = {PeerNode(rid) for rid in self.replica_ids}
         return last_applied, previous, cluster
 
+    def _load_dump_hook(self, clear_journal: bool) -> None:
+        """At start, a checkpoint whose entries the log still holds changes
+        nothing but where applying resumes (pysyncobj would compare commands,
+        find markers, and clear the log)."""
+        if not clear_journal:
+            path = Path(self.conf.fullDumpFile)
+            try:
+                point = checkpoint.read(path)
+            except FileNotFoundError:
+                return
+            (_c, prev_index, prev_term), (_c2, index, term) = point.entries
+            journal: LogJournal = self.journal
+            if journal.term_at(prev_index) == prev_term and journal.term_at(index) == term \
+                    and journal.slot(index)[3] <= self._log.log_end_offset:
+                journal.deleteEntriesTo(prev_index - journal.first_index())
+                self._set_last_applied(index)
+                return
+        super()._load_dump_hook(clear_journal)
+
     def _start_catch_up(self, point: checkpoint.Checkpoint) -> None:
         log.info("group %d on %d: checkpoint at offset %d is past our high watermark %d; catching up",
                  self.group_id, self.self_id, point.log_end_offset, self._log.high_watermark)
         self._log.truncate(self._log.high_watermark)
-        self._deferred.clear()
-        self._catch_up = CatchUp(target_offset=point.log_end_offset, applied_index=point.applied_index)
+        self._catch_up = CatchUp(target_offset=point.log_end_offset)
         self._request_catch_up()
 
     def _request_catch_up(self) -> None:
@@ -324,6 +401,7 @@ class PartitionReplica(RaftGroup):
         super()._before_tick_hook()
 
     def _after_tick_hook(self) -> None:
+        super()._after_tick_hook()
         if self._catch_up is not None and monotonic_time() >= self._catch_up.retry_at:
             self._request_catch_up()
 
@@ -339,20 +417,26 @@ class PartitionReplica(RaftGroup):
         if not all(isinstance(v, int) for v in (offset, end, max_bytes)) or max_bytes <= 0:
             return
         log_ = self._log
-        if not log_.log_start_offset <= offset < min(end, log_.high_watermark):
-            reply = {"type": "rk_fetch_data", "offset": offset, "data": b"", "high_watermark": log_.high_watermark}
-        else:
+        reply = {"type": "rk_fetch_data", "offset": offset, "data": b"", "high_watermark": log_.high_watermark,
+                 "log_start_offset": log_.log_start_offset}
+        if log_.log_start_offset <= offset < min(end, log_.high_watermark):
             piece = log_.read(offset, min(max_bytes, CATCH_UP_CHUNK_BYTES), end_offset=end)
-            reply = {"type": "rk_fetch_data", "offset": offset, "data": bytes(piece.buffer),
-                     "high_watermark": log_.high_watermark}
+            reply["data"] = bytes(piece.buffer)
         self.transport.send_to(peer_id, reply)
 
     def _receive_fetch(self, message: dict) -> None:
         catch_up = self._catch_up
         assert catch_up is not None
-        data, offset = message.get("data"), message.get("offset")
+        data, offset, log_start = message.get("data"), message.get("offset"), message.get("log_start_offset")
         if not isinstance(data, bytes) or offset != self._log.log_end_offset:
             return  # stale or foreign answer; the retry timer asks again
+        if not data and isinstance(log_start, int) and offset < log_start <= catch_up.target_offset:
+            # retention on the leader deleted what we lack: our log restarts at its log start
+            log.warning("group %d on %d: the leader's log starts at %d, past our end %d; restarting our log there",
+                        self.group_id, self.self_id, log_start, offset)
+            self._log.restart_at(log_start)
+            self._request_catch_up()
+            return
         if data:
             self._log.append(data, leader_epoch=-1)  # offsets and epochs exactly as the leader has them
             self._log.set_high_watermark(self._log.log_end_offset)
@@ -367,12 +451,13 @@ class PartitionReplica(RaftGroup):
         if self._log.log_end_offset != catch_up.target_offset:
             raise AssertionError(f"group {self.group_id}: caught up to {self._log.log_end_offset}, "
                                  f"checkpoint says {catch_up.target_offset}")
-        self._log.set_high_watermark(self._log.log_end_offset, applied_index=catch_up.applied_index)
-        self._recorded_applied_index = catch_up.applied_index
+        self._log.set_high_watermark(self._log.log_end_offset, applied_index=self._raft_last_applied())
         self._catch_up = None
         self._rebuild_producer_state()
         log.info("group %d on %d: caught up to offset %d", self.group_id, self.self_id, self._log.log_end_offset)
-        deferred, self._deferred = self._deferred, []
-        for index, command in deferred:
-            if index > self._recorded_applied_index:
-                self._apply_command(index, command)
+
+    def _on_raft_message(self, node: PeerNode, message: dict) -> None:
+        if self._catch_up is not None and message.get("type") == "append_entries" and message.get("entries") \
+                and self._refusal(message) is None:
+            return   # entries follow data we do not hold yet: the leader resends them once we caught up
+        super()._on_raft_message(node, message)

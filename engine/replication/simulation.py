@@ -59,6 +59,7 @@ from raftka.storage.partition_log import PartitionLog
 from raftka.raft import codec
 from raftka.raft.group import NotLeaderError
 from raftka.raft.pysyncobj_adapter import patched_clock
+from raftka.replication.log_journal import LogJournal, is_marker
 from raftka.replication.partition import PartitionReplica
 
 __all__ = ["DEFAULT_STEPS", "FAULT_NAMES", "PLANTS", "RESERVED_FAULTS", "Faults", "InvariantViolation", "Plant",
@@ -71,16 +72,17 @@ MIN_DELAY_S = 0.001               # every message takes at least this long
 SIM_RAFT = dict(raftMinTimeout=0.3, raftMaxTimeout=0.6, appendEntriesPeriod=0.05, leaderFallbackTimeout=0.6,
                 logCompactionMinEntries=25, logCompactionMinTime=5.0)
 MAX_HEAL_STEPS = 3000
+INDEX_COMMIT_P = 0.05             # per replica and step: its index and state are committed (LogManager's job)
 
 # Fault names, as `raftka simulate --faults` takes them, each with the Faults
 # field that turns it off and that field's value when off.
 _FAULT_OFF: dict[str, tuple[str, float]] = {
     "kill": ("crash", 0.0), "partition": ("cut", 0.0), "oneway": ("oneway", 0.0),
     "reorder": ("max_delay_s", MIN_DELAY_S), "duplicate": ("duplicate", 0.0), "drop": ("drop", 0.0),
-    "foreign": ("foreign", 0.0),
+    "foreign": ("foreign", 0.0), "power": ("power", 0.0),
 }
 FAULT_NAMES = tuple(_FAULT_OFF)
-RESERVED_FAULTS = ("disk-full", "clock", "power")   # named now, simulated with the durable-log work
+RESERVED_FAULTS = ("disk-full", "clock")   # named now, not simulated yet
 
 # Commands a hostile or broken peer sends: pysyncobj's REGULAR (pickled),
 # MEMBERSHIP and VERSION types, a no-op with a payload, and unknown types.
@@ -99,7 +101,7 @@ class InvariantViolation(AssertionError):
 
 
 class UnsupportedFault(ValueError):
-    """A reserved fault name (disk-full, clock, power): not simulated yet."""
+    """A reserved fault name (disk-full, clock): not simulated yet."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,9 @@ class Faults:
     oneway_steps: tuple[int, int] = (150, 300)   # its length, uniform in this range
     foreign: float = 0.02            # a peer's append_entries holding a foreign command is injected
     propose: float = 0.3             # per group: its leader is asked to append
+    power: float = 0.01              # a power loss: one node, a minority or every node at once loses
+                                     # every byte it had not fdatasync'd, then restarts
+    max_sync_delay_s: float = 0.03   # a journal sync job takes uniform [MIN_DELAY_S, this]
 
     @classmethod
     def of(cls, names: Iterable[str], **overrides: Any) -> "Faults":
@@ -125,7 +130,7 @@ class Faults:
         names = set(names)
         reserved = sorted(names & set(RESERVED_FAULTS))
         if reserved:
-            raise UnsupportedFault(f"fault {reserved[0]!r} not yet: lands with the durable-log work")
+            raise UnsupportedFault(f"fault {reserved[0]!r} is not simulated yet")
         unknown = sorted(names - set(FAULT_NAMES))
         if unknown:
             raise ValueError(f"unknown fault {unknown[0]!r} (known: {', '.join(FAULT_NAMES)})")
@@ -148,9 +153,9 @@ def _stock_snapshot_chunk(self: Any, node: Any, message: dict) -> None:
 
 def _racing_elections(faults: Faults) -> Faults:
     """Frequent kills with instant restarts and slow links (the enabled ones),
-    no one-way episodes: a restarted node is asked for its vote again."""
+    no one-way episodes or power losses: a restarted node is asked for its vote again."""
     return replace(faults, crash=0.1 if faults.crash else 0.0, restart=1.0,
-                   max_delay_s=0.2 if faults.max_delay_s > MIN_DELAY_S else faults.max_delay_s, oneway=0.0)
+                   max_delay_s=0.2 if faults.max_delay_s > MIN_DELAY_S else faults.max_delay_s, oneway=0.0, power=0.0)
 
 
 @dataclass(frozen=True)
@@ -190,6 +195,10 @@ PLANTS: dict[str, Plant] = {plant.name: plant for plant in (
     Plant("drop-foreign-silently", "a peer's entries of foreign command types are accepted, not refused",
           patches=((PartitionReplica, "_refusal", _refuse_nothing),),
           options=dict(journal_accepts_all=True)),
+    Plant("no-fsync", "a replica acknowledges journal entries before they are fdatasync'd: "
+                      "a power loss of a majority loses committed appends",
+          patches=((LogJournal, "durable_index", property(lambda journal: journal.last_index()
+                                                          if len(journal) else 0)),)),
     Plant("stock-snapshot", "stock pysyncobj commits unverified entries on a snapshot chunk that installs nothing",
           patches=((PartitionReplica, "_on_snapshot_chunk", _stock_snapshot_chunk),)),
 )}
@@ -226,6 +235,7 @@ class SimNode:
     root: Path
     index: IndexStore | None = None
     replicas: dict[int, PartitionReplica] = field(default_factory=dict)   # group id -> replica
+    incarnation: int = 0             # bumped at every (re)start: sync jobs of an older one are void
 
     @property
     def alive(self) -> bool:
@@ -255,6 +265,7 @@ class GroupState:
     acks_checked: int = 0            # acks compared with agreed_values so far
     agreed_end: int = 0              # offset after the last batch in agreed_values
     agreed_by: int = 0               # the node whose log the agreed log last was
+    agreed_positions: dict[int, int] = field(default_factory=dict)  # batch base offset -> byte position in agreed
 
 
 @dataclass
@@ -280,12 +291,16 @@ class Simulation:
     raft_overrides: dict[str, Any] = field(default_factory=dict)
     partitions: int = 1
     journal_accepts_all: bool = False   # True: a planted bug (drop-foreign-silently)
+    log_settings: dict[str, Any] = field(default_factory=dict)   # Config overrides of every partition log
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         self.rng = random.Random(self.seed)
         self.clock = FakeClock()
         self.queue: list[tuple[float, int, int, int, int, bytes, int | None]] = []
+        self.syncs: list[tuple[float, int, int, int, int, Any]] = []   # (due, seq, node, incarnation, group, job)
+        self.power_losses = 0
+        self.lossy_power_losses = 0
         self.sequence = 0
         self.cut_links: set[frozenset[int]] = set()
         self.members = {i: SimNode(i, self.root / f"n{i}") for i in range(1, self.nodes + 1)}
@@ -321,14 +336,17 @@ class Simulation:
 
     def start_node(self, node_id: int) -> None:
         member = self.members[node_id]
+        member.incarnation += 1
         member.index = IndexStore(member.root / "index.lmdb", 1 << 28)
         for group_id in self.groups:
             storage_id = group_id - 1
             log = PartitionLog(f"p-{storage_id}", member.root / f"p-{storage_id}", storage_id, member.index,
-                               Config(data_dir=member.root))
+                               Config(data_dir=member.root, **self.log_settings))
             replica = self._guard(node_id, PartitionReplica, group_id, log, node_id, list(self.members),
                                   _Endpoint(self, node_id), member.root / f"raft-{storage_id}",
-                                  persist_vote=self.persist_vote, **{**SIM_RAFT, **self.raft_overrides})
+                                  persist_vote=self.persist_vote, journal_fsync=True,
+                                  **{**SIM_RAFT, **self.raft_overrides})
+            replica.sync_scheduler = lambda r, n=node_id, g=group_id: self._schedule_sync(n, g, r)
             member.replicas[group_id] = replica
             self._watch_journal(node_id, group_id, replica)
             for peer in self.members:
@@ -344,11 +362,46 @@ class Simulation:
 
         def watched_add(command: bytes, idx: int, term: int) -> None:
             add(command, idx, term)
-            if not _OWN_COMMAND(command):
+            if not _OWN_COMMAND(command) and not is_marker(command):
                 kind = command[0] if command else None
                 self._foreign_in_journal.append(f"node {node_id}, group {group_id}: a foreign command "
                                                 f"(type {kind}) entered the journal at index {idx}")
         journal.add = watched_add
+
+    def _schedule_sync(self, node_id: int, group_id: int, replica: PartitionReplica) -> None:
+        """A journal group commit, finishing after a simulated disk delay."""
+        job = replica.journal.sync_job()
+        if job is None:
+            return
+        delay = self.rng.uniform(MIN_DELAY_S, max(MIN_DELAY_S, self.faults.max_sync_delay_s))
+        self.sequence += 1
+        heapq.heappush(self.syncs, (self.clock.now + delay, self.sequence, node_id,
+                                    self.members[node_id].incarnation, group_id, job))
+
+    def _finish_syncs(self) -> None:
+        while self.syncs and self.syncs[0][0] <= self.clock.now:
+            _, _, node_id, incarnation, group_id, job = heapq.heappop(self.syncs)
+            job.run(fdatasync=False)
+            member = self.members[node_id]
+            if member.alive and member.incarnation == incarnation:
+                self._guard(node_id, member.replicas[group_id].journal_synced, job)
+
+    def power_loss(self, node_ids: list[int]) -> None:
+        """As a power cut of these nodes: every byte not fdatasync'd is gone
+        (journal tails, segment bytes past the recovery point); LMDB keeps what
+        it committed, the vote files what they synced."""
+        for node_id in node_ids:
+            member = self.members[node_id]
+            if not member.alive:
+                continue
+            for replica in member.replicas.values():
+                if replica.journal.unsynced_bytes or replica.log.log_end_offset > replica.log.on_disk_offset:
+                    self.lossy_power_losses += 1
+                replica.journal.power_loss()
+                replica.log.power_loss()
+            assert member.index is not None
+            member.index.close()
+            member.replicas, member.index = {}, None
 
     def crash_node(self, node_id: int) -> None:
         """As SIGKILL: files keep what was written, nothing in memory is saved."""
@@ -427,10 +480,13 @@ class Simulation:
     def step(self) -> None:
         self.step_number += 1
         self.clock.now += STEP_S
+        self._finish_syncs()
         self._deliver_due()
         for member in self.members.values():
             for replica in list(member.replicas.values()):
                 self._guard(member.node_id, replica.doTick, 0.0)
+                if self.rng.random() < INDEX_COMMIT_P:   # the broker's periodic index and state commit
+                    self._guard(member.node_id, replica.log.flush_index)
         if self.one_way is not None and self.step_number >= self.one_way.end_step:
             self._record("oneway-end", self.step_number, self.one_way.node_id)
             self.one_way = None
@@ -457,6 +513,13 @@ class Simulation:
             a, b = rng.sample(sorted(self.members), 2)
             self._record("cut", self.step_number, min(a, b), max(a, b))
             self.cut_links.add(frozenset((a, b)))
+        if not quiet and rng.random() < f.power:
+            kind = rng.choice(("one", "minority", "all"))
+            everyone = sorted(self.members)
+            victims = everyone if kind == "all" else rng.sample(everyone, 1 if kind == "one" else (len(everyone) - 1) // 2)
+            self._record("power", self.step_number, kind, tuple(victims))
+            self.power_losses += 1
+            self.power_loss(victims)
         if self.cut_links and rng.random() < f.heal:
             link = rng.choice(sorted(self.cut_links, key=sorted))
             self._record("heal", self.step_number, *sorted(link))
@@ -533,7 +596,7 @@ class Simulation:
     def heal_and_converge(self, max_steps: int = MAX_HEAL_STEPS) -> None:
         self.healing = True
         self.faults = replace(self.faults, drop=0, duplicate=0, crash=0, restart=1.0, cut=0, heal=1.0, oneway=0,
-                              foreign=0, propose=0, max_delay_s=0.005)
+                              foreign=0, propose=0, power=0, max_delay_s=0.005)
         self.cut_links.clear()
         if self.one_way is not None:
             self._record("oneway-end", self.step_number, self.one_way.node_id)
@@ -546,9 +609,10 @@ class Simulation:
             raise self._violation(f"no convergence within {max_steps} steps after healing: {self.describe()}")
         for group_id, group in self.groups.items():
             views = {m.node_id: readable_bytes(m.replicas[group_id].log) for m in self.members.values()}
+            starts = {m.node_id: m.replicas[group_id].log.log_start_offset for m in self.members.values()}
             for ack in group.acks:
                 for node_id, view in views.items():
-                    if _payload_at(view, ack.base_offset) != ack.payload:
+                    if ack.base_offset >= starts[node_id] and _payload_at(view, ack.base_offset) != ack.payload:
                         raise self._violation(f"group {group_id}: acknowledged append at offset {ack.base_offset} "
                                               f"({ack.payload!r}) missing on node {node_id} after healing")
             for node_id, view in views.items():
@@ -614,7 +678,10 @@ class Simulation:
         """The agreed log's batches not seen before: offsets dense from 0, and
         acknowledged offsets holding their appends. Every node's readable log is
         a prefix of the agreed one, so this holds for each of them too."""
+        position = group.agreed_parsed
         for header, batch in iter_batches(memoryview(group.agreed)[group.agreed_parsed:]):
+            group.agreed_positions[header.base_offset] = position
+            position += len(batch)
             if header.base_offset != group.agreed_end:
                 raise self._violation(f"group {group.group_id}, node {group.agreed_by}: batch at offset "
                                       f"{header.base_offset}, expected {group.agreed_end}")
@@ -658,12 +725,19 @@ class Simulation:
             raise self._violation(f"group {group.group_id}, node {node_id}: readable past the high watermark "
                                   f"{log.high_watermark}")
         view = readable_bytes(log)
-        shorter, longer = sorted((view, group.agreed), key=len)
+        # retention moved the log start: compare from where this log starts
+        start = group.agreed_positions.get(log.log_start_offset, 0 if log.log_start_offset == 0 else None)
+        if start is None:
+            if log.log_start_offset != group.agreed_end:
+                return   # starts past everything agreed so far: nothing to compare with yet
+            start = len(group.agreed)
+        agreed = group.agreed[start:]
+        shorter, longer = sorted((view, agreed), key=len)
         if longer[:len(shorter)] != shorter:
             raise self._violation(f"group {group.group_id}: node {node_id}'s committed log diverges "
                                   f"from the agreed log")
-        if len(view) > len(group.agreed):
-            group.agreed, group.agreed_by = view, node_id
+        if len(view) > len(agreed):
+            group.agreed, group.agreed_by = group.agreed[:start] + view, node_id
             self._check_agreed(group)   # dense, acknowledged appends in place: each new batch once
 
     def describe(self) -> str:
@@ -735,6 +809,8 @@ class SeedResult:
     one_way_episodes: int = 0
     foreign_injected: int = 0
     foreign_refused: int = 0         # injected ones delivered (not lost) and refused
+    power_losses: int = 0            # power cuts (of one node, a minority or all)
+    lossy_power_losses: int = 0      # replicas that lost written but unsynced bytes to a power cut
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -781,7 +857,8 @@ def run_seed(seed: int, steps: int = DEFAULT_STEPS, nodes: int = 3, faults: Faul
                       failure=str(failure) if failure is not None else None,
                       failed_step=failure.step if failure is not None else None,
                       acks=sim.acks, leader_changes=sim.leader_changes, one_way_episodes=sim.one_way_episodes,
-                      foreign_injected=sim.foreign_injected, foreign_refused=sim.foreign_refused)
+                      foreign_injected=sim.foreign_injected, foreign_refused=sim.foreign_refused,
+                      power_losses=sim.power_losses, lossy_power_losses=sim.lossy_power_losses)
 
 
 @contextmanager

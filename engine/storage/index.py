@@ -12,7 +12,7 @@ Databases and their encodings (integers big-endian so keys sort numerically):
               sparse: one entry per index_interval_bytes of log
   times       storage_id u32 | max timestamp so far i64 -> batch base offset i64
               sparse, only where the running maximum grew
-  state       storage_id u32 -> high watermark i64 | applied raft index i64
+  state       storage_id u32 -> high watermark i64 | applied raft index i64 | recovery point i64
   group_offsets  group | topic (each u16 length + utf-8) | partition i32 -> a
               committed offset (Kafka's offset value bytes, engine/groups/offsets_topic.py)
   groups      group (utf-8) -> group metadata (Kafka's group value bytes)
@@ -40,7 +40,8 @@ _STORAGE_ID = struct.Struct(">I")
 _KEY = struct.Struct(">Iq")
 _I64 = struct.Struct(">q")
 _I32 = struct.Struct(">i")
-_STATE = struct.Struct(">qq")
+_STATE = struct.Struct(">qqq")
+_STATE_V1 = struct.Struct(">qq")   # before the recovery point (read as recovery point 0: rescan all)
 _U16 = struct.Struct(">H")
 _MATERIALISED = b"groups_materialised/"
 
@@ -60,12 +61,22 @@ class TopicRecord:
         return len(self.partition_ids)
 
 
+UNKNOWN_APPLIED_INDEX = -1
+
+
 @dataclass(frozen=True, slots=True)
 class PartitionState:
-    """What a partition checkpoints besides its segments."""
+    """What a partition checkpoints besides its segments.
+
+    `recovery_point`: segment bytes below this offset were fsynced (or the
+    log was closed cleanly); recovery rescans everything from it, sealed
+    segments included. `applied_index` is the Raft index the high watermark
+    was reached at, UNKNOWN_APPLIED_INDEX when recovery cut data below the
+    recorded high watermark (the replica then falls back to its checkpoint)."""
 
     high_watermark: int = 0
     applied_index: int = 0
+    recovery_point: int = 0
 
 
 class IndexStore:
@@ -218,7 +229,7 @@ class IndexStore:
         """
         offset_items = [(_KEY.pack(storage_id, off), _I64.pack(pos)) for storage_id, off, pos in offsets]
         time_items = [(_KEY.pack(storage_id, ts), _I64.pack(off)) for storage_id, ts, off in times]
-        state_items = [(_STORAGE_ID.pack(storage_id), _STATE.pack(s.high_watermark, s.applied_index))
+        state_items = [(_STORAGE_ID.pack(storage_id), _STATE.pack(s.high_watermark, s.applied_index, s.recovery_point))
                        for storage_id, s in states]
         if not (offset_items or time_items or state_items):
             return
@@ -288,7 +299,9 @@ class IndexStore:
         self._drain()
         with self._env.begin(db=self._state) as txn:
             raw = txn.get(_STORAGE_ID.pack(storage_id))
-        return PartitionState(*_STATE.unpack(raw)) if raw else PartitionState()
+        if not raw:
+            return PartitionState()
+        return PartitionState(*(_STATE_V1 if len(raw) == _STATE_V1.size else _STATE).unpack(raw))
 
     # ---- consumer groups (materialised from __consumer_offsets) ------------
 

@@ -9,10 +9,16 @@ Invariants (asserted where cheap):
 Durability and recovery. Segment bytes are the truth. The LMDB offset/time
 index is a sparse hint (one entry per `index_interval_bytes`) committed in
 groups, so after a crash it may lag the segment (uncommitted entries) or lead
-it (the segment tail was lost). On open the active segment is scanned from the
-last index entry that still points at a valid batch, with native CRC checks;
-the file is truncated at the first invalid byte and what is valid is
-re-indexed. Sealed segments were complete when rolled and are not rescanned.
+it (the segment tail was lost). The partition state records a recovery
+point: the offset below which segment bytes were fsynced (a sync under
+`interval`/`always`, a roll that synced the sealed file and the directory,
+a clean close). On open every segment past the recovery point is rescanned
+with native CRC checks, sealed ones included (a power loss can tear a
+sealed file that was never synced); the log is cut at the first invalid
+byte, later segments go, and what is valid is re-indexed. State is never
+recorded ahead of the data it describes: when recovery cut data below the
+recorded high watermark, the Raft index it was applied at is no longer
+known, and is recorded as UNKNOWN_APPLIED_INDEX for the replica to repair.
 
 Neighbours: Segment (segment.py) does the file I/O through native code;
 IndexStore (index.py) holds the index and partition state; LogManager
@@ -27,15 +33,16 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from raftka.config import Config
 from raftka.errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
 from raftka.records import layout
 from raftka.records.batch import decode_batch, read_header
-from raftka.storage.index import IndexStore, PartitionState
+from raftka.storage.index import UNKNOWN_APPLIED_INDEX, IndexStore, PartitionState
 from raftka.storage.segment import Segment, list_segment_offsets
 from raftka.native import ffi, lib
+from raftka.native.files import fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +102,13 @@ class PartitionLog:
         self._log_end_offset = 0
         self._high_watermark = 0
         self._applied_index = 0
+        self._recovery_point = 0     # segment bytes below it are known to be on disk (persisted, lags)
+        self._on_disk_offset = 0     # the same, in memory: includes what was found on disk at open
+        # True when a Raft journal makes appends durable (a replica's log): append then never syncs
+        self.journaled = False
+        self.recovered_short = False   # recovery cut data below the recorded high watermark
+        self.on_sync: Callable[[], None] | None = None   # a Raft journal syncing its own file alongside
+        self.on_retention: Callable[[int], None] | None = None   # a replica replicating retention decisions
         self._bytes_since_index = 0
         self._max_timestamp = -1     # running max of batch maxTimestamp
         self._last_time_entry = -1   # largest timestamp in the time index
@@ -168,7 +182,7 @@ class PartitionLog:
             raise CorruptRecordError("no record batches", 0)
         data = ffi.from_buffer(batches)
         state = self._scan(data, size, check_crc=True)
-        if self._roll_due(size):
+        if self._roll_due(size, _max_timestamp_of_first(batches)):
             self.roll()
             state = self._scan(data, size, check_crc=False)  # index entries for the new segment
         base_offset = self._log_end_offset
@@ -179,8 +193,9 @@ class PartitionLog:
         self._log_end_offset = state.next_offset
         self._bytes_since_index = state.bytes_since_index
         self._max_timestamp = state.max_timestamp
-        if self._config.fsync == "always":
+        if self._config.fsync == "always" and not self.journaled:
             active.sync()
+            self._advance_recovery_point()
         else:
             self._dirty_since_sync = True
         return AppendResult(base_offset, state.next_offset - 1, state.batch_count,
@@ -244,12 +259,17 @@ class PartitionLog:
                 self._pending_times.append((timestamp, offset))
                 self._last_time_entry = timestamp
 
-    def _roll_due(self, incoming_bytes: int) -> bool:
+    def _roll_due(self, incoming_bytes: int, incoming_timestamp: int) -> bool:
+        """Size, or age by the log's own clock: the incoming batch's timestamp
+        against the active segment's first batch's (Kafka's rolling-based
+        timestamp, compared with the data instead of the wall clock), so every
+        replica appending the same batches rolls at the same offsets."""
         active = self._segments[-1]
         if active.size_bytes == 0:
             return False
         too_big = active.size_bytes + incoming_bytes > self._config.segment_bytes
-        too_old = time.time() * 1000 - active.created_ms >= self._config.segment_ms
+        first = active.first_timestamp()
+        too_old = first >= 0 and incoming_timestamp - first >= self._config.segment_ms
         return too_big or too_old
 
     def roll(self) -> None:
@@ -258,7 +278,8 @@ class PartitionLog:
         active = self._segments[-1]
         if active.size_bytes == 0:
             return
-        if self._config.fsync != "never":
+        durable = self._config.fsync != "never"
+        if durable:
             active.sync()
         active.seal()
         segment = Segment(self.directory, self._log_end_offset, create=True,
@@ -266,8 +287,10 @@ class PartitionLog:
         self._segments.append(segment)
         self._segment_bases.append(segment.base_offset)
         self._bytes_since_index = 0
-        if self._config.fsync != "never":
-            _fsync_directory(self.directory)
+        if durable:
+            fsync_directory(self.directory)
+            if not self._dirty_since_sync or self._recovery_point >= active.base_offset:
+                self._advance_recovery_point(segment.base_offset)
 
     def _map_capacity(self) -> int:
         return self._config.segment_bytes + self._config.max_batch_bytes
@@ -360,7 +383,7 @@ class PartitionLog:
         storage_id = self.storage_id
         offsets = [(storage_id, o, p) for o, p in zip(self._pending_offsets, self._pending_positions)]
         times = [(storage_id, ts, o) for ts, o in self._pending_times if ts >= 0]
-        states = ([(storage_id, PartitionState(self._high_watermark, self._applied_index))]
+        states = ([(storage_id, PartitionState(self._high_watermark, self._applied_index, self._recovery_point))]
                   if self._state_dirty else [])
         self._pending_offsets, self._pending_positions, self._pending_times = [], [], []
         self._state_dirty = False
@@ -372,10 +395,62 @@ class PartitionLog:
         self._index.commit(*self.drain_pending(), wait=wait)
 
     def sync(self, force: bool = False) -> None:
-        """fsync the active segment if anything was appended since the last sync."""
+        """fsync the active segment if anything was appended since the last
+        sync (sealed ones were at their roll unless `fsync=never`)."""
         if self._dirty_since_sync or force:
             self._segments[-1].sync()
             self._dirty_since_sync = False
+            if self.on_sync is not None:
+                self.on_sync()
+            if self._config.fsync != "never":
+                self._advance_recovery_point()
+
+    def active_fd(self) -> int | None:
+        """The active segment's descriptor (a sync job dups it)."""
+        return self._segments[-1].fd
+
+    def synced_to(self, offset: int) -> None:
+        """Segment bytes below `offset` were fdatasync'd (a journal's group
+        commit; sealed segments were synced at their roll)."""
+        if self._config.fsync != "never":
+            self._advance_recovery_point(min(offset, self._log_end_offset))
+
+    def read_range(self, start: int, end: int) -> bytes:
+        """A copy of the batches of offsets [start, end), committed or not (the
+        Raft log sends uncommitted entries to followers). Both must fall on batch
+        boundaries."""
+        pieces = []
+        while start < end:
+            k = bisect.bisect_right(self._segment_bases, start) - 1
+            segment = self._segments[k]
+            view = segment.view()
+            data = ffi.from_buffer(view)
+            first = lib.rk_seek_offset(data, len(view), self._index_floor(segment, start), start)
+            segment_end = self._segment_bases[k + 1] if k + 1 < len(self._segments) else self._log_end_offset
+            if end < segment_end:
+                last = lib.rk_seek_offset(data, len(view), self._index_floor(segment, end), end)
+            else:
+                last = len(view)
+            pieces.append(bytes(view[first:last]))
+            start = segment_end
+        return b"".join(pieces)
+
+    @property
+    def on_disk_offset(self) -> int:
+        """Segment bytes below this offset are on disk (found at open, or synced since)."""
+        return self._on_disk_offset
+
+    @property
+    def recovery_point(self) -> int:
+        """Segment bytes below this offset are known to be on disk."""
+        return self._recovery_point
+
+    def _advance_recovery_point(self, offset: int | None = None) -> None:
+        offset = self._log_end_offset if offset is None else offset
+        self._on_disk_offset = max(self._on_disk_offset, offset)
+        if offset > self._recovery_point:
+            self._recovery_point = offset
+            self._state_dirty = True
 
     # ---- truncation and retention ------------------------------------
 
@@ -411,29 +486,68 @@ class PartitionLog:
         segment.make_active(self._map_capacity())
         self._log_end_offset = new_end
         self._high_watermark = min(self._high_watermark, new_end)
+        self._recovery_point = min(self._recovery_point, new_end)
+        self._on_disk_offset = min(self._on_disk_offset, new_end)
         self._state_dirty = True
         self._reset_tail_state(position)
         self.flush_index()
         return new_end
 
+    def restart_at(self, offset: int) -> None:
+        """Drop every segment and start an empty log at `offset` (a replica whose
+        whole log lies below its leader's log start)."""
+        self.flush_index()
+        self._index.delete_offsets(self.storage_id, from_offset=0)
+        self._index.delete_times(self.storage_id, from_offset=0)
+        for segment in self._segments:
+            segment.delete()
+        segment = Segment(self.directory, offset, create=True, map_capacity_bytes=self._map_capacity())
+        self._segments, self._segment_bases = [segment], [offset]
+        fsync_directory(self.directory)
+        self._log_end_offset = self._high_watermark = self._recovery_point = self._on_disk_offset = offset
+        self._state_dirty = True
+        self._reset_tail_state(0)
+        self.flush_index()
+
     def enforce_retention(self, now_ms: int | None = None) -> int:
         """Delete the oldest whole segments past retention.bytes or retention.ms.
 
         Never the active segment, never data at or above the high watermark.
-        Returns how many segments were deleted.
+        Returns how many segments were deleted. A replicated log decides here
+        but does not delete: `on_retention(offset)` (its replica) replicates
+        the decision, and every replica deletes when it commits (delete_below),
+        so log start offsets never depend on one replica's clock.
         """
+        point = self.retention_point(now_ms)
+        if point <= self.log_start_offset:
+            return 0
+        if self.on_retention is not None:
+            self.on_retention(point)
+            return 0
+        return self.delete_below(point)
+
+    def retention_point(self, now_ms: int | None = None) -> int:
+        """The base offset of the first segment retention keeps."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         total = self.size_bytes
-        deleted = 0
-        while len(self._segments) > 1 and self._segments[1].base_offset <= self._high_watermark:
-            first = self._segments[0]
+        k = 0
+        while k + 1 < len(self._segments) and self._segments[k + 1].base_offset <= self._high_watermark:
+            first = self._segments[k]
             over_bytes = 0 <= self._config.retention_bytes <= total - first.size_bytes
             over_age = (self._config.retention_ms >= 0
                         and _segment_timestamp(first) < now_ms - self._config.retention_ms)
             if not (over_bytes or over_age):
                 break
             total -= first.size_bytes
-            first.delete()
+            k += 1
+        return self._segments[k].base_offset
+
+    def delete_below(self, offset: int) -> int:
+        """Delete every whole segment below `offset` (never the active one, never
+        data at or above the high watermark); how many went."""
+        deleted = 0
+        while len(self._segments) > 1 and self._segments[1].base_offset <= min(offset, self._high_watermark):
+            self._segments[0].delete()
             del self._segments[0], self._segment_bases[0]
             deleted += 1
         if deleted:
@@ -450,15 +564,48 @@ class PartitionLog:
         if not bases:
             bases = [0]
             Segment(self.directory, 0, create=True).close()
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
         self._segments = [Segment(self.directory, base, create=False) for base in bases]
         self._segment_bases = list(bases)
         self._applied_index = state.applied_index
+        self._rescan_sealed(state.recovery_point)
         self._recover_active_segment()
+        self._recovery_point = min(state.recovery_point, self._log_end_offset)
+        self._on_disk_offset = self._log_end_offset
         self._high_watermark = max(self.log_start_offset, min(state.high_watermark, self._log_end_offset))
         if self._high_watermark != state.high_watermark:  # recovery lost data under it
+            self.recovered_short = True
+            self._applied_index = UNKNOWN_APPLIED_INDEX
             self._state_dirty = True
             self.flush_index()
+        elif self._applied_index == UNKNOWN_APPLIED_INDEX:
+            self.recovered_short = True    # a previous open found it so, and it is not repaired yet
+
+    def _rescan_sealed(self, recovery_point: int) -> None:
+        """Validate every sealed segment holding offsets at or past `recovery_point`;
+        cut the log at the first invalid byte (later segments go)."""
+        first = max(0, bisect.bisect_right(self._segment_bases, recovery_point) - 1)
+        for k in range(first, len(self._segments) - 1):
+            segment = self._segments[k]
+            view = segment.view()
+            end, next_offset = self._scan_tail(view, 0, segment.base_offset)
+            del view
+            segment.release_view()
+            self._pending_times = []   # running maxima of this segment alone: not the log's
+            if end == segment.size_bytes and next_offset == self._segments[k + 1].base_offset:
+                continue
+            log.warning("%s: sealed segment %s is invalid after %d of %d bytes (offset %d); cutting the log there",
+                        self.name, segment.path.name, end, segment.size_bytes, next_offset)
+            for doomed in self._segments[k + 1:]:
+                doomed.delete()
+            del self._segments[k + 1:], self._segment_bases[k + 1:]
+            self._index.delete_offsets(self.storage_id, from_offset=next_offset)
+            self._index.delete_times(self.storage_id, from_offset=next_offset)
+            self._pending_offsets, self._pending_positions, self._pending_times = [], [], []
+            if end < segment.size_bytes:
+                segment.truncate(end)
+            fsync_directory(self.directory)
+            return
 
     def _recover_active_segment(self) -> None:
         active = self._segments[-1]
@@ -550,17 +697,41 @@ class PartitionLog:
     # ---- lifecycle ---------------------------------------------------
 
     def close(self) -> None:
-        """Commit the index, sync per the fsync policy and release files."""
+        """A clean shutdown: sync the segments (whatever the policy, as Kafka
+        does), record the recovery point, commit the index, release files."""
+        self.sync(force=True)
+        self._advance_recovery_point()
         self.flush_index()
-        if self._config.fsync != "never":
-            self.sync()
         for segment in self._segments:
             segment.close()
+
+    def power_loss(self) -> None:
+        """Keep only the segment bytes known to be on disk (found at open, or
+        synced since) and release files, as a power cut would (the
+        simulation's `power` fault, which takes a crashed node's page cache
+        as written back before it restarts; LMDB keeps what it committed)."""
+        point = self._on_disk_offset
+        if point < self._log_end_offset:
+            k = bisect.bisect_right(self._segment_bases, point) - 1
+            segment = self._segments[k]
+            view = segment.view()
+            position = lib.rk_seek_offset(ffi.from_buffer(view), len(view), 0, point) if point > segment.base_offset else 0
+            del view
+            segment.release_view()
+            segment.truncate(position)
+            for doomed in self._segments[k + 1:]:
+                doomed.delete()
+        self.abandon()
 
     def abandon(self) -> None:
         """Release files without committing anything: what a crash leaves behind."""
         for segment in self._segments:
             segment.close()
+
+
+def _max_timestamp_of_first(batches: bytes | bytearray | memoryview) -> int:
+    return int.from_bytes(memoryview(batches)[layout.MAX_TIMESTAMP_OFF:layout.MAX_TIMESTAMP_OFF + 8], "big",
+                          signed=True)
 
 
 def _segment_timestamp(segment: Segment) -> int:
@@ -569,11 +740,3 @@ def _segment_timestamp(segment: Segment) -> int:
     if newest >= 0:
         return newest
     return int(os.stat(segment.path).st_mtime * 1000)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

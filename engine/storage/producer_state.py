@@ -4,10 +4,12 @@ written twice, and a gap in sequence numbers is refused.
 
 Kafka keeps the last five batches' (first sequence, last sequence, base
 offset) per producer id; a producer has at most five requests in flight, so
-any retry falls in that window. The state is derived from the log only, so
-every replica that applied the same commands holds the same state (the
-decision is taken at apply time in the Raft group, not by the leader alone),
-and a restarted replica rebuilds it from the tail of its log.
+any retry falls in that window. The state follows the log: every replica records the batches added to its
+Raft log (a restarted one rebuilds from the tail of its log), and the leader
+decides before proposing, so the log carries the decision and replicas never
+differ on it. The leader records a batch it accepts at once, provisionally
+(base offset PENDING_OFFSET), so the next request of the same producer in the
+same round follows it; the log's own record then fills the offset in.
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ from raftka.records.batch import BatchHeader, iter_batches
 CACHED_BATCHES = 5
 NO_PRODUCER_ID = -1
 REBUILD_SEGMENTS = 2   # the tail of the log a restart rebuilds the state from
+PENDING_OFFSET = -1    # a batch the leader accepted, not yet in its log
+DEFAULT_EXPIRATION_MS = 24 * 3600 * 1000   # Kafka's producer.id.expiration.ms
+EXPIRY_CHECK_RECORDS = 1024                # batches recorded between two expiry passes
 
 
 class _Batch(NamedTuple):
@@ -29,18 +34,26 @@ class _Batch(NamedTuple):
 
 
 class _Producer:
-    __slots__ = ("epoch", "batches")
+    __slots__ = ("epoch", "batches", "last_timestamp")
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
         self.batches: deque[_Batch] = deque(maxlen=CACHED_BATCHES)
+        self.last_timestamp = -1   # newest batch timestamp of this producer in the log
 
 
 class ProducerState:
     """Per-partition idempotence state; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, expiration_ms: int = DEFAULT_EXPIRATION_MS) -> None:
+        """`expiration_ms`: a producer id whose newest batch is this much older
+        than the newest batch in the log is forgotten (Kafka's
+        producer.id.expiration.ms, measured by the log's own timestamps, never
+        the wall clock: the same log expires the same ids)."""
         self._producers: dict[int, _Producer] = {}
+        self.expiration_ms = expiration_ms
+        self._log_time = -1       # newest batch timestamp recorded
+        self._since_expiry = 0
 
     def check(self, header: BatchHeader) -> int | None:
         """None if the batch is new and may be appended; the base offset it was
@@ -77,12 +90,35 @@ class ProducerState:
         producer = self._producers.get(header.producer_id)
         if producer is None or header.producer_epoch > producer.epoch:
             producer = self._producers[header.producer_id] = _Producer(header.producer_epoch)
-        producer.batches.append(_Batch(header.base_sequence, header.base_sequence + header.last_offset_delta,
-                                       base_offset))
+        producer.last_timestamp = max(producer.last_timestamp, header.max_timestamp)
+        self._log_time = max(self._log_time, header.max_timestamp)
+        self._since_expiry += 1
+        if self._since_expiry >= EXPIRY_CHECK_RECORDS:
+            self.expire()
+        batch = _Batch(header.base_sequence, header.base_sequence + header.last_offset_delta, base_offset)
+        for position, held in enumerate(producer.batches):
+            if held.base_offset == PENDING_OFFSET and held[:2] == batch[:2]:
+                producer.batches[position] = batch   # the provisional record gets its offset
+                return
+        producer.batches.append(batch)
+
+    def expire(self) -> int:
+        """Forget producers idle for expiration_ms of log time; how many went."""
+        self._since_expiry = 0
+        cutoff = self._log_time - self.expiration_ms
+        idle = [pid for pid, producer in self._producers.items() if producer.last_timestamp < cutoff]
+        for pid in idle:
+            del self._producers[pid]
+        return len(idle)
+
+    def __len__(self) -> int:
+        return len(self._producers)
 
     def rebuild(self, segment_views: list[memoryview]) -> None:
         """Recompute from stored batches (the log's last segments, oldest first)."""
         self._producers.clear()
+        self._log_time = -1
         for view in segment_views:
             for header, _batch in iter_batches(view):
                 self.record(header, header.base_offset)
+        self.expire()

@@ -17,11 +17,11 @@ roll, and keeps their sparse index in LMDB (index.py).
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 from raftka.errors import StorageError
 from raftka.native import ffi, lib
+from raftka.records import layout
 
 SUFFIX = ".log"
 
@@ -47,7 +47,6 @@ class Segment:
                  map_capacity_bytes: int = 0) -> None:
         self.base_offset = base_offset
         self.path = segment_path(directory, base_offset)
-        self.created_ms = int(time.time() * 1000)
         self._map_capacity_bytes = map_capacity_bytes
         self._fd: int | None = None
         self._view: memoryview | None = None
@@ -67,6 +66,11 @@ class Segment:
         return f"Segment({self.path.name}, size_bytes={self.size_bytes})"
 
     # ---- writing -------------------------------------------------------
+
+    @property
+    def fd(self) -> int | None:
+        """The open descriptor of the active segment (None once sealed)."""
+        return self._fd
 
     def make_active(self, map_capacity_bytes: int) -> None:
         """Open for appends (after recovery, or when this segment is the newest)."""
@@ -131,6 +135,13 @@ class Segment:
     def release_view(self) -> None:
         """Drop the cached mapping; views handed out keep it alive until dropped."""
         self._view = None
+
+    def first_timestamp(self) -> int:
+        """maxTimestamp of the segment's first batch (-1 if empty): what its age is measured from."""
+        if self.size_bytes < layout.HEADER_SIZE:
+            return -1
+        view = self.view()
+        return int.from_bytes(view[layout.MAX_TIMESTAMP_OFF:layout.MAX_TIMESTAMP_OFF + 8], "big", signed=True)
 
     def max_timestamp(self) -> int:
         """Largest batch maxTimestamp in the segment (-1 if empty); cached."""
