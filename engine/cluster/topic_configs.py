@@ -42,7 +42,7 @@ _ONLY: dict[str, tuple[frozenset[str], str]] = {
 }
 # lower bounds of the integer configs
 _MINIMUM: dict[str, int] = {
-    "retention.ms": -1, "retention.bytes": -1, "segment.bytes": 1 << 20, "segment.ms": 1, "max.message.bytes": 1,
+    "retention.ms": -1, "retention.bytes": -1, "segment.bytes": 1, "segment.ms": 1, "max.message.bytes": 1,
     "min.compaction.lag.ms": 0, "delete.retention.ms": 0, "min.insync.replicas": 1,
 }
 # Kafka's DescribeConfigs config_type of each
