@@ -27,7 +27,24 @@ class AdminError(Exception):
 
 def _config(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     return {"bootstrap.servers": args.bootstrap, "socket.timeout.ms": int(args.timeout_s * 1000),
-            "logger": _QuietLogger(), **extra}
+            "logger": _QuietLogger(), **client_properties(args), **extra}
+
+
+def client_properties(args: argparse.Namespace) -> dict[str, str]:
+    """librdkafka properties from --command-config FILE (key=value lines, as Kafka's
+    tools take) and -X key=value (kcat's flag; wins): how to reach a TLS/SASL listener."""
+    properties: dict[str, str] = {}
+    if getattr(args, "command_config", None):
+        try:
+            lines = open(args.command_config).read().splitlines()
+        except OSError as error:
+            raise AdminError(f"--command-config: {error}") from None
+        for line in lines:
+            if line.strip() and not line.lstrip().startswith("#") and "=" in line:
+                key, value = line.split("=", 1)
+                properties[key.strip()] = value.strip()
+    properties.update(getattr(args, "client_property", None) or [])
+    return properties
 
 
 class _QuietLogger:
@@ -320,8 +337,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         parser = parent.add_parser(name, help=help_text, description=help_text)
         parser.add_argument("--bootstrap", "-b", default=DEFAULT_BOOTSTRAP,
                             help=f"any broker, host:port[,...] (default {DEFAULT_BOOTSTRAP})")
-        parser.add_argument("--timeout-s", type=_positive_seconds, default=TIMEOUT_S,
-                            help=f"give up waiting for the cluster after this many seconds (default {TIMEOUT_S:g})")
+        add_connection_arguments(parser)
         return parser
 
     topics = commands.add_parser("topics", help="create, list, describe, alter or delete topics",
@@ -374,6 +390,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     command("status", "brokers, partitions (leader, replicas, ISR, high watermark, Raft term), group lag") \
         .set_defaults(run=status)
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """--bootstrap's companions every operator command takes: timeout, TLS/SASL client properties."""
+    parser.add_argument("--timeout-s", type=_positive_seconds, default=TIMEOUT_S,
+                        help=f"give up waiting for the cluster after this many seconds (default {TIMEOUT_S:g})")
+    parser.add_argument("--command-config", metavar="FILE",
+                        help="librdkafka properties, key=value per line (security.protocol, sasl.*, ssl.*)")
+    parser.add_argument("-X", dest="client_property", action="append", type=_key_value, default=[],
+                        metavar="KEY=VALUE", help="a librdkafka property; repeatable")
 
 
 def _positive_seconds(text: str) -> float:

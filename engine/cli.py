@@ -1,6 +1,7 @@
 """The `raftka` command line.
 
   raftka serve [--config F] [--host H] [--port P] [--data-dir D]
+               [--tls-cert F --tls-key F [--tls-ca F]] [--sasl MECHANISMS]
                                        a Kafka broker: single node on 127.0.0.1:9092
                                        with ./raftka-data by default; a cluster member
                                        with a TOML config (RAFTKA_* variables override)
@@ -13,6 +14,8 @@
   raftka topics create|list|describe|delete, raftka produce, raftka consume,
   raftka status                        operator commands against any broker
                                        (--bootstrap, default 127.0.0.1:9092)
+  raftka users add|list|delete, raftka acls add|list|remove
+                                       users (SCRAM) and ACLs of a secured cluster
   raftka simulate [--seeds N] [--plant BUG] ...
                                        the deterministic Raft simulation over many
                                        seeds (raftka simulate --help)
@@ -29,6 +32,7 @@ from raftka.admin import add_commands as add_admin_commands
 from raftka.admin import run as run_admin
 from raftka.config import Config, ConfigError, load_config
 from raftka.errors import RaftkaError
+from raftka.security_cli import add_commands as add_security_commands
 from raftka.simulate_cli import add_command as add_simulate_command
 
 
@@ -46,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     cluster.add_argument("--base-port", type=int, default=Config.port, help="node i listens on base + i - 1")
     cluster.add_argument("--data-dir", type=Path, default=Path("./raftka-cluster"))
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
+    serve.add_argument("--tls-cert", help="PEM certificate (chain): the Kafka listener speaks TLS only")
+    serve.add_argument("--tls-key", help="PEM private key of --tls-cert (if not in that file)")
+    serve.add_argument("--tls-ca", help="PEM CA: clients must present a certificate it signed (mutual TLS)")
+    serve.add_argument("--sasl", metavar="MECHANISMS",
+                       help="SASL mechanisms, e.g. SCRAM-SHA-512,SCRAM-SHA-256,PLAIN (default: off)")
     add_admin_commands(commands)
+    add_security_commands(commands)
     add_simulate_command(commands)
     args, rest = parser.parse_known_args(argv)
     if args.command != "bench" and rest:
@@ -73,14 +83,19 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from raftka.broker.broker import serve as serve_broker
     flags = {k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir),
-                               ("metrics_port", args.metrics_port)) if v is not None}
+                               ("metrics_port", args.metrics_port), ("tls_cert", args.tls_cert),
+                               ("tls_key", args.tls_key), ("tls_ca", args.tls_ca),
+                               ("sasl_mechanisms", args.sasl)) if v is not None}
     try:
         config = load_config(args.config, **flags)
     except ConfigError as error:
         parser.error(str(error))
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s node {config.node_id} %(name)s: %(message)s")
-    asyncio.run(serve_broker(config))
+    try:
+        asyncio.run(serve_broker(config))
+    except ConfigError as error:   # e.g. TLS files that cannot be loaded
+        parser.error(str(error))
     return 0
 
 

@@ -80,8 +80,43 @@ class Config:
     port: int = 9092
     advertised_host: str = ""
     advertised_port: int = 0
-    # Prometheus metrics over HTTP on host:metrics_port (0: off)
+    # partition replicas one broker may hold (each costs descriptors and a Raft group):
+    # CreateTopics / CreatePartitions past it get INVALID_PARTITIONS
+    max_partitions_per_broker: int = 10_000
+    # fetch.max.bytes: the most record bytes one Fetch response carries, whatever
+    # the client asks (its first batch always goes, as Kafka's does)
+    fetch_max_bytes: int = 55 * MIB
+    # max.connections / max.connections.per.ip: a connection past either is
+    # closed as soon as it is accepted (the per-IP limit exempts no address)
+    max_connections: int = 10_000
+    max_connections_per_ip: int = 1000
+    # connections.max.idle.ms: a connection with no request in flight and no
+    # bytes either way for this long is closed
+    connections_max_idle_ms: int = 600_000
+    # queued.max.request.bytes: request bytes being received or handled, all
+    # connections together; a frame that does not fit waits before its body is read
+    queued_max_request_bytes: int = 512 * MIB
+    # message.timestamp.before.max.ms / after.max.ms: how far a produced
+    # batch's timestamps may lie behind / ahead of the broker's clock
+    # (INVALID_TIMESTAMP past either; Kafka 4.0's defaults)
+    message_timestamp_before_max_ms: int = 2**63 - 1
+    message_timestamp_after_max_ms: int = 3_600_000
+    # TLS on the Kafka listener (PEM files; empty: plaintext). With tls_ca,
+    # clients must present a certificate signed by it (mutual TLS)
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    # SASL on the Kafka listener: a comma-separated list of SCRAM-SHA-512,
+    # SCRAM-SHA-256, PLAIN (empty: off, every client trusted: for a trusted
+    # network only). PLAIN sends the password itself: offered only over TLS
+    # unless sasl_plain_without_tls
+    sasl_mechanisms: str = ""
+    sasl_plain_without_tls: bool = False
+    # super.users: principals ("User:alice,User:bob") no ACL restricts
+    super_users: str = ""
+    # Prometheus metrics over HTTP on metrics_host:metrics_port (0: off)
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     # ---- cluster (a single node needs none of these) ----
     # broker.id / node.id
     node_id: int = 1
@@ -90,7 +125,7 @@ class Config:
     peer_host: str = "127.0.0.1"
     peer_port: int = 0
     # shared by every broker; peers authenticate with it (HMAC challenge)
-    cluster_secret: str = ""
+    cluster_secret: str = dataclasses.field(default="", repr=False)   # a secret: kept out of reprs and logs
     # default.replication.factor, capped at the number of brokers
     default_replication_factor: int = 1
     # replica.lag.time.max.ms: a follower out of the ISR after this long behind
@@ -128,7 +163,10 @@ class Config:
                     "default_replication_factor", "replica_lag_time_max_ms", "max_request_bytes",
                     "offsets_topic_partitions", "offsets_topic_replication_factor", "group_min_session_timeout_ms",
                     "group_max_session_timeout_ms", "group_max_size", "producer_id_expiration_ms",
-                    "offsets_retention_minutes", "offsets_retention_check_interval_ms")
+                    "offsets_retention_minutes", "offsets_retention_check_interval_ms", "max_connections",
+                    "max_connections_per_ip", "max_partitions_per_broker", "fetch_max_bytes",
+                    "connections_max_idle_ms", "queued_max_request_bytes", "message_timestamp_before_max_ms",
+                    "message_timestamp_after_max_ms")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -138,6 +176,11 @@ class Config:
             raise ValueError(f"group_initial_rebalance_delay_ms must not be negative, got {self.group_initial_rebalance_delay_ms}")
         if self.group_min_session_timeout_ms > self.group_max_session_timeout_ms:
             raise ValueError("group_min_session_timeout_ms is above group_max_session_timeout_ms")
+        if self.queued_max_request_bytes < self.max_request_bytes:
+            raise ValueError(f"queued_max_request_bytes ({self.queued_max_request_bytes}) is below "
+                             f"max_request_bytes ({self.max_request_bytes}): such a request could never be read")
+        if (self.tls_key or self.tls_ca) and not self.tls_cert:
+            raise ValueError("tls_key and tls_ca need tls_cert (the listener's certificate)")
         if any(peer_id == self.node_id for peer_id, _, _ in self.peers):
             raise ValueError(f"node {self.node_id} lists itself among its peers")
         if self.peers and not self.cluster_secret:
@@ -272,6 +315,13 @@ BROKER_CONFIGS: dict[str, str] = {
     "producer.id.expiration.ms": "producer_id_expiration_ms",
     "offsets.retention.minutes": "offsets_retention_minutes",
     "offsets.retention.check.interval.ms": "offsets_retention_check_interval_ms",
+    "fetch.max.bytes": "fetch_max_bytes",
+    "max.connections": "max_connections",
+    "max.connections.per.ip": "max_connections_per_ip",
+    "connections.max.idle.ms": "connections_max_idle_ms",
+    "queued.max.request.bytes": "queued_max_request_bytes",
+    "log.message.timestamp.before.max.ms": "message_timestamp_before_max_ms",
+    "log.message.timestamp.after.max.ms": "message_timestamp_after_max_ms",
 }
 
 

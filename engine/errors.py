@@ -32,6 +32,12 @@ class ErrorCode(enum.IntEnum):
     INVALID_SESSION_TIMEOUT = 26
     REBALANCE_IN_PROGRESS = 27
     INVALID_COMMIT_OFFSET_SIZE = 28
+    TOPIC_AUTHORIZATION_FAILED = 29
+    GROUP_AUTHORIZATION_FAILED = 30
+    CLUSTER_AUTHORIZATION_FAILED = 31
+    INVALID_TIMESTAMP = 32
+    UNSUPPORTED_SASL_MECHANISM = 33
+    ILLEGAL_SASL_STATE = 34
     UNSUPPORTED_VERSION = 35
     TOPIC_ALREADY_EXISTS = 36
     INVALID_PARTITIONS = 37
@@ -42,7 +48,9 @@ class ErrorCode(enum.IntEnum):
     UNSUPPORTED_FOR_MESSAGE_FORMAT = 43
     OUT_OF_ORDER_SEQUENCE_NUMBER = 45
     INVALID_PRODUCER_EPOCH = 47
+    SECURITY_DISABLED = 54
     KAFKA_STORAGE_ERROR = 56
+    SASL_AUTHENTICATION_FAILED = 58
     NON_EMPTY_GROUP = 68
     GROUP_ID_NOT_FOUND = 69
     FETCH_SESSION_ID_NOT_FOUND = 70
@@ -54,6 +62,9 @@ class ErrorCode(enum.IntEnum):
     GROUP_MAX_SIZE_REACHED = 81
     GROUP_SUBSCRIBED_TO_TOPIC = 86
     INVALID_RECORD = 87
+    RESOURCE_NOT_FOUND = 91
+    DUPLICATE_RESOURCE = 92
+    UNACCEPTABLE_CREDENTIAL = 93
     UNKNOWN_TOPIC_ID = 100
     UNSUPPORTED_ENDPOINT_TYPE = 115
 
@@ -73,6 +84,18 @@ class CorruptRecordError(RaftkaError):
         super().__init__(f"corrupt record batch at byte {position}: {reason}")
         self.reason = reason
         self.position = position
+
+
+class InvalidRecordError(RaftkaError):
+    """A well-formed batch a client may not write (a control or transactional batch)."""
+
+    error_code = ErrorCode.INVALID_RECORD
+
+
+class InvalidTimestampError(RaftkaError):
+    """A batch's timestamps lie further from the broker's clock than the topic allows."""
+
+    error_code = ErrorCode.INVALID_TIMESTAMP
 
 
 class RecordTooLargeError(RaftkaError):

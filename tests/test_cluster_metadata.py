@@ -70,7 +70,7 @@ def test_leader_reports_with_an_older_epoch_or_for_a_recreated_topic_are_ignored
 
 def test_snapshot_restores_the_same_state():
     state = state_with_brokers(1, 2, 3)
-    state.apply(metadata.create_topic("a", TOPIC_ID, metadata.assign_replicas([1, 2, 3], 4, 2), {"k": "v"}))
+    state.apply(metadata.create_topic("a", TOPIC_ID, metadata.assign_replicas([1, 2, 3], 4, 2), {"retention.ms": "1000"}))
     state.apply(metadata.create_partitions("a", [[3, 1]]))
     state.apply(metadata.record_leader("a", 4, state.topics["a"].partitions[4].group_id, 3, 2, [3]))
     copy = ClusterState()

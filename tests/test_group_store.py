@@ -119,3 +119,18 @@ def test_tombstones_delete_offsets_and_whole_groups(offsets_log):
     assert store.committed("g") == {} and store.group("g") is None
     assert len(store.committed("h")) == 3               # another group keeps its offsets
     assert store.group_names() == {"h"}
+
+
+def test_a_record_whose_value_does_not_decode_is_skipped_and_breaks_no_group(offsets_log):
+    from raftka.records.batch import Record
+    log, index = offsets_log
+    store = GroupStore(index)
+    good = {("t", 0): CommittedOffset(5)}
+    bad_offset = Record(b"\x00\x03garbage", key=offsets_topic.encode_key(OffsetKey("bad", "t", 0)))
+    bad_group = Record(b"\x00\x03\xff", key=offsets_topic.encode_key(GroupKey("bad")))
+    append_committed(log, build_batch([*offset_records("g", good), bad_offset, bad_group,
+                                       group_record("h", GroupRecord("consumer", 1, None, None, 0))]))
+    assert store.materialise(log) == 2
+    assert store.committed("g")[("t", 0)].offset == 5
+    assert store.committed("bad") == {} and store.group("bad") is None
+    assert store.group_names() == {"g", "h"}

@@ -151,10 +151,10 @@ def test_the_adapter_refuses_a_pysyncobj_without_what_it_overrides(monkeypatch):
 ENGINE_LAYERS = [
     {"config", "errors", "ports", "partitioner"},
     {"records", "protocol"},
-    {"storage"},
+    {"storage", "security"},
     {"replication", "cluster"},
     {"broker", "groups", "client"},
-    {"admin", "cli", "simulate_cli"},
+    {"admin", "cli", "simulate_cli", "security_cli"},
 ]
 
 

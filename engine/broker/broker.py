@@ -17,10 +17,12 @@ from typing import Any
 from raftka.broker.group_service import GroupService
 from raftka.broker.handlers import Handlers
 from raftka.broker.metrics import BrokerMetrics
+from raftka.broker.security_apis import Security, SecurityHandlers
 from raftka.broker.server import KafkaServer
 from raftka.cluster.controller import ClusterController
 from raftka.config import Config
-from raftka.errors import NoControllerError, StorageError
+from raftka.errors import NoControllerError, RaftkaError, StorageError
+from raftka.security.process_limits import make_private, raise_descriptor_limit
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,10 @@ class Broker:
         node = self.controller.node
         node.storage_errors = (*node.storage_errors, StorageError)   # a log write the disk refused
         node.on_failure(self._storage_failed)
-        self.server = KafkaServer(self.handlers, config.max_request_bytes)
+        self.security = Security(config, self.controller)
+        self.handlers.secure(self.security)
+        self.handlers.add_apis(SecurityHandlers(self.security).table())
+        self.server = KafkaServer(self.handlers, config, self.security)
         self.port: int | None = None
         self.metrics: BrokerMetrics | None = None
         self.metrics_port: int | None = None
@@ -62,14 +67,18 @@ class Broker:
         await self.groups.start()
         if self.config.metrics_port:
             self.metrics = self.handlers.metrics = BrokerMetrics(self.controller, self.groups)
-            self.metrics_port = await self.metrics.start(self.config.host, self.config.metrics_port)
+            self.metrics_port = await self.metrics.start(self.config.metrics_host, self.config.metrics_port)
             self._metrics_task = asyncio.get_running_loop().create_task(self._observe_terms())
         while True:   # peers on other hosts may start much later: wait for them, saying so
             try:
                 await self.controller.wait_ready(READY_LOG_INTERVAL_S)
-                return
+                break
             except NoControllerError as waiting:
                 log.warning("%s", waiting)
+        try:
+            await self.security.bootstrap_admin()
+        except RaftkaError as error:   # another broker may have done it; a restart tries again
+            log.warning("could not give the admin user its credentials: %s", error)
 
     def _storage_failed(self, reason: str) -> None:
         self.failure = self.handlers.storage_failure = reason
@@ -94,7 +103,10 @@ class Broker:
 
 
 async def serve(config: Config, **raft_settings: Any) -> None:
-    """Run a broker until SIGTERM or SIGINT."""
+    """Run a broker until SIGTERM or SIGINT (with the process-wide settings
+    of raftka.security.process_limits: descriptors, private files)."""
+    raise_descriptor_limit()
+    make_private(config.data_dir)
     broker = Broker(config, **raft_settings)
     await broker.start()
     stop = asyncio.Event()
@@ -102,7 +114,7 @@ async def serve(config: Config, **raft_settings: Any) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host, port = config.host, broker.port
-    metrics = f", metrics on http://{host}:{broker.metrics_port}/metrics" if broker.metrics_port else ""
+    metrics = f", metrics on http://{config.metrics_host}:{broker.metrics_port}/metrics" if broker.metrics_port else ""
     print(f"raftka broker {config.node_id} ready on {host}:{port} (data in {config.data_dir}){metrics}", flush=True)
     await stop.wait()
     await broker.stop()

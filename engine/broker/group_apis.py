@@ -9,7 +9,7 @@ just its error code. Nothing here keeps state.
 from __future__ import annotations
 
 import time
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from raftka.broker.group_service import GroupService
 from raftka.errors import ErrorCode, GroupError
@@ -17,6 +17,10 @@ from raftka.groups.coordinator import GroupState
 from raftka.groups.offsets_topic import CommittedOffset
 from raftka.protocol import kafka
 from raftka.protocol.kafka import Request, build, nested, response_schema
+from raftka.security import state as acl
+
+if TYPE_CHECKING:
+    from raftka.broker.security_apis import Security
 
 Handler = Callable[[Request], Awaitable[bytes]]
 
@@ -27,6 +31,15 @@ class GroupHandlers:
     def __init__(self, service: GroupService) -> None:
         self.service = service
         self.metadata_max_bytes = service.controller.config.offset_metadata_max_bytes
+        self.security: Security | None = None     # set by Handlers.secure: ACLs when SASL is on
+
+    def _may(self, request: Request, operation: int, resource_type: int, name: str) -> bool:
+        return self.security is None or self.security.allowed(request, operation, resource_type, name)
+
+    def _authorize_group(self, request: Request, operation: int, group_id: str) -> None:
+        """GroupError GROUP_AUTHORIZATION_FAILED unless the principal may `operation` the group."""
+        if not self._may(request, operation, acl.RESOURCE_GROUP, group_id):
+            raise GroupError(ErrorCode.GROUP_AUTHORIZATION_FAILED, group_id)
 
     def table(self) -> dict[int, Handler]:
         return {
@@ -44,6 +57,7 @@ class GroupHandlers:
             return kafka.answer(request, error_code=ErrorCode.INVALID_REQUEST, error_message="transactions are not supported",
                            node_id=-1, host="", port=-1)
         try:
+            self._authorize_group(request, acl.OP_DESCRIBE, key)
             node_id, host, port = await self.service.find_coordinator(key)
         except GroupError as error:
             return kafka.answer(request, error_code=error.error_code, error_message=str(error), node_id=-1, host="", port=-1)
@@ -56,6 +70,7 @@ class GroupHandlers:
         rebalance_ms = int(rebalance.total_seconds() * 1000) if rebalance is not None else session_ms
         member_cls = nested(response_schema(request), "JoinGroupResponseMember")
         try:
+            self._authorize_group(request, acl.OP_READ, body.group_id)
             self.service.coordinating(body.group_id)
             result = await self.service.coordinator.join(
                 body.group_id, body.member_id, request.client_id or "", request.client_host, session_ms, rebalance_ms,
@@ -75,6 +90,7 @@ class GroupHandlers:
         body = request.body
         group_instance_id = getattr(body, "group_instance_id", None)
         try:
+            self._authorize_group(request, acl.OP_READ, body.group_id)
             self.service.coordinating(body.group_id)
             self._check_sync_protocol(body)
             assignment = await self.service.coordinator.sync(
@@ -104,6 +120,7 @@ class GroupHandlers:
         body = request.body
         code = ErrorCode.NONE
         try:
+            self._authorize_group(request, acl.OP_READ, body.group_id)
             self.service.coordinating(body.group_id)
             self.service.coordinator.heartbeat(body.group_id, body.generation_id, body.member_id,
                                                getattr(body, "group_instance_id", None))
@@ -119,6 +136,7 @@ class GroupHandlers:
             else [(body.member_id, None)]
         codes = []
         try:
+            self._authorize_group(request, acl.OP_READ, body.group_id)
             self.service.coordinating(body.group_id)
         except GroupError as error:
             return kafka.answer(request, error_code=error.error_code, members=())
@@ -148,12 +166,15 @@ class GroupHandlers:
         for topic in body.topics:
             for p in topic.partitions:
                 metadata = p.committed_metadata or ""
-                if len(metadata.encode()) > self.metadata_max_bytes:
+                if not self._may(request, acl.OP_READ, acl.RESOURCE_TOPIC, topic.name):
+                    codes[(topic.name, p.partition_index)] = ErrorCode.TOPIC_AUTHORIZATION_FAILED
+                elif len(metadata.encode()) > self.metadata_max_bytes:
                     codes[(topic.name, p.partition_index)] = ErrorCode.OFFSET_METADATA_TOO_LARGE
                 else:
                     offsets[(topic.name, p.partition_index)] = CommittedOffset(
                         p.committed_offset, getattr(p, "committed_leader_epoch", -1), metadata, now_ms)
         try:
+            self._authorize_group(request, acl.OP_READ, body.group_id)
             await self.service.commit_offsets(body.group_id, body.generation_id_or_member_epoch, body.member_id, offsets,
                                               getattr(body, "group_instance_id", None))
             codes.update((tp, ErrorCode.NONE) for tp in offsets)
@@ -169,22 +190,23 @@ class GroupHandlers:
         body = request.body
         schema = response_schema(request)
         if request.api_version < 8:
-            topics, code = self._fetched_offsets(schema, "OffsetFetchResponseTopic", "OffsetFetchResponsePartition",
+            topics, code = self._fetched_offsets(request, schema, "OffsetFetchResponseTopic", "OffsetFetchResponsePartition",
                                                  body.group_id, body.topics)
             return kafka.answer(request, topics=topics, error_code=code)
         group_cls = nested(schema, "OffsetFetchResponseGroup")
         groups = []
         for wanted in body.groups:
-            topics, code = self._fetched_offsets(schema, "OffsetFetchResponseTopics", "OffsetFetchResponsePartitions",
+            topics, code = self._fetched_offsets(request, schema, "OffsetFetchResponseTopics", "OffsetFetchResponsePartitions",
                                                  wanted.group_id, wanted.topics)
             groups.append(build(group_cls, group_id=wanted.group_id, topics=topics, error_code=code))
         return kafka.answer(request, groups=tuple(groups))
 
-    def _fetched_offsets(self, schema: type, topic_name: str, partition_name: str, group_id: str,
+    def _fetched_offsets(self, request: Request, schema: type, topic_name: str, partition_name: str, group_id: str,
                          requested: Any) -> tuple[tuple[Any, ...], ErrorCode]:
         """(topics, group error) of one group's OffsetFetch; `requested` None: every partition it committed."""
         topic_cls, partition_cls = nested(schema, topic_name), nested(schema, partition_name)
         try:
+            self._authorize_group(request, acl.OP_DESCRIBE, group_id)
             committed = self.service.committed_offsets(group_id)
             code = ErrorCode.NONE
         except GroupError as error:
@@ -192,18 +214,21 @@ class GroupHandlers:
         if requested is None:
             wanted: dict[str, list[int]] = {}
             for topic, partition in sorted(committed):
-                wanted.setdefault(topic, []).append(partition)
+                if self._may(request, acl.OP_DESCRIBE, acl.RESOURCE_TOPIC, topic):
+                    wanted.setdefault(topic, []).append(partition)
         else:
             wanted = {t.name: list(t.partition_indexes) for t in requested}
         topics = []
         for name, partitions in wanted.items():
             entries = []
+            topic_code = code if self._may(request, acl.OP_DESCRIBE, acl.RESOURCE_TOPIC, name) \
+                else ErrorCode.TOPIC_AUTHORIZATION_FAILED
             for index in partitions:
-                value = committed.get((name, index))
+                value = committed.get((name, index)) if topic_code == ErrorCode.NONE else None
                 entries.append(build(partition_cls, partition_index=index,
                                      committed_offset=value.offset if value else -1,
                                      committed_leader_epoch=value.leader_epoch if value else -1,
-                                     metadata=value.metadata if value else "", error_code=code))
+                                     metadata=value.metadata if value else "", error_code=topic_code))
             topics.append(build(topic_cls, name=name, partitions=tuple(entries)))
         return tuple(topics), code
 
@@ -213,6 +238,7 @@ class GroupHandlers:
         topic_cls, partition_cls = nested(schema, "OffsetDeleteResponseTopic"), nested(schema, "OffsetDeleteResponsePartition")
         wanted = [(t.name, p.partition_index) for t in body.topics for p in t.partitions]
         try:
+            self._authorize_group(request, acl.OP_DELETE, body.group_id)
             outcome = await self.service.delete_offsets(body.group_id, wanted)
         except GroupError as error:
             return kafka.answer(request, error_code=error.error_code, topics=())
@@ -226,7 +252,8 @@ class GroupHandlers:
     async def list_groups(self, request: Request) -> bytes:
         listed_cls = nested(response_schema(request), "ListedGroup")
         groups = tuple(build(listed_cls, group_id=group_id, protocol_type=protocol_type)
-                       for group_id, protocol_type in self.service.listed_groups())
+                       for group_id, protocol_type in self.service.listed_groups()
+                       if self._may(request, acl.OP_DESCRIBE, acl.RESOURCE_GROUP, group_id))
         return kafka.answer(request, error_code=ErrorCode.NONE, groups=groups)
 
     async def describe_groups(self, request: Request) -> bytes:
@@ -235,6 +262,7 @@ class GroupHandlers:
         described = []
         for group_id in request.body.groups:
             try:
+                self._authorize_group(request, acl.OP_DESCRIBE, group_id)
                 self.service.coordinating(group_id)
             except GroupError as error:
                 described.append(build(group_cls, error_code=error.error_code, group_id=group_id, group_state="",
@@ -260,6 +288,7 @@ class GroupHandlers:
         for group_id in request.body.groups_names:
             code = ErrorCode.NONE
             try:
+                self._authorize_group(request, acl.OP_DELETE, group_id)
                 await self.service.delete_group(group_id)
             except GroupError as error:
                 code = error.error_code

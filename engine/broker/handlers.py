@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from datetime import timedelta
-from typing import Any, Awaitable, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple
 
 from raftka.broker.group_apis import GroupHandlers
 from raftka.broker.group_service import GroupService
@@ -28,6 +28,11 @@ from raftka.protocol import kafka
 from raftka.storage.log_manager import validate_topic_name
 from raftka.protocol.kafka import FetchPartition, Request, build, nested, response_schema
 from raftka.replication import PartitionReplica
+from raftka.security import state as acl
+from raftka.security.batch_rules import check_client_batches
+
+if TYPE_CHECKING:
+    from raftka.broker.security_apis import Security
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +85,8 @@ class Handlers:
         self.waiters = CommitWaiters()
         self.metrics: BrokerMetrics | None = None    # set by the broker when metrics are on
         self.storage_failure: str | None = None      # set by the broker when its storage failed
+        self.security: Security | None = None        # set by the broker: authorization (ACLs) when SASL is on
+        self.group_handlers = GroupHandlers(groups)
         self._table: dict[int, Callable[[Request], Awaitable[Response]]] = {
             kafka.API_VERSIONS: self.api_versions, kafka.METADATA: self.metadata,
             kafka.PRODUCE: self.produce, kafka.FETCH: self.fetch, kafka.LIST_OFFSETS: self.list_offsets,
@@ -87,8 +94,23 @@ class Handlers:
             kafka.INIT_PRODUCER_ID: self.init_producer_id, kafka.CREATE_PARTITIONS: self.create_partitions,
             kafka.DESCRIBE_CONFIGS: self.describe_configs, kafka.DESCRIBE_CLUSTER: self.describe_cluster,
             kafka.ALTER_CONFIGS: self.alter_configs, kafka.INCREMENTAL_ALTER_CONFIGS: self.incremental_alter_configs,
-            **GroupHandlers(groups).table(),
+            **self.group_handlers.table(),
         }
+
+    def secure(self, security: "Security") -> None:
+        """Check every request against `security`'s ACLs (when SASL is on)."""
+        self.security = self.group_handlers.security = security
+
+    def _may(self, request: Request, operation: int, resource_type: int, name: str) -> bool:
+        return self.security is None or self.security.allowed(request, operation, resource_type, name)
+
+    def _may_create(self, request: Request, topic: str) -> bool:
+        return self._may(request, acl.OP_CREATE, acl.RESOURCE_CLUSTER, acl.CLUSTER_NAME) \
+            or self._may(request, acl.OP_CREATE, acl.RESOURCE_TOPIC, topic)
+
+    def add_apis(self, table: dict[int, Callable[[Request], Awaitable[Response]]]) -> None:
+        """Serve more APIs (the security ones, from engine/broker/security_apis.py)."""
+        self._table.update(table)
 
     @property
     def config(self) -> Config:
@@ -127,10 +149,14 @@ class Handlers:
             names = sorted(state.topics)
         else:
             names, unknown_ids = self._requested_topic_names(requested)
+        denied = {n for n in names if not self._may(request, acl.OP_DESCRIBE, acl.RESOURCE_TOPIC, n)}
+        if requested is None or not requested:
+            names = [n for n in names if n not in denied]    # topics you may not describe are not listed
         allow_create = self.config.auto_create_topics and getattr(request.body, "allow_auto_topic_creation", True)
         creating = set()
         if allow_create:
-            creating = await self._auto_create([n for n in names if n not in state.topics])
+            creating = await self._auto_create([n for n in names if n not in state.topics and n not in denied
+                                                and self._may_create(request, n)])
         broker_cls, topic_cls = nested(schema, "MetadataResponseBroker"), nested(schema, "MetadataResponseTopic")
         listed = self._listed_brokers()
         brokers = tuple(build(broker_cls, node_id=node_id, host=host, port=port, rack=rack)
@@ -138,6 +164,10 @@ class Handlers:
         topics = []
         for name in names:
             topic = state.topics.get(name)
+            if name in denied:
+                topics.append(build(topic_cls, error_code=ErrorCode.TOPIC_AUTHORIZATION_FAILED, name=name,
+                                    topic_id=ZERO_UUID, is_internal=False, partitions=()))
+                continue
             if topic is None:
                 code = ErrorCode.LEADER_NOT_AVAILABLE if name in creating else self._unknown_topic_code(name)
                 topics.append(build(topic_cls, error_code=code, name=name, topic_id=ZERO_UUID, is_internal=False,
@@ -261,7 +291,10 @@ class Handlers:
         jobs: list[tuple[str, int, Awaitable[tuple[int, int, int]]]] = []
         for topic in body.topic_data:
             for data in topic.partition_data:
-                jobs.append((topic.name, data.index, self._append(topic.name, data.index, data.records, timeout_s)))
+                job = self._append(topic.name, data.index, data.records, timeout_s) \
+                    if self._may(request, acl.OP_WRITE, acl.RESOURCE_TOPIC, topic.name) \
+                    else _answered(ErrorCode.TOPIC_AUTHORIZATION_FAILED)
+                jobs.append((topic.name, data.index, job))
         results = await asyncio.gather(*(job for _, _, job in jobs))
         if body.acks == 0:
             return None
@@ -281,6 +314,8 @@ class Handlers:
         """(error code, base offset, log start offset) of one partition's part of a produce."""
         if self.storage_failure is not None:
             return ErrorCode.KAFKA_STORAGE_ERROR, -1, -1
+        if topic == OFFSETS_TOPIC:
+            return ErrorCode.INVALID_TOPIC_EXCEPTION, -1, -1    # internal: written by the group coordinators only
         replica, code = self._leader_replica(topic, partition)
         if replica is None:
             return code, -1, -1
@@ -288,6 +323,7 @@ class Handlers:
             return ErrorCode.CORRUPT_MESSAGE, -1, -1
         try:
             replica.log.validate(records)
+            check_client_batches(records, replica.log.config, int(time.time() * 1000))
             started = time.perf_counter()
             base_offset = await replica.replicate(records, timeout_s)
             if self.metrics is not None:
@@ -314,8 +350,9 @@ class Handlers:
             return kafka.fetch_response(request.correlation_id, request.api_version, [], session_error)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(body.max_wait.total_seconds(), 0.0)
+        denied = {t.topic for t in body.topics if not self._may(request, acl.OP_READ, acl.RESOURCE_TOPIC, t.topic)}
         while True:
-            topics, total, errors, served = self._read_fetch(body)
+            topics, total, errors, served = self._read_fetch(body, denied)
             remaining = deadline - loop.time()
             if total >= body.min_bytes or errors or remaining <= 0:
                 if self.metrics is not None:
@@ -326,10 +363,11 @@ class Handlers:
             keys = [(t.topic, p.partition) for t in body.topics for p in t.partitions]
             await self.waiters.wait(keys, remaining)
 
-    def _read_fetch(self, body: Any) -> tuple[list[tuple[str, list[FetchPartition]]], int, bool,
+    def _read_fetch(self, body: Any, denied: set[str]) -> tuple[list[tuple[str, list[FetchPartition]]], int, bool,
                                               list[tuple[str, int, int]]]:
         """(topics, bytes, any error, (topic, bytes, records) served per partition)."""
-        budget = body.max_bytes
+        cap = self.config.fetch_max_bytes    # the broker's bound, whatever the client asks
+        budget = min(body.max_bytes, cap)
         total, errors = 0, False
         topics, served = [], []
         for topic in body.topics:
@@ -338,11 +376,13 @@ class Handlers:
                 replica, code = self._leader_replica(topic.topic, wanted.partition)
                 if replica is not None:
                     code = _leader_epoch_error(getattr(wanted, "current_leader_epoch", -1), replica.leader_epoch)
+                if topic.topic in denied:
+                    replica, code = None, ErrorCode.TOPIC_AUTHORIZATION_FAILED
                 high_watermark, log_start_offset, records = -1, -1, b""
                 if replica is not None and code == ErrorCode.NONE:
                     log_ = replica.log
                     high_watermark, log_start_offset = log_.high_watermark, log_.log_start_offset
-                    limit = min(wanted.partition_max_bytes, budget) if total else wanted.partition_max_bytes
+                    limit = min(wanted.partition_max_bytes, budget if total else cap)
                     try:
                         if limit > 0:
                             chunk = log_.read(wanted.fetch_offset, limit)
@@ -371,9 +411,14 @@ class Handlers:
                 replica, code = self._leader_replica(topic.name, wanted.partition_index)
                 if replica is not None:
                     code = _leader_epoch_error(getattr(wanted, "current_leader_epoch", -1), replica.leader_epoch)
+                if not self._may(request, acl.OP_DESCRIBE, acl.RESOURCE_TOPIC, topic.name):
+                    replica, code = None, ErrorCode.TOPIC_AUTHORIZATION_FAILED
                 found = ListedOffset(-1, -1, -1)
                 if replica is not None and code == ErrorCode.NONE:
-                    found = _list_offset(replica, wanted.timestamp)
+                    try:
+                        found = _list_offset(replica, wanted.timestamp)
+                    except RaftkaError as error:   # a stored batch that does not decode (within its cap)
+                        code = error.error_code
                 partitions.append(build(partition_cls, partition_index=wanted.partition_index, error_code=code,
                                         timestamp=found.timestamp, offset=found.offset, leader_epoch=found.leader_epoch))
             topics.append(build(topic_cls, name=topic.name, partitions=tuple(partitions)))
@@ -390,6 +435,9 @@ class Handlers:
             return kafka.answer(request, error_code=ErrorCode.INVALID_REQUEST,
                                 producer_id=-1, producer_epoch=-1)
         code, producer_id = ErrorCode.NONE, -1
+        if self.security is not None and not self.security.may_write_idempotently(request):
+            return kafka.answer(request, error_code=ErrorCode.CLUSTER_AUTHORIZATION_FAILED,
+                                producer_id=-1, producer_epoch=-1)
         try:
             producer_id = await self.controller.allocate_producer_id()
         except RaftkaError as error:
@@ -411,6 +459,8 @@ class Handlers:
         for topic in request.body.topics:
             if topic.assignments:
                 code, message = ErrorCode.INVALID_REQUEST, "manual replica assignment is not supported"
+            elif not self._may_create(request, topic.name):
+                code, message = ErrorCode.TOPIC_AUTHORIZATION_FAILED, None
             elif request.body.validate_only:
                 code, message = await _outcome(_validate_topic_name(topic.name))
             else:
@@ -425,6 +475,9 @@ class Handlers:
         deadline = _admin_deadline(request.body.timeout)
         results = []
         for name in request.body.topic_names:
+            if not self._may(request, acl.OP_DELETE, acl.RESOURCE_TOPIC, name):
+                results.append(build(result_cls, name=name, error_code=ErrorCode.TOPIC_AUTHORIZATION_FAILED))
+                continue
             code, _message = await _outcome(self.controller.delete_topic(name, _remaining_s(deadline)))
             results.append(build(result_cls, name=name, error_code=code))
         return kafka.answer(request, responses=tuple(results))
@@ -436,6 +489,10 @@ class Handlers:
         for topic in request.body.topics:
             if topic.assignments is not None:
                 code, message = ErrorCode.INVALID_REQUEST, "manual replica assignment is not supported"
+            elif topic.name == OFFSETS_TOPIC:
+                code, message = ErrorCode.INVALID_TOPIC_EXCEPTION, f"{OFFSETS_TOPIC} is internal"
+            elif not self._may(request, acl.OP_ALTER, acl.RESOURCE_TOPIC, topic.name):
+                code, message = ErrorCode.TOPIC_AUTHORIZATION_FAILED, None
             elif request.body.validate_only:
                 code, message = ErrorCode.NONE, None
                 current = self.controller.state.topics.get(topic.name)
@@ -462,7 +519,9 @@ class Handlers:
         results = []
         for resource in request.body.resources:
             code, message, entries = ErrorCode.NONE, None, []
-            if resource.resource_type == RESOURCE_TOPIC:
+            if not self._may_configs(request, acl.OP_DESCRIBE_CONFIGS, resource):
+                code, message = _config_refusal(resource), None
+            elif resource.resource_type == RESOURCE_TOPIC:
                 topic = self.controller.state.topics.get(resource.resource_name)
                 if topic is None:
                     code, message = ErrorCode.UNKNOWN_TOPIC_OR_PARTITION, f"unknown topic {resource.resource_name!r}"
@@ -513,6 +572,12 @@ class Handlers:
         return [(name, self._broker_config_layers(name, field), name not in topic_configs.DYNAMIC_BROKER_CONFIGS)
                 for name, field in BROKER_CONFIGS.items()]
 
+    def _may_configs(self, request: Request, operation: int, resource: Any) -> bool:
+        """DESCRIBE_CONFIGS / ALTER_CONFIGS on a topic, or on the cluster for broker resources."""
+        if resource.resource_type == RESOURCE_TOPIC:
+            return self._may(request, operation, acl.RESOURCE_TOPIC, resource.resource_name)
+        return self._may(request, operation, acl.RESOURCE_CLUSTER, acl.CLUSTER_NAME)
+
     # ---- AlterConfigs, IncrementalAlterConfigs ------------------------------------
 
     async def alter_configs(self, request: Request) -> Response:
@@ -521,9 +586,12 @@ class Handlers:
         results = []
         for resource in request.body.resources:
             values = {c.name: c.value for c in resource.configs}
-            code, message = await _outcome(self.controller.alter_configs(
-                resource.resource_type, resource.resource_name, values, [], replace=True,
-                validate_only=request.body.validate_only))
+            if not self._may_configs(request, acl.OP_ALTER_CONFIGS, resource):
+                code, message = _config_refusal(resource), None
+            else:
+                code, message = await _outcome(self.controller.alter_configs(
+                    resource.resource_type, resource.resource_name, values, [], replace=True,
+                    validate_only=request.body.validate_only))
             results.append(build(result_cls, error_code=code, error_message=message,
                                  resource_type=resource.resource_type, resource_name=resource.resource_name))
         return kafka.answer(request, responses=tuple(results))
@@ -533,7 +601,10 @@ class Handlers:
         result_cls = nested(response_schema(request), "AlterConfigsResourceResponse")
         results = []
         for resource in request.body.resources:
-            code, message = await _outcome(self._alter_incrementally(resource, request.body.validate_only))
+            if not self._may_configs(request, acl.OP_ALTER_CONFIGS, resource):
+                code, message = _config_refusal(resource), None
+            else:
+                code, message = await _outcome(self._alter_incrementally(resource, request.body.validate_only))
             results.append(build(result_cls, error_code=code, error_message=message,
                                  resource_type=resource.resource_type, resource_name=resource.resource_name))
         return kafka.answer(request, responses=tuple(results))
@@ -636,6 +707,16 @@ async def _outcome(operation: Awaitable[None]) -> tuple[int, str | None]:
     except RaftkaError as error:
         return error.error_code, str(error)
     return ErrorCode.NONE, None
+
+
+def _config_refusal(resource: Any) -> int:
+    return ErrorCode.TOPIC_AUTHORIZATION_FAILED if resource.resource_type == RESOURCE_TOPIC \
+        else ErrorCode.CLUSTER_AUTHORIZATION_FAILED
+
+
+async def _answered(code: int) -> tuple[int, int, int]:
+    """A produce job already decided: (error code, base offset -1, log start offset -1)."""
+    return code, -1, -1
 
 
 async def _validate_topic_name(name: str) -> None:

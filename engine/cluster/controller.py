@@ -205,6 +205,7 @@ class ClusterController:
         brokers = sorted(self.state.brokers)
         assert replication_factor <= len(brokers), f"ready with {brokers} registered, fewer than {cluster_size}"
         replicas = metadata.assign_replicas(brokers, partitions, replication_factor, start=len(self.state.topics))
+        check_broker_partition_limit(self.state, replicas, self.config.max_partitions_per_broker)
         await self.propose(metadata.create_topic(name, os.urandom(16), replicas, configs),
                            f"create topic {name!r}", self._remaining_s(deadline))
 
@@ -228,6 +229,7 @@ class ClusterController:
         brokers = sorted(self.state.brokers)
         replicas = metadata.assign_replicas(brokers, total - current, replication_factor,
                                             first_partition=current, start=len(self.state.topics))
+        check_broker_partition_limit(self.state, replicas, self.config.max_partitions_per_broker)
         await self.propose(metadata.create_partitions(name, replicas), f"add partitions to {name!r}",
                            self._remaining_s(deadline))
 
@@ -486,3 +488,21 @@ class ClusterController:
                                  "epoch": p.leader_epoch, "isr": p.isr} for p in t.partitions]
                        for t in self.state.topics.values()},
         }
+
+
+def check_broker_partition_limit(state: metadata.ClusterState, new_replicas: list[list[int]], limit: int) -> None:
+    """InvalidPartitionsError if the new replicas would put more than `limit`
+    partition replicas on some broker (each costs descriptors and a Raft group)."""
+    load: dict[int, int] = {}
+    for topic in state.topics.values():
+        for info in topic.partitions:
+            for broker in info.replicas:
+                load[broker] = load.get(broker, 0) + 1
+    for replica_set in new_replicas:
+        for broker in replica_set:
+            load[broker] = load.get(broker, 0) + 1
+    over = sorted(broker for broker, count in load.items() if count > limit)
+    if over:
+        raise InvalidPartitionsError(f"brokers {over} would hold more than max_partitions_per_broker={limit} "
+                                     "partition replicas")
+

@@ -18,6 +18,7 @@ from raftka.cluster import topic_configs
 from raftka.errors import ErrorCode, RaftkaError
 from raftka.storage.log_manager import PARTITIONS_MAX, validate_topic_name
 from raftka.raft import codec
+from raftka.security.state import COMMANDS as SECURITY_COMMANDS, SecurityState
 
 METADATA_GROUP_ID = 0
 SNAPSHOT_VERSION = 2          # 2 added the dynamic broker configs; 1 is still read
@@ -103,6 +104,7 @@ class ClusterState:
         self.next_group_id = METADATA_GROUP_ID + 1
         self.next_producer_id = 0
         self.producer_id_blocks: dict[int, tuple[int, int]] = {}   # broker -> [first, end) it hands out
+        self.security = SecurityState()    # users' SCRAM credentials and ACLs
         # dynamic broker configs by resource name: "" the cluster-wide default, "<id>" one broker
         self.broker_configs: dict[str, dict[str, str]] = {}
         self.version = 0   # bumped by every apply that changed something
@@ -153,6 +155,7 @@ class ClusterState:
             return ErrorCode.TOPIC_ALREADY_EXISTS
         replicas = self._valid_assignment(c["replicas"], 0)
         configs = {_str(k): _str(v) for k, v in dict(c["configs"]).items()}
+        topic_configs.validate(configs)    # InvalidConfigError: a config no log can open never enters the state
         topic_id = c["topic_id"]
         if not isinstance(topic_id, bytes) or len(topic_id) != 16:
             return ErrorCode.INVALID_REQUEST
@@ -244,7 +247,8 @@ class ClusterState:
             "broker_configs": self.broker_configs,
             "topics": [[t.name, t.topic_id, t.configs,
                         [[p.group_id, p.replicas, p.leader, p.leader_epoch, p.isr] for p in t.partitions]]
-                       for t in self.topics.values()]})
+                       for t in self.topics.values()],
+            "security": self.security.snapshot_data()})
 
     def restore(self, snapshot: bytes) -> None:
         data = codec.decode(snapshot)
@@ -257,6 +261,7 @@ class ClusterState:
         self.broker_configs = {name: dict(configs) for name, configs in data.get("broker_configs", {}).items()}
         self.topics = {name: TopicInfo(name, topic_id, [PartitionInfo(*p) for p in partitions], dict(configs))
                        for name, topic_id, configs, partitions in data["topics"]}
+        self.security.restore_data(data.get("security"))
         self._changed()
 
 
@@ -274,6 +279,7 @@ _HANDLERS: dict[str, Callable[[ClusterState, dict], ErrorCode]] = {
     "record_leader": ClusterState._record_leader,
     "allocate_producer_ids": ClusterState._allocate_producer_ids,
     "alter_configs": ClusterState._alter_configs,
+    **{op: (lambda state, c, apply=apply: apply(state.security, c)) for op, apply in SECURITY_COMMANDS.items()},
 }
 
 

@@ -51,6 +51,7 @@ CONFIG_TYPES: dict[str, int] = {
     "segment.bytes": 3, "max.message.bytes": 3, "min.insync.replicas": 3,      # INT
 }
 TYPE_BOOLEAN, TYPE_STRING, TYPE_INT, TYPE_LONG = 1, 2, 3, 5
+_INT_MAX, _LONG_MAX = 2**31 - 1, 2**63 - 1     # Kafka's INT and LONG configs
 
 # the broker configs that may change at runtime: the broker-level defaults of topic configs
 DYNAMIC_BROKER_CONFIGS: dict[str, str] = {name: field for name, field in BROKER_CONFIGS.items()
@@ -91,6 +92,9 @@ def validate(configs: dict[str, str | None], names: dict[str, str] = TOPIC_CONFI
                 raise InvalidConfigError(f"{name}={value!r} is not an integer")
             if int(value) < _MINIMUM.get(topic_name, 0):
                 raise InvalidConfigError(f"{name}={value} is below its minimum {_MINIMUM.get(topic_name, 0)}")
+            maximum = _INT_MAX if config_type(topic_name) == TYPE_INT else _LONG_MAX
+            if int(value) > maximum:
+                raise InvalidConfigError(f"{name}={value} is above its maximum {maximum}")
 
 
 def _topic_name(field: str) -> str:

@@ -59,6 +59,10 @@ class GroupStore:
                 except RecordFormatError as error:
                     log.warning("%s offset %d: skipping a record with an unknown key: %s", name, record.offset, error)
                     continue
+                if not _value_decodes(key, record.value):
+                    log.warning("%s offset %d: skipping a record for group %r whose value does not decode",
+                                name, record.offset, key.group)
+                    continue     # one bad record must not break its group's reads, nor others'
                 if isinstance(key, OffsetKey):
                     yield (key.group, key.topic, key.partition), record.value
                 else:
@@ -79,6 +83,20 @@ class GroupStore:
 
     def group_names(self) -> set[str]:
         return self._index.group_names()
+
+
+def _value_decodes(key: OffsetKey | GroupKey, value: bytes | None) -> bool:
+    """Whether a record's value is one the readers (committed, group) can decode; a tombstone is."""
+    if value is None:
+        return True
+    try:
+        if isinstance(key, OffsetKey):
+            offsets_topic.decode_offset(value)
+        else:
+            offsets_topic.decode_group(value)
+    except RecordFormatError:
+        return False
+    return True
 
 
 def offset_records(group: str, offsets: dict[tuple[str, int], CommittedOffset | None]) -> list[Record]:

@@ -42,6 +42,8 @@ OFFSET_COMMIT, OFFSET_FETCH, FIND_COORDINATOR, JOIN_GROUP, HEARTBEAT = 8, 9, 10,
 LEAVE_GROUP, SYNC_GROUP, DESCRIBE_GROUPS, LIST_GROUPS = 13, 14, 15, 16
 API_VERSIONS, CREATE_TOPICS, DELETE_TOPICS, INIT_PRODUCER_ID = 18, 19, 20, 22
 DESCRIBE_CONFIGS, CREATE_PARTITIONS, DELETE_GROUPS, OFFSET_DELETE = 32, 37, 42, 47
+SASL_HANDSHAKE, SASL_AUTHENTICATE, DESCRIBE_ACLS, CREATE_ACLS, DELETE_ACLS = 17, 36, 29, 30, 31
+DESCRIBE_USER_SCRAM_CREDENTIALS, ALTER_USER_SCRAM_CREDENTIALS = 50, 51
 ALTER_CONFIGS, INCREMENTAL_ALTER_CONFIGS, DESCRIBE_CLUSTER = 33, 44, 60
 
 # api key -> (min, max) advertised in ApiVersions
@@ -69,6 +71,15 @@ ADVERTISED: dict[int, tuple[int, int]] = {
     CREATE_PARTITIONS: (0, 1),
     DELETE_GROUPS: (0, 1),
     OFFSET_DELETE: (0, 0),
+    # security (engine/broker/security_apis.py); ACL APIs stop at v1: kafka-python 2.0.2
+    # takes DescribeAcls v2 for a Kafka 2.5 broker and would send versions we do not serve
+    SASL_HANDSHAKE: (0, 1),
+    SASL_AUTHENTICATE: (0, 2),
+    DESCRIBE_ACLS: (1, 1),
+    CREATE_ACLS: (1, 1),
+    DELETE_ACLS: (1, 1),
+    DESCRIBE_USER_SCRAM_CREDENTIALS: (0, 0),
+    ALTER_USER_SCRAM_CREDENTIALS: (0, 0),
     DESCRIBE_CLUSTER: (0, 1),
 }
 # advertised but refused: Produce before v3 cannot carry v2 record batches
@@ -98,6 +109,7 @@ class Request:
     client_id: str | None
     body: Any
     client_host: str = ""        # "/<address>" of the connection, as Kafka shows it
+    principal: str = "User:ANONYMOUS"   # who authenticated on the connection (SASL), as Kafka names it
 
 
 def peek_header(frame: bytes) -> tuple[int, int, int]:

@@ -1,0 +1,151 @@
+"""ACLs on a real SASL broker process, managed with `raftka users` and
+`raftka acls`: with SASL on nothing is allowed without an ACL (super users
+excepted), Metadata hides topics a principal may not describe, and each API
+answers Kafka's authorization error until the ACL that allows it exists."""
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from raftka.broker.local_cluster import raftka_command
+from raftka.errors import ErrorCode
+from tests.broker_process import BrokerProcess
+
+TIMEOUT_S = 30
+ADMIN, ADMIN_PASSWORD = "admin", "admin-secret-0123456789"
+ALICE_PASSWORD = "alice-password-42"
+
+
+def sasl(user: str, password: str) -> dict[str, str]:
+    return {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "SCRAM-SHA-512",
+            "sasl.username": user, "sasl.password": password}
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    process = BrokerProcess(tmp_path_factory.mktemp("acls") / "data", sasl_mechanisms="SCRAM-SHA-512,SCRAM-SHA-256")
+    process.brokers.env.update(RAFTKA_ADMIN_USER=ADMIN, RAFTKA_ADMIN_PASSWORD=ADMIN_PASSWORD)
+    process.start()
+    as_admin = [f"-X{k}={v}" for k, v in sasl(ADMIN, ADMIN_PASSWORD).items()]
+    process.admin_flags = ["--bootstrap", process.bootstrap, *as_admin]
+    added = raftka(process, "users", "add", "alice", "--password-stdin", stdin=ALICE_PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    yield process
+    process.stop()
+
+
+def raftka(broker, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([*raftka_command(*args), *getattr(broker, "admin_flags", [])], input=stdin,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def acl(broker, verb: str, *args: str) -> str:
+    done = raftka(broker, "acls", verb, *args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def admin_client(broker, user: str = ADMIN, password: str = ADMIN_PASSWORD):
+    from confluent_kafka.admin import AdminClient
+    return AdminClient({"bootstrap.servers": broker.bootstrap, **sasl(user, password)})
+
+
+def create_topic(broker, name: str) -> None:
+    from confluent_kafka.admin import NewTopic
+    admin = admin_client(broker)
+    admin.create_topics([NewTopic(name, 1, 1)])[name].result(TIMEOUT_S)
+
+
+def produce_error(broker, topic: str) -> int | None:
+    """The error code of one produce as alice (None: delivered)."""
+    from confluent_kafka import Producer
+    outcome: list = []
+    producer = Producer({"bootstrap.servers": broker.bootstrap, **sasl("alice", ALICE_PASSWORD),
+                         "message.timeout.ms": 5000, "retries": 0})
+    producer.produce(topic, value=b"v", on_delivery=lambda error, _m: outcome.append(error))
+    producer.flush(TIMEOUT_S)
+    assert outcome, "no delivery report"
+    return None if outcome[0] is None else outcome[0].code()
+
+
+def consume_as_alice(broker, topic: str, group: str, expected: int) -> tuple[list[bytes], list[int]]:
+    from confluent_kafka import Consumer
+    consumer = Consumer({"bootstrap.servers": broker.bootstrap, **sasl("alice", ALICE_PASSWORD), "group.id": group,
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    got, errors = [], []
+    deadline = time.monotonic() + 15
+    while len(got) < expected and time.monotonic() < deadline:
+        message = consumer.poll(0.5)
+        if message is None:
+            continue
+        if message.error() is not None:
+            errors.append(message.error().code())
+            if message.error().code() in (ErrorCode.TOPIC_AUTHORIZATION_FAILED, ErrorCode.GROUP_AUTHORIZATION_FAILED):
+                break
+            continue
+        got.append(message.value())
+        consumer.commit(message, asynchronous=False)
+    consumer.close()
+    return got, errors
+
+
+def test_without_acls_alice_is_authenticated_but_may_do_nothing_and_sees_no_topic(broker):
+    create_topic(broker, "secret")
+    assert produce_error(broker, "secret") == ErrorCode.TOPIC_AUTHORIZATION_FAILED
+    alice, admin = admin_client(broker, "alice", ALICE_PASSWORD), admin_client(broker)
+    assert "secret" not in alice.list_topics(timeout=TIMEOUT_S).topics
+    assert "secret" in admin.list_topics(timeout=TIMEOUT_S).topics    # the super user sees it
+
+
+def test_write_then_prefixed_read_and_a_group_let_alice_produce_consume_and_commit(broker):
+    create_topic(broker, "orders")
+    acl(broker, "add", "--principal", "User:alice", "--operation", "WRITE", "--topic", "orders")
+    assert produce_error(broker, "orders") is None
+    _got, errors = consume_as_alice(broker, "orders", "billing", 1)
+    assert ErrorCode.GROUP_AUTHORIZATION_FAILED in errors or ErrorCode.TOPIC_AUTHORIZATION_FAILED in errors
+    acl(broker, "add", "--principal", "User:alice", "--operation", "READ", "--topic", "ord", "--prefixed")
+    acl(broker, "add", "--principal", "User:alice", "--operation", "READ", "--group", "billing")
+    got, errors = consume_as_alice(broker, "orders", "billing", 1)
+    assert got == [b"v"], errors
+    listed = acl(broker, "list", "--principal", "User:alice")
+    assert "User:alice\tALLOW\tREAD\tTOPIC:PREFIXED:ord" in listed and "GROUP:LITERAL:billing" in listed
+
+
+def test_a_deny_acl_overrides_an_allow(broker):
+    create_topic(broker, "guarded")
+    acl(broker, "add", "--principal", "User:*", "--operation", "WRITE", "--topic", "guarded")
+    assert produce_error(broker, "guarded") is None
+    acl(broker, "add", "--principal", "User:alice", "--operation", "WRITE", "--topic", "guarded", "--deny")
+    assert produce_error(broker, "guarded") == ErrorCode.TOPIC_AUTHORIZATION_FAILED
+    removed = acl(broker, "remove", "--principal", "User:alice", "--operation", "WRITE", "--topic", "guarded", "--deny")
+    assert "removed User:alice\tDENY\tWRITE" in removed
+    assert produce_error(broker, "guarded") is None
+
+
+def test_create_and_delete_topics_need_their_acls(broker):
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import NewTopic
+    alice = admin_client(broker, "alice", ALICE_PASSWORD)
+    with pytest.raises(KafkaException) as refused:
+        alice.create_topics([NewTopic("alices", 1, 1)])["alices"].result(TIMEOUT_S)
+    assert refused.value.args[0].code() == ErrorCode.TOPIC_AUTHORIZATION_FAILED
+    acl(broker, "add", "--principal", "User:alice", "--operation", "CREATE", "--operation", "DELETE",
+        "--operation", "DESCRIBE", "--topic", "alices")
+    alice.create_topics([NewTopic("alices", 1, 1)])["alices"].result(TIMEOUT_S)
+    with pytest.raises(KafkaException) as refused:
+        alice.delete_topics(["secret"])["secret"].result(TIMEOUT_S)
+    assert refused.value.args[0].code() == ErrorCode.TOPIC_AUTHORIZATION_FAILED
+    alice.delete_topics(["alices"])["alices"].result(TIMEOUT_S)
+
+
+def test_only_a_super_user_manages_users_and_acls(broker):
+    done = subprocess.run([*raftka_command("acls", "add", "--principal", "User:alice", "--operation", "ALL",
+                                           "--cluster", "--bootstrap", broker.bootstrap),
+                           *[f"-X{k}={v}" for k, v in sasl("alice", ALICE_PASSWORD).items()]],
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 1 and "CLUSTER_AUTHORIZATION_FAILED" in done.stderr.upper().replace(" ", "_")
+    listed = raftka(broker, "users", "list")
+    assert "alice\tSCRAM-SHA-512" in listed.stdout and "admin\tSCRAM-SHA-256" in listed.stdout
