@@ -42,7 +42,7 @@ from raftka.records.batch import (ConsumerRecord, Headers, Record, RecordColumns
 from raftka.records.codec import Columns, encode_batches, partition_keys, validate_records
 from raftka.records.compression import Compression
 from raftka.storage.log_manager import LogManager
-from raftka.storage.partition_log import AppendResult, LogSlice
+from raftka.storage.partition_log import AppendResult
 
 # bytes a read pulls from the log per step
 READ_CHUNK_BYTES = 1024 * 1024
