@@ -564,8 +564,12 @@ class RaftGroup(AdaptedSyncObj):
             return
         if self.sync_scheduler is not None:
             self.sync_scheduler(self)
-            return
-        job = journal.sync_job()
+        else:
+            self.sync_now()
+
+    def sync_now(self) -> None:
+        """Run the journal's group commit on this thread and release what it made durable."""
+        job = self._raft_log().sync_job()
         if job is not None:
             job.run()
             self.journal_synced(job)

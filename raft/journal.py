@@ -135,17 +135,20 @@ _REMOVER = _Remover()
 class SyncJob:
     """One group commit of a journal: fdatasync every file written since the
     previous job (and the directory, when a file was created), on any thread.
-    It holds its own descriptors, so a file removed meanwhile is still synced
-    or harmlessly closed. `DiskJournal.complete(job)` then, on the journal's
-    thread, moves `durable_index` to `target_index`."""
+    It holds descriptors of its own, so a file removed meanwhile is still
+    synced or harmlessly closed. The journal's `complete(job)` then, on its
+    own thread, moves `durable_index` to `target_index` and records what
+    `covered` (the journal's own account of the bytes the job synced) says
+    is on disk."""
 
-    def __init__(self, files: list[tuple["_Segment", int, int]], directory: Path | None,
-                 target_index: int, generation: int) -> None:
-        self.files = files                 # (segment, its own dup'd fd, size covered)
-        self.sync_calls = 0                # fdatasync/fsync calls made by run()
+    def __init__(self, fds: list[int], directory: Path | None, target_index: int, generation: int,
+                 covered: Any = None) -> None:
+        self.fds = fds
         self.directory = directory
         self.target_index = target_index
         self.generation = generation
+        self.covered = covered
+        self.sync_calls = 0                # fdatasync/fsync calls made by run()
 
     def run(self, fdatasync: bool = True) -> None:
         """fdatasync each file, then fsync the directory; raises the first OSError.
@@ -153,16 +156,16 @@ class SyncJob:
         the disk itself, with power_loss.)"""
         try:
             if fdatasync:
-                for _segment, fd, _size in self.files:
+                for fd in self.fds:
                     os.fdatasync(fd)
                     self.sync_calls += 1
                 if self.directory is not None:
                     fsync_directory(self.directory)
                     self.sync_calls += 1
         finally:
-            for _segment, fd, _size in self.files:
+            for fd in self.fds:
                 os.close(fd)
-            self.files = [(segment, -1, size) for segment, _fd, size in self.files]
+            self.fds = []
 
 
 class RaftStateJournal(AdaptedJournal):
@@ -363,9 +366,10 @@ class DiskJournal(RaftStateJournal):
         return self._make_job() if self.needs_sync else None
 
     def _make_job(self) -> SyncJob:
-        files = [(segment, os.dup(segment.fd), segment.size_bytes) for segment in self._unsynced.values()]
-        job = SyncJob(files, self.directory if self._new_file else None,
-                      self._slots[-1].index if self._slots else 0, self._generation)
+        segments = list(self._unsynced.values())
+        job = SyncJob([os.dup(segment.fd) for segment in segments], self.directory if self._new_file else None,
+                      self._slots[-1].index if self._slots else 0, self._generation,
+                      covered=[(segment, segment.size_bytes) for segment in segments])
         self._unsynced, self._new_file, self._sync_in_flight = {}, False, True
         return job
 
@@ -373,7 +377,7 @@ class DiskJournal(RaftStateJournal):
         """A job's fdatasyncs returned: what it covered is durable (unless
         entries were removed from the end meanwhile: the next job covers them)."""
         self._sync_in_flight = False
-        for segment, _fd, size in job.files:
+        for segment, size in job.covered:
             segment.synced_bytes = max(segment.synced_bytes, min(size, segment.size_bytes))
         if job.generation == self._generation:
             self._durable_index = max(self._durable_index, job.target_index)

@@ -274,11 +274,8 @@ class RaftNode:
     # then unknown, and retrying could report lost data as durable.
 
     def _schedule_sync(self, replica: RaftGroup) -> None:
-        if self._loop is None:
-            job = replica.journal.sync_job()
-            if job is not None:
-                job.run()
-                replica.journal_synced(job)
+        if self._loop is None:   # not started: nothing to overlap with
+            replica.sync_now()
             return
         if not self._sync_wanted:
             self._loop.call_soon(self._start_syncs)

@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 from raftka.native import crc32c
 from raftka.native.files import fsync_directory
-from raftka.raft.journal import CommandCache, EntryRange, RaftStateJournal
+from raftka.raft.journal import CommandCache, EntryRange, RaftStateJournal, SyncJob
 from raftka.raft.pysyncobj_adapter import NO_OP_ENTRY, ForeignCommandError
 from raftka.raft.votes import VoteStore
 from raftka.storage.partition_log import PartitionLog
@@ -113,35 +113,6 @@ def append_parts(command: Any) -> list[memoryview] | None:
         parts.append(view[position:position + size])
         position += size
     return parts
-
-
-class LogSyncJob:
-    """A group commit of one partition: the entries file and the active
-    segment, fdatasync'd on any thread with descriptors of its own."""
-
-    def __init__(self, fds: list[int], directory: Path | None, target_index: int, log_offset: int,
-                 entries_bytes: int, generation: int) -> None:
-        self.fds = fds
-        self.directory = directory
-        self.target_index = target_index
-        self.log_offset = log_offset          # segment bytes below this offset are covered
-        self.entries_bytes = entries_bytes    # entries file bytes covered
-        self.generation = generation
-        self.sync_calls = 0                   # fdatasync/fsync calls made by run()
-
-    def run(self, fdatasync: bool = True) -> None:
-        try:
-            if fdatasync:
-                for fd in self.fds:
-                    os.fdatasync(fd)
-                    self.sync_calls += 1
-                if self.directory is not None:
-                    fsync_directory(self.directory)
-                    self.sync_calls += 1
-        finally:
-            for fd in self.fds:
-                os.close(fd)
-            self.fds = []
 
 
 class LogJournal(RaftStateJournal):
@@ -308,29 +279,30 @@ class LogJournal(RaftStateJournal):
         """Written since the last sync job, no job in flight, and acknowledgements wait for syncs."""
         return self.fsync and self._dirty and not self._sync_in_flight
 
-    def sync_job(self) -> LogSyncJob | None:
+    def sync_job(self) -> SyncJob | None:
         """The group commit of everything written so far (None if not needed,
         or one is in flight); run it anywhere, then `complete` it here."""
         return self._make_job() if self.needs_sync else None
 
-    def _make_job(self) -> LogSyncJob:
+    def _make_job(self) -> SyncJob:
         fds = [os.dup(self._fd)]
         segment_fd = self.log.active_fd()
         if segment_fd is not None:
             fds.append(os.dup(segment_fd))
-        job = LogSyncJob(fds, None, self._slots[-1][0] if self._slots else 0, self.log.log_end_offset,
-                         self._file_bytes, self._generation)
+        job = SyncJob(fds, None, self._slots[-1][0] if self._slots else 0, self._generation,
+                      covered=(self.log.log_end_offset, self._file_bytes))   # segment offset, entries-file bytes
         self._dirty, self._sync_in_flight = False, True
         return job
 
-    def complete(self, job: LogSyncJob) -> None:
+    def complete(self, job: SyncJob) -> None:
         self._sync_in_flight = False
         if job.generation == self._generation:
             self._durable_index = max(self._durable_index, job.target_index)
-            self._synced_bytes = max(self._synced_bytes, min(job.entries_bytes, self._file_bytes))
-            self.log.synced_to(job.log_offset)
+            log_offset, entries_bytes = job.covered
+            self._synced_bytes = max(self._synced_bytes, min(entries_bytes, self._file_bytes))
+            self.log.synced_to(log_offset)
 
-    def abort(self, job: LogSyncJob) -> None:
+    def abort(self, job: SyncJob) -> None:
         self._sync_in_flight = False
 
     def sync(self) -> None:
