@@ -284,7 +284,7 @@ class PartitionReplica(RaftGroup):
             return
         head = MULTI_APPEND_HEADER.pack(MULTI_APPEND_COMMAND, self.leader_epoch, len(chunk))
         sizes = struct.pack(f">{len(chunk)}I", *(len(batches) for batches, _ in chunk))
-        command = bytearray(b"".join([head, sizes, *(batches for batches, _ in chunk)]))
+        command = bytearray().join([head, sizes, *(batches for batches, _ in chunk)])   # one copy, writable
 
         def done(results: Any, error: Exception | None) -> None:
             if error is not None:
