@@ -17,6 +17,14 @@ from raftka.ports import free_ports
 from tests.broker_process import BrokerProcess
 from tests.test_cluster_startup import lone_broker  # noqa: F401 (a fixture)
 
+
+def interruptible(argv: list[str], **options) -> subprocess.Popen:
+    """A subprocess that Ctrl-C (SIGINT) reaches, as from a terminal, even when
+    this test runs under a shell that started it in the background (which
+    ignores SIGINT, and an ignored signal stays ignored across exec)."""
+    import signal
+    return subprocess.Popen(argv, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **options)
+
 TIMEOUT_S = 60
 
 
@@ -225,8 +233,8 @@ def test_ctrl_c_stops_the_benchs_brokers_and_load_generators_and_removes_its_dat
     import signal
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    bench = subprocess.Popen(raftka_command("bench", "--quick", "--out", str(tmp_path / "out")),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(scratch)})
+    bench = interruptible(raftka_command("bench", "--quick", "--out", str(tmp_path / "out")),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(scratch)})
     deadline = time.monotonic() + 60
     started: set[int] = set()
     while time.monotonic() < deadline and len(started) < 5:     # the cluster, its 3 brokers, a load generator
@@ -245,8 +253,8 @@ def test_ctrl_c_stops_the_benchs_brokers_and_load_generators_and_removes_its_dat
 def test_consume_follow_prints_records_as_they_arrive_until_stopped(broker):
     import signal
     assert raftka("topics", "create", "followed", "-p", "1", bootstrap=broker.bootstrap).returncode == 0
-    follower = subprocess.Popen(raftka_command("consume", "followed", "--follow", "--bootstrap", broker.bootstrap),
-                                stdout=subprocess.PIPE, text=True)
+    follower = interruptible(raftka_command("consume", "followed", "--follow", "--bootstrap", broker.bootstrap),
+                             stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(3)                    # subscribed at the end of the (empty) partition
         assert raftka("produce", "followed", stdin="late arrival\n", bootstrap=broker.bootstrap).returncode == 0
