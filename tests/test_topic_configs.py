@@ -42,6 +42,12 @@ def test_configs_raftka_does_not_implement_are_refused_saying_why(configs, why):
         topic_configs.validate(configs)
 
 
+@pytest.mark.parametrize("value", ["--5", "-", "", "5-", "\u0663", "1_000", "+5", "0x10"])
+def test_integer_configs_parse_as_kafka_does_or_are_refused(value):
+    with pytest.raises(InvalidConfigError, match="not an integer"):
+        topic_configs.validate({"retention.ms": value})
+
+
 def test_kafka_defaults_and_integers_in_range_are_taken():
     topic_configs.validate({"cleanup.policy": "delete", "compression.type": "producer", "retention.ms": "-1",
                             "message.timestamp.type": "CreateTime", "min.insync.replicas": "1",

@@ -22,6 +22,7 @@ INVALID_CONFIG saying why, never stored and ignored:
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 from raftka.config import BROKER_CONFIGS, TOPIC_CONFIGS, Config
@@ -52,6 +53,7 @@ CONFIG_TYPES: dict[str, int] = {
 }
 TYPE_BOOLEAN, TYPE_STRING, TYPE_INT, TYPE_LONG = 1, 2, 3, 5
 _INT_MAX, _LONG_MAX = 2**31 - 1, 2**63 - 1     # Kafka's INT and LONG configs
+_INTEGER = re.compile(r"-?[0-9]+", re.ASCII)    # as Java's Long.parseLong of the trimmed text: no "--5", no "٣"
 
 # the broker configs that may change at runtime: the broker-level defaults of topic configs
 DYNAMIC_BROKER_CONFIGS: dict[str, str] = {name: field for name, field in BROKER_CONFIGS.items()
@@ -88,7 +90,7 @@ def validate(configs: dict[str, str | None], names: dict[str, str] = TOPIC_CONFI
                 raise InvalidConfigError(f"{name}={value!r} refused: {why}")
             continue
         if isinstance(getattr(Config(), names[name]), int):
-            if not value.strip().lstrip("-").isdigit():
+            if not _INTEGER.fullmatch(value.strip()):
                 raise InvalidConfigError(f"{name}={value!r} is not an integer")
             if int(value) < _MINIMUM.get(topic_name, 0):
                 raise InvalidConfigError(f"{name}={value} is below its minimum {_MINIMUM.get(topic_name, 0)}")
