@@ -178,8 +178,10 @@ def test_an_io_error_takes_the_node_out_of_service_and_the_others_elect_around_i
             replica.transport.on_raft_message = eio
         else:                               # the leader's own journal write of the next append
             replica.journal.add = eio
-        replica.append(make_batch(1, seed=99))   # never acknowledged: its leader fails
+        never_acked = replica.append(make_batch(1, seed=99))   # its leader fails first
         await wait_for(lambda: broken.node.failed)
+        with pytest.raises(NodeFailedError):
+            await asyncio.wait_for(never_acked, 5)
 
         assert broken.failures == [broken.node.failure] and "Input/output error" in broken.node.failure
         assert f"group {A}" in broken.node.failure
@@ -300,10 +302,13 @@ def test_a_broker_whose_log_write_fails_refuses_produce_and_its_partition_moves(
                 raise StorageError(f"append to {replica.log.directory} failed: No space left on device")
             replica.log.append = full
             with caplog.at_level(logging.CRITICAL, logger="raftka.broker.broker"):
-                replica.append(make_batch(1, seed=2))   # committed by all, not applied here: the node fails
+                unapplied = replica.append(make_batch(1, seed=2))   # committed by all, not applied here
                 await wait_for(lambda: leader.failure is not None)
             assert "No space left on device" in leader.failure
-            assert [r.levelno for r in caplog.records if "out of service" in r.getMessage()] == [logging.CRITICAL]
+            with pytest.raises(NodeFailedError):   # the node failed under it: never resolved as applied
+                await asyncio.wait_for(unapplied, 5)
+            assert [r.levelno for r in caplog.records if r.name == "raftka.broker.broker"
+                    and "out of service" in r.getMessage()] == [logging.CRITICAL]
             assert await produce(leader.port, "t", 3) == ErrorCode.KAFKA_STORAGE_ERROR
 
             others = [b for b in brokers.values() if b is not leader]
