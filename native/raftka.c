@@ -437,6 +437,24 @@ int64_t rk_max_timestamp(const uint8_t *buf, size_t len, int64_t pos, int64_t en
     return best;
 }
 
+/*
+ * Idempotent producers' batches (producerId != -1) from `pos` on: their
+ * positions, so producer state is rebuilt by touching only those headers
+ * however much other traffic the log holds. Stops after max_positions of
+ * them or at the first incomplete batch; *next_pos is the position after the
+ * last batch walked (the end of the walk when it returns < max_positions).
+ */
+int64_t rk_producer_batches(const uint8_t *buf, size_t len, int64_t pos, int64_t *positions,
+                            size_t max_positions, int64_t *next_pos) {
+    int64_t size, count = 0;
+    while ((size_t)count < max_positions && (size = stored_batch_size(buf, len, pos)) > 0) {
+        if ((int64_t)be64(buf + pos + RK_PRODUCER_ID_OFF) != -1) positions[count++] = pos;
+        pos += size;
+    }
+    *next_pos = pos;
+    return count;
+}
+
 /* ---- mappings for reads ------------------------------------------------ */
 
 /*

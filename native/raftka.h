@@ -100,6 +100,10 @@ int64_t rk_seek_timestamp(const uint8_t *buf, size_t len, int64_t pos, int64_t t
 int64_t rk_span(const uint8_t *buf, size_t len, int64_t pos, int64_t max_bytes,
                 int64_t end_offset, int64_t *next_offset);
 int64_t rk_max_timestamp(const uint8_t *buf, size_t len, int64_t pos, int64_t end_pos);
+/* positions of the batches from pos on that carry a producer id (at most max_positions);
+   *next_pos = where the walk stopped, so a caller continues there; returns the count */
+int64_t rk_producer_batches(const uint8_t *buf, size_t len, int64_t pos, int64_t *positions,
+                            size_t max_positions, int64_t *next_pos);
 /* read-only shared mapping of a segment; may extend past EOF (never read there) */
 uint8_t *rk_map(int fd, int64_t length);
 void rk_unmap(uint8_t *addr, int64_t length);

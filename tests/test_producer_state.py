@@ -73,3 +73,49 @@ def test_expiry_is_the_same_for_every_replica_rebuilding_from_the_same_batches()
     one.expire()
     other.rebuild([memoryview(b"".join(batches))])
     assert len(one) == len(other) == 3           # ids 0 and 1 are older than 100 s before the newest batch
+
+
+def test_an_expired_producer_is_unknown_whether_or_not_its_memory_was_reclaimed():
+    state = ProducerState(expiration_ms=60_000)
+    old, _ = header(1, 0, 0)
+    state.record(old, 0)
+    young = read_header(build_batch([Record(b"v", b"k", (), old.max_timestamp + 60_001)], producer_id=2,
+                                    producer_epoch=0, base_sequence=0))
+    state.record(young, 2)                     # no expire() pass has run
+    assert len(state) == 2
+    assert state.check(old) is None            # as if forgotten: a replica that reclaimed it decides alike
+    assert state.check(header(1, 0, 7)[0]) is None
+
+
+def test_a_producer_whose_batches_retention_deleted_is_unknown():
+    log_start = 0
+    state = ProducerState(log_start_offset=lambda: log_start)
+    h, _ = header(3, 0, 0)
+    state.record(h, 10)
+    assert state.check(h) == 10
+    log_start = 12                             # the segment holding offset 10 is gone
+    assert state.check(h) is None              # as on a replica that rebuilt from the retained log
+    with_state = ProducerState(log_start_offset=lambda: log_start)
+    with_state.rebuild([])
+    assert with_state.check(h) is None
+
+
+def test_rebuild_finds_every_producer_batch_among_other_traffic_in_every_segment(monkeypatch):
+    import raftka.storage.producer_state as producer_state
+    monkeypatch.setattr(producer_state, "REBUILD_POSITIONS_MAX", 3)   # the native walk resumes where it stopped
+    segments, offset = [], 0
+    for s in range(3):
+        parts = []
+        for i in range(10):
+            plain = build_batch([Record(b"x" * 50, b"k")], base_offset=offset)
+            idempotent = build_batch([Record(b"v", b"k")], producer_id=100 + i, producer_epoch=0,
+                                     base_sequence=s, base_offset=offset + 1)
+            parts += [plain, idempotent]
+            offset += 2
+        segments.append(memoryview(b"".join(parts)))
+    state = ProducerState()
+    state.rebuild(segments)
+    assert len(state) == 10
+    for i in range(10):
+        retry = read_header(build_batch([Record(b"v", b"k")], producer_id=100 + i, producer_epoch=0, base_sequence=2))
+        assert state.check(retry) == 2 * 10 * 2 + 2 * i + 1   # the last segment's batch of producer 100 + i

@@ -45,8 +45,8 @@ from typing import Any, Callable
 from raftka.errors import (CorruptRecordError, InvalidProducerEpochError, NotLeaderOrFollowerError,
                            OutOfOrderSequenceError, RecordTooLargeError, ReplicationTimeoutError,
                            UnknownTopicOrPartitionError)
-from raftka.records.batch import iter_batches
-from raftka.storage.producer_state import NO_PRODUCER_ID, PENDING_OFFSET, REBUILD_SEGMENTS, ProducerState
+from raftka.records.batch import iter_batches, read_header
+from raftka.storage.producer_state import NO_PRODUCER_ID, PENDING_OFFSET, ProducerState
 from raftka.storage.partition_log import PartitionLog
 from raftka.raft import checkpoint
 from raftka.raft.group import (MAX_COMMAND_BYTES, FailReason, GroupRemovedError, NotLeaderError, PeerNode, RaftGroup,
@@ -72,6 +72,20 @@ class CatchUp:
     retry_at: float = field(default=0.0)
 
 
+@dataclass(frozen=True)
+class ParkedRetry:
+    """An idempotent producer's retry of a batch whose original sits in the log
+    at `offset`, uncommitted: answered with that offset once it commits, if the
+    batch there is still the original (a leader change may have truncated it
+    and put another batch at that offset)."""
+
+    offset: int
+    producer_id: int
+    producer_epoch: int
+    base_sequence: int
+    future: "asyncio.Future[Any]"
+
+
 class PartitionReplica(RaftGroup):
     """This broker's replica of one partition's Raft group."""
 
@@ -87,13 +101,14 @@ class PartitionReplica(RaftGroup):
         self._log_start_proposed = -1
         self._catch_up: CatchUp | None = None
         self._pending_appends: list[tuple[Any, asyncio.Future[Any]]] = []   # proposed at the next tick
-        self._duplicates: list[tuple[int, asyncio.Future[Any]]] = []   # retries of appends not yet committed
+        self._duplicates: list[ParkedRetry] = []   # retries whose original is in the log, not yet committed
         self.on_high_watermark: Callable[[], None] | None = None   # the broker wakes waiting fetches
-        self.producers = ProducerState(partition_log.config.producer_id_expiration_ms)
+        self.producers = ProducerState(partition_log.config.producer_id_expiration_ms,
+                                       lambda: partition_log.log_start_offset)
         super().__init__(group_id, self_id, replica_ids, network, group_dir, journal_max_bytes, **raft_settings)
         journal = self.journal
         journal.on_added = self._record_producers
-        journal.on_truncated = self._rebuild_producer_state
+        journal.on_truncated = self._on_log_truncated
         self._rebuild_producer_state()
         self.transport.on_extension_message = self._on_extension_message
 
@@ -116,8 +131,14 @@ class PartitionReplica(RaftGroup):
                 self._log_start_proposed = -1   # proposed again at the next retention run
         self._propose(log_start_command(offset), done)
 
+    def _on_log_truncated(self) -> None:
+        """An uncommitted suffix left the log: retries parked on its batches fail
+        (another batch may take their offsets), and producer state follows the log."""
+        self._fail_duplicates(ReplicationError(self.group_id, FailReason.DISCARDED), self._log.log_end_offset)
+        self._rebuild_producer_state()
+
     def _rebuild_producer_state(self) -> None:
-        self.producers.rebuild([segment.view() for segment in self._log.segments[-REBUILD_SEGMENTS:]])
+        self.producers.rebuild([segment.view() for segment in self._log.segments])
 
     def _record_producers(self, parts: list[memoryview], bases: list[int]) -> None:
         """An entry's batches were added to the log: remember their producers' sequences."""
@@ -180,12 +201,14 @@ class PartitionReplica(RaftGroup):
 
     def take_out_of_service(self, error: Exception) -> None:
         self._fail_pending_appends(error)
+        self._fail_duplicates(error)
         super().take_out_of_service(error)
 
     def destroy(self) -> None:
         """Stop this replica (its topic was deleted, or the broker stops): appends
         not yet proposed and those in flight fail at once (GroupRemovedError)."""
         self._fail_pending_appends(GroupRemovedError(self.group_id))
+        self._fail_duplicates(GroupRemovedError(self.group_id))
         super().destroy()
 
     def _fail_pending_appends(self, error: Exception) -> None:
@@ -235,7 +258,9 @@ class PartitionReplica(RaftGroup):
         elif duplicate < self._log.high_watermark:
             settle_future(future, duplicate, None)
         else:
-            self._duplicates.append((duplicate, future))
+            first = read_header(memoryview(batches))
+            self._duplicates.append(ParkedRetry(duplicate, first.producer_id, first.producer_epoch,
+                                                first.base_sequence, future))
         return False
 
     def _check_producers(self, batches: Any) -> int | None:
@@ -259,17 +284,38 @@ class PartitionReplica(RaftGroup):
         return None
 
     def _answer_duplicates(self) -> None:
-        """Retries whose original committed get its offset."""
+        """Retries whose original committed get its offset; a retry whose
+        original was replaced by another batch fails (the client retries it)."""
         if not self._duplicates:
             return
         high_watermark = self._log.high_watermark
         waiting = []
-        for offset, future in self._duplicates:
-            if offset < high_watermark:
-                settle_future(future, offset, None)
+        for retry in self._duplicates:
+            if retry.offset >= high_watermark:
+                waiting.append(retry)
+            elif self._holds_original(retry):
+                settle_future(retry.future, retry.offset, None)
             else:
-                waiting.append((offset, future))
+                settle_future(retry.future, None, ReplicationError(self.group_id, FailReason.DISCARDED))
         self._duplicates = waiting
+
+    def _holds_original(self, retry: ParkedRetry) -> bool:
+        """The committed batch at the retry's offset is the batch it retries."""
+        if retry.offset < self._log.log_start_offset:
+            return True   # deleted since: it committed (retention runs below the high watermark only)
+        piece = self._log.read(retry.offset, 1)
+        header = read_header(piece.buffer)
+        return (header.base_offset, header.producer_id, header.producer_epoch, header.base_sequence) == \
+            (retry.offset, retry.producer_id, retry.producer_epoch, retry.base_sequence)
+
+    def _fail_duplicates(self, error: Exception, from_offset: int = 0) -> None:
+        """Fail the parked retries whose original sits at or past `from_offset`."""
+        if not self._duplicates:
+            return
+        failing = [retry for retry in self._duplicates if retry.offset >= from_offset]
+        self._duplicates = [retry for retry in self._duplicates if retry.offset < from_offset]
+        for retry in failing:
+            settle_future(retry.future, None, error)
 
     def _propose_parts(self, chunk: list[tuple[Any, "asyncio.Future[Any]"]]) -> None:
         if len(chunk) == 1:

@@ -612,7 +612,7 @@ class Simulation:
             starts = {m.node_id: m.replicas[group_id].log.log_start_offset for m in self.members.values()}
             for ack in group.acks:
                 for node_id, view in views.items():
-                    if ack.base_offset >= starts[node_id] and _payload_at(view, ack.base_offset) != ack.payload:
+                    if ack.base_offset >= starts[node_id] and payload_at(view, ack.base_offset) != ack.payload:
                         raise self._violation(f"group {group_id}: acknowledged append at offset {ack.base_offset} "
                                               f"({ack.payload!r}) missing on node {node_id} after healing")
             for node_id, view in views.items():
@@ -778,7 +778,7 @@ def readable_bytes(log: PartitionLog) -> bytes:
     return bytes(out)
 
 
-def _payload_at(view: bytes, offset: int) -> bytes | None:
+def payload_at(view: bytes, offset: int) -> bytes | None:
     for header, batch in iter_batches(view):
         if header.base_offset == offset:
             return next(iter(parse_records(batch))).value
