@@ -99,6 +99,7 @@ class PartitionReplica(RaftGroup):
         partition_log.recovered_short = False  # the entries file, not the applied index, says what it holds
         partition_log.on_retention = self._propose_log_start   # retention is the leader's decision, replicated
         self._log_start_proposed = -1
+        self._producer_state_stale = False   # rebuilt from the log before the leader decides again
         self._catch_up: CatchUp | None = None
         self._pending_appends: list[tuple[Any, asyncio.Future[Any]]] = []   # proposed at the next tick
         self._duplicates: list[ParkedRetry] = []   # retries whose original is in the log, not yet committed
@@ -138,6 +139,8 @@ class PartitionReplica(RaftGroup):
         self._rebuild_producer_state()
 
     def _rebuild_producer_state(self) -> None:
+        """Producer state from the whole retained log (a walk of every segment)."""
+        self._producer_state_stale = False
         self.producers.rebuild([segment.view() for segment in self._log.segments])
 
     def _record_producers(self, parts: list[memoryview], bases: list[int]) -> None:
@@ -225,6 +228,8 @@ class PartitionReplica(RaftGroup):
         if not self.is_leader:
             self._fail_pending_appends(NotLeaderError(self.group_id, self.leader_id))
             return
+        if self._producer_state_stale:   # one rebuild for all the proposals that failed since
+            self._rebuild_producer_state()
         pending, self._pending_appends = self._pending_appends, []
         chunk: list[tuple[Any, asyncio.Future[Any]]] = []
         size = MULTI_APPEND_HEADER.size
@@ -323,7 +328,7 @@ class PartitionReplica(RaftGroup):
 
             def settle(result: Any, error: Exception | None) -> None:
                 if error is not None:
-                    self._rebuild_producer_state()
+                    self._producer_state_stale = True
                 settle_future(future, result, error)
             self._propose(bytearray(APPEND_HEADER.pack(APPEND_COMMAND, self.leader_epoch)) + batches, settle,
                           wake=False)
@@ -334,7 +339,7 @@ class PartitionReplica(RaftGroup):
 
         def done(results: Any, error: Exception | None) -> None:
             if error is not None:
-                self._rebuild_producer_state()   # drop the provisional sequences of what did not commit
+                self._producer_state_stale = True   # it holds provisional sequences of what did not commit
             for position, (_batches, future) in enumerate(chunk):
                 result = results[position] if isinstance(results, list) else results
                 if error is None and isinstance(result, Exception):
