@@ -22,7 +22,8 @@ from typing import Any
 
 FAULT_NAMES = ("kill", "partition", "oneway", "reorder", "duplicate", "drop", "foreign", "power")
 RESERVED_FAULTS = ("disk-full", "clock")
-PLANT_NAMES = ("forget-vote", "no-prevote", "drop-foreign-silently", "no-fsync", "stock-snapshot")
+PLANT_NAMES = ("forget-vote", "no-prevote", "drop-foreign-silently", "no-fsync", "dedupe-from-partial-window",
+               "stock-snapshot")
 DEFAULT_STEPS = 400
 NOT_YET = "not simulated yet"
 
@@ -54,6 +55,8 @@ plants (known bugs put in for the run, to show the checker catches them):
   no-prevote             PreVote and leader stickiness off
   drop-foreign-silently  foreign entries from a peer accepted instead of refused
   no-fsync               a replica acknowledges journal entries before they are fdatasync'd
+  dedupe-from-partial-window
+                         idempotent producer state rebuilt from the log's last two segments only
   stock-snapshot         stock pysyncobj's commit on a snapshot chunk that installs nothing
 """
 

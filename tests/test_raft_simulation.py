@@ -23,11 +23,12 @@ STEPS = int(os.environ.get("RAFTKA_SIM_STEPS", "400"))
 # (400 steps, 3 nodes, 1 partition, every fault); `raftka simulate --seeds 100
 # --plant NAME` finds the same.
 CATCHING_SEEDS = {
-    "forget-vote": (32, "two leaders in term"),
-    "no-prevote": (5, "lost its leadership"),
+    "forget-vote": (8, "two leaders in term"),
+    "no-prevote": (2, "lost its leadership"),
     "drop-foreign-silently": (0, "ForeignCommandError"),
-    "no-fsync": (15, "holds another append"),
-    "stock-snapshot": (13, "diverges from the agreed log"),
+    "no-fsync": (10, "holds another append"),
+    "dedupe-from-partial-window": (19, "written twice"),
+    "stock-snapshot": (3, "diverges from the agreed log"),
 }
 
 

@@ -42,20 +42,24 @@ producers, disk-full, clock and power-loss faults.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import heapq
 import random
 import tempfile
 import time
 from contextlib import contextmanager
+from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from raftka.config import Config
-from raftka.records.batch import Record, build_batch, iter_batches, parse_records
+from raftka.errors import OutOfOrderSequenceError
+from raftka.records.batch import Record, build_batch, iter_batches, parse_records, read_header
 from raftka.storage.index import IndexStore
 from raftka.storage.partition_log import PartitionLog
+from raftka.storage.producer_state import NO_PRODUCER_ID
 from raftka.raft import codec
 from raftka.raft.group import NotLeaderError
 from raftka.raft.pysyncobj_adapter import patched_clock
@@ -69,6 +73,12 @@ __all__ = ["DEFAULT_STEPS", "FAULT_NAMES", "PLANTS", "RESERVED_FAULTS", "Faults"
 DEFAULT_STEPS = 400
 STEP_S = 0.01                     # fake time per step
 MIN_DELAY_S = 0.001               # every message takes at least this long
+# Every partition log: small segments, so runs roll many and retention deletes some
+SIM_LOG = dict(segment_bytes=1024, retention_bytes=16 * 1024, retention_ms=-1)
+# Idempotent producers per group, by how often each sends: a busy one, and one
+# so rare that the batches it retries lie many segments back in the log
+PRODUCER_WEIGHTS = (6, 1)
+PRODUCER_IN_FLIGHT = 5            # batches a producer may retry (Kafka's max in flight with idempotence)
 SIM_RAFT = dict(raftMinTimeout=0.3, raftMaxTimeout=0.6, appendEntriesPeriod=0.05, leaderFallbackTimeout=0.6,
                 logCompactionMinEntries=25, logCompactionMinTime=5.0)
 MAX_HEAL_STEPS = 3000
@@ -120,6 +130,11 @@ class Faults:
     oneway_steps: tuple[int, int] = (150, 300)   # its length, uniform in this range
     foreign: float = 0.02            # a peer's append_entries holding a foreign command is injected
     propose: float = 0.3             # per group: its leader is asked to append
+    idempotent: float = 0.5          # ... by an idempotent producer, through the leader's decision path
+    retry: float = 0.25              # an idempotent producer resends one of its last batches instead
+    gap: float = 0.02                # ... skips a sequence number instead
+    epoch_bump: float = 0.01         # ... starts a new epoch (sequence 0) instead
+    retention: float = 0.02          # per replica and step: retention runs (its leader replicates the decision)
     power: float = 0.01              # a power loss: one node, a minority or every node at once loses
                                      # every byte it had not fdatasync'd, then restarts
     max_sync_delay_s: float = 0.03   # a journal sync job takes uniform [MIN_DELAY_S, this]
@@ -149,6 +164,14 @@ def _stock_snapshot_chunk(self: Any, node: Any, message: dict) -> None:
     still raises the commit index to the leader's."""
     self.transport.handle_raft_message(node, message)
     self._verified_end = None
+
+
+def _rebuild_from_partial_window(self: Any) -> None:
+    """Producer state from the log's last two segments only, as the first
+    version rebuilt it: a producer idle for longer is forgotten by a replica
+    that restarts or truncates, and its retry is written again."""
+    self._producer_state_stale = False
+    self.producers.rebuild([segment.view() for segment in self.log.segments[-2:]])
 
 
 def _racing_elections(faults: Faults) -> Faults:
@@ -199,6 +222,9 @@ PLANTS: dict[str, Plant] = {plant.name: plant for plant in (
                       "a power loss of a majority loses committed appends",
           patches=((LogJournal, "durable_index", property(lambda journal: journal.last_index()
                                                           if len(journal) else 0)),)),
+    Plant("dedupe-from-partial-window", "idempotent producers' state rebuilt from the last two segments only: "
+                                        "a retry of a batch further back is written twice",
+          patches=((PartitionReplica, "_rebuild_producer_state", _rebuild_from_partial_window),)),
     Plant("stock-snapshot", "stock pysyncobj commits unverified entries on a snapshot chunk that installs nothing",
           patches=((PartitionReplica, "_on_snapshot_chunk", _stock_snapshot_chunk),)),
 )}
@@ -250,10 +276,48 @@ class Ack:
 
 
 @dataclass
+class SentBatch:
+    """A batch an idempotent producer sent: a retry resends exactly these bytes."""
+
+    payload: bytes       # its one record's value, unique to it
+    batch: bytes
+
+
+@dataclass
+class SimProducer:
+    """An idempotent producer: its id, epoch, next sequence and the batches it may still retry."""
+
+    producer_id: int
+    epoch: int = 0
+    next_sequence: int = 0
+    sent: deque[SentBatch] = field(default_factory=lambda: deque(maxlen=PRODUCER_IN_FLIGHT))
+
+    def new_epoch(self) -> None:
+        """As after InitProducerId: the next epoch, from sequence 0, nothing left to retry."""
+        self.epoch += 1
+        self.next_sequence = 0
+        self.sent.clear()
+
+
+@dataclass
+class InFlight:
+    """An idempotent producer's append the leader was handed, not answered yet."""
+
+    group_id: int
+    producer: SimProducer
+    sent: SentBatch
+    future: "asyncio.Future[int]"
+    epoch: int           # the producer's epoch when it sent it
+
+
+@dataclass
 class GroupState:
     """What the checker knows of one partition group."""
 
     group_id: int
+    producers: list[SimProducer] = field(default_factory=list)
+    # (producer id, epoch, first sequence) -> base offset, for the agreed log's idempotent batches
+    written: dict[tuple[int, int, int], int] = field(default_factory=dict)
     leaders_by_term: dict[int, int] = field(default_factory=dict)
     acks: list[Ack] = field(default_factory=list)
     agreed: bytes = b""              # longest readable log seen; all others must be prefixes
@@ -291,7 +355,7 @@ class Simulation:
     raft_overrides: dict[str, Any] = field(default_factory=dict)
     partitions: int = 1
     journal_accepts_all: bool = False   # True: a planted bug (drop-foreign-silently)
-    log_settings: dict[str, Any] = field(default_factory=dict)   # Config overrides of every partition log
+    log_settings: dict[str, Any] = field(default_factory=lambda: dict(SIM_LOG))   # every partition log's Config
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -304,7 +368,11 @@ class Simulation:
         self.sequence = 0
         self.cut_links: set[frozenset[int]] = set()
         self.members = {i: SimNode(i, self.root / f"n{i}") for i in range(1, self.nodes + 1)}
-        self.groups = {g: GroupState(g) for g in range(1, self.partitions + 1)}
+        self.groups = {g: GroupState(g, [SimProducer(1000 * g + i) for i in range(len(PRODUCER_WEIGHTS))])
+                       for g in range(1, self.partitions + 1)}
+        self.in_flight: list[InFlight] = []
+        self.retries = 0
+        self._loop: asyncio.AbstractEventLoop | None = None   # futures of appends, when no loop runs
         self.one_way: OneWay | None = None
         self.one_way_episodes = 0
         self.foreign_injected = 0
@@ -417,6 +485,13 @@ class Simulation:
         for member in self.members.values():
             if member.alive:
                 self.crash_node(member.node_id)
+        for append in self.in_flight:
+            if append.future.done() and not append.future.cancelled():
+                append.future.exception()   # looked at: no "never retrieved" warning
+        self.in_flight.clear()
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
 
     def _guard(self, node_id: int, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run the product's code for `node_id`; anything it raises fails the run."""
@@ -491,10 +566,23 @@ class Simulation:
             self._record("oneway-end", self.step_number, self.one_way.node_id)
             self.one_way = None
         self._random_fault()
+        self._run_retention()
         for group_id in self.groups:
             if self.rng.random() < self.faults.propose:
                 self._propose(group_id)
+        self._settle_in_flight()
         self.check_invariants()
+
+    def _run_retention(self) -> None:
+        """Each replica's retention check, now and then; a leader replicates what it decides."""
+        for member in self.members.values():
+            for replica in member.replicas.values():
+                if self.rng.random() < self.faults.retention:
+                    self._guard(member.node_id, replica.log.enforce_retention, now_ms=self._log_time_ms())
+
+    def _log_time_ms(self) -> int:
+        """The wall clock the simulated brokers read: batch timestamps advance with it."""
+        return 1_700_000_000_000 + int((self.clock.now - 1000.0) * 1000)
 
     def _random_fault(self) -> None:
         rng, f = self.rng, self.faults
@@ -578,6 +666,9 @@ class Simulation:
             return
         replica = self.rng.choice(leaders)
         group = self.groups[group_id]
+        if self.rng.random() < self.faults.idempotent:
+            self._produce_idempotent(group, replica)
+            return
         group.proposals += 1
         payload = f"seed {self.seed} group {group_id} proposal {group.proposals}".encode()
         group.proposed.add(payload)
@@ -592,6 +683,71 @@ class Simulation:
             replica.propose_append(batch, acknowledged)
         except NotLeaderError:
             pass
+
+    def _produce_idempotent(self, group: GroupState, replica: PartitionReplica) -> None:
+        """An idempotent producer's next batch, a retry of one it sent, a batch past
+        a sequence gap, or a new epoch; handed to the leader as a Produce request is."""
+        rng, f = self.rng, self.faults
+        producer = rng.choices(group.producers, PRODUCER_WEIGHTS)[0]
+        roll = rng.random()
+        if roll < f.epoch_bump:
+            producer.new_epoch()
+            self._record("epoch", self.step_number, group.group_id, producer.producer_id, producer.epoch)
+            return
+        if producer.sent and roll < f.epoch_bump + f.retry:
+            sent = rng.choice(list(producer.sent))
+            self.retries += 1
+        else:
+            gap = roll >= 1.0 - f.gap
+            sequence = producer.next_sequence + (1 if gap else 0)
+            group.proposals += 1
+            payload = (f"seed {self.seed} group {group.group_id} proposal {group.proposals} producer "
+                       f"{producer.producer_id} epoch {producer.epoch} sequence {sequence}").encode()
+            group.proposed.add(payload)
+            batch = build_batch([Record(payload, b"k", (), self._log_time_ms())], producer_id=producer.producer_id,
+                                producer_epoch=producer.epoch, base_sequence=sequence)
+            sent = SentBatch(payload, bytes(batch))
+            if not gap:
+                producer.next_sequence += 1
+                producer.sent.append(sent)
+        try:
+            future = self._in_a_loop(lambda: replica.append(bytearray(sent.batch)))
+        except NotLeaderError:
+            return
+        self.in_flight.append(InFlight(group.group_id, producer, sent, future, producer.epoch))
+
+    def _in_a_loop(self, call: Callable[[], Any]) -> Any:
+        """`call()` where asyncio.get_running_loop() works: the caller's loop, else our own."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+
+            async def run() -> Any:
+                return call()
+            return self._loop.run_until_complete(run())
+        return call()
+
+    def _settle_in_flight(self) -> None:
+        """Answered appends: acknowledgements to check; a producer told its
+        sequence is out of order starts a new epoch (as librdkafka does)."""
+        waiting = []
+        for append in self.in_flight:
+            if not append.future.done():
+                waiting.append(append)
+                continue
+            error = append.future.exception()
+            if error is None:
+                group = self.groups[append.group_id]
+                base_offset = append.future.result()
+                group.acks.append(Ack(base_offset, append.sent.payload, -1))
+                self._record("ack", self.step_number, append.group_id, base_offset, append.sent.payload)
+            elif isinstance(error, OutOfOrderSequenceError) and append.producer.epoch == append.epoch:
+                append.producer.new_epoch()
+                self._record("epoch", self.step_number, append.group_id, append.producer.producer_id,
+                             append.producer.epoch)
+        self.in_flight = waiting
 
     def heal_and_converge(self, max_steps: int = MAX_HEAL_STEPS) -> None:
         self.healing = True
@@ -686,6 +842,8 @@ class Simulation:
                 raise self._violation(f"group {group.group_id}, node {group.agreed_by}: batch at offset "
                                       f"{header.base_offset}, expected {group.agreed_end}")
             group.agreed_end = header.last_offset + 1
+            if header.producer_id != NO_PRODUCER_ID:
+                self._check_written_once(group, header)
             value = next(iter(parse_records(batch))).value
             group.agreed_values[header.base_offset] = value
             acked = group.acked_values.get(header.base_offset)
@@ -693,6 +851,21 @@ class Simulation:
                 raise self._violation(f"group {group.group_id}: acknowledged offset {header.base_offset} "
                                       f"holds another append")
         group.agreed_parsed = len(group.agreed)
+
+    def _check_written_once(self, group: GroupState, header: Any) -> None:
+        """An idempotent producer's batch is in the agreed log once, unless its
+        first copy was deleted by retention (its producer is then forgotten, as
+        in Kafka, and a retry is new)."""
+        key = (header.producer_id, header.producer_epoch, header.base_sequence)
+        earlier = group.written.get(key)
+        group.written[key] = header.base_offset
+        if earlier is None:
+            return
+        log_start = max((m.replicas[group.group_id].log.log_start_offset for m in self.members.values()
+                         if m.alive), default=0)
+        if earlier >= log_start:
+            raise self._violation(f"group {group.group_id}: producer {key[0]} epoch {key[1]} sequence {key[2]} "
+                                  f"written twice, at offsets {earlier} and {header.base_offset}")
 
     def _check_acks(self, group: GroupState) -> None:
         """Acknowledgements since the last step: each offset acknowledged once,
