@@ -6,8 +6,7 @@ over many seeds, as a command.
 
 Exit status 0 when every seed held every invariant; 1 when one failed (the
 sweep stops there, shrinks its step count by bisection and prints the
-command that replays the shortest failing run); 2 for bad usage or a fault
-that is not simulated yet.
+command that replays the shortest failing run); 2 for bad usage.
 
 The names below are repeated from the simulation module (tests check they
 agree) so that every other `raftka` command starts without importing it.
@@ -20,12 +19,11 @@ import logging
 import sys
 from typing import Any
 
-FAULT_NAMES = ("kill", "partition", "oneway", "reorder", "duplicate", "drop", "foreign", "power")
-RESERVED_FAULTS = ("disk-full", "clock")
+FAULT_NAMES = ("kill", "partition", "oneway", "reorder", "duplicate", "drop", "foreign", "power", "disk-full",
+               "clock")
 PLANT_NAMES = ("forget-vote", "no-prevote", "drop-foreign-silently", "no-fsync", "dedupe-from-partial-window",
-               "stock-snapshot")
+               "retention-by-own-clock", "stock-snapshot")
 DEFAULT_STEPS = 400
-NOT_YET = "not simulated yet"
 
 DESCRIPTION = """\
 Run the deterministic simulation: every node's real partition replica, Raft
@@ -48,7 +46,10 @@ faults:
   power      one node, a minority or every node at once loses every byte it had
              not fdatasync'd (journal tails, segment bytes past the recovery
              point), then restarts
-  disk-full, clock: reserved, not yet simulated
+  disk-full  a node's disk fills: its segment writes fail with ENOSPC, it takes
+             itself out of service (as a broker does) and restarts once freed
+  clock      a node's wall clock jumps by up to a day either way, for a while:
+             its retention decisions and its clients' batch timestamps follow it
 
 plants (known bugs put in for the run, to show the checker catches them):
   forget-vote            a restarted node forgets its vote (PreVote off, elections racing)
@@ -57,16 +58,17 @@ plants (known bugs put in for the run, to show the checker catches them):
   no-fsync               a replica acknowledges journal entries before they are fdatasync'd
   dedupe-from-partial-window
                          idempotent producer state rebuilt from the log's last two segments only
+  retention-by-own-clock every replica deletes segments by its own wall clock
   stock-snapshot         stock pysyncobj's commit on a snapshot chunk that installs nothing
 """
 
 
 def _fault_list(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in FAULT_NAMES + RESERVED_FAULTS]
+    unknown = [name for name in names if name not in FAULT_NAMES]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"invalid fault {unknown[0] if unknown else text!r} (choose from {', '.join(FAULT_NAMES + RESERVED_FAULTS)})")
+            f"invalid fault {unknown[0] if unknown else text!r} (choose from {', '.join(FAULT_NAMES)})")
     return names
 
 
@@ -83,8 +85,8 @@ def add_command(commands: Any) -> None:
     parser.add_argument("--partitions", type=int, default=1, metavar="N",
                         help="independent partition groups on the same nodes (default 1)")
     parser.add_argument("--faults", type=_fault_list, default=list(FAULT_NAMES),
-                        metavar="{" + ",".join(FAULT_NAMES + RESERVED_FAULTS) + "}[,...]",
-                        help="comma-separated (default: every implemented one)")
+                        metavar="{" + ",".join(FAULT_NAMES) + "}[,...]",
+                        help="comma-separated (default: all)")
     parser.add_argument("--plant", choices=PLANT_NAMES, help="inject a known bug for the run")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     parser.add_argument("-v", "--verbose", action="store_true", help="a line per seed, and the code's warnings")
@@ -99,10 +101,6 @@ def _seeds(args: argparse.Namespace) -> range:
 
 
 def run(args: argparse.Namespace) -> int:
-    reserved = [name for name in args.faults if name in RESERVED_FAULTS]
-    if reserved:
-        print(f"raftka simulate: fault {reserved[0]}: {NOT_YET}", file=sys.stderr)
-        return 2
     problems = [text for bad, text in ((args.steps < 1, "--steps must be at least 1"),
                                        (args.partitions < 1, "--partitions must be at least 1"),
                                        (args.seeds is not None and args.seeds < 1, "--seeds must be at least 1"))

@@ -206,6 +206,12 @@ class VoteStore:
         self._fd = fd
         self._size = len(out)
 
+    def abandon(self) -> None:
+        """Close as a crash would: votes not yet synced are lost, the file keeps what was
+        (for the simulation's SIGKILL and power loss; a broker closes with close())."""
+        self._pending.clear()
+        os.close(self._fd)
+
     def close(self) -> None:
         """Sync and close; raises like sync() if the votes cannot be made durable."""
         try:

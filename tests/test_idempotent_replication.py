@@ -13,7 +13,7 @@ from raftka.raft.pysyncobj_adapter import patched_clock
 from raftka.records.batch import Record, build_batch, read_header
 from raftka.replication.simulation import Faults, Simulation, payload_at, readable_bytes
 
-QUIET = Faults.of([], propose=0.0, heal=0.0)   # no random faults, no random traffic: the test drives
+QUIET = Faults.of([], propose=0.0, heal=0.0, retention=0.0)   # no random faults or traffic: the test drives
 
 
 def run_steps(sim: Simulation, count: int) -> None:

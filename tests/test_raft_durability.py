@@ -120,7 +120,7 @@ def test_every_broker_sigkilled_at_once_loses_no_acknowledged_record(tmp_path):
 
 
 def test_retention_is_the_leaders_decision_and_every_replica_carries_it_out_alike(tmp_path):
-    sim = Simulation(tmp_path, 5, faults=Faults.of([]), log_settings=dict(segment_bytes=1024, retention_bytes=2048))
+    sim = Simulation(tmp_path, 5, faults=Faults.of([], retention=0.0), log_settings=dict(segment_bytes=1024, retention_bytes=2048))
     start_nodes(sim, 5)
     try:
         run_steps(sim, 300)
@@ -142,7 +142,7 @@ def test_retention_is_the_leaders_decision_and_every_replica_carries_it_out_alik
 
 
 def test_a_follower_whose_log_ends_below_the_leaders_log_start_restarts_its_log_there(tmp_path, caplog):
-    sim = Simulation(tmp_path, 9, faults=Faults.of([]), log_settings=dict(segment_bytes=1024, retention_bytes=2048))
+    sim = Simulation(tmp_path, 9, faults=Faults.of([], retention=0.0), log_settings=dict(segment_bytes=1024, retention_bytes=2048))
     start_nodes(sim, 9)
     try:
         run_steps(sim, 60)

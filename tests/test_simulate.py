@@ -1,6 +1,6 @@
 """`raftka simulate` as a user runs it: a subprocess, its exit status, its
 lines and its JSON; a planted bug fails with a replay command that fails
-again; reserved faults are refused."""
+again; an unknown fault is refused."""
 from __future__ import annotations
 
 import json
@@ -50,10 +50,10 @@ def test_a_planted_bug_exits_1_with_the_failing_seed_and_a_replay_command_that_f
     assert failure["replay"] == replay   # already the shortest found
 
 
-def test_reserved_faults_are_accepted_by_the_parser_and_refused_with_one_line(tmp_path):
-    done = simulate("--faults", "kill,disk-full", tmp_path=tmp_path)
-    assert done.returncode == 2
-    assert done.stderr.strip() == "raftka simulate: fault disk-full: not simulated yet"
+def test_disk_full_and_clock_faults_run_and_an_unknown_fault_is_refused_with_one_line(tmp_path):
+    done = simulate("--faults", "kill,disk-full,clock", "--seeds", "3", "--json", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["faults"] == ["kill", "disk-full", "clock"]
     bad = simulate("--faults", "gremlins", tmp_path=tmp_path)
     assert bad.returncode == 2 and "invalid fault 'gremlins'" in bad.stderr
 
@@ -61,13 +61,13 @@ def test_reserved_faults_are_accepted_by_the_parser_and_refused_with_one_line(tm
 def test_help_lists_the_plants_and_faults_as_choices(tmp_path):
     done = simulate("--help", tmp_path=tmp_path)
     assert done.returncode == 0
-    assert "--plant {forget-vote,no-prevote,drop-foreign-silently,no-fsync,dedupe-from-partial-window,stock-snapshot}" in done.stdout
+    assert ("--plant {forget-vote,no-prevote,drop-foreign-silently,no-fsync,dedupe-from-partial-window,"
+            "retention-by-own-clock,stock-snapshot}") in done.stdout
     assert "{kill,partition,oneway,reorder,duplicate,drop,foreign,power,disk-full,clock}" in done.stdout
     assert "--nodes {3,5}" in done.stdout
 
 
 def test_the_cli_names_agree_with_the_simulation():
     assert simulate_cli.FAULT_NAMES == simulation.FAULT_NAMES
-    assert simulate_cli.RESERVED_FAULTS == simulation.RESERVED_FAULTS
     assert simulate_cli.PLANT_NAMES == tuple(simulation.PLANTS)
     assert simulate_cli.DEFAULT_STEPS == simulation.DEFAULT_STEPS

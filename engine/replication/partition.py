@@ -307,7 +307,7 @@ class PartitionReplica(RaftGroup):
     def _holds_original(self, retry: ParkedRetry) -> bool:
         """The committed batch at the retry's offset is the batch it retries."""
         if retry.offset < self._log.log_start_offset:
-            return True   # deleted since: it committed (retention runs below the high watermark only)
+            return False   # gone (retention, or our log restarted at the leader's start): unverifiable
         piece = self._log.read(retry.offset, 1)
         header = read_header(piece.buffer)
         return (header.base_offset, header.producer_id, header.producer_epoch, header.base_sequence) == \
@@ -486,11 +486,15 @@ class PartitionReplica(RaftGroup):
             log.warning("group %d on %d: the leader's log starts at %d, past our end %d; restarting our log there",
                         self.group_id, self.self_id, log_start, offset)
             self._log.restart_at(log_start)
+            self._fail_duplicates(ReplicationError(self.group_id, FailReason.DISCARDED))   # their log is gone
             self._request_catch_up()
             return
         if data:
             self._log.append(data, leader_epoch=-1)  # offsets and epochs exactly as the leader has them
             self._log.set_high_watermark(self._log.log_end_offset)
+        if isinstance(log_start, int) and log_start > self._log.log_start_offset:
+            # the log start commands the checkpoint skipped over, committed as the leader carried them out
+            self._log.delete_below(log_start)
         if self._log.log_end_offset >= catch_up.target_offset:
             self._finish_catch_up()
         elif data:

@@ -1,13 +1,25 @@
 """Deterministic simulation of partition Raft groups (`raftka simulate`).
 
-The real PartitionReplica, DiskJournal, PartitionLog and LMDB index of every
-node, driven by a fake clock (pysyncobj's time source patched) over an
-in-memory network that drops, delays, duplicates and reorders messages, cuts
-links both ways, cuts one node's inbound links alone (a one-way partition),
-delivers peers' append_entries holding foreign commands, and crashes and
-restarts nodes (restart = reopen everything from disk, as after a SIGKILL).
-A node hosts one replica of each of `partitions` independent groups, over one
-LMDB index, as a broker does.
+The real PartitionReplica, LogJournal (the segment files as the Raft log),
+PartitionLog, LMDB index and VoteStore of every node, driven by a fake clock
+(pysyncobj's time source patched) over an in-memory network that drops,
+delays, duplicates and reorders messages, cuts links both ways, cuts one
+node's inbound links alone (a one-way partition), delivers peers'
+append_entries holding foreign commands, and crashes and restarts nodes
+(restart = reopen everything from disk, as after a SIGKILL). A power loss
+keeps only what was fdatasync'd. A full disk makes a node's segment writes
+fail with ENOSPC; the node then does what a broker's RaftNode does (every
+group out of service, off the network) until the disk is freed and it
+restarts. A wall clock jump moves a node's clock up to a day either way: its
+retention decisions and its clients' batch timestamps follow it. A node
+hosts one replica of each of `partitions` independent groups, over one LMDB
+index and one vote file, as a broker does.
+
+The workload: plain appends, and idempotent producers (a busy one and a rare
+one per group) through the leader's decision path (`append`), retrying any
+of their last five batches, skipping sequence numbers, and starting new
+epochs; logs of 1 KiB segments that roll by size and by the batches' own
+timestamps, with retention by bytes and age decided by the leader.
 
 Everything random comes from one seed, so a run replays exactly, and its
 trace hash (a digest of every fault, leader, acknowledgement and the final
@@ -18,7 +30,11 @@ for every group:
 - election safety: at most one leader per term, ever;
 - agreement: the readable (below high watermark) logs of all nodes are
   prefixes of one another, byte for byte;
-- every acknowledged append sits at its acknowledged offset in the agreed log;
+- every acknowledged append (a retry's acknowledgement included) sits at its
+  acknowledged offset in the agreed log;
+- exactly once: an idempotent producer's (id, epoch, sequence) is in the
+  agreed log once, unless retention deleted the first copy (the producer is
+  then forgotten, as in Kafka);
 - per node: offsets dense from 0, high watermark <= log end offset, nothing
   readable at or past the high watermark;
 - foreign commands: every injected append_entries holding a command of a type
@@ -34,11 +50,11 @@ for every group:
   bounded: none when the cut node did not lead, one election's worth when it did.
 `heal_and_converge` then ends all faults and requires every node to hold
 every acknowledged append, nothing but what was proposed, and byte-identical
-segment files.
+segment files (retention deleted the same segments everywhere).
 
 Not simulated: the broker's RaftNode scheduler and coalesced heartbeats (the
-groups are ticked directly), the cluster metadata group, idempotent
-producers, disk-full, clock and power-loss faults.
+groups are ticked directly, and a full disk's fail-stop is done here as
+RaftNode.fail does it), and the cluster metadata group.
 """
 from __future__ import annotations
 
@@ -55,26 +71,34 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from raftka.config import Config
-from raftka.errors import OutOfOrderSequenceError
+from raftka.errors import OutOfOrderSequenceError, StorageError
 from raftka.records.batch import Record, build_batch, iter_batches, parse_records, read_header
 from raftka.storage.index import IndexStore
 from raftka.storage.partition_log import PartitionLog
 from raftka.storage.producer_state import NO_PRODUCER_ID
 from raftka.raft import codec
 from raftka.raft.group import NotLeaderError
+from raftka.raft.node import NodeFailedError
 from raftka.raft.pysyncobj_adapter import patched_clock
+from raftka.raft.votes import VoteStore
 from raftka.replication.log_journal import LogJournal, is_marker
 from raftka.replication.partition import PartitionReplica
 
-__all__ = ["DEFAULT_STEPS", "FAULT_NAMES", "PLANTS", "RESERVED_FAULTS", "Faults", "InvariantViolation", "Plant",
-           "SeedResult", "Simulation", "SweepResult", "UnsupportedFault", "replay_command", "run_seed",
+__all__ = ["DEFAULT_STEPS", "FAULT_NAMES", "PLANTS", "Faults", "InvariantViolation", "Plant",
+           "SeedResult", "Simulation", "SweepResult", "replay_command", "run_seed",
            "shortest_failing", "sweep"]
 
 DEFAULT_STEPS = 400
 STEP_S = 0.01                     # fake time per step
 MIN_DELAY_S = 0.001               # every message takes at least this long
 # Every partition log: small segments, so runs roll many and retention deletes some
-SIM_LOG = dict(segment_bytes=1024, retention_bytes=16 * 1024, retention_ms=-1)
+# Every partition log: small segments, so runs roll many (by size, and by the
+# batches' own timestamps) and retention (by bytes, and by age on the leader's
+# clock) deletes some; producer ids expire after more log time than any clock jump
+SIM_LOG = dict(segment_bytes=1024, segment_ms=3_000, retention_bytes=16 * 1024, retention_ms=60_000,
+               producer_id_expiration_ms=3 * 24 * 3600 * 1000)
+CLOCK_JUMP_MS_MAX = 24 * 3600 * 1000
+BASE_TIME_MS = 1_700_000_000_000   # the wall clock at the start of every run
 # Idempotent producers per group, by how often each sends: a busy one, and one
 # so rare that the batches it retries lie many segments back in the log
 PRODUCER_WEIGHTS = (6, 1)
@@ -89,10 +113,9 @@ INDEX_COMMIT_P = 0.05             # per replica and step: its index and state ar
 _FAULT_OFF: dict[str, tuple[str, float]] = {
     "kill": ("crash", 0.0), "partition": ("cut", 0.0), "oneway": ("oneway", 0.0),
     "reorder": ("max_delay_s", MIN_DELAY_S), "duplicate": ("duplicate", 0.0), "drop": ("drop", 0.0),
-    "foreign": ("foreign", 0.0), "power": ("power", 0.0),
+    "foreign": ("foreign", 0.0), "power": ("power", 0.0), "disk-full": ("disk_full", 0.0), "clock": ("clock", 0.0),
 }
 FAULT_NAMES = tuple(_FAULT_OFF)
-RESERVED_FAULTS = ("disk-full", "clock")   # named now, not simulated yet
 
 # Commands a hostile or broken peer sends: pysyncobj's REGULAR (pickled),
 # MEMBERSHIP and VERSION types, a no-op with a payload, and unknown types.
@@ -108,10 +131,6 @@ class InvariantViolation(AssertionError):
     def __init__(self, seed: int, step: int, what: str, healing: bool = False) -> None:
         super().__init__(f"seed {seed}, step {step}{' (healing)' if healing else ''}: {what}")
         self.seed, self.step, self.what, self.healing = seed, step, what, healing
-
-
-class UnsupportedFault(ValueError):
-    """A reserved fault name (disk-full, clock): not simulated yet."""
 
 
 @dataclass(frozen=True)
@@ -132,20 +151,22 @@ class Faults:
     propose: float = 0.3             # per group: its leader is asked to append
     idempotent: float = 0.5          # ... by an idempotent producer, through the leader's decision path
     retry: float = 0.25              # an idempotent producer resends one of its last batches instead
-    gap: float = 0.02                # ... skips a sequence number instead
+    gap: float = 0.02                # ... sends its next batch past a sequence it skips, instead
     epoch_bump: float = 0.01         # ... starts a new epoch (sequence 0) instead
     retention: float = 0.02          # per replica and step: retention runs (its leader replicates the decision)
     power: float = 0.01              # a power loss: one node, a minority or every node at once loses
                                      # every byte it had not fdatasync'd, then restarts
     max_sync_delay_s: float = 0.03   # a journal sync job takes uniform [MIN_DELAY_S, this]
+    disk_full: float = 0.005         # a live node's disk fills: its writes fail with ENOSPC, the node
+                                     # takes itself out of service, and restarts once the disk is freed
+    disk_freed: float = 0.02         # per step and node out of service: its disk is freed, it restarts
+    clock: float = 0.01              # a node's wall clock jumps by up to CLOCK_JUMP_MS_MAX either way
+    clock_fixed: float = 0.02        # per step and skewed node: its clock is right again
 
     @classmethod
     def of(cls, names: Iterable[str], **overrides: Any) -> "Faults":
         """The default probabilities with only the faults `names` on (see FAULT_NAMES)."""
         names = set(names)
-        reserved = sorted(names & set(RESERVED_FAULTS))
-        if reserved:
-            raise UnsupportedFault(f"fault {reserved[0]!r} is not simulated yet")
         unknown = sorted(names - set(FAULT_NAMES))
         if unknown:
             raise ValueError(f"unknown fault {unknown[0]!r} (known: {', '.join(FAULT_NAMES)})")
@@ -172,6 +193,12 @@ def _rebuild_from_partial_window(self: Any) -> None:
     that restarts or truncates, and its retry is written again."""
     self._producer_state_stale = False
     self.producers.rebuild([segment.view() for segment in self.log.segments[-2:]])
+
+
+def _retention_by_own_clock(self: Any, offset: int) -> None:
+    """Each replica deletes what its own clock finds expired, as the first
+    version did: a replica whose clock jumped ahead drops segments the others keep."""
+    self.log.delete_below(offset)
 
 
 def _racing_elections(faults: Faults) -> Faults:
@@ -225,6 +252,9 @@ PLANTS: dict[str, Plant] = {plant.name: plant for plant in (
     Plant("dedupe-from-partial-window", "idempotent producers' state rebuilt from the last two segments only: "
                                         "a retry of a batch further back is written twice",
           patches=((PartitionReplica, "_rebuild_producer_state", _rebuild_from_partial_window),)),
+    Plant("retention-by-own-clock", "every replica applies retention by its own wall clock, not the leader's "
+                                    "replicated decision: log starts differ",
+          patches=((PartitionReplica, "_propose_log_start", _retention_by_own_clock),)),
     Plant("stock-snapshot", "stock pysyncobj commits unverified entries on a snapshot chunk that installs nothing",
           patches=((PartitionReplica, "_on_snapshot_chunk", _stock_snapshot_chunk),)),
 )}
@@ -236,8 +266,10 @@ class FakeClock:
     """Advances by the step, and by a microsecond per reading: pysyncobj bounds
     some loops by elapsed time, and real time always passes."""
 
+    START_S = 1000.0
+
     def __init__(self) -> None:
-        self.now = 1000.0
+        self.now = self.START_S
 
     def __call__(self) -> float:
         self.now += 1e-6
@@ -251,6 +283,9 @@ class _Endpoint:
         self._sim, self._node_id = sim, node_id
 
     def send(self, peer_id: int, group_id: int, message: Any) -> bool:
+        votes = self._sim.members[self._node_id].votes
+        if votes is not None and votes.pending:
+            votes.sync()   # as PeerNetwork.before_flush: no message leaves ahead of the vote it reflects
         self._sim.enqueue(self._node_id, peer_id, group_id, codec.encode(message))
         return True
 
@@ -260,6 +295,7 @@ class SimNode:
     node_id: int
     root: Path
     index: IndexStore | None = None
+    votes: VoteStore | None = None   # the node's durable terms and votes, one file for all its groups
     replicas: dict[int, PartitionReplica] = field(default_factory=dict)   # group id -> replica
     incarnation: int = 0             # bumped at every (re)start: sync jobs of an older one are void
 
@@ -371,6 +407,11 @@ class Simulation:
         self.groups = {g: GroupState(g, [SimProducer(1000 * g + i) for i in range(len(PRODUCER_WEIGHTS))])
                        for g in range(1, self.partitions + 1)}
         self.in_flight: list[InFlight] = []
+        self.clock_skew_ms: dict[int, int] = {}     # node -> how far its wall clock is off
+        self.clock_jumps = 0
+        self.disk_full: set[int] = set()            # nodes whose disk is full
+        self.out_of_service: set[int] = set()       # nodes that took themselves out (disk full), down
+        self.disk_full_failures = 0
         self.retries = 0
         self._loop: asyncio.AbstractEventLoop | None = None   # futures of appends, when no loop runs
         self.one_way: OneWay | None = None
@@ -406,13 +447,14 @@ class Simulation:
         member = self.members[node_id]
         member.incarnation += 1
         member.index = IndexStore(member.root / "index.lmdb", 1 << 28)
+        member.votes = VoteStore(member.root / "votes")
         for group_id in self.groups:
             storage_id = group_id - 1
             log = PartitionLog(f"p-{storage_id}", member.root / f"p-{storage_id}", storage_id, member.index,
                                Config(data_dir=member.root, **self.log_settings))
             replica = self._guard(node_id, PartitionReplica, group_id, log, node_id, list(self.members),
                                   _Endpoint(self, node_id), member.root / f"raft-{storage_id}",
-                                  persist_vote=self.persist_vote, journal_fsync=True,
+                                  persist_vote=self.persist_vote, vote_store=member.votes, journal_fsync=True,
                                   **{**SIM_RAFT, **self.raft_overrides})
             replica.sync_scheduler = lambda r, n=node_id, g=group_id: self._schedule_sync(n, g, r)
             member.replicas[group_id] = replica
@@ -467,9 +509,10 @@ class Simulation:
                     self.lossy_power_losses += 1
                 replica.journal.power_loss()
                 replica.log.power_loss()
-            assert member.index is not None
+            assert member.index is not None and member.votes is not None
             member.index.close()
-            member.replicas, member.index = {}, None
+            member.votes.abandon()   # every vote it synced is on disk; the rest was never acted on
+            member.replicas, member.index, member.votes = {}, None, None
 
     def crash_node(self, node_id: int) -> None:
         """As SIGKILL: files keep what was written, nothing in memory is saved."""
@@ -479,7 +522,9 @@ class Simulation:
             replica.journal.abandon()
             replica.log.abandon()
         member.index.close()
-        member.replicas, member.index = {}, None
+        assert member.votes is not None
+        member.votes.abandon()
+        member.replicas, member.index, member.votes = {}, None, None
 
     def stop_all(self) -> None:
         for member in self.members.values():
@@ -499,6 +544,11 @@ class Simulation:
             return call(*args, **kwargs)
         except InvariantViolation:
             raise
+        except (StorageError, OSError) as error:
+            if node_id not in self.disk_full:
+                raise self._violation(f"node {node_id} raised {type(error).__name__}: {error}") from error
+            self._take_out_of_service(node_id, error)
+            return None
         except Exception as error:
             if self._foreign_in_journal:
                 raise self._violation(self._foreign_in_journal[0]) from error
@@ -559,8 +609,10 @@ class Simulation:
         self._deliver_due()
         for member in self.members.values():
             for replica in list(member.replicas.values()):
+                if not member.alive:
+                    break   # taken out of service by what a replica before this one hit
                 self._guard(member.node_id, replica.doTick, 0.0)
-                if self.rng.random() < INDEX_COMMIT_P:   # the broker's periodic index and state commit
+                if self.rng.random() < INDEX_COMMIT_P and member.alive:   # the broker's periodic index commit
                     self._guard(member.node_id, replica.log.flush_index)
         if self.one_way is not None and self.step_number >= self.one_way.end_step:
             self._record("oneway-end", self.step_number, self.one_way.node_id)
@@ -576,13 +628,19 @@ class Simulation:
     def _run_retention(self) -> None:
         """Each replica's retention check, now and then; a leader replicates what it decides."""
         for member in self.members.values():
-            for replica in member.replicas.values():
-                if self.rng.random() < self.faults.retention:
-                    self._guard(member.node_id, replica.log.enforce_retention, now_ms=self._log_time_ms())
+            for replica in list(member.replicas.values()):
+                if self.rng.random() < self.faults.retention and member.alive:
+                    self._guard(member.node_id, replica.log.enforce_retention,
+                                now_ms=self._wall_clock_ms(member.node_id))
+
+    def _wall_clock_ms(self, node_id: int) -> int:
+        """What node_id's wall clock reads (its retention decisions use it, and
+        its clients stamp their batches with it): fake time plus its skew."""
+        return self._log_time_ms() + self.clock_skew_ms.get(node_id, 0)
 
     def _log_time_ms(self) -> int:
-        """The wall clock the simulated brokers read: batch timestamps advance with it."""
-        return 1_700_000_000_000 + int((self.clock.now - 1000.0) * 1000)
+        """The right wall clock time, in step with the fake clock."""
+        return BASE_TIME_MS + int((self.clock.now - FakeClock.START_S) * 1000)
 
     def _random_fault(self) -> None:
         rng, f = self.rng, self.faults
@@ -594,9 +652,13 @@ class Simulation:
             self._record("crash", self.step_number, victim)
             self.crash_node(victim)
         for node_id in dead:
-            if rng.random() < f.restart:
+            if rng.random() < (f.disk_freed if node_id in self.out_of_service else f.restart):
                 self._record("restart", self.step_number, node_id)
+                self.out_of_service.discard(node_id)
                 self.start_node(node_id)
+        if not quiet and alive and rng.random() < f.disk_full:
+            self._fill_disk(rng.choice(alive))
+        self._jump_clocks()
         if not quiet and rng.random() < f.cut:
             a, b = rng.sample(sorted(self.members), 2)
             self._record("cut", self.step_number, min(a, b), max(a, b))
@@ -617,9 +679,46 @@ class Simulation:
         if rng.random() < f.foreign:
             self._inject_foreign()
 
+    def _fill_disk(self, node_id: int) -> None:
+        """node_id's disk is full: every segment write fails with ENOSPC (and writes nothing)."""
+        self._record("disk-full", self.step_number, node_id)
+        self.disk_full.add(node_id)
+
+        def full(*_args: Any, **_kwargs: Any) -> None:
+            raise StorageError(f"node {node_id}: segment write failed: No space left on device")
+        for replica in self.members[node_id].replicas.values():
+            replica.log.append = full
+
+    def _take_out_of_service(self, node_id: int, error: Exception) -> None:
+        """What RaftNode.fail does when local storage breaks: every group of the
+        node stops leading and fails what is in flight, and the node leaves the
+        network (here: goes down, files as they are) until its disk is freed."""
+        self._record("out-of-service", self.step_number, node_id)
+        self.disk_full_failures += 1
+        member = self.members[node_id]
+        for group_id, replica in member.replicas.items():
+            replica.take_out_of_service(NodeFailedError(group_id, node_id, str(error)))
+        self.crash_node(node_id)
+        self.disk_full.discard(node_id)
+        self.out_of_service.add(node_id)
+
+    def _jump_clocks(self) -> None:
+        """A node's wall clock jumps, or a skewed one is set right."""
+        rng, f = self.rng, self.faults
+        for node_id in sorted(self.clock_skew_ms):
+            if rng.random() < f.clock_fixed:
+                self._record("clock-fixed", self.step_number, node_id)
+                del self.clock_skew_ms[node_id]
+        if rng.random() < f.clock:
+            node_id = rng.choice(sorted(self.members))
+            skew = rng.randint(-CLOCK_JUMP_MS_MAX, CLOCK_JUMP_MS_MAX)
+            self._record("clock", self.step_number, node_id, skew)
+            self.clock_skew_ms[node_id] = skew
+            self.clock_jumps += 1
+
     def _settled(self) -> bool:
-        """Every node up, no link cut, and each group led by one leader every node follows."""
-        if self.cut_links or not all(m.alive for m in self.members.values()):
+        """Every node up, no disk full, no link cut, and each group led by one leader every node follows."""
+        if self.cut_links or self.disk_full or not all(m.alive for m in self.members.values()):
             return False
         return all(_followed_by_all([m.replicas[group_id] for m in self.members.values()]) is not None
                    for group_id in self.groups)
@@ -672,7 +771,7 @@ class Simulation:
         group.proposals += 1
         payload = f"seed {self.seed} group {group_id} proposal {group.proposals}".encode()
         group.proposed.add(payload)
-        batch = build_batch([Record(payload, b"k", (), 1_700_000_000_000 + group.proposals)])
+        batch = build_batch([Record(payload, b"k", (), self._wall_clock_ms(replica.self_id))])
         term = replica.leader_epoch
 
         def acknowledged(base_offset: int | None, error: Exception | None) -> None:
@@ -680,7 +779,7 @@ class Simulation:
                 group.acks.append(Ack(base_offset, payload, term))
                 self._record("ack", self.step_number, group_id, base_offset, payload)
         try:
-            replica.propose_append(batch, acknowledged)
+            self._guard(replica.self_id, replica.propose_append, batch, acknowledged)
         except NotLeaderError:
             pass
 
@@ -704,17 +803,18 @@ class Simulation:
             payload = (f"seed {self.seed} group {group.group_id} proposal {group.proposals} producer "
                        f"{producer.producer_id} epoch {producer.epoch} sequence {sequence}").encode()
             group.proposed.add(payload)
-            batch = build_batch([Record(payload, b"k", (), self._log_time_ms())], producer_id=producer.producer_id,
+            batch = build_batch([Record(payload, b"k", (), self._wall_clock_ms(replica.self_id))],
+                                producer_id=producer.producer_id,
                                 producer_epoch=producer.epoch, base_sequence=sequence)
             sent = SentBatch(payload, bytes(batch))
-            if not gap:
-                producer.next_sequence += 1
-                producer.sent.append(sent)
+            producer.next_sequence = sequence + 1   # a skipped sequence is never sent: one batch per sequence
+            producer.sent.append(sent)
         try:
-            future = self._in_a_loop(lambda: replica.append(bytearray(sent.batch)))
+            future = self._guard(replica.self_id, self._in_a_loop, lambda: replica.append(bytearray(sent.batch)))
         except NotLeaderError:
             return
-        self.in_flight.append(InFlight(group.group_id, producer, sent, future, producer.epoch))
+        if future is not None:
+            self.in_flight.append(InFlight(group.group_id, producer, sent, future, producer.epoch))
 
     def _in_a_loop(self, call: Callable[[], Any]) -> Any:
         """`call()` where asyncio.get_running_loop() works: the caller's loop, else our own."""
@@ -752,7 +852,8 @@ class Simulation:
     def heal_and_converge(self, max_steps: int = MAX_HEAL_STEPS) -> None:
         self.healing = True
         self.faults = replace(self.faults, drop=0, duplicate=0, crash=0, restart=1.0, cut=0, heal=1.0, oneway=0,
-                              foreign=0, propose=0, power=0, max_delay_s=0.005)
+                              foreign=0, propose=0, power=0, max_delay_s=0.005, disk_full=0, disk_freed=1.0,
+                              clock=0, clock_fixed=1.0)
         self.cut_links.clear()
         if self.one_way is not None:
             self._record("oneway-end", self.step_number, self.one_way.node_id)
@@ -984,6 +1085,9 @@ class SeedResult:
     foreign_refused: int = 0         # injected ones delivered (not lost) and refused
     power_losses: int = 0            # power cuts (of one node, a minority or all)
     lossy_power_losses: int = 0      # replicas that lost written but unsynced bytes to a power cut
+    retries: int = 0                 # idempotent producers' retries of batches they had sent
+    disk_full_failures: int = 0      # nodes that took themselves out of service on a full disk
+    clock_jumps: int = 0             # wall clocks set wrong
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -1031,7 +1135,8 @@ def run_seed(seed: int, steps: int = DEFAULT_STEPS, nodes: int = 3, faults: Faul
                       failed_step=failure.step if failure is not None else None,
                       acks=sim.acks, leader_changes=sim.leader_changes, one_way_episodes=sim.one_way_episodes,
                       foreign_injected=sim.foreign_injected, foreign_refused=sim.foreign_refused,
-                      power_losses=sim.power_losses, lossy_power_losses=sim.lossy_power_losses)
+                      power_losses=sim.power_losses, lossy_power_losses=sim.lossy_power_losses,
+                      retries=sim.retries, disk_full_failures=sim.disk_full_failures, clock_jumps=sim.clock_jumps)
 
 
 @contextmanager
