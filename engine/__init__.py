@@ -25,7 +25,7 @@ _EXPORTS = {
     "raftka.client.embedded": ("PartitionOffsets", "ProducedRecords", "Raftka", "RecordMetadata", "open"),
     "raftka.client.group_consumer": ("GroupConsumer",),
     "raftka.config": ("Config",),
-    "raftka.errors": ("CorruptRecordError", "DataDirLockedError", "GroupError", "InvalidPartitionsError",
+    "raftka.errors": ("ClosedError", "CorruptRecordError", "DataDirLockedError", "GroupError", "InvalidPartitionsError",
                       "InvalidTopicError", "OffsetOutOfRangeError", "RaftkaError", "RecordTooLargeError",
                       "StorageError", "TopicAlreadyExistsError", "UnknownTopicOrPartitionError"),
     "raftka.records.batch": ("ConsumerRecord", "Record", "RecordColumns", "build_batch", "parse_records"),
@@ -38,9 +38,10 @@ if TYPE_CHECKING:
     from raftka.client.embedded import PartitionOffsets, ProducedRecords, Raftka, RecordMetadata, open
     from raftka.client.group_consumer import GroupConsumer
     from raftka.config import Config
-    from raftka.errors import (CorruptRecordError, DataDirLockedError, GroupError, InvalidPartitionsError,
-                               InvalidTopicError, OffsetOutOfRangeError, RaftkaError, RecordTooLargeError,
-                               StorageError, TopicAlreadyExistsError, UnknownTopicOrPartitionError)
+    from raftka.errors import (ClosedError, CorruptRecordError, DataDirLockedError, GroupError,
+                               InvalidPartitionsError, InvalidTopicError, OffsetOutOfRangeError, RaftkaError,
+                               RecordTooLargeError, StorageError, TopicAlreadyExistsError,
+                               UnknownTopicOrPartitionError)
     from raftka.records.batch import ConsumerRecord, Record, RecordColumns, build_batch, parse_records
     from raftka.records.compression import Compression
 

@@ -211,6 +211,10 @@ class DataDirLockedError(StorageError):
     """Another process (or another open handle) holds this data directory."""
 
 
+class ClosedError(RaftkaError):
+    """An embedded handle, or one of its consumers, was used after close()."""
+
+
 class GroupError(RaftkaError):
     """A consumer-group request the coordinator refuses; `error_code` says why
     (UNKNOWN_MEMBER_ID, ILLEGAL_GENERATION, REBALANCE_IN_PROGRESS, ...)."""

@@ -4,15 +4,18 @@ each read everything, committed offsets survive the consumer and a reopen of
 the data directory, and a member that stops polling loses its partitions."""
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import pytest
 
 import raftka
-from raftka.errors import UnknownTopicOrPartitionError
+from raftka.client.group_consumer import EmbeddedGroups
+from raftka.errors import ClosedError, UnknownTopicOrPartitionError
 
 PARTITIONS = 4
 SETTINGS = {"group_initial_rebalance_delay_ms": 300, "group_min_session_timeout_ms": 500}
@@ -137,6 +140,13 @@ def test_a_subscription_to_an_unknown_topic_is_refused_at_once(rk):
         rk.consumer("g", ["no-such-topic"])
 
 
+def run_in_dev_mode(script: str, data_dir) -> subprocess.CompletedProcess:
+    """Run script in a fresh interpreter in development mode (asyncio debug, every
+    warning shown; ResourceWarning an error), data_dir as its argument."""
+    return subprocess.run([sys.executable, "-X", "dev", "-W", "error::ResourceWarning", "-c", script, str(data_dir)],
+                          capture_output=True, text=True, timeout=120)
+
+
 SHUTDOWN_SCRIPT = """
 import gc, sys, threading, raftka
 with raftka.open(sys.argv[1], group_initial_rebalance_delay_ms=0) as rk:
@@ -157,10 +167,70 @@ with raftka.open(sys.argv[1]) as rk:
 
 
 def test_closing_a_handle_with_consumers_stops_every_thread_and_task_without_warnings(tmp_path):
-    result = subprocess.run([sys.executable, "-X", "dev", "-W", "error::ResourceWarning", "-c", SHUTDOWN_SCRIPT,
-                             str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
+    result = run_in_dev_mode(SHUTDOWN_SCRIPT, tmp_path / "data")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     records, committed = result.stdout.splitlines()
     assert records.split(" ", 1) == ["50", "['MainThread']"]
     assert int(committed) == 50  # the consumer the handle closed committed its positions
+
+
+ITERATING_SHUTDOWN_SCRIPT = """
+import gc, sys, threading, time, raftka
+outcome = []
+with raftka.open(sys.argv[1], group_initial_rebalance_delay_ms=0) as rk:
+    rk.create_topic("events", partitions=2)
+    rk.produce_batch("events", [raftka.Record(b"v%d" % i, key=b"k%d" % i) for i in range(50)])
+    consumer = rk.consumer("billing", ["events"], auto_commit_interval_s=0.05)
+    got, all_read = [], threading.Event()
+    def iterate():
+        try:
+            for record in consumer:                 # the README's blocking loop
+                got.append(record)
+                if len(got) == 50:
+                    all_read.set()
+            outcome.append("ended")
+        except BaseException as error:
+            outcome.append(repr(error))
+    worker = threading.Thread(target=iterate)
+    worker.start()
+    all_read.wait(30)
+    time.sleep(0.3)                                 # an auto-commit is due when the worker wakes
+worker.join(10)
+gc.collect()
+print(len(got), outcome, sorted(t.name for t in threading.enumerate()))
+"""
+
+
+def test_closing_a_handle_under_a_thread_iterating_a_consumer_ends_its_loop_without_errors_or_warnings(tmp_path):
+    result = run_in_dev_mode(ITERATING_SHUTDOWN_SCRIPT, tmp_path / "data")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.strip() == "50 ['ended'] ['MainThread']"
+
+
+def test_a_consumer_used_after_its_handle_closed_raises_closed_error(tmp_path):
+    with raftka.open(tmp_path / "data", **SETTINGS) as rk:
+        rk.create_topic("events", partitions=PARTITIONS)
+        consumer = rk.consumer("late", ["events"])
+        consumer.assignment()
+    with pytest.raises(ClosedError):
+        consumer.poll()
+    with pytest.raises(ClosedError):
+        consumer.commit()
+    with pytest.raises(ClosedError):
+        rk.consumer("later", ["events"])
+
+
+def test_a_groups_call_after_close_raises_closed_error_and_leaves_no_coroutine_unawaited(tmp_path):
+    with raftka.open(tmp_path / "data", **SETTINGS) as rk:
+        groups = EmbeddedGroups(rk)
+        groups.close()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(ClosedError):
+                groups.call(groups.coordinator.tick)
+            with pytest.raises(ClosedError):
+                groups.run(groups.coordinator.join("g", "", "client", "/embedded", 1000, 1000, "consumer", ()))
+            gc.collect()
+        assert [str(w.message) for w in caught] == []

@@ -12,6 +12,7 @@ from raftka.native import crc32c
 from raftka.native.varint import put_varint
 from raftka.records import layout
 from raftka.records.batch import Record, build_batch, columns_of, iter_batches, iter_columns, parse_records, read_header
+from raftka.records import codec
 from raftka.records.codec import decode_records, encode_batches, validate_records
 from raftka.records.compression import Compression
 from tests import records_reference as reference
@@ -299,3 +300,29 @@ def test_a_header_key_parses_exactly_when_it_is_valid_utf8(key):
 def test_a_header_key_that_is_not_str_is_refused_with_a_type_error():
     with pytest.raises(TypeError, match="header keys must be str"):
         build_batch([Record(b"v", None, ((b"bytes-key", b"x"),))])
+
+
+class CountingLib:
+    """raftka.native's lib, counting the calls of the native records decoder."""
+
+    def __init__(self, lib) -> None:
+        self._lib, self.decode_calls = lib, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._lib, name)
+
+    def rk_records_decode(self, *args):
+        self.decode_calls += 1
+        return self._lib.rk_records_decode(*args)
+
+
+@pytest.mark.parametrize("header_counts, passes", [([0] * 50, 1), ([1] * 50, 1), ([0, 2] * 25, 1), ([3] * 50, 2)])
+def test_a_batch_is_decoded_in_one_native_pass_unless_it_has_more_headers_than_records(monkeypatch, header_counts,
+                                                                                       passes):
+    records = [Record(b"v%d" % i, b"k", tuple((f"h{j}", b"x%d" % j) for j in range(n)))
+               for i, n in enumerate(header_counts)]
+    batch = build_batch(records)
+    counting = CountingLib(codec.lib)
+    monkeypatch.setattr(codec, "lib", counting)
+    assert [r.headers for r in parse_records(batch)] == [r.headers for r in records]
+    assert counting.decode_calls == passes

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Iterator, NamedTuple, Sequence, overload
 
 from raftka.client.group_consumer import EmbeddedGroups, GroupConsumer
 from raftka.config import Config
-from raftka.errors import InvalidPartitionsError, RecordTooLargeError
+from raftka.errors import ClosedError, InvalidPartitionsError, RecordTooLargeError
 from raftka.records import layout
 from raftka.records.batch import (ConsumerRecord, Headers, Record, RecordColumns, iter_batches, iter_columns,
                                   record_fields)
@@ -267,7 +267,7 @@ class Raftka:
         session_timeout_s, rebalance_timeout_s, auto_offset_reset, client_id."""
         with self._lock:
             if self._stopping.is_set():
-                raise RuntimeError("the handle is closed")
+                raise ClosedError("the handle is closed")
             if self._groups is None:
                 self._groups = EmbeddedGroups(self)
             consumer = GroupConsumer(self, self._groups, group_id, list(topics), **settings)

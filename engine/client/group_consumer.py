@@ -22,13 +22,14 @@ positions (automatically, or with commit()).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from raftka.config import OFFSETS_TOPIC
-from raftka.errors import ErrorCode, GroupError
+from raftka.errors import ClosedError, ErrorCode, GroupError
 from raftka.groups import consumer_protocol
 from raftka.groups.coordinator import GROUP_TICK_S, GroupCoordinator, GroupSettings
 from raftka.groups.offsets_topic import CommittedOffset, GroupRecord, partition_for_group
@@ -44,6 +45,7 @@ T = TypeVar("T")
 CALL_TIMEOUT_S = 120.0
 CLOSE_TIMEOUT_S = 5.0
 READ_BYTES = 1 << 20
+MAX_POLL_RECORDS = 500   # Kafka's max.poll.records default
 REJOIN_ERRORS = (ErrorCode.REBALANCE_IN_PROGRESS, ErrorCode.ILLEGAL_GENERATION, ErrorCode.UNKNOWN_MEMBER_ID)
 
 
@@ -62,6 +64,8 @@ class EmbeddedGroups:
             for partition in range(self.partitions):
                 self.store.materialise(rk._manager.log(OFFSETS_TOPIC, partition))
         self._loop = asyncio.new_event_loop()
+        self._submit_lock = threading.Lock()
+        self._closing = False   # set once, under _submit_lock: no coroutine reaches the loop after it
         self.coordinator = GroupCoordinator(GroupSettings(
             min_session_timeout_ms=config.group_min_session_timeout_ms,
             max_session_timeout_ms=config.group_max_session_timeout_ms,
@@ -91,8 +95,10 @@ class EmbeddedGroups:
         Tasks are cancelled and awaited on the loop before it stops, so none is
         left pending (asyncio would warn "Task was destroyed but it is pending!").
         """
-        if self._loop.is_closed():
-            return
+        with self._submit_lock:
+            if self._closing:
+                return
+            self._closing = True
         if self._thread.is_alive():
             try:
                 asyncio.run_coroutine_threadsafe(self._stop_tasks(), self._loop).result(CLOSE_TIMEOUT_S)
@@ -114,8 +120,21 @@ class EmbeddedGroups:
     # ---- calls from consumer threads ---------------------------------------------
 
     def run(self, coroutine: Any, timeout_s: float = CALL_TIMEOUT_S) -> Any:
-        """Run a coroutine on the coordinator's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout_s)
+        """Run a coroutine on the coordinator's loop and wait for its result.
+
+        ClosedError once close() has begun: the coroutine is then closed
+        unstarted (never scheduled, so Python does not warn that it was never
+        awaited), and one that close() cancelled in flight ends the same way.
+        """
+        with self._submit_lock:   # close() sets _closing under it: what is submitted here runs or is cancelled
+            if self._closing:
+                coroutine.close()
+                raise ClosedError("the handle's consumer groups are closed")
+            future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(timeout_s)
+        except concurrent.futures.CancelledError:
+            raise ClosedError("the handle's consumer groups closed during the call") from None
 
     def call(self, function: Callable[..., T], *args: Any) -> T:
         async def call() -> T:
@@ -166,7 +185,7 @@ class GroupConsumer:
         self.generation = -1
         self._positions: dict[tuple[str, int], int] = {}    # assigned partition -> next offset to read
         self._next_heartbeat = self._next_commit = 0.0
-        self._closed = False
+        self._closed = False    # set by close(), from any thread; the polling thread checks it at each step
         for topic in self.topics:
             rk._manager.topic(topic)    # UnknownTopicOrPartitionError now, not at the first poll
 
@@ -179,7 +198,12 @@ class GroupConsumer:
 
     def _ensure_joined(self) -> None:
         while self.generation < 0:
+            self._check_open()   # a member that close() made leave must not rejoin from an iterating thread
             self._join()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"group {self.group_id!r}: the consumer is closed")
 
     def _join(self) -> None:
         subscription = consumer_protocol.encode_subscription(self.topics)
@@ -253,24 +277,37 @@ class GroupConsumer:
 
     # ---- consuming ----------------------------------------------------------
 
-    def poll(self, timeout_s: float = 0.0, max_records: int = 500) -> list[ConsumerRecord]:
+    def poll(self, timeout_s: float = 0.0, max_records: int = MAX_POLL_RECORDS) -> list[ConsumerRecord]:
         """The next records from this member's partitions, waiting up to
-        timeout_s for some (0: return at once)."""
-        if self._closed:
-            raise RuntimeError("the consumer is closed")
+        timeout_s for some (0: return at once); ClosedError after close()."""
+        self._check_open()
+        return self._poll(timeout_s, max_records)
+
+    def _poll(self, timeout_s: float, max_records: int) -> list[ConsumerRecord]:
+        """poll() without the check on entry: [] once close() has begun, from
+        any thread (after the group request under way, if any; never a rejoin)."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            self._duties()
+        while not self._closed:
+            try:
+                self._duties()
+            except ClosedError:
+                if self._closed:
+                    return []
+                raise
             records = self._read(max_records)
             remaining_s = deadline - time.monotonic()
             if records or remaining_s <= 0:
                 return records
             with self._rk._appended:
-                self._rk._appended.wait(min(remaining_s, self._heartbeat_interval_s))
+                if not self._closed:   # close() notifies under this lock: checked here, no wake-up is lost
+                    self._rk._appended.wait(min(remaining_s, self._heartbeat_interval_s))
+        return []
 
     def _read(self, max_records: int) -> list[ConsumerRecord]:
         records: list[ConsumerRecord] = []
         with self._rk._lock:
+            if self._closed:   # the handle closes its consumers before its storage, under this lock
+                return records
             for (topic, partition), position in self._positions.items():
                 chunk = self._rk._manager.log(topic, partition).read(position, READ_BYTES)
                 for columns in iter_columns(chunk.buffer, topic, partition, position):
@@ -282,24 +319,29 @@ class GroupConsumer:
         return records
 
     def __iter__(self) -> Iterator[ConsumerRecord]:
-        """Records as they come, blocking while there are none, until close()."""
+        """Records as they come, blocking while there are none; the iteration
+        ends when close() is called, from this thread or another."""
         while not self._closed:
-            yield from self.poll(self._heartbeat_interval_s)
+            yield from self._poll(self._heartbeat_interval_s, MAX_POLL_RECORDS)
 
     # ---- offsets ------------------------------------------------------------
 
     def commit(self) -> None:
         """Commit this member's positions (the next offset to read of each
         partition it owns); GroupError (REBALANCE_IN_PROGRESS, ...) if the
-        group moved on, in which case the next poll rejoins."""
+        group moved on, in which case the next poll rejoins; ClosedError after close()."""
+        self._check_open()
         self._ensure_joined()
+        self._commit_positions()
+
+    def _commit_positions(self) -> None:
         offsets = {tp: CommittedOffset(position, -1, "", int(time.time() * 1000))
                    for tp, position in self._positions.items()}
         self._groups.commit(self.group_id, self.generation, self.member_id, offsets)
 
     def _commit_quietly(self) -> None:
         try:
-            self.commit()
+            self._commit_positions()
         except GroupError as error:
             log.info("group %r: auto-commit skipped: %s", self.group_id, error)
 
@@ -308,9 +350,17 @@ class GroupConsumer:
         return {tp: value.offset for tp, value in self._groups.committed(self.group_id).items()}
 
     def close(self) -> None:
-        """Commit (when auto-committing) and leave the group, so its partitions move at once."""
+        """Commit (when auto-committing) and leave the group, so its partitions move at once.
+
+        A thread iterating over this consumer, or blocked in poll(), is woken:
+        its loop ends (poll returns []) once the group request it has under
+        way, if any, completes, and it never rejoins.
+        """
         if self._closed:
             return
+        self._closed = True
+        with self._rk._appended:
+            self._rk._appended.notify_all()
         if self.generation >= 0:
             if self._auto_commit:
                 self._commit_quietly()
@@ -318,7 +368,6 @@ class GroupConsumer:
                 self._groups.call(self._groups.coordinator.leave, self.group_id, self.member_id)
             except GroupError:
                 pass
-        self._closed = True
 
     def __enter__(self) -> "GroupConsumer":
         return self

@@ -229,13 +229,14 @@ class DecodedRecords:
 
     __slots__ = ("data", "count", "null_keys", "null_values", "header_total", "null_header_values",
                  "key_bytes", "value_bytes", "header_value_bytes", "offsets_sequential", "timestamps_uniform",
-                 "_arrays", "_header_arrays")
+                 "_arrays", "_header_arrays", "_header_capacity")
 
     def __init__(self, data: bytes, count: int) -> None:
         self.data = data
         self.count = count
         self._arrays = ffi.new("int64_t[]", len(_RECORD_ARRAYS) * max(count, 1))
         self._header_arrays: Any = None
+        self._header_capacity = 0   # entries per header array (>= header_total once decoded)
 
     def ints(self, name: str, count: int | None = None) -> list[int]:
         """A per-record (or per-header) int64 column as a list of ints."""
@@ -260,7 +261,7 @@ class DecodedRecords:
 
     def pointer(self, name: str) -> Any:
         if name in _HEADER_ARRAYS:
-            return self._header_arrays + _HEADER_ARRAYS.index(name) * max(self.header_total, 1)
+            return self._header_arrays + _HEADER_ARRAYS.index(name) * self._header_capacity
         return self._arrays + _RECORD_ARRAYS.index(name) * max(self.count, 1)
 
     def bytes_column(self, field: str, nulls: int, count: int, views: bool = False) -> list[Any]:
@@ -309,6 +310,7 @@ def decode_records(data: bytes, start: int, end: int, count: int, base_offset: i
         "max_timestamp": max_timestamp, "log_append_time": int(log_append_time)})
     for i, name in enumerate(_RECORD_ARRAYS):
         setattr(views, name, decoded._arrays + i * max(count, 1))
+    _point_headers(decoded, views, count)   # room for one header per record: one pass unless a batch has more
     source = ffi.from_buffer("uint8_t[]", data)
     result = lib.rk_records_decode(source, start, end, views)
     if result >= 0 and views.header_total > views.header_capacity:
@@ -325,9 +327,15 @@ def decode_records(data: bytes, start: int, end: int, count: int, base_offset: i
     return decoded
 
 
+# Header arrays are not zeroed: most batches have no headers and would pay for
+# it, and nothing reads an entry the decoder did not write (reads stop at header_total).
+_new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
+
+
 def _point_headers(decoded: DecodedRecords, views: Any, capacity: int) -> None:
-    decoded._header_arrays = ffi.new("int64_t[]", len(_HEADER_ARRAYS) * capacity)
-    views.header_capacity = capacity
+    capacity = max(capacity, 1)
+    decoded._header_arrays = _new_uncleared("int64_t[]", len(_HEADER_ARRAYS) * capacity)
+    decoded._header_capacity = views.header_capacity = capacity
     for i, name in enumerate(_HEADER_ARRAYS):
         setattr(views, name, decoded._header_arrays + i * capacity)
 
