@@ -35,7 +35,7 @@ import logging
 import math
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from raftka.raft import handshake
@@ -88,7 +88,7 @@ class PeerNetworkConfig:
     """Settings of one broker's peer network."""
 
     node_id: int
-    secret: bytes
+    secret: bytes = field(repr=False)       # never in reprs or logs; >= handshake.SECRET_BYTES_MIN with peers
     peers: dict[int, tuple[str, int]]       # node id -> (host, port), self excluded
     listen_host: str = "127.0.0.1"
     listen_port: int = 0
@@ -102,6 +102,10 @@ class PeerNetworkConfig:
     # otherwise look established until TCP's backed-off retransmit timer fired,
     # up to a minute after the network healed
     dead_link_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.peers:   # a lone node never uses it
+            handshake.check_secret(self.secret)
 
 
 def detect_dead_link(sock: socket.socket, timeout_s: float) -> None:

@@ -97,7 +97,7 @@ class Cluster:
 
     def config(self, node_id: int) -> Config:
         return Config(data_dir=self.root / f"b{node_id}", node_id=node_id, peer_port=self.ports[node_id],
-                      cluster_secret="secret", port=9000 + node_id, replica_lag_time_max_ms=2000,
+                      cluster_secret="0123456789abcdef0123456789abcdef", port=9000 + node_id, replica_lag_time_max_ms=2000,
                       peers=tuple((i, "127.0.0.1", p) for i, p in self.ports.items() if i != node_id))
 
     async def start(self, node_id: int) -> ClusterController:

@@ -2,16 +2,22 @@
 values are refused with a ConfigError naming them."""
 from __future__ import annotations
 
+import base64
+import os
+import secrets
 from pathlib import Path
 
 import pytest
 
-from raftka.config import ConfigError, load_config
+from raftka.broker.local_cluster import LocalBrokers
+from raftka.config import ConfigError, WeakSecretError, load_config
+
+SECRET = "0123456789abcdef0123456789abcdef"   # 128 bits of hex
 
 
 def test_toml_then_environment_then_overrides(tmp_path):
     path = tmp_path / "broker.toml"
-    path.write_text('node_id = 2\nport = 9093\npeer_port = 7002\ncluster_secret = "s"\n'
+    path.write_text('node_id = 2\nport = 9093\npeer_port = 7002\ncluster_secret = "0123456789abcdef0123456789abcdef"\n'
                     'peers = [{ id = 1, host = "10.0.0.1", port = 7001 }, { id = 3, host = "10.0.0.3", port = 7003 }]\n'
                     'data_dir = "/var/lib/raftka"\nfsync = "interval"\n')
     config = load_config(path, environ={"RAFTKA_PORT": "9999", "RAFTKA_AUTO_CREATE_TOPICS": "false",
@@ -23,7 +29,7 @@ def test_toml_then_environment_then_overrides(tmp_path):
 
 
 def test_peers_from_the_environment(tmp_path):
-    config = load_config(environ={"RAFTKA_PEERS": "2=h2:7002,3=h3:7003", "RAFTKA_CLUSTER_SECRET": "x",
+    config = load_config(environ={"RAFTKA_PEERS": "2=h2:7002,3=h3:7003", "RAFTKA_CLUSTER_SECRET": SECRET,
                                   "RAFTKA_PEER_PORT": "7001"})
     assert config.peers == ((2, "h2", 7002), (3, "h3", 7003))
 
@@ -36,8 +42,8 @@ def test_peers_from_the_environment(tmp_path):
     ('fsync = "sometimes"\n', {}, "fsync"),
     ("", {"RAFTKA_PEERS": "2=nohost"}, "id=host:port"),
     ('peers = "2=h:1"\npeer_port = 5\n', {}, "cluster_secret"),
-    ('peers = "2=h:1"\ncluster_secret = "s"\n', {}, "peer_port"),
-    ('node_id = 2\npeers = "2=h:1"\ncluster_secret = "s"\npeer_port = 5\n', {}, "itself"),
+    ('peers = "2=h:1"\ncluster_secret = "0123456789abcdef0123456789abcdef"\n', {}, "peer_port"),
+    ('node_id = 2\npeers = "2=h:1"\ncluster_secret = "0123456789abcdef0123456789abcdef"\npeer_port = 5\n', {}, "itself"),
 ])
 def test_bad_settings_are_refused_by_name(tmp_path, toml, environ, complaint):
     path = tmp_path / "broker.toml"
@@ -50,5 +56,35 @@ def test_the_readme_cluster_config_loads(tmp_path):
     readme = (Path(__file__).parent.parent / "engine" / "broker" / "README.md").read_text()
     path = tmp_path / "broker.toml"
     path.write_text(readme.split("```toml\n", 1)[1].split("```", 1)[0])
-    config = load_config(path, environ={"RAFTKA_CLUSTER_SECRET": "s"})
+    config = load_config(path, environ={"RAFTKA_CLUSTER_SECRET": SECRET})
     assert config.broker_ids == [1, 2, 3] and config.advertised_address == ("kafka-1.example", 9092)
+
+
+CLUSTER = {"RAFTKA_PEERS": "2=h:1", "RAFTKA_PEER_PORT": "5"}
+
+
+@pytest.mark.parametrize("secret, bits", [
+    ("0123456789abcdef", 64),                        # hex digits count 4 bits each
+    ("0123456789abcdef0123456789abcde", 124),
+    ("correct-horse-battery", 126),                  # any other text 6 bits a character
+])
+def test_a_cluster_secret_under_128_bits_is_refused_without_showing_it(secret, bits):
+    with pytest.raises(WeakSecretError, match=f"counts {bits} bits, at least 128") as refused:
+        load_config(environ={**CLUSTER, "RAFTKA_CLUSTER_SECRET": secret})
+    assert secret not in str(refused.value)
+
+
+@pytest.mark.parametrize("secret", [secrets.token_hex(16), secrets.token_urlsafe(16),
+                                    base64.b64encode(os.urandom(16)).decode()])
+def test_generated_128_bit_secrets_are_accepted(secret):
+    assert load_config(environ={**CLUSTER, "RAFTKA_CLUSTER_SECRET": secret}).cluster_secret == secret
+
+
+def test_the_secret_raftka_cluster_makes_is_accepted(tmp_path):
+    brokers = LocalBrokers(tmp_path, nodes=3)
+    for path in brokers.configs:
+        assert load_config(path, environ=brokers.env).broker_ids == [1, 2, 3]
+
+
+def test_a_single_broker_needs_no_secret():
+    assert load_config(environ={}).cluster_secret == ""

@@ -15,7 +15,7 @@ from raftka.raft.frames import FrameKind, encode_frame
 from raftka.raft.transport import PeerNetwork, PeerNetworkConfig
 from tests.conftest import wait_for
 
-SECRET = b"cluster-secret"
+SECRET = b"cluster-secret-for-tests"
 GROUP = 7
 
 
@@ -92,7 +92,7 @@ async def attack(acceptor, payload_after_hello) -> bool:
 @pytest.mark.parametrize("name, payload", [
     ("garbage", lambda hello: os.urandom(handshake.AUTH_SIZE)),
     ("pickle", lambda hello: pickle.dumps({"type": "append_entries"}) * 4),
-    ("wrong secret", lambda hello: handshake.Dialer(b"guess", 1).receive_hello(hello)),
+    ("wrong secret", lambda hello: handshake.Dialer(b"a-guessed-secret-16+", 1).receive_hello(hello)),
     ("unknown node", lambda hello: handshake.Dialer(SECRET, 99).receive_hello(hello)),
 ])
 def test_bad_handshakes_close_that_connection_and_log_why(caplog, name, payload):
@@ -209,4 +209,22 @@ def test_peer_connections_ask_the_kernel_to_drop_a_dead_link_within_the_timeout(
         finally:
             await dialer.close()
             await acceptor.close()
+    asyncio.run(scenario())
+
+
+def test_a_secret_under_128_bits_is_refused_and_the_secret_stays_out_of_reprs_and_logs(caplog):
+    with pytest.raises(ValueError, match="15 bytes, at least 16"):
+        PeerNetworkConfig(node_id=1, secret=b"fifteen-bytes!!", peers={2: ("127.0.0.1", 1)})
+    assert SECRET not in repr(PeerNetworkConfig(node_id=1, secret=SECRET, peers={})).encode()
+
+    async def scenario():
+        with caplog.at_level(logging.DEBUG):
+            dialer, acceptor, received = await two_brokers()
+            assert await attack(acceptor, lambda hello: handshake.Dialer(b"a-guessed-secret-16+", 1).receive_hello(hello))
+            dialer._links[2]._transport.abort()   # a redial: the handshake's debug lines too
+            await wait_for(lambda: 2 not in dialer.connected_peers)
+            await wait_for(lambda: dialer.connected_peers == {2} and acceptor.connected_peers == {1})
+            await still_serving(dialer, acceptor, received)
+            await dialer.close(); await acceptor.close()
+        assert "closing peer connection" in caplog.text and SECRET.decode() not in caplog.text
     asyncio.run(scenario())

@@ -95,24 +95,24 @@ def handshake(acceptor_secret: bytes, dialer_secret: bytes) -> tuple[int, int]:
 
 
 def test_peers_with_the_same_secret_learn_each_others_node_ids():
-    assert handshake(b"s3cret", b"s3cret") == (2, 1)
+    assert handshake(b"s3cret-s3cret-s3cret", b"s3cret-s3cret-s3cret") == (2, 1)
 
 
 def test_a_peer_with_the_wrong_secret_is_refused():
     with pytest.raises(AuthError, match="does not hold the cluster secret"):
-        handshake(b"s3cret", b"guess")
+        handshake(b"s3cret-s3cret-s3cret", b"a-guessed-secret-16+")
 
 
 def test_a_recorded_auth_cannot_be_replayed_to_a_new_connection():
-    acceptor, dialer = Acceptor(b"s3cret", 1), Dialer(b"s3cret", 2)
+    acceptor, dialer = Acceptor(b"s3cret-s3cret-s3cret", 1), Dialer(b"s3cret-s3cret-s3cret", 2)
     recorded = dialer.receive_hello(acceptor.hello())
     acceptor.receive_auth(recorded)
     with pytest.raises(AuthError):
-        Acceptor(b"s3cret", 1).receive_auth(recorded)  # fresh nonce
+        Acceptor(b"s3cret-s3cret-s3cret", 1).receive_auth(recorded)  # fresh nonce
 
 
 def test_an_acceptor_without_the_secret_is_detected_by_the_dialer():
-    impostor, dialer = Acceptor(b"other", 1), Dialer(b"s3cret", 2)
+    impostor, dialer = Acceptor(b"another-secret-16+", 1), Dialer(b"s3cret-s3cret-s3cret", 2)
     dialer.receive_hello(impostor.hello())
     forged_ok = MAGIC + (1).to_bytes(4, "big") + os.urandom(32)
     with pytest.raises(AuthError, match="acceptor does not hold the cluster secret"):
@@ -122,4 +122,4 @@ def test_an_acceptor_without_the_secret_is_detected_by_the_dialer():
 @pytest.mark.parametrize("message", [b"", b"RKP1", b"XXXX" + bytes(AUTH_SIZE - 4), pickle.dumps({"type": "x"})])
 def test_wrong_sized_or_foreign_handshake_messages_are_refused(message):
     with pytest.raises(AuthError):
-        Acceptor(b"s3cret", 1).receive_auth(message)
+        Acceptor(b"s3cret-s3cret-s3cret", 1).receive_auth(message)
