@@ -4,9 +4,13 @@ Raft group of a broker shares.
 - The broker with the lower node id dials; the other accepts. Both sides run
   the handshake (handshake.py) with the cluster secret before any frame is
   read, and a peer must be one of the configured node ids.
-- After that the stream carries frames (frames.py) tagged with a group id;
-  RAFT_MESSAGE payloads are decoded with the pickle-free codec (codec.py)
-  and handed to the handler registered for that group.
+- After that the stream carries frames (frames.py) tagged with a group id,
+  each sealed with this connection's key for its direction and the next
+  sequence number; a frame whose tag does not verify (injected, altered,
+  replayed, reordered) drops the link before any of it is decoded, counted
+  per peer in `refused_frames`, and the dialer redials. RAFT_MESSAGE
+  payloads are decoded with the pickle-free codec (codec.py) and handed to
+  the handler registered for that group.
 - Everything sent during one event-loop iteration (one tick of all groups)
   goes to each peer in a single write.
 - Anything malformed on the wire (bad handshake, wrong secret, unknown peer,
@@ -40,7 +44,8 @@ from typing import Any, Callable
 
 from raftka.raft import handshake
 from raftka.raft.codec import CodecError, decode, encode_into
-from raftka.raft.frames import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameError, FrameKind, new_frame, seal_frame
+from raftka.raft.frames import (DEFAULT_MAX_FRAME_BYTES, TAG_SIZE, FrameAuthError, FrameDecoder, FrameError, FrameKind,
+                                FrameSealer, new_frame)
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +150,8 @@ class PeerNetwork:
         self._loop: asyncio.AbstractEventLoop | None = None
         # group -> messages dropped because its handler raised
         self.dropped_messages = ErrorTally(log)
+        # peer -> frames refused because their tag did not verify (each one dropped the link)
+        self.refused_frames: dict[int, int] = {}
 
     # ---- lifecycle -----------------------------------------------------
 
@@ -218,10 +225,9 @@ class PeerNetwork:
             return False
         frame = new_frame()
         encode_into(frame, message)
-        seal_frame(frame, group_id, FrameKind.RAFT_MESSAGE)
-        if link.backlog_bytes + len(frame) > self.config.max_outbox_bytes:
+        if link.backlog_bytes + len(frame) + TAG_SIZE > self.config.max_outbox_bytes:
             return False
-        link.queue(frame)
+        link.queue(frame, group_id, FrameKind.RAFT_MESSAGE)   # sealed there: in the order frames leave
         if not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
@@ -271,6 +277,9 @@ class PeerNetwork:
             except Exception:   # a callback's bug must not close the link (or skip the other callbacks)
                 log.exception("node %d: a peer-%s callback for peer %d failed", self.config.node_id, what, peer_id)
 
+    def _refused_frame(self, peer_id: int) -> None:
+        self.refused_frames[peer_id] = self.refused_frames.get(peer_id, 0) + 1
+
     def _deliver(self, peer_id: int, group_id: int, message: Any) -> None:
         """Hand one message to its group's handler. An exception from the
         handler drops that message only (counted and logged, see the module
@@ -319,7 +328,8 @@ class _PeerProtocol(asyncio.Protocol):
         self._pending = bytearray()      # handshake bytes not yet consumed
         self._outbox: list[bytes | bytearray] = []
         self._outbox_bytes = 0
-        self._decoder = FrameDecoder(self._config.max_frame_bytes)
+        self._sealer: FrameSealer | None = None      # both set by the handshake, from its session keys
+        self._decoder: FrameDecoder | None = None
         self._acceptor: handshake.Acceptor | None = None
         self._dialer: handshake.Dialer | None = None
         self._hello_answered = False
@@ -349,10 +359,14 @@ class _PeerProtocol(asyncio.Protocol):
                 data = self._handshake(data)
                 if self._peer_id is None or not data:
                     return
+            assert self._decoder is not None, "authenticated without session keys"
             for frame in self._decoder.feed(data):
                 if self._closed:   # the network left while handling an earlier frame
                     return
                 self._network._deliver(self._peer_id, frame.group_id, decode(frame.payload))
+        except FrameAuthError as exc:
+            self._network._refused_frame(self._peer_id)
+            self.close(f"{type(exc).__name__}: {exc}")
         except (handshake.AuthError, FrameError, CodecError) as exc:
             self.close(f"{type(exc).__name__}: {exc}")
 
@@ -380,7 +394,7 @@ class _PeerProtocol(asyncio.Protocol):
                 return b""
             peer_id, ok = self._acceptor.receive_auth(auth)
             self._transport.write(ok)
-            return self._finish_handshake(peer_id)
+            return self._finish_handshake(peer_id, self._acceptor.keys)
         assert self._dialer is not None
         if not self._hello_answered:
             hello = self._take(data, handshake.HELLO_SIZE)
@@ -395,11 +409,14 @@ class _PeerProtocol(asyncio.Protocol):
         peer_id = self._dialer.receive_ok(ok)
         if peer_id != self._dialed_peer:
             raise handshake.AuthError(f"dialed node {self._dialed_peer} but node {peer_id} answered")
-        return self._finish_handshake(peer_id)
+        return self._finish_handshake(peer_id, self._dialer.keys)
 
-    def _finish_handshake(self, peer_id: int) -> bytes:
+    def _finish_handshake(self, peer_id: int, keys: handshake.SessionKeys | None) -> bytes:
         if self._timeout:
             self._timeout.cancel()
+        assert keys is not None, "the handshake succeeded without deriving session keys"
+        self._sealer = FrameSealer(keys.send)   # before _authenticated: its callbacks may send at once
+        self._decoder = FrameDecoder(keys.receive, self._config.max_frame_bytes)
         if not self._network._authenticated(peer_id, self):
             return b""
         self._peer_id = peer_id
@@ -418,7 +435,11 @@ class _PeerProtocol(asyncio.Protocol):
         buffered = self._transport.get_write_buffer_size() if self._transport else 0
         return self._outbox_bytes + buffered
 
-    def queue(self, frame: bytes | bytearray) -> None:
+    def queue(self, frame: bytearray, group_id: int, kind: FrameKind) -> None:
+        """Seal a frame made with frames.new_frame and queue it: every frame
+        sealed is sent, in sealing order, or the link closes."""
+        assert self._sealer is not None, "frames queued before the handshake"
+        self._sealer.seal(frame, group_id, kind)
         self._outbox.append(frame)
         self._outbox_bytes += len(frame)
 

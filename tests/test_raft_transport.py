@@ -11,7 +11,7 @@ import struct
 import pytest
 
 from raftka.raft import handshake
-from raftka.raft.frames import FrameKind, encode_frame
+from raftka.raft.frames import FrameKind, FrameSealer
 from raftka.raft.transport import PeerNetwork, PeerNetworkConfig
 from tests.conftest import wait_for
 
@@ -106,13 +106,14 @@ def test_bad_handshakes_close_that_connection_and_log_why(caplog, name, payload)
     asyncio.run(scenario())
 
 
-async def after_valid_handshake(acceptor, node_id: int, then: bytes) -> bool:
+async def after_valid_handshake(acceptor, node_id: int, then) -> bool:
+    """Authenticate as `node_id`, send `then(sealer)` (the sealer of this connection's frames)."""
     host, port = acceptor.address
     reader, writer = await asyncio.open_connection(host, port)
     me = handshake.Dialer(SECRET, node_id)
     writer.write(me.receive_hello(await reader.readexactly(handshake.HELLO_SIZE)))
     me.receive_ok(await reader.readexactly(handshake.OK_SIZE))
-    writer.write(then)
+    writer.write(then(FrameSealer(me.keys.send)))
     await writer.drain()
     closed = await closed_by_peer(reader)
     writer.close()
@@ -120,10 +121,12 @@ async def after_valid_handshake(acceptor, node_id: int, then: bytes) -> bool:
 
 
 @pytest.mark.parametrize("name, frames, reason", [
-    ("oversized frame", struct.pack(">IIB", 2**31, GROUP, 1), "FrameError"),
-    ("unknown frame kind", struct.pack(">IIB", 6, GROUP, 200) + b"x", "FrameError"),
-    ("pickle payload", encode_frame(GROUP, FrameKind.RAFT_MESSAGE, pickle.dumps({"type": "x"})), "CodecError"),
-    ("garbage", b"\xff" * 64, "FrameError"),
+    ("oversized frame", lambda sealer: struct.pack(">IIB", 2**31, GROUP, 1), "FrameError"),
+    ("unknown frame kind", lambda sealer: sealer.encode(GROUP, 200, b"x"), "FrameError: unknown frame kind"),
+    ("pickle payload", lambda sealer: sealer.encode(GROUP, FrameKind.RAFT_MESSAGE, pickle.dumps({"type": "x"})),
+     "CodecError"),
+    ("garbage", lambda sealer: b"\xff" * 64, "FrameError"),
+    ("unsealed frame", lambda sealer: struct.pack(">IIB", 5 + 16, GROUP, 1) + bytes(16), "FrameAuthError"),
 ])
 def test_bad_frames_from_an_authenticated_peer_close_only_that_connection(caplog, name, frames, reason):
     async def scenario():
