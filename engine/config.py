@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -29,6 +30,17 @@ class ConfigError(ValueError):
 
 class WeakSecretError(ConfigError):
     """cluster_secret is shorter than SECRET_BITS_MIN bits (see secret_strength_bits)."""
+
+
+def is_loopback(host: str) -> bool:
+    """`host` is this machine only: localhost or a loopback address (a name
+    that has to be resolved is not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def secret_strength_bits(secret: str) -> int:
@@ -150,6 +162,12 @@ class Config:
     # shared by every broker; peers authenticate with it (HMAC challenge) and
     # key every frame with it; at least SECRET_BITS_MIN bits (secret_strength_bits)
     cluster_secret: str = dataclasses.field(default="", repr=False)   # a secret: kept out of reprs and logs
+    # TLS 1.3 between brokers (PEM files, raft/peer_tls.py): this broker's certificate
+    # (CN=raftka-node-<node_id>), its key, and the CA every broker's certificate is
+    # signed by. Required when any peer address (peer_host, peers) is not loopback
+    peer_tls_cert: str = ""
+    peer_tls_key: str = ""
+    peer_tls_ca: str = ""
     # default.replication.factor, capped at the number of brokers
     default_replication_factor: int = 1
     # replica.lag.time.max.ms: a follower out of the ISR after this long behind
@@ -216,6 +234,12 @@ class Config:
                 f"`python3 -c 'import secrets; print(secrets.token_hex(16))'`")
         if self.peers and not self.peer_port:
             raise ValueError("a cluster with peers needs peer_port (the peers dial it)")
+        if (self.peer_tls_cert or self.peer_tls_key or self.peer_tls_ca) and not (self.peer_tls_cert and self.peer_tls_ca):
+            raise ValueError("peer TLS needs peer_tls_cert and peer_tls_ca (peer_tls_key if not in the cert file)")
+        remote = [host for host in (self.peer_host, *(h for _, h, _ in self.peers)) if not is_loopback(host)]
+        if self.peers and remote and not self.peer_tls_cert:
+            raise ValueError(f"peer addresses {sorted(set(remote))} are not loopback: set peer_tls_cert, "
+                             "peer_tls_key and peer_tls_ca (the peer traffic is otherwise readable on the network)")
 
     @property
     def advertised_address(self) -> tuple[str, int]:

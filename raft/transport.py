@@ -11,6 +11,10 @@ Raft group of a broker shares.
   per peer in `refused_frames`, and the dialer redials. RAFT_MESSAGE
   payloads are decoded with the pickle-free codec (codec.py) and handed to
   the handler registered for that group.
+- With `tls` (peer_tls.py) every connection is TLS 1.3 with a certificate
+  on both ends, and a certificate speaks for one node: the dialer accepts
+  only the dialed node's, the acceptor only one naming the node the
+  handshake then authenticates. The handshake and frame MACs run inside.
 - Everything sent during one event-loop iteration (one tick of all groups)
   goes to each peer in a single write.
 - Anything malformed on the wire (bad handshake, wrong secret, unknown peer,
@@ -43,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from raftka.raft import handshake
+from raftka.raft.peer_tls import PeerTls, node_id_of
 from raftka.raft.codec import CodecError, decode, encode_into
 from raftka.raft.frames import (DEFAULT_MAX_FRAME_BYTES, TAG_SIZE, FrameAuthError, FrameDecoder, FrameError, FrameKind,
                                 FrameSealer, new_frame)
@@ -107,6 +112,8 @@ class PeerNetworkConfig:
     # otherwise look established until TCP's backed-off retransmit timer fired,
     # up to a minute after the network healed
     dead_link_timeout_s: float = 5.0
+    # TLS 1.3 on every peer connection, mutual, certificates naming node ids (None: plaintext)
+    tls: PeerTls | None = None
 
     def __post_init__(self) -> None:
         if self.peers:   # a lone node never uses it
@@ -158,7 +165,8 @@ class PeerNetwork:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._server = await self._loop.create_server(
-            lambda: _PeerProtocol(self, dialed_peer=None), self.config.listen_host, self.config.listen_port)
+            lambda: _PeerProtocol(self, dialed_peer=None), self.config.listen_host, self.config.listen_port,
+            **self._tls_options(server=True))
         self._dialer_task = self._loop.create_task(self._dial_forever())
 
     @property
@@ -297,6 +305,12 @@ class PeerNetwork:
             self.dropped_messages.record(group_id, exc, "node %d: dropped a message for group %d from peer %d",
                                          self.config.node_id, group_id, peer_id)
 
+    def _tls_options(self, server: bool) -> dict[str, Any]:
+        tls = self.config.tls
+        if tls is None:
+            return {}
+        return {"ssl": tls.server if server else tls.client, "ssl_handshake_timeout": self.config.handshake_timeout_s}
+
     async def _dial_forever(self) -> None:
         assert self._loop is not None
         while True:
@@ -309,7 +323,8 @@ class PeerNetwork:
     async def _dial(self, peer_id: int, host: str, port: int) -> None:
         assert self._loop is not None
         try:
-            await self._loop.create_connection(lambda: _PeerProtocol(self, dialed_peer=peer_id), host, port)
+            await self._loop.create_connection(lambda: _PeerProtocol(self, dialed_peer=peer_id), host, port,
+                                               **self._tls_options(server=False))
         except OSError as exc:
             log.debug("node %d: dialing peer %d at %s:%d failed: %s", self.config.node_id, peer_id, host, port, exc)
         finally:
@@ -333,6 +348,7 @@ class _PeerProtocol(asyncio.Protocol):
         self._acceptor: handshake.Acceptor | None = None
         self._dialer: handshake.Dialer | None = None
         self._hello_answered = False
+        self._certificate_node: int | None = None   # the node id the peer's TLS certificate names
         self._closed = False
         self._timeout: asyncio.TimerHandle | None = None
 
@@ -345,6 +361,8 @@ class _PeerProtocol(asyncio.Protocol):
             detect_dead_link(sock, self._config.dead_link_timeout_s)
         loop = asyncio.get_running_loop()
         self._timeout = loop.call_later(self._config.handshake_timeout_s, self._handshake_timed_out)
+        if self._config.tls is not None and not self._check_certificate():
+            return
         if self._dialed_peer is None:
             self._acceptor = handshake.Acceptor(self._config.secret, self._config.node_id)
             self._transport.write(self._acceptor.hello())
@@ -411,9 +429,25 @@ class _PeerProtocol(asyncio.Protocol):
             raise handshake.AuthError(f"dialed node {self._dialed_peer} but node {peer_id} answered")
         return self._finish_handshake(peer_id, self._dialer.keys)
 
+    def _check_certificate(self) -> bool:
+        """With TLS (the handshake is done when asyncio calls connection_made):
+        the peer's certificate names one node, and a dialed peer is the node dialed."""
+        assert self._transport is not None
+        self._certificate_node = node_id_of(self._transport.get_extra_info("peercert"))
+        if self._certificate_node is None:
+            self.close("the peer's TLS certificate names no node (CN=raftka-node-<id>)")
+            return False
+        if self._dialed_peer is not None and self._certificate_node != self._dialed_peer:
+            self.close(f"dialed node {self._dialed_peer} but the certificate is node {self._certificate_node}'s")
+            return False
+        return True
+
     def _finish_handshake(self, peer_id: int, keys: handshake.SessionKeys | None) -> bytes:
         if self._timeout:
             self._timeout.cancel()
+        if self._config.tls is not None and peer_id != self._certificate_node:
+            raise handshake.AuthError(f"node {peer_id} authenticated over TLS with node {self._certificate_node}'s "
+                                      "certificate: a node speaks only for itself")
         assert keys is not None, "the handshake succeeded without deriving session keys"
         self._sealer = FrameSealer(keys.send)   # before _authenticated: its callbacks may send at once
         self._decoder = FrameDecoder(keys.receive, self._config.max_frame_bytes)

@@ -19,7 +19,8 @@ def test_toml_then_environment_then_overrides(tmp_path):
     path = tmp_path / "broker.toml"
     path.write_text('node_id = 2\nport = 9093\npeer_port = 7002\ncluster_secret = "0123456789abcdef0123456789abcdef"\n'
                     'peers = [{ id = 1, host = "10.0.0.1", port = 7001 }, { id = 3, host = "10.0.0.3", port = 7003 }]\n'
-                    'data_dir = "/var/lib/raftka"\nfsync = "interval"\n')
+                    'data_dir = "/var/lib/raftka"\nfsync = "interval"\n'
+                    'peer_tls_cert = "node-2.pem"\npeer_tls_key = "node-2.key"\npeer_tls_ca = "ca.pem"\n')
     config = load_config(path, environ={"RAFTKA_PORT": "9999", "RAFTKA_AUTO_CREATE_TOPICS": "false",
                                         "RAFTKA_DATA_DIR": "/srv/raftka", "PATH": "/bin"}, host="0.0.0.0")
     assert (config.node_id, config.port, config.host, config.fsync) == (2, 9999, "0.0.0.0", "interval")
@@ -30,7 +31,8 @@ def test_toml_then_environment_then_overrides(tmp_path):
 
 def test_peers_from_the_environment(tmp_path):
     config = load_config(environ={"RAFTKA_PEERS": "2=h2:7002,3=h3:7003", "RAFTKA_CLUSTER_SECRET": SECRET,
-                                  "RAFTKA_PEER_PORT": "7001"})
+                                  "RAFTKA_PEER_PORT": "7001", "RAFTKA_PEER_TLS_CERT": "node-1.pem",
+                                  "RAFTKA_PEER_TLS_CA": "ca.pem"})
     assert config.peers == ((2, "h2", 7002), (3, "h3", 7003))
 
 
@@ -60,7 +62,7 @@ def test_the_readme_cluster_config_loads(tmp_path):
     assert config.broker_ids == [1, 2, 3] and config.advertised_address == ("kafka-1.example", 9092)
 
 
-CLUSTER = {"RAFTKA_PEERS": "2=h:1", "RAFTKA_PEER_PORT": "5"}
+CLUSTER = {"RAFTKA_PEERS": "2=127.0.0.1:1", "RAFTKA_PEER_PORT": "5"}
 
 
 @pytest.mark.parametrize("secret, bits", [
@@ -88,3 +90,29 @@ def test_the_secret_raftka_cluster_makes_is_accepted(tmp_path):
 
 def test_a_single_broker_needs_no_secret():
     assert load_config(environ={}).cluster_secret == ""
+
+
+@pytest.mark.parametrize("environ, remote", [
+    ({"RAFTKA_PEERS": "2=10.0.0.2:7001"}, "10.0.0.2"),
+    ({"RAFTKA_PEERS": "2=kafka-2.example:7001"}, "kafka-2.example"),     # a name may resolve anywhere
+    ({"RAFTKA_PEERS": "2=127.0.0.1:7001", "RAFTKA_PEER_HOST": "0.0.0.0"}, "0.0.0.0"),
+])
+def test_a_peer_address_off_loopback_needs_peer_tls(environ, remote):
+    environ = {**CLUSTER, "RAFTKA_CLUSTER_SECRET": SECRET, **environ}
+    with pytest.raises(ConfigError, match=f"'{remote}'.* not loopback: set peer_tls_cert"):
+        load_config(environ=environ)
+    tls = {"RAFTKA_PEER_TLS_CERT": "node-1.pem", "RAFTKA_PEER_TLS_KEY": "node-1.key", "RAFTKA_PEER_TLS_CA": "ca.pem"}
+    assert load_config(environ={**environ, **tls}).peer_tls_ca == "ca.pem"
+
+
+def test_a_loopback_cluster_may_run_without_peer_tls():
+    environ = {"RAFTKA_PEERS": "2=127.0.0.1:7002,3=localhost:7003", "RAFTKA_PEER_PORT": "7001",
+               "RAFTKA_CLUSTER_SECRET": SECRET, "RAFTKA_PEER_HOST": "::1"}
+    assert load_config(environ=environ).peer_tls_cert == ""
+
+
+@pytest.mark.parametrize("tls", [{"RAFTKA_PEER_TLS_CERT": "n.pem"}, {"RAFTKA_PEER_TLS_CA": "ca.pem"},
+                                 {"RAFTKA_PEER_TLS_KEY": "n.key", "RAFTKA_PEER_TLS_CA": "ca.pem"}])
+def test_peer_tls_needs_a_certificate_and_a_ca(tls):
+    with pytest.raises(ConfigError, match="peer_tls_cert and peer_tls_ca"):
+        load_config(environ={**CLUSTER, "RAFTKA_CLUSTER_SECRET": SECRET, **tls})

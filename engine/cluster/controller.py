@@ -37,6 +37,7 @@ from raftka.errors import (ErrorCode, InvalidConfigError, InvalidPartitionsError
                            RaftkaError, UnknownTopicOrPartitionError)
 from raftka.storage.log_manager import PARTITIONS_MAX, LogManager, validate_topic_name
 from raftka.replication import NotLeaderError, PartitionReplica, ReplicationError
+from raftka.security.tls import peer_tls
 from raftka.raft.codec import CodecError
 from raftka.raft.node import RaftNode
 from raftka.raft.state_machine import StateMachineReplica
@@ -84,7 +85,7 @@ class ClusterController:
         network = PeerNetwork(PeerNetworkConfig(
             node_id=config.node_id, secret=config.cluster_secret.encode(),
             peers={peer_id: (host, port) for peer_id, host, port in config.peers},
-            listen_host=config.peer_host, listen_port=config.peer_port))
+            listen_host=config.peer_host, listen_port=config.peer_port, tls=peer_tls(config)))
         self.node = RaftNode(network, VoteStore(self.raft_dir / "votes"))
         self.raft_settings["vote_store"] = self.node.votes
         self.metadata: StateMachineReplica | None = None
