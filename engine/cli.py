@@ -2,10 +2,11 @@
 
   raftka serve [--config F] [--host H] [--port P] [--data-dir D]
                [--tls-cert F --tls-key F [--tls-ca F]] [--sasl MECHANISMS]
+               [--peer-tls-cert F --peer-tls-key F --peer-tls-ca F]
                                        a Kafka broker: single node on 127.0.0.1:9092
                                        with ./raftka-data by default; a cluster member
                                        with a TOML config (RAFTKA_* variables override)
-  raftka cluster [--nodes N] [--base-port P] [--data-dir D]
+  raftka cluster [--nodes N] [--base-port P] [--data-dir D] [--peer-tls-dir D]
                                        a local N-process cluster until Ctrl-C
   raftka bench [--quick] [--nodes N | --bootstrap B] ...
                                        the main job: a local cluster (or a running
@@ -49,10 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     cluster.add_argument("--nodes", type=int, default=3)
     cluster.add_argument("--base-port", type=int, default=Config.port, help="node i listens on base + i - 1")
     cluster.add_argument("--data-dir", type=Path, default=Path("./raftka-cluster"))
+    cluster.add_argument("--peer-tls-dir", type=Path, help="TLS 1.3 between the nodes: raftka-node-<i>.pem/.key "
+                         "and peer-ca.pem in this folder (default: authenticated frames, not encrypted)")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (default: off)")
     serve.add_argument("--tls-cert", help="PEM certificate (chain): the Kafka listener speaks TLS only")
     serve.add_argument("--tls-key", help="PEM private key of --tls-cert (if not in that file)")
     serve.add_argument("--tls-ca", help="PEM CA: clients must present a certificate it signed (mutual TLS)")
+    serve.add_argument("--peer-tls-cert", help="PEM certificate of this broker, CN=raftka-node-<node_id>: "
+                       "TLS 1.3 between brokers (required when a peer address is not loopback)")
+    serve.add_argument("--peer-tls-key", help="PEM private key of --peer-tls-cert (if not in that file)")
+    serve.add_argument("--peer-tls-ca", help="PEM CA that signed every broker's peer certificate")
     serve.add_argument("--sasl", metavar="MECHANISMS",
                        help="SASL mechanisms, e.g. SCRAM-SHA-512,SCRAM-SHA-256,PLAIN (default: off)")
     add_admin_commands(commands)
@@ -85,6 +92,8 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     flags = {k: v for k, v in (("host", args.host), ("port", args.port), ("data_dir", args.data_dir),
                                ("metrics_port", args.metrics_port), ("tls_cert", args.tls_cert),
                                ("tls_key", args.tls_key), ("tls_ca", args.tls_ca),
+                               ("peer_tls_cert", args.peer_tls_cert), ("peer_tls_key", args.peer_tls_key),
+                               ("peer_tls_ca", args.peer_tls_ca),
                                ("sasl_mechanisms", args.sasl)) if v is not None}
     try:
         config = load_config(args.config, **flags)
@@ -103,7 +112,7 @@ def _cluster(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from raftka.broker.local_cluster import run_cluster
     if not 1 <= args.nodes <= 9:
         parser.error("--nodes must be in [1, 9]")
-    return run_cluster(args.nodes, args.base_port, args.data_dir)
+    return run_cluster(args.nodes, args.base_port, args.data_dir, args.peer_tls_dir)
 
 
 if __name__ == "__main__":

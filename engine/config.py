@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -14,10 +15,44 @@ MIB = 1024 * 1024
 GIB = 1024 * MIB
 DAY_MS = 24 * 3600 * 1000
 
+# the cluster secret keys every peer link (raft/handshake.py); a shorter one is refused
+SECRET_BITS_MIN = 128
+
 
 # the internal topic of consumer group offsets and metadata (Kafka's name); its
 # size and RF are the offsets_topic_* settings below
 OFFSETS_TOPIC = "__consumer_offsets"
+
+
+class ConfigError(ValueError):
+    """A configuration file or RAFTKA_* variable that cannot be used."""
+
+
+class WeakSecretError(ConfigError):
+    """cluster_secret is shorter than SECRET_BITS_MIN bits (see secret_strength_bits)."""
+
+
+def is_loopback(host: str) -> bool:
+    """`host` is this machine only: localhost or a loopback address (a name
+    that has to be resolved is not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def secret_strength_bits(secret: str) -> int:
+    """What a cluster secret counts for, from its length alone (its entropy
+    cannot be measured): a secret of hex digits only counts 4 bits a digit
+    (`secrets.token_hex(16)`, `openssl rand -hex 16`: 32 digits, 128 bits);
+    any other text counts 6 bits a character, as if it were base64
+    (`secrets.token_urlsafe(16)`: 22 characters; `openssl rand -base64 16`: 24).
+    So 16 hex digits (64 bits) or a 16-letter word are refused."""
+    if secret and all(c in "0123456789abcdefABCDEF" for c in secret):
+        return 4 * len(secret)
+    return 6 * len(secret)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +159,15 @@ class Config:
     peers: tuple[tuple[int, str, int], ...] = ()
     peer_host: str = "127.0.0.1"
     peer_port: int = 0
-    # shared by every broker; peers authenticate with it (HMAC challenge)
+    # shared by every broker; peers authenticate with it (HMAC challenge) and
+    # key every frame with it; at least SECRET_BITS_MIN bits (secret_strength_bits)
     cluster_secret: str = dataclasses.field(default="", repr=False)   # a secret: kept out of reprs and logs
+    # TLS 1.3 between brokers (PEM files, raft/peer_tls.py): this broker's certificate
+    # (CN=raftka-node-<node_id>), its key, and the CA every broker's certificate is
+    # signed by. Required when any peer address (peer_host, peers) is not loopback
+    peer_tls_cert: str = ""
+    peer_tls_key: str = ""
+    peer_tls_ca: str = ""
     # default.replication.factor, capped at the number of brokers
     default_replication_factor: int = 1
     # replica.lag.time.max.ms: a follower out of the ISR after this long behind
@@ -185,8 +227,19 @@ class Config:
             raise ValueError(f"node {self.node_id} lists itself among its peers")
         if self.peers and not self.cluster_secret:
             raise ValueError("a cluster with peers needs cluster_secret")
+        if self.peers and secret_strength_bits(self.cluster_secret) < SECRET_BITS_MIN:
+            raise WeakSecretError(
+                f"cluster_secret counts {secret_strength_bits(self.cluster_secret)} bits, at least "
+                f"{SECRET_BITS_MIN} are needed: 32 hex digits or 22 other characters, e.g. "
+                f"`python3 -c 'import secrets; print(secrets.token_hex(16))'`")
         if self.peers and not self.peer_port:
             raise ValueError("a cluster with peers needs peer_port (the peers dial it)")
+        if (self.peer_tls_cert or self.peer_tls_key or self.peer_tls_ca) and not (self.peer_tls_cert and self.peer_tls_ca):
+            raise ValueError("peer TLS needs peer_tls_cert and peer_tls_ca (peer_tls_key if not in the cert file)")
+        remote = [host for host in (self.peer_host, *(h for _, h, _ in self.peers)) if not is_loopback(host)]
+        if self.peers and remote and not self.peer_tls_cert:
+            raise ValueError(f"peer addresses {sorted(set(remote))} are not loopback: set peer_tls_cert, "
+                             "peer_tls_key and peer_tls_ca (the peer traffic is otherwise readable on the network)")
 
     @property
     def advertised_address(self) -> tuple[str, int]:
@@ -200,10 +253,6 @@ class Config:
     def replace(self, **changes: object) -> "Config":
         """A copy with some settings changed."""
         return dataclasses.replace(self, **changes)
-
-
-class ConfigError(ValueError):
-    """A configuration file or RAFTKA_* variable that cannot be used."""
 
 
 ENV_PREFIX = "RAFTKA_"
@@ -251,6 +300,8 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None,
         values["peers"] = parse_peers(values["peers"])  # type: ignore[arg-type]
     try:
         return Config(**values)  # type: ignore[arg-type]
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error)) from None
 

@@ -12,8 +12,23 @@ of variable length is parsed from an unauthenticated peer:
 
 Fresh random nonces on both sides mean a recorded exchange cannot be
 replayed, and the dialer learns that the acceptor holds the secret too.
-Sans-IO: the transport moves the bytes and closes the connection on
-AuthError.
+
+Then each side derives the connection's two frame keys (`session_keys`,
+HKDF-SHA256 of RFC 5869 with the standard library's hmac):
+
+  key(direction) = HKDF(ikm = secret, salt = acceptor nonce | dialer nonce,
+                       info = "raftka frames " | direction | dialer id u32 | acceptor id u32), 32 bytes
+  direction      = "dialer->acceptor" or "acceptor->dialer"
+
+Both nonces and both ids are covered by the handshake's MACs, so both ends
+agree on them or the handshake failed; the keys are fresh per connection and
+differ per direction, so no frame can be replayed into another connection or
+reflected back to its sender (frames.py MACs every frame with them).
+
+The secret is at least SECRET_BYTES_MIN bytes (128 bits; the broker's
+config asks more of secrets written as text, engine/config.py) and never
+appears in an error message. Sans-IO: the transport moves the bytes and
+closes the connection on AuthError.
 """
 from __future__ import annotations
 
@@ -21,10 +36,12 @@ import hashlib
 import hmac
 import os
 import struct
+from dataclasses import dataclass, field
 
 MAGIC = b"RKP1"
 NONCE_SIZE = 32
 MAC_SIZE = 32
+SECRET_BYTES_MIN = 16
 _NODE = struct.Struct(">I")
 HELLO_SIZE = len(MAGIC) + NONCE_SIZE
 AUTH_SIZE = len(MAGIC) + _NODE.size + NONCE_SIZE + MAC_SIZE
@@ -33,6 +50,39 @@ OK_SIZE = len(MAGIC) + _NODE.size + MAC_SIZE
 
 class AuthError(Exception):
     """The peer failed authentication or spoke something else."""
+
+
+@dataclass(frozen=True)
+class SessionKeys:
+    """One side's frame keys for one connection (never in reprs)."""
+
+    send: bytes = field(repr=False)
+    receive: bytes = field(repr=False)
+
+
+def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    """HKDF (RFC 5869) with SHA-256: extract with `salt`, expand to `length` bytes."""
+    assert 0 < length <= 255 * 32, f"HKDF-SHA256 length({length}) outside [1, {255 * 32}]"
+    prk = hmac.new(salt, ikm, hashlib.sha256).digest()
+    output, block = b"", b""
+    for counter in range(1, -(-length // 32) + 1):
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        output += block
+    return output[:length]
+
+
+def session_keys(secret: bytes, acceptor_nonce: bytes, dialer_nonce: bytes,
+                 dialer_id: int, acceptor_id: int) -> tuple[bytes, bytes]:
+    """(dialer->acceptor key, acceptor->dialer key); see the module docstring."""
+    salt, ids = acceptor_nonce + dialer_nonce, _NODE.pack(dialer_id) + _NODE.pack(acceptor_id)
+    return (hkdf_sha256(secret, salt, b"raftka frames dialer->acceptor" + ids),
+            hkdf_sha256(secret, salt, b"raftka frames acceptor->dialer" + ids))
+
+
+def check_secret(secret: bytes) -> None:
+    """Refuse a secret too short to key the peer links (ValueError, without the secret)."""
+    if len(secret) < SECRET_BYTES_MIN:
+        raise ValueError(f"the cluster secret is {len(secret)} bytes, at least {SECRET_BYTES_MIN} are needed")
 
 
 def _mac(secret: bytes, label: bytes, *parts: bytes) -> bytes:
@@ -50,11 +100,11 @@ class Acceptor:
     """The listening side of one connection."""
 
     def __init__(self, secret: bytes, node_id: int) -> None:
-        if not secret:
-            raise ValueError("the cluster secret must not be empty")
+        check_secret(secret)
         self._secret = secret
         self._node_id = node_id
         self._nonce = os.urandom(NONCE_SIZE)
+        self.keys: SessionKeys | None = None   # this side's frame keys, once the peer authenticated
 
     def hello(self) -> bytes:
         return MAGIC + self._nonce
@@ -70,19 +120,22 @@ class Acceptor:
             raise AuthError("peer does not hold the cluster secret")
         node_bytes = _NODE.pack(self._node_id)
         reply = MAGIC + node_bytes + _mac(self._secret, b"accept", dialer_nonce, self._nonce, node_bytes)
-        return _NODE.unpack(node)[0], reply
+        dialer_id = _NODE.unpack(node)[0]
+        to_acceptor, to_dialer = session_keys(self._secret, self._nonce, dialer_nonce, dialer_id, self._node_id)
+        self.keys = SessionKeys(send=to_dialer, receive=to_acceptor)
+        return dialer_id, reply
 
 
 class Dialer:
     """The connecting side of one connection."""
 
     def __init__(self, secret: bytes, node_id: int) -> None:
-        if not secret:
-            raise ValueError("the cluster secret must not be empty")
+        check_secret(secret)
         self._secret = secret
         self._node = _NODE.pack(node_id)
         self._nonce = os.urandom(NONCE_SIZE)
         self._acceptor_nonce: bytes | None = None
+        self.keys: SessionKeys | None = None   # this side's frame keys, once the acceptor authenticated
 
     def receive_hello(self, message: bytes) -> bytes:
         """Answer the acceptor's HELLO with AUTH."""
@@ -100,4 +153,8 @@ class Dialer:
         expected = _mac(self._secret, b"accept", self._nonce, self._acceptor_nonce, node)
         if not hmac.compare_digest(message[-MAC_SIZE:], expected):
             raise AuthError("acceptor does not hold the cluster secret")
-        return _NODE.unpack(node)[0]
+        acceptor_id = _NODE.unpack(node)[0]
+        to_acceptor, to_dialer = session_keys(self._secret, self._acceptor_nonce, self._nonce,
+                                              _NODE.unpack(self._node)[0], acceptor_id)
+        self.keys = SessionKeys(send=to_acceptor, receive=to_dialer)
+        return acceptor_id

@@ -4,9 +4,17 @@ Raft group of a broker shares.
 - The broker with the lower node id dials; the other accepts. Both sides run
   the handshake (handshake.py) with the cluster secret before any frame is
   read, and a peer must be one of the configured node ids.
-- After that the stream carries frames (frames.py) tagged with a group id;
-  RAFT_MESSAGE payloads are decoded with the pickle-free codec (codec.py)
-  and handed to the handler registered for that group.
+- After that the stream carries frames (frames.py) tagged with a group id,
+  each sealed with this connection's key for its direction and the next
+  sequence number; a frame whose tag does not verify (injected, altered,
+  replayed, reordered) drops the link before any of it is decoded, counted
+  per peer in `refused_frames`, and the dialer redials. RAFT_MESSAGE
+  payloads are decoded with the pickle-free codec (codec.py) and handed to
+  the handler registered for that group.
+- With `tls` (peer_tls.py) every connection is TLS 1.3 with a certificate
+  on both ends, and a certificate speaks for one node: the dialer accepts
+  only the dialed node's, the acceptor only one naming the node the
+  handshake then authenticates. The handshake and frame MACs run inside.
 - Everything sent during one event-loop iteration (one tick of all groups)
   goes to each peer in a single write.
 - Anything malformed on the wire (bad handshake, wrong secret, unknown peer,
@@ -35,12 +43,14 @@ import logging
 import math
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from raftka.raft import handshake
+from raftka.raft.peer_tls import PeerTls, node_id_of
 from raftka.raft.codec import CodecError, decode, encode_into
-from raftka.raft.frames import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameError, FrameKind, new_frame, seal_frame
+from raftka.raft.frames import (DEFAULT_MAX_FRAME_BYTES, TAG_SIZE, FrameAuthError, FrameDecoder, FrameError, FrameKind,
+                                FrameSealer, new_frame)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +98,7 @@ class PeerNetworkConfig:
     """Settings of one broker's peer network."""
 
     node_id: int
-    secret: bytes
+    secret: bytes = field(repr=False)       # never in reprs or logs; >= handshake.SECRET_BYTES_MIN with peers
     peers: dict[int, tuple[str, int]]       # node id -> (host, port), self excluded
     listen_host: str = "127.0.0.1"
     listen_port: int = 0
@@ -102,6 +112,12 @@ class PeerNetworkConfig:
     # otherwise look established until TCP's backed-off retransmit timer fired,
     # up to a minute after the network healed
     dead_link_timeout_s: float = 5.0
+    # TLS 1.3 on every peer connection, mutual, certificates naming node ids (None: plaintext)
+    tls: PeerTls | None = None
+
+    def __post_init__(self) -> None:
+        if self.peers:   # a lone node never uses it
+            handshake.check_secret(self.secret)
 
 
 def detect_dead_link(sock: socket.socket, timeout_s: float) -> None:
@@ -141,13 +157,16 @@ class PeerNetwork:
         self._loop: asyncio.AbstractEventLoop | None = None
         # group -> messages dropped because its handler raised
         self.dropped_messages = ErrorTally(log)
+        # peer -> frames refused because their tag did not verify (each one dropped the link)
+        self.refused_frames: dict[int, int] = {}
 
     # ---- lifecycle -----------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._server = await self._loop.create_server(
-            lambda: _PeerProtocol(self, dialed_peer=None), self.config.listen_host, self.config.listen_port)
+            lambda: _PeerProtocol(self, dialed_peer=None), self.config.listen_host, self.config.listen_port,
+            **self._tls_options(server=True))
         self._dialer_task = self._loop.create_task(self._dial_forever())
 
     @property
@@ -214,10 +233,9 @@ class PeerNetwork:
             return False
         frame = new_frame()
         encode_into(frame, message)
-        seal_frame(frame, group_id, FrameKind.RAFT_MESSAGE)
-        if link.backlog_bytes + len(frame) > self.config.max_outbox_bytes:
+        if link.backlog_bytes + len(frame) + TAG_SIZE > self.config.max_outbox_bytes:
             return False
-        link.queue(frame)
+        link.queue(frame, group_id, FrameKind.RAFT_MESSAGE)   # sealed there: in the order frames leave
         if not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
@@ -267,6 +285,9 @@ class PeerNetwork:
             except Exception:   # a callback's bug must not close the link (or skip the other callbacks)
                 log.exception("node %d: a peer-%s callback for peer %d failed", self.config.node_id, what, peer_id)
 
+    def _refused_frame(self, peer_id: int) -> None:
+        self.refused_frames[peer_id] = self.refused_frames.get(peer_id, 0) + 1
+
     def _deliver(self, peer_id: int, group_id: int, message: Any) -> None:
         """Hand one message to its group's handler. An exception from the
         handler drops that message only (counted and logged, see the module
@@ -284,6 +305,12 @@ class PeerNetwork:
             self.dropped_messages.record(group_id, exc, "node %d: dropped a message for group %d from peer %d",
                                          self.config.node_id, group_id, peer_id)
 
+    def _tls_options(self, server: bool) -> dict[str, Any]:
+        tls = self.config.tls
+        if tls is None:
+            return {}
+        return {"ssl": tls.server if server else tls.client, "ssl_handshake_timeout": self.config.handshake_timeout_s}
+
     async def _dial_forever(self) -> None:
         assert self._loop is not None
         while True:
@@ -296,7 +323,8 @@ class PeerNetwork:
     async def _dial(self, peer_id: int, host: str, port: int) -> None:
         assert self._loop is not None
         try:
-            await self._loop.create_connection(lambda: _PeerProtocol(self, dialed_peer=peer_id), host, port)
+            await self._loop.create_connection(lambda: _PeerProtocol(self, dialed_peer=peer_id), host, port,
+                                               **self._tls_options(server=False))
         except OSError as exc:
             log.debug("node %d: dialing peer %d at %s:%d failed: %s", self.config.node_id, peer_id, host, port, exc)
         finally:
@@ -315,10 +343,12 @@ class _PeerProtocol(asyncio.Protocol):
         self._pending = bytearray()      # handshake bytes not yet consumed
         self._outbox: list[bytes | bytearray] = []
         self._outbox_bytes = 0
-        self._decoder = FrameDecoder(self._config.max_frame_bytes)
+        self._sealer: FrameSealer | None = None      # both set by the handshake, from its session keys
+        self._decoder: FrameDecoder | None = None
         self._acceptor: handshake.Acceptor | None = None
         self._dialer: handshake.Dialer | None = None
         self._hello_answered = False
+        self._certificate_node: int | None = None   # the node id the peer's TLS certificate names
         self._closed = False
         self._timeout: asyncio.TimerHandle | None = None
 
@@ -331,6 +361,8 @@ class _PeerProtocol(asyncio.Protocol):
             detect_dead_link(sock, self._config.dead_link_timeout_s)
         loop = asyncio.get_running_loop()
         self._timeout = loop.call_later(self._config.handshake_timeout_s, self._handshake_timed_out)
+        if self._config.tls is not None and not self._check_certificate():
+            return
         if self._dialed_peer is None:
             self._acceptor = handshake.Acceptor(self._config.secret, self._config.node_id)
             self._transport.write(self._acceptor.hello())
@@ -345,10 +377,14 @@ class _PeerProtocol(asyncio.Protocol):
                 data = self._handshake(data)
                 if self._peer_id is None or not data:
                     return
+            assert self._decoder is not None, "authenticated without session keys"
             for frame in self._decoder.feed(data):
                 if self._closed:   # the network left while handling an earlier frame
                     return
                 self._network._deliver(self._peer_id, frame.group_id, decode(frame.payload))
+        except FrameAuthError as exc:
+            self._network._refused_frame(self._peer_id)
+            self.close(f"{type(exc).__name__}: {exc}")
         except (handshake.AuthError, FrameError, CodecError) as exc:
             self.close(f"{type(exc).__name__}: {exc}")
 
@@ -376,7 +412,7 @@ class _PeerProtocol(asyncio.Protocol):
                 return b""
             peer_id, ok = self._acceptor.receive_auth(auth)
             self._transport.write(ok)
-            return self._finish_handshake(peer_id)
+            return self._finish_handshake(peer_id, self._acceptor.keys)
         assert self._dialer is not None
         if not self._hello_answered:
             hello = self._take(data, handshake.HELLO_SIZE)
@@ -391,11 +427,30 @@ class _PeerProtocol(asyncio.Protocol):
         peer_id = self._dialer.receive_ok(ok)
         if peer_id != self._dialed_peer:
             raise handshake.AuthError(f"dialed node {self._dialed_peer} but node {peer_id} answered")
-        return self._finish_handshake(peer_id)
+        return self._finish_handshake(peer_id, self._dialer.keys)
 
-    def _finish_handshake(self, peer_id: int) -> bytes:
+    def _check_certificate(self) -> bool:
+        """With TLS (the handshake is done when asyncio calls connection_made):
+        the peer's certificate names one node, and a dialed peer is the node dialed."""
+        assert self._transport is not None
+        self._certificate_node = node_id_of(self._transport.get_extra_info("peercert"))
+        if self._certificate_node is None:
+            self.close("the peer's TLS certificate names no node (CN=raftka-node-<id>)")
+            return False
+        if self._dialed_peer is not None and self._certificate_node != self._dialed_peer:
+            self.close(f"dialed node {self._dialed_peer} but the certificate is node {self._certificate_node}'s")
+            return False
+        return True
+
+    def _finish_handshake(self, peer_id: int, keys: handshake.SessionKeys | None) -> bytes:
         if self._timeout:
             self._timeout.cancel()
+        if self._config.tls is not None and peer_id != self._certificate_node:
+            raise handshake.AuthError(f"node {peer_id} authenticated over TLS with node {self._certificate_node}'s "
+                                      "certificate: a node speaks only for itself")
+        assert keys is not None, "the handshake succeeded without deriving session keys"
+        self._sealer = FrameSealer(keys.send)   # before _authenticated: its callbacks may send at once
+        self._decoder = FrameDecoder(keys.receive, self._config.max_frame_bytes)
         if not self._network._authenticated(peer_id, self):
             return b""
         self._peer_id = peer_id
@@ -414,7 +469,11 @@ class _PeerProtocol(asyncio.Protocol):
         buffered = self._transport.get_write_buffer_size() if self._transport else 0
         return self._outbox_bytes + buffered
 
-    def queue(self, frame: bytes | bytearray) -> None:
+    def queue(self, frame: bytearray, group_id: int, kind: FrameKind) -> None:
+        """Seal a frame made with frames.new_frame and queue it: every frame
+        sealed is sent, in sealing order, or the link closes."""
+        assert self._sealer is not None, "frames queued before the handshake"
+        self._sealer.seal(frame, group_id, kind)
         self._outbox.append(frame)
         self._outbox_bytes += len(frame)
 

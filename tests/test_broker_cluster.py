@@ -5,6 +5,7 @@ gets NOT_LEADER_OR_FOLLOWER; SIGTERM stops the whole cluster."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import struct
@@ -168,7 +169,7 @@ def test_a_broker_waits_for_peers_that_start_late(tmp_path):
     from raftka.broker.local_cluster import write_configs
     base = consecutive_free_ports(NODES)
     configs = write_configs(NODES, base, tmp_path)
-    env = dict(os.environ, RAFTKA_CLUSTER_SECRET="late-secret")
+    env = dict(os.environ, RAFTKA_CLUSTER_SECRET=secrets.token_hex(16))
     processes = []
 
     def spawn(config: Path) -> subprocess.Popen:

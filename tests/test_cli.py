@@ -166,6 +166,7 @@ def test_the_metrics_endpoint_reports_traffic_terms_offsets_and_request_latency(
     assert re.search(r'raftka_partition_raft_term\{partition="0",topic="metered"\} [1-9]', text)
     assert 'raftka_request_seconds_count{api="Produce"}' in text
     assert "raftka_commit_seconds_count" in text
+    assert "# TYPE raftka_peer_refused_frames_total counter" in text
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
 

@@ -97,7 +97,7 @@ class Cluster:
 
     def config(self, node_id: int) -> Config:
         return Config(data_dir=self.root / f"b{node_id}", node_id=node_id, peer_port=self.ports[node_id],
-                      cluster_secret="secret", port=9000 + node_id, replica_lag_time_max_ms=2000,
+                      cluster_secret="0123456789abcdef0123456789abcdef", port=9000 + node_id, replica_lag_time_max_ms=2000,
                       peers=tuple((i, "127.0.0.1", p) for i, p in self.ports.items() if i != node_id))
 
     async def start(self, node_id: int) -> ClusterController:
@@ -253,3 +253,40 @@ async def _topic_config_reaches_its_partition_logs(cluster):
             assert (replica.log.config.retention_ms, replica.log.config.segment_bytes) == (60000, 1048576), key
     with pytest.raises(InvalidConfigError):
         await controllers[0].create_topic("bad", partitions=1, replication_factor=1, configs={"retention.ms": "soon"})
+
+
+def test_a_broker_may_only_speak_for_its_own_id(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="raftka.cluster.controller"):
+        with_cluster(_a_broker_may_only_speak_for_its_own_id, tmp_path)
+    assert "a broker speaks only for itself" in caplog.text
+
+
+async def _a_broker_may_only_speak_for_its_own_id(cluster):
+    controllers = list(cluster.controllers.values())
+    await create_settled(controllers[0], controllers, "t", 1, 3)
+    follower = next(c for c in controllers if c.controller_id != c.node_id)   # forwards to the leader
+    victim = next(c.node_id for c in controllers if c.node_id not in (follower.node_id, follower.controller_id))
+    group_id = follower.state.topics["t"].partitions[0].group_id
+    blocks_before = follower.state.producer_id_blocks.get(victim)
+    loop = asyncio.get_running_loop()
+    for command in (metadata.register_broker(victim, "evil.example", 1),
+                    metadata.allocate_producer_ids(victim, 10),
+                    metadata.record_leader("t", 0, group_id, victim, 99, [victim])):
+        started = loop.time()
+        with pytest.raises(MetadataCommandError) as refused:
+            await follower.propose(command, "impersonate", timeout_s=10)
+        assert refused.value.error_code == ErrorCode.CLUSTER_AUTHORIZATION_FAILED
+        assert loop.time() - started < 1.0, "refused at once, not retried until the timeout"
+    for c in controllers:
+        assert c.state.brokers[victim].host == "127.0.0.1"
+        assert c.state.producer_id_blocks.get(victim) == blocks_before
+        assert c.state.partition("t", 0).leader_epoch != 99
+    await follower.propose(metadata.register_broker(follower.node_id, "127.0.0.1", 9000 + follower.node_id),
+                           "register itself again")   # its own id: still served
+    # and only the broker a command was forwarded to may answer it
+    answer = loop.create_future()
+    follower._forwarded[10**9] = (follower.controller_id, answer)
+    follower._on_forwarded(victim, {"type": "rk_proposed", "id": 10**9, "error": 0})
+    assert not answer.done()
+    follower._on_forwarded(follower.controller_id, {"type": "rk_proposed", "id": 10**9, "error": 0})
+    assert answer.result() == 0

@@ -126,7 +126,7 @@ def lone_broker(tmp_path):
     """Broker 1 of a three-broker cluster whose peers never start: it listens
     but can never serve (no majority elects a metadata leader)."""
     base = consecutive_free_ports(NODES)
-    process = spawn_node(write_configs(NODES, base, tmp_path)[0], "lone-secret")
+    process = spawn_node(write_configs(NODES, base, tmp_path)[0], "lone-secret-for-a-cluster-test")
     try:
         wait_until_listening(base)
         yield process, f"127.0.0.1:{base}"
@@ -156,7 +156,7 @@ def test_no_topic_is_created_until_every_configured_broker_has_registered(tmp_pa
     from confluent_kafka.admin import AdminClient, NewTopic
     base = consecutive_free_ports(NODES)
     configs = write_configs(NODES, base, tmp_path)
-    processes = [spawn_node(config, "partial-secret") for config in configs[:2]]   # a majority: a leader, no node 3
+    processes = [spawn_node(config, "partial-secret-for-a-cluster-test") for config in configs[:2]]   # a majority: a leader, no node 3
     try:
         wait_until_listening(base)
         admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{base}"})
@@ -167,7 +167,7 @@ def test_no_topic_is_created_until_every_configured_broker_has_registered(tmp_pa
             assert refused.value.args[0].name() == "NOT_CONTROLLER", refused.value
         assert not {"wide", "spread"} & set(admin.list_topics(timeout=30).topics)
         assert not any(printed_something(process) for process in processes)   # no ready line: they cannot serve
-        processes.append(spawn_node(configs[2], "partial-secret"))
+        processes.append(spawn_node(configs[2], "partial-secret-for-a-cluster-test"))
         for process in processes:
             assert "ready" in process.stdout.readline()
         futures = admin.create_topics([NewTopic("wide", 3, 3), NewTopic("spread", 3, 1)])

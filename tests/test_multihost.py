@@ -1,7 +1,8 @@
 """Three brokers on three hosts of a real (virtual) network: each `raftka serve`
 runs in its own network namespace (tests/netns.py), its Kafka listener and
-peer port on its own address, advertising it; the clients (confluent-kafka)
-run in the root namespace and reach the brokers over the bridge.
+peer port on its own address, advertising it, and the brokers speak TLS to
+each other (required off loopback); the clients (confluent-kafka) run in the
+root namespace and reach the brokers over the bridge.
 
 Faults go through the kernel's packet filter in one broker's namespace while
 an idempotent producer (acks=all) writes to an RF=3 topic:
@@ -37,6 +38,7 @@ from kio.index import load_request_schema
 from raftka.broker.local_cluster import LocalBrokers
 from raftka.protocol import kafka
 from raftka.records.batch import parse_records
+from tests.certs import make_node_certs
 from tests.netns import FIREWALLS, NamespaceNetwork, unavailable_reason
 from tests.test_broker_clients import ask
 from tests.test_broker_failover import wait_for as failover_wait_for
@@ -70,9 +72,11 @@ def cluster(tmp_path_factory):
     with contextlib.ExitStack() as stack:
         net = stack.enter_context(NamespaceNetwork(NODES))
         stack.callback(net.heal)              # runs before the namespaces go (LIFO): a broken test's fault
+        make_node_certs(root / "peer-certs", list(range(1, NODES + 1)))   # off loopback peer TLS is required
         brokers = LocalBrokers(root, NODES, base_port=KAFKA_PORT,
                                hosts=[net.address(h) for h in net.host_ids],
-                               command_prefixes=[net.exec_prefix(h) for h in net.host_ids])
+                               command_prefixes=[net.exec_prefix(h) for h in net.host_ids],
+                               peer_tls_dir=root / "peer-certs")
         stack.callback(brokers.stop)          # before the namespaces are deleted
         brokers.start()
         yield net, brokers

@@ -40,7 +40,7 @@ from raftka.storage.partition_log import PartitionLog
 from tests.conftest import make_batch, wait_for
 from tests.test_broker_clients import produce_frame
 
-SECRET = b"s"
+SECRET = b"raftka-test-secret-16+"
 A, B = 1, 2          # the two groups every node runs
 IDS = (1, 2, 3)
 FAST = dict(raftMinTimeout=0.3, raftMaxTimeout=0.6, appendEntriesPeriod=0.05, leaderFallbackTimeout=0.6)
@@ -286,7 +286,7 @@ def test_a_broker_whose_log_write_fails_refuses_produce_and_its_partition_moves(
     async def run() -> None:
         ports = dict(zip(IDS, free_ports(3)))
         brokers = {i: Broker(Config(data_dir=tmp_path / f"b{i}", node_id=i, port=0, peer_port=ports[i],
-                                    cluster_secret="secret", peers=tuple((j, "127.0.0.1", p)
+                                    cluster_secret="0123456789abcdef0123456789abcdef", peers=tuple((j, "127.0.0.1", p)
                                                                          for j, p in ports.items() if j != i)),
                              **FAST) for i in IDS}
         try:

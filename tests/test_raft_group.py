@@ -18,7 +18,7 @@ from raftka.raft.node import RaftNode
 from raftka.raft.transport import PeerNetwork, PeerNetworkConfig
 from tests.conftest import make_batch, readable_bytes, wait_for
 
-SECRET = b"s"
+SECRET = b"raftka-test-secret-16+"
 GROUP = 1
 FAST = dict(raftMinTimeout=0.3, raftMaxTimeout=0.6, appendEntriesPeriod=0.05, leaderFallbackTimeout=0.6)
 

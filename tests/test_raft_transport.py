@@ -11,11 +11,11 @@ import struct
 import pytest
 
 from raftka.raft import handshake
-from raftka.raft.frames import FrameKind, encode_frame
+from raftka.raft.frames import FrameKind, FrameSealer
 from raftka.raft.transport import PeerNetwork, PeerNetworkConfig
 from tests.conftest import wait_for
 
-SECRET = b"cluster-secret"
+SECRET = b"cluster-secret-for-tests"
 GROUP = 7
 
 
@@ -92,7 +92,7 @@ async def attack(acceptor, payload_after_hello) -> bool:
 @pytest.mark.parametrize("name, payload", [
     ("garbage", lambda hello: os.urandom(handshake.AUTH_SIZE)),
     ("pickle", lambda hello: pickle.dumps({"type": "append_entries"}) * 4),
-    ("wrong secret", lambda hello: handshake.Dialer(b"guess", 1).receive_hello(hello)),
+    ("wrong secret", lambda hello: handshake.Dialer(b"a-guessed-secret-16+", 1).receive_hello(hello)),
     ("unknown node", lambda hello: handshake.Dialer(SECRET, 99).receive_hello(hello)),
 ])
 def test_bad_handshakes_close_that_connection_and_log_why(caplog, name, payload):
@@ -106,13 +106,14 @@ def test_bad_handshakes_close_that_connection_and_log_why(caplog, name, payload)
     asyncio.run(scenario())
 
 
-async def after_valid_handshake(acceptor, node_id: int, then: bytes) -> bool:
+async def after_valid_handshake(acceptor, node_id: int, then) -> bool:
+    """Authenticate as `node_id`, send `then(sealer)` (the sealer of this connection's frames)."""
     host, port = acceptor.address
     reader, writer = await asyncio.open_connection(host, port)
     me = handshake.Dialer(SECRET, node_id)
     writer.write(me.receive_hello(await reader.readexactly(handshake.HELLO_SIZE)))
     me.receive_ok(await reader.readexactly(handshake.OK_SIZE))
-    writer.write(then)
+    writer.write(then(FrameSealer(me.keys.send)))
     await writer.drain()
     closed = await closed_by_peer(reader)
     writer.close()
@@ -120,10 +121,12 @@ async def after_valid_handshake(acceptor, node_id: int, then: bytes) -> bool:
 
 
 @pytest.mark.parametrize("name, frames, reason", [
-    ("oversized frame", struct.pack(">IIB", 2**31, GROUP, 1), "FrameError"),
-    ("unknown frame kind", struct.pack(">IIB", 6, GROUP, 200) + b"x", "FrameError"),
-    ("pickle payload", encode_frame(GROUP, FrameKind.RAFT_MESSAGE, pickle.dumps({"type": "x"})), "CodecError"),
-    ("garbage", b"\xff" * 64, "FrameError"),
+    ("oversized frame", lambda sealer: struct.pack(">IIB", 2**31, GROUP, 1), "FrameError"),
+    ("unknown frame kind", lambda sealer: sealer.encode(GROUP, 200, b"x"), "FrameError: unknown frame kind"),
+    ("pickle payload", lambda sealer: sealer.encode(GROUP, FrameKind.RAFT_MESSAGE, pickle.dumps({"type": "x"})),
+     "CodecError"),
+    ("garbage", lambda sealer: b"\xff" * 64, "FrameError"),
+    ("unsealed frame", lambda sealer: struct.pack(">IIB", 5 + 16, GROUP, 1) + bytes(16), "FrameAuthError"),
 ])
 def test_bad_frames_from_an_authenticated_peer_close_only_that_connection(caplog, name, frames, reason):
     async def scenario():
@@ -209,4 +212,22 @@ def test_peer_connections_ask_the_kernel_to_drop_a_dead_link_within_the_timeout(
         finally:
             await dialer.close()
             await acceptor.close()
+    asyncio.run(scenario())
+
+
+def test_a_secret_under_128_bits_is_refused_and_the_secret_stays_out_of_reprs_and_logs(caplog):
+    with pytest.raises(ValueError, match="15 bytes, at least 16"):
+        PeerNetworkConfig(node_id=1, secret=b"fifteen-bytes!!", peers={2: ("127.0.0.1", 1)})
+    assert SECRET not in repr(PeerNetworkConfig(node_id=1, secret=SECRET, peers={})).encode()
+
+    async def scenario():
+        with caplog.at_level(logging.DEBUG):
+            dialer, acceptor, received = await two_brokers()
+            assert await attack(acceptor, lambda hello: handshake.Dialer(b"a-guessed-secret-16+", 1).receive_hello(hello))
+            dialer._links[2]._transport.abort()   # a redial: the handshake's debug lines too
+            await wait_for(lambda: 2 not in dialer.connected_peers)
+            await wait_for(lambda: dialer.connected_peers == {2} and acceptor.connected_peers == {1})
+            await still_serving(dialer, acceptor, received)
+            await dialer.close(); await acceptor.close()
+        assert "closing peer connection" in caplog.text and SECRET.decode() not in caplog.text
     asyncio.run(scenario())

@@ -210,9 +210,9 @@ def test_a_node_sends_no_frame_after_a_failed_vote_sync(tmp_path, monkeypatch):
     async def scenario():
         calls: list = []
         store = VoteStore(tmp_path / "votes", on_fatal=recording_fail_stop(calls))
-        acceptor = PeerNetwork(PeerNetworkConfig(node_id=2, secret=b"s", peers={1: ("127.0.0.1", 0)}))
+        acceptor = PeerNetwork(PeerNetworkConfig(node_id=2, secret=b"raftka-test-secret-16+", peers={1: ("127.0.0.1", 0)}))
         await acceptor.start()
-        dialer = PeerNetwork(PeerNetworkConfig(node_id=1, secret=b"s", peers={2: acceptor.address}))
+        dialer = PeerNetwork(PeerNetworkConfig(node_id=1, secret=b"raftka-test-secret-16+", peers={2: acceptor.address}))
         RaftNode(dialer, store)
         received: list = []
         acceptor.register_group(7, lambda peer, message: received.append(message))

@@ -111,6 +111,17 @@ def test_an_unauthenticated_connection_gets_api_versions_and_nothing_else(broker
         assert closed_by_broker(sock)
 
 
+def test_sasl_handshake_v0_is_advertised_for_librdkafka_but_refused(broker, certs):
+    from kio.index import load_request_schema
+    with tls_socket(broker, certs) as sock:
+        sock.sendall(api_versions_frame(1))
+        versions = kafka.decode_response(kafka.API_VERSIONS, 0, read_response(sock))
+        advertised = {key.api_key: (key.min_version, key.max_version) for key in versions.api_keys}
+        assert advertised[kafka.SASL_HANDSHAKE] == (0, 1)
+        sock.sendall(request_frame(kafka.SASL_HANDSHAKE, 0, 2, load_request_schema(17, 0)(mechanism="SCRAM-SHA-512")))
+        assert read_response(sock) == struct.pack(">ih", 2, ErrorCode.UNSUPPORTED_VERSION)
+
+
 def test_plain_is_not_offered_without_tls(tmp_path, certs):
     process = BrokerProcess(tmp_path / "data", sasl_mechanisms="SCRAM-SHA-512,PLAIN").start()
     try:

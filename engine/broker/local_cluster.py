@@ -44,12 +44,16 @@ def raftka_command(*args: str) -> list[str]:
 
 
 def write_configs(nodes: int, base_port: int, data_dir: Path, settings: dict[str, object] | None = None,
-                  hosts: Sequence[str] | None = None, metrics_ports: Sequence[int] | None = None) -> list[Path]:
+                  hosts: Sequence[str] | None = None, metrics_ports: Sequence[int] | None = None,
+                  peer_tls_dir: Path | None = None) -> list[Path]:
     """One broker.toml per node under data_dir/node-<i>; `settings` adds Config fields to every node's.
 
     Every node listens on 127.0.0.1 unless `hosts` gives node i's address
     (hosts[i - 1]): its Kafka listener, its peer port and the address it
-    advertises to clients are then all on that address, and its peers dial it there."""
+    advertises to clients are then all on that address, and its peers dial it there.
+    With `peer_tls_dir`, brokers speak TLS to each other: node i's certificate
+    and key are raftka-node-<i>.pem and raftka-node-<i>.key there, signed by
+    peer-ca.pem (required when `hosts` are not loopback)."""
     own_hosts = hosts is not None
     hosts = _node_hosts(nodes, hosts)
     peer_ports = free_ports(nodes)
@@ -67,12 +71,19 @@ def write_configs(nodes: int, base_port: int, data_dir: Path, settings: dict[str
                 f'data_dir = "{node_dir / "data"}"\n'
                 f'default_replication_factor = {min(3, nodes)}\n'
                 + (f'metrics_port = {metrics_ports[i - 1]}\n' if metrics_ports else "")
+                + (_peer_tls_settings(Path(peer_tls_dir), i) if peer_tls_dir is not None else "")
                 + "".join(f"{key} = {_toml_value(value)}\n" for key, value in (settings or {}).items())
                 + f'peers = [{peers}\n]\n')
         path = node_dir / "broker.toml"
         path.write_text(text)
         paths.append(path)
     return paths
+
+
+def _peer_tls_settings(directory: Path, node_id: int) -> str:
+    paths = {"peer_tls_cert": f"raftka-node-{node_id}.pem", "peer_tls_key": f"raftka-node-{node_id}.key",
+             "peer_tls_ca": "peer-ca.pem"}
+    return "".join(f"{key} = {_toml_value(str(directory.resolve() / name))}\n" for key, name in paths.items())
 
 
 def _node_hosts(nodes: int, hosts: Sequence[str] | None) -> list[str]:
@@ -111,7 +122,8 @@ class LocalBrokers:
 
     def __init__(self, root: Path, nodes: int = 3, base_port: int | None = None,
                  settings: dict[str, object] | None = None, *, hosts: Sequence[str] | None = None,
-                 command_prefixes: Sequence[Sequence[str]] | None = None, metrics: bool = False) -> None:
+                 command_prefixes: Sequence[Sequence[str]] | None = None, metrics: bool = False,
+                 peer_tls_dir: Path | None = None) -> None:
         self.root = Path(root).resolve()
         self.nodes = nodes
         self.hosts = _node_hosts(nodes, hosts)
@@ -121,7 +133,8 @@ class LocalBrokers:
         self.base_port = base_port if base_port is not None else consecutive_free_ports(nodes)
         # `metrics`: each node serves Prometheus metrics on a port of its own (metric())
         self.metrics_ports = free_ports(nodes) if metrics else []
-        self.configs = write_configs(nodes, self.base_port, self.root, settings, hosts, self.metrics_ports)
+        self.configs = write_configs(nodes, self.base_port, self.root, settings, hosts, self.metrics_ports,
+                                     peer_tls_dir)
         self.env = dict(os.environ, RAFTKA_CLUSTER_SECRET=secrets.token_hex(16))
         self.processes: dict[int, subprocess.Popen] = {}
         self.ready_lines: dict[int, str] = {}
@@ -241,9 +254,9 @@ class LocalBrokers:
         self.stop()
 
 
-def run_cluster(nodes: int, base_port: int, data_dir: Path) -> int:
+def run_cluster(nodes: int, base_port: int, data_dir: Path, peer_tls_dir: Path | None = None) -> int:
     """`raftka cluster`: start, report, and on Ctrl-C/SIGTERM stop every node."""
-    brokers = LocalBrokers(data_dir, nodes, base_port)
+    brokers = LocalBrokers(data_dir, nodes, base_port, peer_tls_dir=peer_tls_dir)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

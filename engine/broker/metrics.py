@@ -17,6 +17,7 @@ locks.
   raftka_commit_seconds                      propose-to-commit latency of appends (histogram)
   raftka_raft_elections_total                new terms seen by this broker's replicas
   raftka_journal_fdatasyncs_total            fdatasync/fsync calls of Raft log group commits (files and directories)
+  raftka_peer_refused_frames_total{peer}     peer frames whose tag did not verify (each dropped that link)
   raftka_partition_raft_term{topic,partition}          current Raft term (Kafka's leader epoch)
   raftka_partition_leader{topic,partition}             1 if this broker leads it
   raftka_partition_log_end_offset{topic,partition}
@@ -138,6 +139,11 @@ class _StateCollector:
         yield self._group_lag(hw_by_partition)
         yield CounterMetricFamily("raftka_journal_fdatasyncs", "fdatasync/fsync calls of Raft log group commits",
                                   value=self.controller.node.fdatasyncs)
+        refused = CounterMetricFamily("raftka_peer_refused_frames", "peer frames whose tag did not verify",
+                                      labels=["peer"])
+        for peer, count in sorted(self.controller.node.network.refused_frames.items()):
+            refused.add_metric([str(peer)], count)
+        yield refused
 
     def _group_lag(self, hw_by_partition: dict[tuple[str, int], int]) -> GaugeMetricFamily:
         family = GaugeMetricFamily("raftka_group_lag", "high watermark - committed offset (on the coordinator)",

@@ -1,6 +1,7 @@
 """The Kafka APIs of authentication and authorization.
 
-SASL (SaslHandshake v0-1, SaslAuthenticate v0-2) runs per connection in a
+SASL (SaslHandshake v1; v0 is advertised for librdkafka and refused,
+engine/protocol/kafka.py; SaslAuthenticate v0-2) runs per connection in a
 SaslSession the listener (server.py) keeps: with SASL on, a connection may
 send only ApiVersions, SaslHandshake and SaslAuthenticate until it has
 authenticated; any other request closes it, and so does a failed
@@ -11,7 +12,7 @@ sends the password itself.
 SecurityHandlers serve the admin APIs over the replicated users and ACLs
 (raftka.security.state): DescribeUserScramCredentials / AlterUserScramCredentials
 (v0, flexible; CLUSTER DESCRIBE / ALTER) and DescribeAcls / CreateAcls /
-DeleteAcls (v1-3; CLUSTER DESCRIBE / ALTER). With SASL off they answer
+DeleteAcls (v1; CLUSTER DESCRIBE / ALTER). With SASL off they answer
 SECURITY_DISABLED, as Kafka without an authorizer does.
 """
 from __future__ import annotations

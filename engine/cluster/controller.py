@@ -37,6 +37,8 @@ from raftka.errors import (ErrorCode, InvalidConfigError, InvalidPartitionsError
                            RaftkaError, UnknownTopicOrPartitionError)
 from raftka.storage.log_manager import PARTITIONS_MAX, LogManager, validate_topic_name
 from raftka.replication import NotLeaderError, PartitionReplica, ReplicationError
+from raftka.security.tls import peer_tls
+from raftka.raft.codec import CodecError
 from raftka.raft.node import RaftNode
 from raftka.raft.state_machine import StateMachineReplica
 from raftka.raft.transport import PeerNetwork, PeerNetworkConfig
@@ -83,13 +85,13 @@ class ClusterController:
         network = PeerNetwork(PeerNetworkConfig(
             node_id=config.node_id, secret=config.cluster_secret.encode(),
             peers={peer_id: (host, port) for peer_id, host, port in config.peers},
-            listen_host=config.peer_host, listen_port=config.peer_port))
+            listen_host=config.peer_host, listen_port=config.peer_port, tls=peer_tls(config)))
         self.node = RaftNode(network, VoteStore(self.raft_dir / "votes"))
         self.raft_settings["vote_store"] = self.node.votes
         self.metadata: StateMachineReplica | None = None
         self._replicas: dict[tuple[str, int], PartitionReplica] = {}
         self._reporting: set[tuple[str, int]] = set()      # leader reports in flight
-        self._forwarded: dict[int, asyncio.Future[int]] = {}
+        self._forwarded: dict[int, tuple[int, asyncio.Future[int]]] = {}   # request id -> (leader asked, answer)
         self._forward_ids = itertools.count(1)
         self._reconcile_scheduled = False
         self._reconciled_version = -1
@@ -115,7 +117,7 @@ class ClusterController:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for future in self._forwarded.values():
+        for _leader, future in self._forwarded.values():
             if not future.done():
                 future.cancel()
         await self.node.stop()
@@ -318,7 +320,7 @@ class ClusterController:
                 return await asyncio.wait_for(self.metadata.propose(command), timeout_s)
             request_id = next(self._forward_ids)
             future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            self._forwarded[request_id] = future
+            self._forwarded[request_id] = (leader, future)
             try:
                 self.metadata.transport.send_to(leader, {"type": "rk_propose", "id": request_id, "command": command})
                 self.node.mark_active(METADATA_GROUP_ID)
@@ -334,21 +336,40 @@ class ClusterController:
         if not isinstance(request_id, int):
             return
         if kind == "rk_proposed":
-            future = self._forwarded.get(request_id)
+            leader, future = self._forwarded.get(request_id, (None, None))
             code = message.get("error")
-            if future is not None and not future.done() and isinstance(code, int):
+            # only the broker asked may answer: no peer answers for another
+            if leader == peer_id and future is not None and not future.done() and isinstance(code, int):
                 future.set_result(code)
         elif kind == "rk_propose" and isinstance(message.get("command"), bytes):
             asyncio.get_running_loop().create_task(self._serve_forwarded(peer_id, request_id, message["command"]))
 
     async def _serve_forwarded(self, peer_id: int, request_id: int, command: bytes) -> None:
         assert self.metadata is not None
-        try:
-            code = await asyncio.wait_for(self.metadata.propose(command), FORWARD_TIMEOUT_S)
-        except (NotLeaderError, ReplicationError, asyncio.TimeoutError):
-            code = int(ErrorCode.NOT_CONTROLLER)
+        code = self._refuse_forwarded(peer_id, command)
+        if code is None:
+            try:
+                code = await asyncio.wait_for(self.metadata.propose(command), FORWARD_TIMEOUT_S)
+            except (NotLeaderError, ReplicationError, asyncio.TimeoutError):
+                code = int(ErrorCode.NOT_CONTROLLER)
         self.metadata.transport.send_to(peer_id, {"type": "rk_proposed", "id": request_id, "error": code})
         self.node.mark_active(METADATA_GROUP_ID)
+
+    def _refuse_forwarded(self, peer_id: int, command: bytes) -> int | None:
+        """Why a command a peer forwarded is not proposed (an error code the
+        peer does not retry), None to propose it: a broker speaks only for
+        its own id (`peer_id` is the one the peer network authenticated)."""
+        try:
+            speaker = metadata.speaks_for(command)
+        except (CodecError, KeyError, TypeError) as error:
+            log.warning("node %d: refused a malformed metadata command forwarded by node %d: %s",
+                        self.node_id, peer_id, error)
+            return int(ErrorCode.INVALID_REQUEST)
+        if speaker is not None and speaker != peer_id:
+            log.warning("node %d: refused a metadata command node %d forwarded on behalf of node %d: "
+                        "a broker speaks only for itself", self.node_id, peer_id, speaker)
+            return int(ErrorCode.CLUSTER_AUTHORIZATION_FAILED)
+        return None
 
     # ---- keeping this broker in line with the metadata ----------------------
 

@@ -8,6 +8,12 @@ broker, and answer an ErrorCode. Any broker can then answer Kafka's Metadata
 from its own copy. Leaders report themselves (`record_leader`); a report
 with an older epoch than the one held, or for a partition group that no
 longer exists (the topic was deleted and recreated), changes nothing.
+
+Some commands a broker issues about itself (`speaks_for`): registering,
+taking a producer id block, reporting its leadership. A broker forwarding
+one to the metadata leader may only name its own id (the controller checks
+it against the peer network's authenticated id); the others (topics,
+configs, users, ACLs) are cluster-wide, forwarded for the broker's clients.
 """
 from __future__ import annotations
 
@@ -83,6 +89,20 @@ def alter_configs(resource_type: int, name: str, values: dict[str, str], deleted
 
 def allocate_producer_ids(node_id: int, count: int) -> bytes:
     return codec.encode({"op": "allocate_producer_ids", "id": node_id, "count": count})
+
+
+# the commands a broker issues about itself, and the field holding its id
+_SPEAKER_FIELDS = {"register_broker": "id", "allocate_producer_ids": "id", "record_leader": "leader"}
+
+
+def speaks_for(payload: bytes) -> int | None:
+    """The broker a command is issued by and about, None for a cluster-wide
+    command. CodecError, KeyError or TypeError when it is malformed."""
+    command = codec.decode(payload)
+    if not isinstance(command, dict):
+        raise TypeError(f"a metadata command is a dict, got {type(command).__name__}")
+    field_name = _SPEAKER_FIELDS.get(command["op"])
+    return None if field_name is None else _int(command[field_name])
 
 
 def assign_replicas(broker_ids: Iterable[int], partitions: int, replication_factor: int,

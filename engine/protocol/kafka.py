@@ -72,7 +72,9 @@ ADVERTISED: dict[int, tuple[int, int]] = {
     DELETE_GROUPS: (0, 1),
     OFFSET_DELETE: (0, 0),
     # security (engine/broker/security_apis.py); ACL APIs stop at v1: kafka-python 2.0.2
-    # takes DescribeAcls v2 for a Kafka 2.5 broker and would send versions we do not serve
+    # takes DescribeAcls v2 for a Kafka 2.5 broker and would send versions we do not serve.
+    # SaslHandshake v0 is advertised for librdkafka (<= 2.10 enables SASL only if the
+    # range holds 0; it sends v1) and refused (REFUSED)
     SASL_HANDSHAKE: (0, 1),
     SASL_AUTHENTICATE: (0, 2),
     DESCRIBE_ACLS: (1, 1),
@@ -82,8 +84,10 @@ ADVERTISED: dict[int, tuple[int, int]] = {
     ALTER_USER_SCRAM_CREDENTIALS: (0, 0),
     DESCRIBE_CLUSTER: (0, 1),
 }
-# advertised but refused: Produce before v3 cannot carry v2 record batches
-REFUSED: dict[int, range] = {PRODUCE: range(0, 3)}
+# advertised but refused (UNSUPPORTED_VERSION): Produce before v3 cannot carry v2
+# record batches; SaslHandshake v0 is followed by raw SASL tokens outside Kafka's
+# framing, which the listener does not read (every client we target sends v1)
+REFUSED: dict[int, range] = {PRODUCE: range(0, 3), SASL_HANDSHAKE: range(0, 1)}
 
 _HEAD = struct.Struct(">hhi")
 _SIZE = struct.Struct(">i")
