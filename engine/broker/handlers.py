@@ -291,7 +291,7 @@ class Handlers:
         jobs: list[tuple[str, int, Awaitable[tuple[int, int, int]]]] = []
         for topic in body.topic_data:
             for data in topic.partition_data:
-                job = self._append(topic.name, data.index, data.records, timeout_s) \
+                job = self._append(topic.name, data.index, data.records, body.acks, timeout_s) \
                     if self._may(request, acl.OP_WRITE, acl.RESOURCE_TOPIC, topic.name) \
                     else _answered(ErrorCode.TOPIC_AUTHORIZATION_FAILED)
                 jobs.append((topic.name, data.index, job))
@@ -309,7 +309,7 @@ class Handlers:
             schema, throttle_time=0, responses=tuple(build(topic_cls, name=n, partition_responses=tuple(p))
                                                      for n, p in by_topic.items())))
 
-    async def _append(self, topic: str, partition: int, records: bytes | None,
+    async def _append(self, topic: str, partition: int, records: bytes | None, acks: int,
                       timeout_s: float) -> tuple[int, int, int]:
         """(error code, base offset, log start offset) of one partition's part of a produce."""
         if self.storage_failure is not None:
@@ -319,6 +319,8 @@ class Handlers:
         replica, code = self._leader_replica(topic, partition)
         if replica is None:
             return code, -1, -1
+        if acks == -1 and len(self.controller.in_sync_replicas(replica)) < replica.log.config.min_insync_replicas:
+            return ErrorCode.NOT_ENOUGH_REPLICAS, -1, -1   # Kafka's check before the append; acks 0/1 skip it
         if not records:
             return ErrorCode.CORRUPT_MESSAGE, -1, -1
         try:
