@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LATEST, EARLIEST, MAX_TIMESTAMP = -1, -2, -3   # ListOffsets' special timestamps
+HIGH_WATERMARK = -1                              # DeleteRecords' "everything committed"
 MAX_TIMESTAMP_READ_BYTES = 4 << 20
 ENDPOINT_TYPE_BROKERS = 1                        # DescribeCluster v1
 ZERO_UUID = uuid.UUID(int=0)                     # Kafka's "no topic id"
@@ -91,6 +92,7 @@ class Handlers:
             kafka.API_VERSIONS: self.api_versions, kafka.METADATA: self.metadata,
             kafka.PRODUCE: self.produce, kafka.FETCH: self.fetch, kafka.LIST_OFFSETS: self.list_offsets,
             kafka.CREATE_TOPICS: self.create_topics, kafka.DELETE_TOPICS: self.delete_topics,
+            kafka.DELETE_RECORDS: self.delete_records,
             kafka.INIT_PRODUCER_ID: self.init_producer_id, kafka.CREATE_PARTITIONS: self.create_partitions,
             kafka.DESCRIBE_CONFIGS: self.describe_configs, kafka.DESCRIBE_CLUSTER: self.describe_cluster,
             kafka.ALTER_CONFIGS: self.alter_configs, kafka.INCREMENTAL_ALTER_CONFIGS: self.incremental_alter_configs,
@@ -425,6 +427,46 @@ class Handlers:
                                         timestamp=found.timestamp, offset=found.offset, leader_epoch=found.leader_epoch))
             topics.append(build(topic_cls, name=topic.name, partitions=tuple(partitions)))
         return kafka.answer(request, topics=tuple(topics))
+
+    # ---- DeleteRecords ---------------------------------------------------------
+
+    async def delete_records(self, request: Request) -> Response:
+        """Kafka's DeleteRecords: each partition's leader moves its log start
+        offset up to the offset asked for (-1: the high watermark) through
+        Raft, so every replica deletes alike, and answers with the new log
+        start (the low watermark) once that is committed and applied here."""
+        schema = response_schema(request)
+        topic_cls, partition_cls = nested(schema, "DeleteRecordsTopicResult"), nested(schema, "DeleteRecordsPartitionResult")
+        deadline = _admin_deadline(request.body.timeout)
+        jobs = [(topic.name, wanted.partition_index,
+                 self._delete_records(request, topic.name, wanted.partition_index, wanted.offset, _remaining_s(deadline)))
+                for topic in request.body.topics for wanted in topic.partitions]
+        results = await asyncio.gather(*(job for _, _, job in jobs))
+        by_topic: dict[str, list[Any]] = {}
+        for (name, index, _), (code, low_watermark) in zip(jobs, results):
+            by_topic.setdefault(name, []).append(build(partition_cls, partition_index=index, error_code=code,
+                                                       low_watermark=low_watermark))
+        return kafka.answer(request, topics=tuple(build(topic_cls, name=n, partitions=tuple(p))
+                                                  for n, p in by_topic.items()))
+
+    async def _delete_records(self, request: Request, topic: str, partition: int, offset: int,
+                              timeout_s: float) -> tuple[int, int]:
+        """(error code, low watermark) of one partition's part of a DeleteRecords:
+        DELETE on the topic needed; the internal topic refused, as Kafka does."""
+        if not self._may(request, acl.OP_DELETE, acl.RESOURCE_TOPIC, topic):
+            return ErrorCode.TOPIC_AUTHORIZATION_FAILED, -1
+        if self.storage_failure is not None:
+            return ErrorCode.KAFKA_STORAGE_ERROR, -1
+        if topic == OFFSETS_TOPIC:
+            return ErrorCode.INVALID_TOPIC_EXCEPTION, -1
+        replica, code = self._leader_replica(topic, partition)
+        if replica is None:
+            return code, -1
+        try:
+            offset = replica.log.high_watermark if offset == HIGH_WATERMARK else offset
+            return ErrorCode.NONE, await replica.delete_records(offset, timeout_s)
+        except RaftkaError as error:
+            return error.error_code, -1
 
     # ---- InitProducerId ------------------------------------------------------
 
