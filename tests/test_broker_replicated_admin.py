@@ -6,7 +6,9 @@ is back). DeleteRecords from confluent-kafka's admin: the log start moves
 through Raft on every replica (the same segments deleted everywhere), a
 consumer from the beginning starts there, reads below it are out of range,
 and it holds on a new leader and across restarts of every broker;
-kafka-python's and aiokafka's admins delete records too."""
+kafka-python's and aiokafka's admins delete records too. OffsetForLeaderEpoch
+after a failover: the old leader's epoch ends where the new one's records
+start."""
 from __future__ import annotations
 
 import datetime
@@ -48,12 +50,16 @@ def produce_error(brokers: LocalBrokers, topic: str, acks: int, via: int) -> int
 
 
 def leader_and_isr(brokers: LocalBrokers, topic: str, via: int) -> tuple[int, list[int]]:
-    """(leader, ISR) of partition 0 of `topic` as broker `via` answers Metadata v4."""
-    schema = load_request_schema(3, 4)
-    body = schema(topics=(kafka.nested(schema, "MetadataRequestTopic")(name=topic),), allow_auto_topic_creation=False)
-    response = ask(("127.0.0.1", brokers.port(via)), 3, 4, body)
-    partition = next(t for t in response.topics if t.name == topic).partitions[0]
+    """(leader, ISR) of partition 0 of `topic` as broker `via` answers Metadata v7."""
+    partition = metadata_partition(brokers, topic, via)
     return int(partition.leader_id), [int(n) for n in partition.isr_nodes]
+
+
+def metadata_partition(brokers: LocalBrokers, topic: str, via: int):
+    schema = load_request_schema(3, 7)
+    body = schema(topics=(kafka.nested(schema, "MetadataRequestTopic")(name=topic),), allow_auto_topic_creation=False)
+    response = ask(("127.0.0.1", brokers.port(via)), 3, 7, body)
+    return next(t for t in response.topics if t.name == topic).partitions[0]
 
 
 def test_acks_all_needs_min_insync_replicas_in_the_isr_when_a_broker_is_killed(brokers):
@@ -227,3 +233,42 @@ def test_kafka_python_and_aiokafka_admins_delete_records(brokers):
             await client.close()
     assert asyncio.run(aio()) == {AioPartition("py-trimmed", 0): 20}
     assert earliest(brokers, "py-trimmed") == 20
+
+
+# ---- OffsetForLeaderEpoch ---------------------------------------------------------
+
+def epoch_end(brokers: LocalBrokers, topic: str, via: int, leader_epoch: int,
+              current_leader_epoch: int = -1) -> tuple[int, int, int]:
+    """(error code, epoch, end offset) of a raw OffsetForLeaderEpoch v2 (librdkafka's) for partition 0."""
+    schema = load_request_schema(23, 2)
+    wanted = kafka.nested(schema, "OffsetForLeaderPartition")(partition=i32(0), leader_epoch=i32(leader_epoch),
+                                                              current_leader_epoch=i32(current_leader_epoch))
+    body = schema(topics=(kafka.nested(schema, "OffsetForLeaderTopic")(topic=topic, partitions=(wanted,)),))
+    partition = ask(("127.0.0.1", brokers.port(via)), 23, 2, body).topics[0].partitions[0]
+    return partition.error_code.value, int(partition.leader_epoch), int(partition.end_offset)
+
+
+def test_offset_for_leader_epoch_says_where_the_old_leaders_epoch_ends_after_a_failover(brokers):
+    create_topic(brokers, "epochs")
+    produce_values(brokers, "epochs", 10)
+    first = wait_for(lambda: (lambda p: p if p.leader_id > 0 and len(p.isr_nodes) == 3 else None)(
+        metadata_partition(brokers, "epochs", 1)), "a leader with a full ISR")
+    old_leader, old_epoch = int(first.leader_id), int(first.leader_epoch)
+    assert old_epoch >= 1     # Raft terms start at 1
+    assert epoch_end(brokers, "epochs", old_leader, old_epoch) == (ErrorCode.NONE, old_epoch, 10)
+    assert epoch_end(brokers, "epochs", old_leader, old_epoch + 1) == (ErrorCode.NONE, -1, -1)   # not yet
+    brokers.kill(old_leader)
+    try:
+        survivor = next(n for n in brokers.node_ids if n != old_leader)
+        new = wait_for(lambda: (lambda p: p if p.leader_id not in (-1, old_leader) else None)(
+            metadata_partition(brokers, "epochs", survivor)), "a new leader")
+        new_leader, new_epoch = int(new.leader_id), int(new.leader_epoch)
+        produce_values(brokers, "epochs", 5)
+        assert new_epoch > old_epoch
+        assert epoch_end(brokers, "epochs", new_leader, old_epoch) == (ErrorCode.NONE, old_epoch, 10)
+        assert epoch_end(brokers, "epochs", new_leader, old_epoch - 1) == (ErrorCode.NONE, old_epoch - 1, 0)  # older
+        assert epoch_end(brokers, "epochs", new_leader, new_epoch) == (ErrorCode.NONE, new_epoch, 15)
+        assert epoch_end(brokers, "epochs", new_leader, old_epoch, current_leader_epoch=old_epoch)[0] \
+            == ErrorCode.FENCED_LEADER_EPOCH
+    finally:
+        brokers.restart(old_leader)

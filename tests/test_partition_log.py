@@ -224,6 +224,20 @@ def test_a_log_start_inside_a_segment_survives_a_restart(harness, reopen):
         reopened.read(start - 1, 100)
 
 
+def test_the_end_offset_of_an_epoch_is_where_the_next_larger_epoch_starts_as_kafka_answers(harness):
+    log = harness.log
+    for epoch in (1, 1, 3, 3, 3, 5):             # 4 records a batch, offsets 0-23, several segments
+        log.append(make_batch(4, value_size=300, seed=epoch), leader_epoch=epoch)
+    commit_all(log)
+    assert len(log.segments) > 1
+    assert [log.end_offset_for_epoch(e) for e in (1, 2, 3, 4, 5, 7)] == \
+        [(1, 8), (1, 8), (3, 20), (3, 20), (5, 24), (5, 24)]
+    assert log.end_offset_for_epoch(0) == (0, 0)        # older than every batch: where the log starts
+    log.delete_below(10)
+    assert log.end_offset_for_epoch(1) == (1, 10)       # its batches are gone: the log start
+    assert log.end_offset_for_epoch(3) == (3, 20)
+
+
 def test_truncate_removes_whole_batches_from_the_one_containing_the_offset(harness):
     log = harness.log
     for seed in range(30):

@@ -92,7 +92,7 @@ class Handlers:
             kafka.API_VERSIONS: self.api_versions, kafka.METADATA: self.metadata,
             kafka.PRODUCE: self.produce, kafka.FETCH: self.fetch, kafka.LIST_OFFSETS: self.list_offsets,
             kafka.CREATE_TOPICS: self.create_topics, kafka.DELETE_TOPICS: self.delete_topics,
-            kafka.DELETE_RECORDS: self.delete_records,
+            kafka.DELETE_RECORDS: self.delete_records, kafka.OFFSET_FOR_LEADER_EPOCH: self.offset_for_leader_epoch,
             kafka.INIT_PRODUCER_ID: self.init_producer_id, kafka.CREATE_PARTITIONS: self.create_partitions,
             kafka.DESCRIBE_CONFIGS: self.describe_configs, kafka.DESCRIBE_CLUSTER: self.describe_cluster,
             kafka.ALTER_CONFIGS: self.alter_configs, kafka.INCREMENTAL_ALTER_CONFIGS: self.incremental_alter_configs,
@@ -467,6 +467,45 @@ class Handlers:
             return ErrorCode.NONE, await replica.delete_records(offset, timeout_s)
         except RaftkaError as error:
             return error.error_code, -1
+
+    # ---- OffsetForLeaderEpoch ------------------------------------------------
+
+    async def offset_for_leader_epoch(self, request: Request) -> Response:
+        """KIP-320: a consumer whose partition changed leader asks where the
+        leader epoch (Raft term) of the records it last read ends on the new
+        leader; a position past that end was truncated away. The leader
+        answers from its log (fenced by the client's current leader epoch)."""
+        schema = response_schema(request)
+        topic_cls, partition_cls = nested(schema, "OffsetForLeaderTopicResult"), nested(schema, "EpochEndOffset")
+        topics = []
+        for topic in request.body.topics:
+            allowed = self._may(request, acl.OP_DESCRIBE, acl.RESOURCE_TOPIC, topic.topic)
+            partitions = []
+            for wanted in topic.partitions:
+                code, epoch, end_offset = self._epoch_end_offset(topic.topic, wanted, allowed)
+                partitions.append(build(partition_cls, error_code=code, partition=wanted.partition,
+                                        leader_epoch=epoch, end_offset=end_offset))
+            topics.append(build(topic_cls, topic=topic.topic, partitions=tuple(partitions)))
+        return kafka.answer(request, topics=tuple(topics))
+
+    def _epoch_end_offset(self, topic: str, wanted: Any, allowed: bool) -> tuple[int, int, int]:
+        """(error code, epoch, end offset) of one partition: the leader's
+        current epoch ends at its log end offset, an unknown one (-1, or newer
+        than the leader's) is answered -1 / -1, as Kafka does."""
+        if not allowed:
+            return ErrorCode.TOPIC_AUTHORIZATION_FAILED, -1, -1
+        replica, code = self._leader_replica(topic, wanted.partition)
+        if replica is None:
+            return code, -1, -1
+        code = _leader_epoch_error(wanted.current_leader_epoch, replica.leader_epoch)
+        if code != ErrorCode.NONE:
+            return code, -1, -1
+        requested, log_ = wanted.leader_epoch, replica.log
+        if requested < 0 or requested > replica.leader_epoch:
+            return ErrorCode.NONE, -1, -1
+        if requested == replica.leader_epoch:
+            return ErrorCode.NONE, requested, log_.log_end_offset
+        return (ErrorCode.NONE, *log_.end_offset_for_epoch(requested))
 
     # ---- InitProducerId ------------------------------------------------------
 

@@ -356,6 +356,32 @@ class PartitionLog:
                 return record.offset
         return max(header.base_offset, self._log_start_offset)
 
+    def end_offset_for_epoch(self, leader_epoch: int) -> tuple[int, int]:
+        """Kafka's OffsetForLeaderEpoch answer from the batches'
+        partitionLeaderEpoch (a replica's Raft term, never decreasing along
+        the log), over [log start, log end): (the largest epoch <= leader_epoch
+        a batch carries, the first offset of the first batch with a larger
+        epoch, else the log end offset). When no batch carries one <= it:
+        (leader_epoch, that first offset), as Kafka answers an epoch older
+        than its cache. A binary search: O(log n) batch lookups."""
+        low, high = self._log_start_offset, self._log_end_offset   # [low, high): the first offset past the epoch
+        while low < high:
+            middle = (low + high) // 2
+            if self._epoch_at(middle) > leader_epoch:
+                high = middle
+            else:
+                low = middle + 1
+        if low == self._log_start_offset:
+            return leader_epoch, low
+        return self._epoch_at(low - 1), low
+
+    def _epoch_at(self, offset: int) -> int:
+        """partitionLeaderEpoch of the batch holding `offset` (< log end)."""
+        segment = self._segment_for(offset)
+        view = segment.view()
+        position = lib.rk_seek_offset(ffi.from_buffer(view), len(view), self._index_floor(segment, offset), offset)
+        return read_header(view, position).partition_leader_epoch
+
     def _segment_for(self, offset: int) -> Segment:
         return self._segments[bisect.bisect_right(self._segment_bases, offset) - 1]
 
