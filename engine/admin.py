@@ -13,7 +13,7 @@ import argparse
 import concurrent.futures
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Iterable, TextIO
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 TIMEOUT_S = 15.0
@@ -275,7 +275,9 @@ def consume(args: argparse.Namespace, out: TextIO) -> None:
 
 def status(args: argparse.Namespace, out: TextIO) -> None:
     """Brokers; each partition's leader, replicas, ISR, high watermark and
-    leader epoch (its Raft term); each consumer group's lag."""
+    leader epoch (its Raft term); how many partitions each broker leads and
+    is the preferred leader of, and how many are led by another; each
+    consumer group's lag."""
     from confluent_kafka import TopicPartition
     from confluent_kafka.admin import OffsetSpec
     admin = _admin(args)
@@ -294,10 +296,34 @@ def status(args: argparse.Namespace, out: TextIO) -> None:
             hw, term = (info.offset, info.leader_epoch) if info is not None else ("?", "?")
             print(f"  {name}\t{p.id}\t{p.leader}\t{_ids(p.replicas)}\t{_ids(p.isrs)}\t{hw}\t{term if term is not None else '?'}",
                   file=out)
+    partitions = [(p.leader, list(p.replicas)) for t in metadata.topics.values() for p in t.partitions.values()]
+    counts, imbalanced = leader_balance(partitions, metadata.brokers)
+    print("leaders\tbroker\tleading\tpreferred", file=out)
+    for broker_id, (leading, preferred) in sorted(counts.items()):
+        print(f"  {broker_id}\t{leading}\t{preferred}", file=out)
+    print(f"preferred-leader imbalance {imbalanced}/{len(partitions)}", file=out)
     print("consumer groups\tgroup\ttopic\tpartition\tcommitted\tlag", file=out)
     for group, lags in group_lags(admin, latest, args).items():
         for (topic, partition), (committed, lag) in sorted(lags.items()):
             print(f"  {group}\t{topic}\t{partition}\t{committed}\t{lag}", file=out)
+
+
+def leader_balance(partitions: list[tuple[int, list[int]]],
+                   brokers: Iterable[int]) -> tuple[dict[int, tuple[int, int]], int]:
+    """From (leader, replicas) per partition: broker -> (partitions it leads,
+    partitions it is the preferred leader of: their first replica), every
+    broker listed; and how many partitions are not led by their preferred
+    leader (Kafka's leader imbalance; a partition without a leader counts)."""
+    counts = {broker_id: [0, 0] for broker_id in brokers}
+    imbalanced = 0
+    for leader, replicas in partitions:
+        preferred = replicas[0] if replicas else -1
+        if leader >= 0:
+            counts.setdefault(leader, [0, 0])[0] += 1
+        if preferred >= 0:
+            counts.setdefault(preferred, [0, 0])[1] += 1
+        imbalanced += leader != preferred
+    return {broker_id: (leading, preferred) for broker_id, (leading, preferred) in counts.items()}, imbalanced
 
 
 def _result_map(futures: dict, args: argparse.Namespace) -> dict[tuple[str, int], Any]:

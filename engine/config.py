@@ -87,13 +87,15 @@ class Config:
     index_interval_bytes: int = 64 * 1024
     # message.max.bytes: the largest record batch accepted, header included
     max_batch_bytes: int = 1024 * 1024 + 12
-    # log.cleanup.policy, compression.type, log.message.timestamp.type,
-    # min.insync.replicas: only Kafka's defaults are implemented (see
-    # engine/cluster/topic_configs.py); log.cleaner.min.compaction.lag.ms and
-    # log.cleaner.delete.retention.ms are kept for compaction, which does not exist yet
+    # log.cleanup.policy, compression.type, log.message.timestamp.type: only
+    # Kafka's defaults are implemented (see engine/cluster/topic_configs.py);
+    # log.cleaner.min.compaction.lag.ms and log.cleaner.delete.retention.ms
+    # are kept for compaction, which does not exist yet
     cleanup_policy: str = "delete"
     compression_type: str = "producer"
     message_timestamp_type: str = "CreateTime"
+    # min.insync.replicas: an acks=all produce needs an ISR this large
+    # (NOT_ENOUGH_REPLICAS otherwise)
     min_insync_replicas: int = 1
     min_compaction_lag_ms: int = 0
     delete_retention_ms: int = DAY_MS
@@ -208,7 +210,7 @@ class Config:
                     "offsets_retention_minutes", "offsets_retention_check_interval_ms", "max_connections",
                     "max_connections_per_ip", "max_partitions_per_broker", "fetch_max_bytes",
                     "connections_max_idle_ms", "queued_max_request_bytes", "message_timestamp_before_max_ms",
-                    "message_timestamp_after_max_ms")
+                    "message_timestamp_after_max_ms", "min_insync_replicas")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -141,6 +141,24 @@ def test_create_and_delete_topics_need_their_acls(broker):
     alice.delete_topics(["alices"])["alices"].result(TIMEOUT_S)
 
 
+def test_delete_records_needs_delete_on_the_topic(broker):
+    from confluent_kafka import KafkaException, TopicPartition
+    create_topic(broker, "trimmed")
+    acl(broker, "add", "--principal", "User:alice", "--operation", "WRITE", "--operation", "DESCRIBE",
+        "--topic", "trimmed")
+    assert produce_error(broker, "trimmed") is None
+    alice = admin_client(broker, "alice", ALICE_PASSWORD)
+
+    def delete_below_1():
+        futures = alice.delete_records([TopicPartition("trimmed", 0, 1)], request_timeout=TIMEOUT_S)
+        return next(iter(futures.values())).result(TIMEOUT_S)
+    with pytest.raises(KafkaException) as refused:
+        delete_below_1()
+    assert refused.value.args[0].code() == ErrorCode.TOPIC_AUTHORIZATION_FAILED
+    acl(broker, "add", "--principal", "User:alice", "--operation", "DELETE", "--topic", "trimmed")
+    assert delete_below_1().low_watermark == 1
+
+
 def test_only_a_super_user_manages_users_and_acls(broker):
     done = subprocess.run([*raftka_command("acls", "add", "--principal", "User:alice", "--operation", "ALL",
                                            "--cluster", "--bootstrap", broker.bootstrap),

@@ -203,13 +203,22 @@ def test_a_newer_api_versions_gets_the_v0_fallback_with_our_ranges(broker):
     assert (correlation, error, count) == (5, ErrorCode.UNSUPPORTED_VERSION, len(kafka.ADVERTISED))
 
 
-def produce_frame(topic: str, records: bytes, correlation_id: int) -> bytes:
+def produce_frame(topic: str, records: bytes, correlation_id: int, acks: int = -1) -> bytes:
     schema = load_request_schema(0, 3)
     partition = kafka.nested(schema, "PartitionProduceData")(index=i32(0), records=records)
     topic_data = kafka.nested(schema, "TopicProduceData")(name=topic, partition_data=(partition,))
-    body = schema(transactional_id=None, acks=i16(-1), timeout=datetime.timedelta(seconds=10),
+    body = schema(transactional_id=None, acks=i16(acks), timeout=datetime.timedelta(seconds=10),
                   topic_data=(topic_data,))
     return request_frame(0, 3, correlation_id, body)
+
+
+def produce_error(address: tuple[str, int], topic: str, acks: int = -1) -> int:
+    """The error code of one raw Produce v3 of one record to partition 0 (acks 1 or -1: answered)."""
+    with socket.create_connection(address, timeout=TIMEOUT_S) as sock:
+        sock.settimeout(TIMEOUT_S)
+        sock.sendall(produce_frame(topic, make_batch(1), 1, acks=acks))
+        response = kafka.decode_response(0, 3, read_response(sock))
+    return response.responses[0].partition_responses[0].error_code.value
 
 
 def test_a_batch_with_a_bad_crc_is_refused_with_corrupt_message_and_nothing_is_written(broker):

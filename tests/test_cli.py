@@ -102,6 +102,18 @@ def test_status_shows_brokers_partitions_raft_terms_and_group_lag(broker):
     # topic, partition, leader, replicas, isr, high watermark, raft term (>= 1)
     assert re.search(r"^  watched\t0\t1\t1\t1\t4\t[1-9]\d*$", status.stdout, re.M), status.stdout
     assert re.search(r"^  laggy\twatched\t0\t1\t3$", status.stdout, re.M), status.stdout
+    # broker, partitions it leads, partitions it is the preferred leader of: every one, alone
+    leading = re.search(r"^leaders\tbroker\tleading\tpreferred\n  1\t(\d+)\t(\d+)$", status.stdout, re.M)
+    assert leading and leading[1] == leading[2] and int(leading[1]) >= 1, status.stdout
+    assert f"preferred-leader imbalance 0/{leading[1]}\n" in status.stdout, status.stdout
+
+
+def test_leader_balance_counts_leaders_preferred_leaders_and_partitions_led_by_another():
+    from raftka.admin import leader_balance
+    partitions = [(1, [1, 2, 3]), (1, [2, 3, 1]), (3, [3, 1, 2]), (-1, [2, 1, 3])]   # 2 failed over; one leaderless
+    counts, imbalanced = leader_balance(partitions, brokers=[1, 2, 3, 4])
+    assert counts == {1: (2, 1), 2: (0, 2), 3: (1, 1), 4: (0, 0)}
+    assert imbalanced == 2
 
 
 def test_errors_are_said_plainly_with_exit_codes(broker):

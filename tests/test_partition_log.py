@@ -190,6 +190,54 @@ def test_retention_never_deletes_data_above_the_high_watermark(tmp_path):
     assert h.log.enforce_retention() == 0
 
 
+def test_the_log_start_moves_inside_a_segment_whole_segments_below_it_go_and_reads_below_it_are_out_of_range(harness):
+    log = harness.log
+    for seed in range(30):
+        log.append(make_batch(3, value_size=150, seed=seed))   # 3 records a batch, several segments
+    commit_all(log)
+    second_base = log.segments[1].base_offset
+    start = second_base + 4      # inside a batch of the second segment
+    assert log.delete_below(start) == 1
+    assert (log.log_start_offset, log.segments[0].base_offset) == (start, second_base)
+    with pytest.raises(OffsetOutOfRangeError):
+        log.read(start - 1, 100)
+    first = read_header(log.read(start, 1).buffer)
+    assert first.base_offset <= start <= first.last_offset   # the batch holding it, whole (as Kafka serves it)
+    assert log.offset_for_timestamp(0) == start
+    assert log.delete_below(start - 2) == 0 and log.log_start_offset == start          # never down
+    assert log.delete_below(10**6) > 0 and log.log_start_offset == log.high_watermark   # never past the HW
+    assert log.read(log.high_watermark, 100).buffer == b""
+
+
+@pytest.mark.parametrize("reopen", ["close", "crash"])
+def test_a_log_start_inside_a_segment_survives_a_restart(harness, reopen):
+    log = harness.log
+    for seed in range(30):
+        log.append(make_batch(3, value_size=150, seed=seed))
+    commit_all(log)
+    log.flush_index()
+    start = log.segments[2].base_offset + 1
+    log.delete_below(start)
+    reopened = harness.reopen() if reopen == "close" else harness.crash()
+    assert (reopened.log_start_offset, reopened.segments[0].base_offset) == (start, start - 1)
+    with pytest.raises(OffsetOutOfRangeError):
+        reopened.read(start - 1, 100)
+
+
+def test_the_end_offset_of_an_epoch_is_where_the_next_larger_epoch_starts_as_kafka_answers(harness):
+    log = harness.log
+    for epoch in (1, 1, 3, 3, 3, 5):             # 4 records a batch, offsets 0-23, several segments
+        log.append(make_batch(4, value_size=300, seed=epoch), leader_epoch=epoch)
+    commit_all(log)
+    assert len(log.segments) > 1
+    assert [log.end_offset_for_epoch(e) for e in (1, 2, 3, 4, 5, 7)] == \
+        [(1, 8), (1, 8), (3, 20), (3, 20), (5, 24), (5, 24)]
+    assert log.end_offset_for_epoch(0) == (0, 0)        # older than every batch: where the log starts
+    log.delete_below(10)
+    assert log.end_offset_for_epoch(1) == (1, 10)       # its batches are gone: the log start
+    assert log.end_offset_for_epoch(3) == (3, 20)
+
+
 def test_truncate_removes_whole_batches_from_the_one_containing_the_offset(harness):
     log = harness.log
     for seed in range(30):

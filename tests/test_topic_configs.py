@@ -20,7 +20,7 @@ from raftka.cluster.metadata import RESOURCE_BROKER, RESOURCE_TOPIC, ClusterStat
 from raftka.errors import ErrorCode, InvalidConfigError
 from raftka.protocol import kafka
 from tests.broker_process import BrokerProcess
-from tests.test_broker_clients import ask
+from tests.test_broker_clients import ask, produce_error
 
 TIMEOUT_S = 30
 
@@ -32,7 +32,7 @@ TIMEOUT_S = 30
     ({"cleanup.policy": "compact,delete"}, "log compaction is not implemented yet"),
     ({"compression.type": "zstd"}, "does not recompress"),
     ({"message.timestamp.type": "LogAppendTime"}, "LogAppendTime"),
-    ({"min.insync.replicas": "2"}, "not enforced yet"),
+    ({"min.insync.replicas": "0"}, "below its minimum"),
     ({"retention.ms": "soon"}, "not an integer"),
     ({"segment.bytes": "0"}, "below its minimum"),
     ({"no.such.config": "1"}, "unknown or read-only config"),
@@ -52,6 +52,7 @@ def test_kafka_defaults_and_integers_in_range_are_taken():
     topic_configs.validate({"cleanup.policy": "delete", "compression.type": "producer", "retention.ms": "-1",
                             "message.timestamp.type": "CreateTime", "min.insync.replicas": "1",
                             "delete.retention.ms": "1000", "min.compaction.lag.ms": "0"})
+    topic_configs.validate({"min.insync.replicas": "3"})    # Kafka's range: any value >= 1
 
 
 def test_incremental_operations_set_delete_append_and_subtract_lists_only():
@@ -260,3 +261,32 @@ def test_raftka_topics_alter_sets_and_removes_configs(broker):
     refused = raftka("--config", "cleanup.policy=compact")
     assert refused.returncode == 1 and "log compaction is not implemented yet" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_min_insync_replicas_above_the_isr_refuses_acks_all_with_not_enough_replicas_but_not_acks_1(broker):
+    from confluent_kafka import KafkaError, Producer
+    from confluent_kafka.admin import ConfigResource, ResourceType
+    admin = confluent_admin(broker)
+    create_topic(admin, "min-isr", **{"min.insync.replicas": "2"})      # RF 1: an ISR of one
+    assert described(admin, ConfigResource(ResourceType.TOPIC, "min-isr"))["min.insync.replicas"].value == "2"
+    assert produce_error(("127.0.0.1", broker.port), "min-isr", acks=-1) == ErrorCode.NOT_ENOUGH_REPLICAS == 19
+    assert produce_error(("127.0.0.1", broker.port), "min-isr", acks=1) == ErrorCode.NONE
+    errors = []
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all", "retries": 0,
+                         "enable.idempotence": False, "message.timeout.ms": 10_000})
+    producer.produce("min-isr", value=b"refused", on_delivery=lambda error, _m: errors.append(error))
+    producer.flush(TIMEOUT_S)
+    assert [e.code() for e in errors] == [KafkaError.NOT_ENOUGH_REPLICAS]
+
+
+def test_a_cluster_wide_min_insync_replicas_applies_to_topics_without_their_own(broker):
+    admin = confluent_admin(broker)
+    create_topic(admin, "min-isr-default")
+    assert alter_cluster_default(broker, "min.insync.replicas", "2") == ErrorCode.NONE
+    try:
+        deadline = time.monotonic() + TIMEOUT_S     # replicas are reconfigured on the next duty round
+        while produce_error(("127.0.0.1", broker.port), "min-isr-default", acks=-1) != ErrorCode.NOT_ENOUGH_REPLICAS:
+            assert time.monotonic() < deadline, "the cluster-wide min.insync.replicas never applied"
+            time.sleep(0.1)
+    finally:
+        assert alter_cluster_default(broker, "min.insync.replicas", None) == ErrorCode.NONE

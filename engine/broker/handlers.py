@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LATEST, EARLIEST, MAX_TIMESTAMP = -1, -2, -3   # ListOffsets' special timestamps
+HIGH_WATERMARK = -1                              # DeleteRecords' "everything committed"
 MAX_TIMESTAMP_READ_BYTES = 4 << 20
 ENDPOINT_TYPE_BROKERS = 1                        # DescribeCluster v1
 ZERO_UUID = uuid.UUID(int=0)                     # Kafka's "no topic id"
@@ -91,6 +92,7 @@ class Handlers:
             kafka.API_VERSIONS: self.api_versions, kafka.METADATA: self.metadata,
             kafka.PRODUCE: self.produce, kafka.FETCH: self.fetch, kafka.LIST_OFFSETS: self.list_offsets,
             kafka.CREATE_TOPICS: self.create_topics, kafka.DELETE_TOPICS: self.delete_topics,
+            kafka.DELETE_RECORDS: self.delete_records, kafka.OFFSET_FOR_LEADER_EPOCH: self.offset_for_leader_epoch,
             kafka.INIT_PRODUCER_ID: self.init_producer_id, kafka.CREATE_PARTITIONS: self.create_partitions,
             kafka.DESCRIBE_CONFIGS: self.describe_configs, kafka.DESCRIBE_CLUSTER: self.describe_cluster,
             kafka.ALTER_CONFIGS: self.alter_configs, kafka.INCREMENTAL_ALTER_CONFIGS: self.incremental_alter_configs,
@@ -291,7 +293,7 @@ class Handlers:
         jobs: list[tuple[str, int, Awaitable[tuple[int, int, int]]]] = []
         for topic in body.topic_data:
             for data in topic.partition_data:
-                job = self._append(topic.name, data.index, data.records, timeout_s) \
+                job = self._append(topic.name, data.index, data.records, body.acks, timeout_s) \
                     if self._may(request, acl.OP_WRITE, acl.RESOURCE_TOPIC, topic.name) \
                     else _answered(ErrorCode.TOPIC_AUTHORIZATION_FAILED)
                 jobs.append((topic.name, data.index, job))
@@ -309,7 +311,7 @@ class Handlers:
             schema, throttle_time=0, responses=tuple(build(topic_cls, name=n, partition_responses=tuple(p))
                                                      for n, p in by_topic.items())))
 
-    async def _append(self, topic: str, partition: int, records: bytes | None,
+    async def _append(self, topic: str, partition: int, records: bytes | None, acks: int,
                       timeout_s: float) -> tuple[int, int, int]:
         """(error code, base offset, log start offset) of one partition's part of a produce."""
         if self.storage_failure is not None:
@@ -319,6 +321,8 @@ class Handlers:
         replica, code = self._leader_replica(topic, partition)
         if replica is None:
             return code, -1, -1
+        if acks == -1 and len(self.controller.in_sync_replicas(replica)) < replica.log.config.min_insync_replicas:
+            return ErrorCode.NOT_ENOUGH_REPLICAS, -1, -1   # Kafka's check before the append; acks 0/1 skip it
         if not records:
             return ErrorCode.CORRUPT_MESSAGE, -1, -1
         try:
@@ -423,6 +427,85 @@ class Handlers:
                                         timestamp=found.timestamp, offset=found.offset, leader_epoch=found.leader_epoch))
             topics.append(build(topic_cls, name=topic.name, partitions=tuple(partitions)))
         return kafka.answer(request, topics=tuple(topics))
+
+    # ---- DeleteRecords ---------------------------------------------------------
+
+    async def delete_records(self, request: Request) -> Response:
+        """Kafka's DeleteRecords: each partition's leader moves its log start
+        offset up to the offset asked for (-1: the high watermark) through
+        Raft, so every replica deletes alike, and answers with the new log
+        start (the low watermark) once that is committed and applied here."""
+        schema = response_schema(request)
+        topic_cls, partition_cls = nested(schema, "DeleteRecordsTopicResult"), nested(schema, "DeleteRecordsPartitionResult")
+        deadline = _admin_deadline(request.body.timeout)
+        jobs = [(topic.name, wanted.partition_index,
+                 self._delete_records(request, topic.name, wanted.partition_index, wanted.offset, _remaining_s(deadline)))
+                for topic in request.body.topics for wanted in topic.partitions]
+        results = await asyncio.gather(*(job for _, _, job in jobs))
+        by_topic: dict[str, list[Any]] = {}
+        for (name, index, _), (code, low_watermark) in zip(jobs, results):
+            by_topic.setdefault(name, []).append(build(partition_cls, partition_index=index, error_code=code,
+                                                       low_watermark=low_watermark))
+        return kafka.answer(request, topics=tuple(build(topic_cls, name=n, partitions=tuple(p))
+                                                  for n, p in by_topic.items()))
+
+    async def _delete_records(self, request: Request, topic: str, partition: int, offset: int,
+                              timeout_s: float) -> tuple[int, int]:
+        """(error code, low watermark) of one partition's part of a DeleteRecords:
+        DELETE on the topic needed; the internal topic refused, as Kafka does."""
+        if not self._may(request, acl.OP_DELETE, acl.RESOURCE_TOPIC, topic):
+            return ErrorCode.TOPIC_AUTHORIZATION_FAILED, -1
+        if self.storage_failure is not None:
+            return ErrorCode.KAFKA_STORAGE_ERROR, -1
+        if topic == OFFSETS_TOPIC:
+            return ErrorCode.INVALID_TOPIC_EXCEPTION, -1
+        replica, code = self._leader_replica(topic, partition)
+        if replica is None:
+            return code, -1
+        try:
+            offset = replica.log.high_watermark if offset == HIGH_WATERMARK else offset
+            return ErrorCode.NONE, await replica.delete_records(offset, timeout_s)
+        except RaftkaError as error:
+            return error.error_code, -1
+
+    # ---- OffsetForLeaderEpoch ------------------------------------------------
+
+    async def offset_for_leader_epoch(self, request: Request) -> Response:
+        """KIP-320: a consumer whose partition changed leader asks where the
+        leader epoch (Raft term) of the records it last read ends on the new
+        leader; a position past that end was truncated away. The leader
+        answers from its log (fenced by the client's current leader epoch)."""
+        schema = response_schema(request)
+        topic_cls, partition_cls = nested(schema, "OffsetForLeaderTopicResult"), nested(schema, "EpochEndOffset")
+        topics = []
+        for topic in request.body.topics:
+            allowed = self._may(request, acl.OP_DESCRIBE, acl.RESOURCE_TOPIC, topic.topic)
+            partitions = []
+            for wanted in topic.partitions:
+                code, epoch, end_offset = self._epoch_end_offset(topic.topic, wanted, allowed)
+                partitions.append(build(partition_cls, error_code=code, partition=wanted.partition,
+                                        leader_epoch=epoch, end_offset=end_offset))
+            topics.append(build(topic_cls, topic=topic.topic, partitions=tuple(partitions)))
+        return kafka.answer(request, topics=tuple(topics))
+
+    def _epoch_end_offset(self, topic: str, wanted: Any, allowed: bool) -> tuple[int, int, int]:
+        """(error code, epoch, end offset) of one partition: the leader's
+        current epoch ends at its log end offset, an unknown one (-1, or newer
+        than the leader's) is answered -1 / -1, as Kafka does."""
+        if not allowed:
+            return ErrorCode.TOPIC_AUTHORIZATION_FAILED, -1, -1
+        replica, code = self._leader_replica(topic, wanted.partition)
+        if replica is None:
+            return code, -1, -1
+        code = _leader_epoch_error(wanted.current_leader_epoch, replica.leader_epoch)
+        if code != ErrorCode.NONE:
+            return code, -1, -1
+        requested, log_ = wanted.leader_epoch, replica.log
+        if requested < 0 or requested > replica.leader_epoch:
+            return ErrorCode.NONE, -1, -1
+        if requested == replica.leader_epoch:
+            return ErrorCode.NONE, requested, log_.log_end_offset
+        return (ErrorCode.NONE, *log_.end_offset_for_epoch(requested))
 
     # ---- InitProducerId ------------------------------------------------------
 

@@ -181,6 +181,12 @@ class ClusterController:
         info = self.state.partition(topic, partition)
         return (info.leader, info.leader_epoch) if info is not None else (-1, -1)
 
+    def in_sync_replicas(self, replica: PartitionReplica) -> list[int]:
+        """Kafka's ISR of a partition this broker leads, as the leader sees it
+        now (replica.lag.time.max.ms): what it records for Metadata, and what
+        acks=all checks against min.insync.replicas. [] unless it leads."""
+        return replica.in_sync_replicas(self.config.replica_lag_time_max_ms / 1000)
+
     # ---- admin operations ---------------------------------------------------
 
     # Each admin operation refuses bad arguments at once, then waits, within
@@ -481,12 +487,11 @@ class ClusterController:
     def _report_leadership(self) -> None:
         """Record in the metadata each partition this broker leads whose
         recorded leader, epoch or ISR is out of date."""
-        lag_s = self.config.replica_lag_time_max_ms / 1000
         for key, replica in self._replicas.items():
             if key in self._reporting or not replica.is_leader:
                 continue
             info = self.state.partition(*key)
-            isr = replica.in_sync_replicas(lag_s)
+            isr = self.in_sync_replicas(replica)
             if info is None or (info.leader, info.leader_epoch, info.isr) == (self.node_id, replica.leader_epoch, isr):
                 continue
             self._reporting.add(key)

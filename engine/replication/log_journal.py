@@ -15,9 +15,9 @@ fixed-size record per entry, `raft index | term | base offset | next
 offset | control | crc32c`. Entries that carry no batches take no offset:
 their base and next offsets are equal, so consumers never see them and
 offsets stay dense. Those are pysyncobj's no-op at the start of each term
-(control -1) and the leader's retention decisions (`0x13 | new log start
-offset`, control = that offset), which every replica carries out when the
-entry commits. The file is written
+(control -1) and the leader's log start decisions (retention, DeleteRecords:
+`0x13 | new log start offset`, control = that offset), which every replica
+carries out when the entry commits. The file is written
 with the segment and synced with it (one group commit covers both), and on
 open the two are reconciled: records that are torn or point past the
 segments' valid end are cut, and segment bytes past the last recorded entry
@@ -63,7 +63,7 @@ APPEND_HEADER = struct.Struct(">Bi")      # command type, leader epoch
 MULTI_APPEND_COMMAND = 0x11
 MULTI_APPEND_HEADER = struct.Struct(">BiI")
 PART_SIZE = struct.Struct(">I")
-LOG_START_COMMAND = 0x13                  # the leader's retention decision: the new log start offset
+LOG_START_COMMAND = 0x13                  # the leader's retention or DeleteRecords decision: the new log start
 LOG_START = struct.Struct(">Bq")
 NO_CONTROL = -1
 MARKER_COMMAND = 0x1F                     # a checkpoint's boundary entry: where its data lies

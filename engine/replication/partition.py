@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from raftka.errors import (CorruptRecordError, InvalidProducerEpochError, NotLeaderOrFollowerError,
-                           OutOfOrderSequenceError, RecordTooLargeError, ReplicationTimeoutError,
-                           UnknownTopicOrPartitionError)
+                           OffsetOutOfRangeError, OutOfOrderSequenceError, RecordTooLargeError,
+                           ReplicationTimeoutError, UnknownTopicOrPartitionError)
 from raftka.records.batch import iter_batches, read_header
 from raftka.storage.producer_state import NO_PRODUCER_ID, PENDING_OFFSET, ProducerState
 from raftka.storage.partition_log import PartitionLog
@@ -170,21 +170,40 @@ class PartitionReplica(RaftGroup):
 
     async def replicate(self, batches: bytes | bytearray | memoryview, timeout_s: float) -> int:
         """Append through Raft and return the base offset once committed and
-        applied here. The one place Raft's errors become Kafka's:
-        NotLeaderOrFollowerError (with the leader known), ReplicationTimeoutError
-        (not committed in `timeout_s`, or not at all), or the storage error
-        every replica hit (a RaftkaError with its own code)."""
+        applied here; Kafka's errors (see _committed)."""
+        return await self._committed(lambda: self.append(batches), timeout_s, "append")
+
+    async def delete_records(self, offset: int, timeout_s: float) -> int:
+        """Kafka's DeleteRecords: move the log start offset up to `offset`
+        through Raft (the command retention proposes; every replica carries it
+        out at commit) and return the log start once applied here. Leader only;
+        OffsetOutOfRangeError past the high watermark, else Kafka's errors (see
+        _committed). An offset at or below the log start changes nothing."""
+        log_ = self._log
+        if not 0 <= offset <= log_.high_watermark:
+            raise OffsetOutOfRangeError(log_.name, offset, log_.log_start_offset, log_.high_watermark)
+        if offset > log_.log_start_offset:
+            await self._committed(lambda: self._propose_future(log_start_command(offset)), timeout_s,
+                                  "record deletion")
+        return log_.log_start_offset
+
+    async def _committed(self, propose: Callable[[], "asyncio.Future[Any]"], timeout_s: float, what: str) -> Any:
+        """The outcome of `propose()` once committed and applied here. The one
+        place Raft's errors become Kafka's: NotLeaderOrFollowerError (with the
+        leader known), ReplicationTimeoutError (not committed in `timeout_s`, or
+        not at all), or the storage error every replica hit (a RaftkaError
+        with its own code)."""
         try:
-            return await asyncio.wait_for(self.append(batches), timeout_s)
+            return await asyncio.wait_for(propose(), timeout_s)
         except NotLeaderError as error:
             raise NotLeaderOrFollowerError(str(error), error.leader_id) from None
         except GroupRemovedError as error:
-            raise UnknownTopicOrPartitionError(f"{self._log.name}: deleted while the append was in flight "
+            raise UnknownTopicOrPartitionError(f"{self._log.name}: deleted while the {what} was in flight "
                                                f"({error})") from None
         except ReplicationError as error:
             raise ReplicationTimeoutError(str(error)) from None
         except asyncio.TimeoutError:
-            raise ReplicationTimeoutError(f"group {self.group_id}: append not committed in {timeout_s:g} s") from None
+            raise ReplicationTimeoutError(f"group {self.group_id}: {what} not committed in {timeout_s:g} s") from None
 
     def append(self, batches: bytes | bytearray | memoryview) -> "asyncio.Future[int]":
         """Replicate an append; the future resolves to its base offset once
@@ -368,7 +387,7 @@ class PartitionReplica(RaftGroup):
         journal: LogJournal = self.journal
         slot = journal.slot(index)
         if slot is not None and slot[4] != NO_CONTROL:
-            self._log.delete_below(slot[4])   # the leader's retention decision, carried out alike everywhere
+            self._log.delete_below(slot[4])   # the leader's log start decision, carried out alike everywhere
         if slot is not None and slot[3] > self._log.high_watermark:
             self._log.set_high_watermark(slot[3], applied_index=index)
             self._answer_duplicates()

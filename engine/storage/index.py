@@ -13,6 +13,7 @@ Databases and their encodings (integers big-endian so keys sort numerically):
   times       storage_id u32 | max timestamp so far i64 -> batch base offset i64
               sparse, only where the running maximum grew
   state       storage_id u32 -> high watermark i64 | applied raft index i64 | recovery point i64
+              | log start offset i64 (older records lack the last two or the last one: read as 0)
   group_offsets  group | topic (each u16 length + utf-8) | partition i32 -> a
               committed offset (Kafka's offset value bytes, engine/groups/offsets_topic.py)
   groups      group (utf-8) -> group metadata (Kafka's group value bytes)
@@ -40,7 +41,8 @@ _STORAGE_ID = struct.Struct(">I")
 _KEY = struct.Struct(">Iq")
 _I64 = struct.Struct(">q")
 _I32 = struct.Struct(">i")
-_STATE = struct.Struct(">qqq")
+_STATE = struct.Struct(">qqqq")
+_STATE_V2 = struct.Struct(">qqq")  # before the log start offset (read as 0: the first segment's base)
 _STATE_V1 = struct.Struct(">qq")   # before the recovery point (read as recovery point 0: rescan all)
 _U16 = struct.Struct(">H")
 _MATERIALISED = b"groups_materialised/"
@@ -72,11 +74,14 @@ class PartitionState:
     log was closed cleanly); recovery rescans everything from it, sealed
     segments included. `applied_index` is the Raft index the high watermark
     was reached at, UNKNOWN_APPLIED_INDEX when recovery cut data below the
-    recorded high watermark (the replica then falls back to its checkpoint)."""
+    recorded high watermark (the replica then falls back to its checkpoint).
+    `log_start_offset`: the first offset readers may see, at or above the
+    first segment's base (DeleteRecords moves it inside a segment)."""
 
     high_watermark: int = 0
     applied_index: int = 0
     recovery_point: int = 0
+    log_start_offset: int = 0
 
 
 class IndexStore:
@@ -229,7 +234,8 @@ class IndexStore:
         """
         offset_items = [(_KEY.pack(storage_id, off), _I64.pack(pos)) for storage_id, off, pos in offsets]
         time_items = [(_KEY.pack(storage_id, ts), _I64.pack(off)) for storage_id, ts, off in times]
-        state_items = [(_STORAGE_ID.pack(storage_id), _STATE.pack(s.high_watermark, s.applied_index, s.recovery_point))
+        state_items = [(_STORAGE_ID.pack(storage_id), _STATE.pack(s.high_watermark, s.applied_index, s.recovery_point,
+                                                                  s.log_start_offset))
                        for storage_id, s in states]
         if not (offset_items or time_items or state_items):
             return
@@ -301,7 +307,8 @@ class IndexStore:
             raw = txn.get(_STORAGE_ID.pack(storage_id))
         if not raw:
             return PartitionState()
-        return PartitionState(*(_STATE_V1 if len(raw) == _STATE_V1.size else _STATE).unpack(raw))
+        layout = next(layout for layout in (_STATE, _STATE_V2, _STATE_V1) if layout.size == len(raw))
+        return PartitionState(*layout.unpack(raw))
 
     # ---- consumer groups (materialised from __consumer_offsets) ------------
 

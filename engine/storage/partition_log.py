@@ -1,10 +1,18 @@
 """PartitionLog: the append-only log of one partition, as segments plus a sparse index.
 
 Invariants (asserted where cheap):
-  log_start_offset <= high_watermark <= log_end_offset
+  first segment's base offset <= log_start_offset <= high_watermark <= log_end_offset
   segments are contiguous: segment i+1 starts at the offset after segment i's last batch
   offsets are dense: every appended batch starts at the previous log_end_offset
   readers only see batches wholly below the high watermark
+
+The log start offset is logical (Kafka's): retention moves it to a segment
+boundary, DeleteRecords to any offset up to the high watermark, and whole
+segments below it are deleted. The rest of the segment holding it stays
+on disk but is not readable: reads below it are out of range, though the
+batch holding it is served whole, as Kafka serves it. It is recorded with
+the partition state (before any segment below it goes), so it survives a
+restart.
 
 Durability and recovery. Segment bytes are the truth. The LMDB offset/time
 index is a sparse hint (one entry per `index_interval_bytes`) committed in
@@ -99,6 +107,7 @@ class PartitionLog:
         self._config = config
         self._segments: list[Segment] = []
         self._segment_bases: list[int] = []
+        self._log_start_offset = 0
         self._log_end_offset = 0
         self._high_watermark = 0
         self._applied_index = 0
@@ -133,7 +142,7 @@ class PartitionLog:
 
     @property
     def log_start_offset(self) -> int:
-        return self._segments[0].base_offset
+        return self._log_start_offset
 
     @property
     def log_end_offset(self) -> int:
@@ -343,9 +352,35 @@ class PartitionLog:
             return None
         batch = view[position:position + header.size_bytes]
         for record in decode_batch(header, batch, self.name, 0, position):
-            if record.timestamp_ms >= timestamp_ms:
+            if record.timestamp_ms >= timestamp_ms and record.offset >= self._log_start_offset:
                 return record.offset
-        return header.base_offset
+        return max(header.base_offset, self._log_start_offset)
+
+    def end_offset_for_epoch(self, leader_epoch: int) -> tuple[int, int]:
+        """Kafka's OffsetForLeaderEpoch answer from the batches'
+        partitionLeaderEpoch (a replica's Raft term, never decreasing along
+        the log), over [log start, log end): (the largest epoch <= leader_epoch
+        a batch carries, the first offset of the first batch with a larger
+        epoch, else the log end offset). When no batch carries one <= it:
+        (leader_epoch, that first offset), as Kafka answers an epoch older
+        than its cache. A binary search: O(log n) batch lookups."""
+        low, high = self._log_start_offset, self._log_end_offset   # [low, high): the first offset past the epoch
+        while low < high:
+            middle = (low + high) // 2
+            if self._epoch_at(middle) > leader_epoch:
+                high = middle
+            else:
+                low = middle + 1
+        if low == self._log_start_offset:
+            return leader_epoch, low
+        return self._epoch_at(low - 1), low
+
+    def _epoch_at(self, offset: int) -> int:
+        """partitionLeaderEpoch of the batch holding `offset` (< log end)."""
+        segment = self._segment_for(offset)
+        view = segment.view()
+        position = lib.rk_seek_offset(ffi.from_buffer(view), len(view), self._index_floor(segment, offset), offset)
+        return read_header(view, position).partition_leader_epoch
 
     def _segment_for(self, offset: int) -> Segment:
         return self._segments[bisect.bisect_right(self._segment_bases, offset) - 1]
@@ -383,7 +418,8 @@ class PartitionLog:
         storage_id = self.storage_id
         offsets = [(storage_id, o, p) for o, p in zip(self._pending_offsets, self._pending_positions)]
         times = [(storage_id, ts, o) for ts, o in self._pending_times if ts >= 0]
-        states = ([(storage_id, PartitionState(self._high_watermark, self._applied_index, self._recovery_point))]
+        states = ([(storage_id, PartitionState(self._high_watermark, self._applied_index, self._recovery_point,
+                                               self._log_start_offset))]
                   if self._state_dirty else [])
         self._pending_offsets, self._pending_positions, self._pending_times = [], [], []
         self._state_dirty = False
@@ -486,6 +522,7 @@ class PartitionLog:
         segment.make_active(self._map_capacity())
         self._log_end_offset = new_end
         self._high_watermark = min(self._high_watermark, new_end)
+        self._log_start_offset = min(self._log_start_offset, new_end)   # the batch holding it went whole
         self._recovery_point = min(self._recovery_point, new_end)
         self._on_disk_offset = min(self._on_disk_offset, new_end)
         self._state_dirty = True
@@ -504,7 +541,8 @@ class PartitionLog:
         segment = Segment(self.directory, offset, create=True, map_capacity_bytes=self._map_capacity())
         self._segments, self._segment_bases = [segment], [offset]
         fsync_directory(self.directory)
-        self._log_end_offset = self._high_watermark = self._recovery_point = self._on_disk_offset = offset
+        self._log_start_offset = self._log_end_offset = self._high_watermark = offset
+        self._recovery_point = self._on_disk_offset = offset
         self._state_dirty = True
         self._reset_tail_state(0)
         self.flush_index()
@@ -543,18 +581,38 @@ class PartitionLog:
         return self._segments[k].base_offset
 
     def delete_below(self, offset: int) -> int:
-        """Delete every whole segment below `offset` (never the active one, never
-        data at or above the high watermark); how many went."""
+        """Move the log start offset up to `offset` (never down, never past the
+        high watermark) and delete every whole segment below it (never the
+        active one); how many segments went. Retention passes a segment's
+        base offset, DeleteRecords any offset."""
+        start = min(offset, self._high_watermark)
+        if start > self._log_start_offset:
+            self._log_start_offset = start
+            self._state_dirty = True
+            self.flush_index()    # recorded before the segments below it go
+        deleted = self._delete_segments_below_log_start()
+        self._check_offsets()
+        return deleted
+
+    def _delete_segments_below_log_start(self) -> int:
         deleted = 0
-        while len(self._segments) > 1 and self._segments[1].base_offset <= min(offset, self._high_watermark):
+        while len(self._segments) > 1 and self._segments[1].base_offset <= self._log_start_offset:
             self._segments[0].delete()
             del self._segments[0], self._segment_bases[0]
             deleted += 1
         if deleted:
             self.flush_index()
-            self._index.delete_offsets(self.storage_id, below=self.log_start_offset)
-            self._index.delete_times(self.storage_id, below=self.log_start_offset)
+            first_base = self._segments[0].base_offset   # the rest of its segment is still indexed
+            self._index.delete_offsets(self.storage_id, below=first_base)
+            self._index.delete_times(self.storage_id, below=first_base)
         return deleted
+
+    def _check_offsets(self) -> None:
+        if not self._segments[0].base_offset <= self._log_start_offset <= self._high_watermark \
+                <= self._log_end_offset:
+            raise AssertionError(f"{self.name}: offsets out of order: first segment {self._segments[0].base_offset}, "
+                                 f"log start {self._log_start_offset}, high watermark {self._high_watermark}, "
+                                 f"log end {self._log_end_offset}")
 
     # ---- open and recovery -------------------------------------------
 
@@ -567,11 +625,13 @@ class PartitionLog:
             fsync_directory(self.directory)
         self._segments = [Segment(self.directory, base, create=False) for base in bases]
         self._segment_bases = list(bases)
+        self._log_start_offset = bases[0]
         self._applied_index = state.applied_index
         self._rescan_sealed(state.recovery_point)
         self._recover_active_segment()
         self._recovery_point = min(state.recovery_point, self._log_end_offset)
         self._on_disk_offset = self._log_end_offset
+        self._log_start_offset = max(self._segments[0].base_offset, min(state.log_start_offset, self._log_end_offset))
         self._high_watermark = max(self.log_start_offset, min(state.high_watermark, self._log_end_offset))
         if self._high_watermark != state.high_watermark:  # recovery lost data under it
             self.recovered_short = True
@@ -580,6 +640,7 @@ class PartitionLog:
             self.flush_index()
         elif self._applied_index == UNKNOWN_APPLIED_INDEX:
             self.recovered_short = True    # a previous open found it so, and it is not repaired yet
+        self._delete_segments_below_log_start()   # a crash after recording the log start may have left them
 
     def _rescan_sealed(self, recovery_point: int) -> None:
         """Validate every sealed segment holding offsets at or past `recovery_point`;
