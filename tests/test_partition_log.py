@@ -451,3 +451,34 @@ def test_a_synced_log_records_its_recovery_point_and_a_cut_below_the_high_waterm
     assert log.applied_index == UNKNOWN_APPLIED_INDEX   # the replica must repair, never trust it
     log.abandon()
     assert h._open().recovered_short                  # still unrepaired after another restart
+
+
+def vm_size_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmSize in /proc/self/status")
+
+
+def test_an_active_segments_mapping_follows_its_data_not_segment_bytes(tmp_path):
+    config = Config(data_dir=tmp_path)                 # segment.bytes 1 GiB, Kafka's default
+    index = IndexStore(tmp_path / "index.lmdb", config.lmdb_map_size_bytes)
+    before = vm_size_bytes()
+    logs = [PartitionLog(f"t-{p}", tmp_path / f"t-{p}", p, index, config) for p in range(40)]
+    try:
+        for log in logs:
+            log.append(make_batch(3))
+            commit_all(log)
+            assert len(log.read(0, 1 << 20).buffer) > 0    # maps the active segment
+        grown = vm_size_bytes() - before
+        assert grown < 40 * 64 * 1024 * 1024, f"40 small partitions mapped {grown >> 20} MiB"
+        big = logs[0]
+        payload = build_batch([Record(b"x" * 100_000, b"k")] * 10)
+        for _ in range(10):                                # past the first mapping: remapped, still readable
+            big.append(payload)
+        commit_all(big)
+        assert readable_bytes(big).count(b"x" * 100_000) == 100
+    finally:
+        for log in logs:
+            log.abandon()
+        index.close()

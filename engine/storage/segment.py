@@ -40,6 +40,9 @@ def list_segment_offsets(directory: Path) -> list[int]:
     return sorted(offsets)
 
 
+MAP_MIN_BYTES = 4 * 1024 * 1024   # the smallest mapping of an active segment
+
+
 class Segment:
     """A segment file: appends at its end, zero-copy views of its bytes."""
 
@@ -127,9 +130,16 @@ class Segment:
     # ---- reading -------------------------------------------------------
 
     def view(self) -> memoryview:
-        """Read-only, zero-copy view of the segment's bytes [0, size_bytes)."""
+        """Read-only, zero-copy view of the segment's bytes [0, size_bytes).
+
+        The active segment is mapped past its end, so views keep working as it
+        grows, but only to twice its size (at least MAP_MIN_BYTES, at most its
+        capacity): a partition's address space follows its data, not
+        segment.bytes, and a segment filling up is remapped about log2(capacity
+        / MAP_MIN_BYTES) times."""
         if self._view is None or len(self._view) < self.size_bytes:
-            self._view = self._map(max(self.size_bytes, self._map_capacity_bytes))
+            ahead = min(self._map_capacity_bytes, max(2 * self.size_bytes, MAP_MIN_BYTES))
+            self._view = self._map(max(self.size_bytes, ahead))
         return self._view[:self.size_bytes]
 
     def release_view(self) -> None:
