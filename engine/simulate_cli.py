@@ -22,7 +22,7 @@ from typing import Any
 FAULT_NAMES = ("kill", "partition", "oneway", "reorder", "duplicate", "drop", "foreign", "power", "disk-full",
                "clock")
 PLANT_NAMES = ("forget-vote", "no-prevote", "drop-foreign-silently", "no-fsync", "dedupe-from-partial-window",
-               "retention-by-own-clock", "stock-snapshot")
+               "retention-by-own-clock", "count-vote-messages", "stock-snapshot")
 DEFAULT_STEPS = 400
 
 DESCRIPTION = """\
@@ -59,6 +59,8 @@ plants (known bugs put in for the run, to show the checker catches them):
   dedupe-from-partial-window
                          idempotent producer state rebuilt from the log's last two segments only
   retention-by-own-clock every replica deletes segments by its own wall clock
+  count-vote-messages    every response_vote message counted as a vote (as stock
+                         pysyncobj does): needs --nodes 5 to show
   stock-snapshot         stock pysyncobj's commit on a snapshot chunk that installs nothing
 """
 

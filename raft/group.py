@@ -672,15 +672,8 @@ class RaftGroup(AdaptedSyncObj):
                 self.transport.send(node, {"type": "rk_higher_term", "term": self.raftCurrentTerm})
         elif kind == "request_vote" and self.PRE_VOTE and self._in_lease(monotonic_time()):
             return   # leader stickiness: a live leader is not deposed by one node's timer
-        elif kind == "response_vote":
-            # pysyncobj counts vote messages, not voters: a vote delivered twice
-            # would count twice (two leaders in one term with five members)
-            term = message.get("term")
-            if term != self._votes_term:
-                self._votes_term, self._voters = term, set()
-            if node.broker_id in self._voters:
-                return
-            self._voters.add(node.broker_id)
+        elif kind == "response_vote" and self._repeated_vote(node, message):
+            return
         if kind == "append_entries" and "prevLogIdx" in message:
             self._on_append_entries(node, message)
         elif kind == "append_entries" and message.get("serialized") is not None:
@@ -694,6 +687,18 @@ class RaftGroup(AdaptedSyncObj):
                 next_index[node] = max(before, next_index.get(node, 0))
         else:
             self.transport.handle_raft_message(node, message)
+
+    def _repeated_vote(self, node: PeerNode, message: dict) -> bool:
+        """A vote of this peer for us already counted in this term. pysyncobj
+        counts vote messages, not voters: a vote delivered twice would count
+        twice (two leaders in one term with five members)."""
+        term = message.get("term")
+        if term != self._votes_term:
+            self._votes_term, self._voters = term, set()
+        if node.broker_id in self._voters:
+            return True
+        self._voters.add(node.broker_id)
+        return False
 
     def _on_append_entries(self, node: PeerNode, message: dict) -> None:
         journal = self._raft_log()

@@ -55,7 +55,7 @@ def test_nothing_commits_until_a_majority_fdatasyncd_it_then_everything_does(tmp
         del sim._schedule_sync                                # the disk answers again
         for node_id, group_id, job in held:
             job.run(fdatasync=False)
-            sim.members[node_id].replicas[group_id].journal_synced(job)
+            sim.members[node_id].group(group_id).journal_synced(job)
         run_steps(sim, 100)
         assert sim.acks > 5 and leader.view().commit_index > 5
         sim.check_invariants()

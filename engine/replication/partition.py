@@ -100,6 +100,7 @@ class PartitionReplica(RaftGroup):
         partition_log.on_retention = self._propose_log_start   # retention is the leader's decision, replicated
         self._log_start_proposed = -1
         self._producer_state_stale = False   # rebuilt from the log before the leader decides again
+        self._log_start_due: int | None = None   # a committed log start not carried out yet
         self._catch_up: CatchUp | None = None
         self._pending_appends: list[tuple[Any, asyncio.Future[Any]]] = []   # proposed at the next tick
         self._duplicates: list[ParkedRetry] = []   # retries whose original is in the log, not yet committed
@@ -387,7 +388,9 @@ class PartitionReplica(RaftGroup):
         journal: LogJournal = self.journal
         slot = journal.slot(index)
         if slot is not None and slot[4] != NO_CONTROL:
-            self._log.delete_below(slot[4])   # the leader's log start decision, carried out alike everywhere
+            # the leader's log start decision, carried out alike everywhere (at this tick's compaction)
+            self._log_start_due = max(slot[4], self._log_start_due or 0)
+            self._force_compaction()
         if slot is not None and slot[3] > self._log.high_watermark:
             self._log.set_high_watermark(slot[3], applied_index=index)
             self._answer_duplicates()
@@ -398,6 +401,18 @@ class PartitionReplica(RaftGroup):
     # ---- checkpoint and catch-up -------------------------------------------
     def _may_compact(self) -> bool:
         return self._catch_up is None  # the checkpoint must describe a log we hold
+
+    def _try_compaction_hook(self) -> None:
+        """A committed log start is carried out here, after this tick's sends
+        (which may still read the data below it) and right before the
+        compaction it forces: then no entry the journal keeps has its data
+        below the log start, and a follower that needs an older entry gets
+        the checkpoint and catches up from the leader's log start (sending it
+        an entry whose data is gone would send an empty append)."""
+        if self._log_start_due is not None and self._may_compact():
+            offset, self._log_start_due = self._log_start_due, None
+            self._log.delete_below(offset)
+        super()._try_compaction_hook()
 
 
     def _write_checkpoint(self, path: str, raft_data: tuple) -> None:

@@ -13,7 +13,9 @@ group out of service, off the network) until the disk is freed and it
 restarts. A wall clock jump moves a node's clock up to a day either way: its
 retention decisions and its clients' batch timestamps follow it. A node
 hosts one replica of each of `partitions` independent groups, over one LMDB
-index and one vote file, as a broker does.
+index and one vote file, as a broker does, and its member of the cluster
+metadata group (the real StateMachineReplica and ClusterState: brokers
+register, take producer id blocks, topics are created).
 
 The workload: plain appends, and idempotent producers (a busy one and a rare
 one per group) through the leader's decision path (`append`), retrying any
@@ -48,13 +50,18 @@ for every group:
   take several terms (candidates race) until every other node follows one
   leader, which from then on must stay. So leader changes in an episode are
   bounded: none when the cut node did not lead, one election's worth when it did.
+For the metadata group: at most one leader per term, and every node that
+has applied up to an index holds the same state there (snapshot digests).
 `heal_and_converge` then ends all faults and requires every node to hold
 every acknowledged append, nothing but what was proposed, and byte-identical
-segment files (retention deleted the same segments everywhere).
+segment files (retention deleted the same segments everywhere), and one
+metadata state everywhere holding every acknowledged topic and producer id
+block.
 
 Not simulated: the broker's RaftNode scheduler and coalesced heartbeats (the
-groups are ticked directly, and a full disk's fail-stop is done here as
-RaftNode.fail does it), and the cluster metadata group.
+groups are ticked directly, each node's VoteStore is synced before any of
+its messages leaves as PeerNetwork.before_flush does, and a full disk's
+fail-stop is done here as RaftNode.fail does it).
 """
 from __future__ import annotations
 
@@ -70,6 +77,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from raftka.cluster.metadata import (METADATA_GROUP_ID, ClusterState, allocate_producer_ids, create_topic,
+                                     register_broker)
 from raftka.config import Config
 from raftka.errors import OutOfOrderSequenceError, StorageError
 from raftka.records.batch import Record, build_batch, iter_batches, parse_records, read_header
@@ -80,6 +89,7 @@ from raftka.raft import codec
 from raftka.raft.group import NotLeaderError
 from raftka.raft.node import NodeFailedError
 from raftka.raft.pysyncobj_adapter import patched_clock
+from raftka.raft.state_machine import StateMachineReplica
 from raftka.raft.votes import VoteStore
 from raftka.replication.log_journal import LogJournal, is_marker
 from raftka.replication.partition import PartitionReplica
@@ -103,6 +113,7 @@ BASE_TIME_MS = 1_700_000_000_000   # the wall clock at the start of every run
 # so rare that the batches it retries lie many segments back in the log
 PRODUCER_WEIGHTS = (6, 1)
 PRODUCER_IN_FLIGHT = 5            # batches a producer may retry (Kafka's max in flight with idempotence)
+PRODUCER_ID_BLOCK = 1000          # ids per allocate_producer_ids command of the metadata workload
 SIM_RAFT = dict(raftMinTimeout=0.3, raftMaxTimeout=0.6, appendEntriesPeriod=0.05, leaderFallbackTimeout=0.6,
                 logCompactionMinEntries=25, logCompactionMinTime=5.0)
 MAX_HEAL_STEPS = 3000
@@ -154,6 +165,7 @@ class Faults:
     gap: float = 0.02                # ... sends its next batch past a sequence it skips, instead
     epoch_bump: float = 0.01         # ... starts a new epoch (sequence 0) instead
     retention: float = 0.02          # per replica and step: retention runs (its leader replicates the decision)
+    metadata: float = 0.1            # the metadata group's leader is asked to apply a command
     power: float = 0.01              # a power loss: one node, a minority or every node at once loses
                                      # every byte it had not fdatasync'd, then restarts
     max_sync_delay_s: float = 0.03   # a journal sync job takes uniform [MIN_DELAY_S, this]
@@ -199,6 +211,11 @@ def _retention_by_own_clock(self: Any, offset: int) -> None:
     """Each replica deletes what its own clock finds expired, as the first
     version did: a replica whose clock jumped ahead drops segments the others keep."""
     self.log.delete_below(offset)
+
+
+def _count_every_vote_message(self: Any, node: Any, message: dict) -> bool:
+    """pysyncobj's own count: every response_vote message is a vote."""
+    return False
 
 
 def _racing_elections(faults: Faults) -> Faults:
@@ -255,6 +272,13 @@ PLANTS: dict[str, Plant] = {plant.name: plant for plant in (
     Plant("retention-by-own-clock", "every replica applies retention by its own wall clock, not the leader's "
                                     "replicated decision: log starts differ",
           patches=((PartitionReplica, "_propose_log_start", _retention_by_own_clock),)),
+    Plant("count-vote-messages", "votes counted per response_vote message, not per voter, as stock pysyncobj "
+                                 "does (and elections racing, messages often duplicated): a duplicated vote "
+                                 "elects a second leader (needs --nodes 5)",
+          patches=((PartitionReplica, "_repeated_vote", _count_every_vote_message),
+                   (StateMachineReplica, "_repeated_vote", _count_every_vote_message)),
+          adjust_faults=lambda faults: replace(_racing_elections(faults),
+                                               duplicate=0.3 if faults.duplicate else 0.0)),
     Plant("stock-snapshot", "stock pysyncobj commits unverified entries on a snapshot chunk that installs nothing",
           patches=((PartitionReplica, "_on_snapshot_chunk", _stock_snapshot_chunk),)),
 )}
@@ -297,11 +321,22 @@ class SimNode:
     index: IndexStore | None = None
     votes: VoteStore | None = None   # the node's durable terms and votes, one file for all its groups
     replicas: dict[int, PartitionReplica] = field(default_factory=dict)   # group id -> replica
+    metadata: StateMachineReplica | None = None   # its member of the metadata group (group 0)
     incarnation: int = 0             # bumped at every (re)start: sync jobs of an older one are void
 
     @property
     def alive(self) -> bool:
         return self.index is not None
+
+    def group(self, group_id: int) -> Any:
+        """Its member of the group: the metadata group or a partition's."""
+        if group_id == METADATA_GROUP_ID:
+            return self.metadata
+        return self.replicas[group_id]
+
+    def members(self) -> list[Any]:
+        """Every group member it runs, partitions first."""
+        return [*self.replicas.values(), *([self.metadata] if self.metadata is not None else [])]
 
 
 @dataclass
@@ -369,6 +404,19 @@ class GroupState:
 
 
 @dataclass
+class MetadataState:
+    """What the checker knows of the metadata group."""
+
+    leaders_by_term: dict[int, int] = field(default_factory=dict)
+    states: dict[int, tuple[str, int]] = field(default_factory=dict)   # applied index -> (state digest, node)
+    checked_index: dict[int, int] = field(default_factory=dict)   # node -> applied index last checked
+    in_flight: list[tuple["asyncio.Future[int]", str, str]] = field(default_factory=list)   # (future, kind, topic)
+    topics_proposed: int = 0
+    acked_topics: set[str] = field(default_factory=set)
+    acked_allocations: int = 0
+
+
+@dataclass
 class OneWay:
     """An episode in which `node_id` receives nothing and sends as usual."""
 
@@ -392,6 +440,7 @@ class Simulation:
     partitions: int = 1
     journal_accepts_all: bool = False   # True: a planted bug (drop-foreign-silently)
     log_settings: dict[str, Any] = field(default_factory=lambda: dict(SIM_LOG))   # every partition log's Config
+    metadata: bool = True            # run the cluster metadata group (group 0) too
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -407,6 +456,7 @@ class Simulation:
         self.groups = {g: GroupState(g, [SimProducer(1000 * g + i) for i in range(len(PRODUCER_WEIGHTS))])
                        for g in range(1, self.partitions + 1)}
         self.in_flight: list[InFlight] = []
+        self.meta = MetadataState()
         self.clock_skew_ms: dict[int, int] = {}     # node -> how far its wall clock is off
         self.clock_jumps = 0
         self.disk_full: set[int] = set()            # nodes whose disk is full
@@ -462,6 +512,21 @@ class Simulation:
             for peer in self.members:
                 if peer != node_id:
                     replica.transport.peer_connected(peer)
+        if self.metadata:
+            self._start_metadata(member)
+
+    def _start_metadata(self, member: SimNode) -> None:
+        """Its member of the metadata group: the real ClusterState, journal and checkpoints."""
+        node_id = member.node_id
+        meta = self._guard(node_id, StateMachineReplica, METADATA_GROUP_ID, ClusterState(), node_id,
+                           list(self.members), _Endpoint(self, node_id), member.root / "raft-meta",
+                           persist_vote=self.persist_vote, vote_store=member.votes, journal_fsync=True,
+                           **{**SIM_RAFT, **self.raft_overrides})
+        meta.sync_scheduler = lambda r, n=node_id: self._schedule_sync(n, METADATA_GROUP_ID, r)
+        member.metadata = meta
+        for peer in self.members:
+            if peer != node_id:
+                meta.transport.peer_connected(peer)
 
     def _watch_journal(self, node_id: int, group_id: int, replica: PartitionReplica) -> None:
         """Note any foreign command added to this replica's journal."""
@@ -494,7 +559,7 @@ class Simulation:
             job.run(fdatasync=False)
             member = self.members[node_id]
             if member.alive and member.incarnation == incarnation:
-                self._guard(node_id, member.replicas[group_id].journal_synced, job)
+                self._guard(node_id, member.group(group_id).journal_synced, job)
 
     def power_loss(self, node_ids: list[int]) -> None:
         """As a power cut of these nodes: every byte not fdatasync'd is gone
@@ -509,10 +574,12 @@ class Simulation:
                     self.lossy_power_losses += 1
                 replica.journal.power_loss()
                 replica.log.power_loss()
+            if member.metadata is not None:
+                member.metadata.journal.power_loss()
             assert member.index is not None and member.votes is not None
             member.index.close()
             member.votes.abandon()   # every vote it synced is on disk; the rest was never acted on
-            member.replicas, member.index, member.votes = {}, None, None
+            member.replicas, member.metadata, member.index, member.votes = {}, None, None, None
 
     def crash_node(self, node_id: int) -> None:
         """As SIGKILL: files keep what was written, nothing in memory is saved."""
@@ -521,19 +588,23 @@ class Simulation:
         for replica in member.replicas.values():
             replica.journal.abandon()
             replica.log.abandon()
+        if member.metadata is not None:
+            member.metadata.journal.abandon()
         member.index.close()
         assert member.votes is not None
         member.votes.abandon()
-        member.replicas, member.index, member.votes = {}, None, None
+        member.replicas, member.metadata, member.index, member.votes = {}, None, None, None
 
     def stop_all(self) -> None:
         for member in self.members.values():
             if member.alive:
                 self.crash_node(member.node_id)
-        for append in self.in_flight:
-            if append.future.done() and not append.future.cancelled():
-                append.future.exception()   # looked at: no "never retrieved" warning
+        futures = [append.future for append in self.in_flight] + [f for f, _, _ in self.meta.in_flight]
+        for future in futures:
+            if future.done() and not future.cancelled():
+                future.exception()   # looked at: no "never retrieved" warning
         self.in_flight.clear()
+        self.meta.in_flight.clear()
         if self._loop is not None:
             self._loop.close()
             self._loop = None
@@ -578,7 +649,7 @@ class Simulation:
                 continue  # a crashed sender's in-flight bytes die with its connection
             if self.one_way is not None and self.one_way.node_id == target:
                 continue
-            replica = member.replicas[group_id]
+            replica = member.group(group_id)
             refused_before = replica.refused_messages
             self._guard(target, replica.transport.deliver, source, codec.decode(payload))
             if foreign_type is not None:
@@ -614,6 +685,8 @@ class Simulation:
                 self._guard(member.node_id, replica.doTick, 0.0)
                 if self.rng.random() < INDEX_COMMIT_P and member.alive:   # the broker's periodic index commit
                     self._guard(member.node_id, replica.log.flush_index)
+            if member.alive and member.metadata is not None:
+                self._guard(member.node_id, member.metadata.doTick, 0.0)
         if self.one_way is not None and self.step_number >= self.one_way.end_step:
             self._record("oneway-end", self.step_number, self.one_way.node_id)
             self.one_way = None
@@ -622,6 +695,8 @@ class Simulation:
         for group_id in self.groups:
             if self.rng.random() < self.faults.propose:
                 self._propose(group_id)
+        if self.metadata and self.rng.random() < self.faults.metadata:
+            self._propose_metadata()
         self._settle_in_flight()
         self.check_invariants()
 
@@ -696,8 +771,8 @@ class Simulation:
         self._record("out-of-service", self.step_number, node_id)
         self.disk_full_failures += 1
         member = self.members[node_id]
-        for group_id, replica in member.replicas.items():
-            replica.take_out_of_service(NodeFailedError(group_id, node_id, str(error)))
+        for replica in member.members():
+            replica.take_out_of_service(NodeFailedError(replica.group_id, node_id, str(error)))
         self.crash_node(node_id)
         self.disk_full.discard(node_id)
         self.out_of_service.add(node_id)
@@ -816,6 +891,46 @@ class Simulation:
         if future is not None:
             self.in_flight.append(InFlight(group.group_id, producer, sent, future, producer.epoch))
 
+    def _propose_metadata(self) -> None:
+        """A command to the metadata leader, as brokers and admin clients send:
+        a broker registers, takes a producer id block, or a topic is created."""
+        leaders = [m.metadata for m in self.members.values()
+                   if m.alive and m.metadata is not None and m.metadata.is_leader]
+        if not leaders:
+            return
+        replica = self.rng.choice(leaders)
+        kind = self.rng.choice(("register", "allocate", "topic"))
+        node_id = self.rng.choice(sorted(self.members))
+        topic = ""
+        if kind == "register":
+            payload = register_broker(node_id, "127.0.0.1", 9091 + node_id)
+        elif kind == "allocate":
+            payload = allocate_producer_ids(node_id, PRODUCER_ID_BLOCK)
+        else:
+            topic = f"topic-{self.meta.topics_proposed}"
+            self.meta.topics_proposed += 1
+            payload = create_topic(topic, self.rng.randbytes(16), [[node_id]], {})
+        try:
+            future = self._guard(replica.self_id, self._in_a_loop, lambda: replica.propose(payload))
+        except NotLeaderError:
+            return
+        if future is not None:
+            self.meta.in_flight.append((future, kind, topic))
+
+    def _settle_metadata(self) -> None:
+        """Metadata commands applied with success: what must survive."""
+        waiting = []
+        for future, kind, topic in self.meta.in_flight:
+            if not future.done():
+                waiting.append((future, kind, topic))
+            elif future.exception() is None and future.result() == 0:
+                self._record("meta-ack", self.step_number, kind, topic)
+                if kind == "topic":
+                    self.meta.acked_topics.add(topic)
+                elif kind == "allocate":
+                    self.meta.acked_allocations += 1
+        self.meta.in_flight = waiting
+
     def _in_a_loop(self, call: Callable[[], Any]) -> Any:
         """`call()` where asyncio.get_running_loop() works: the caller's loop, else our own."""
         try:
@@ -832,6 +947,7 @@ class Simulation:
     def _settle_in_flight(self) -> None:
         """Answered appends: acknowledgements to check; a producer told its
         sequence is out of order starts a new epoch (as librdkafka does)."""
+        self._settle_metadata()
         waiting = []
         for append in self.in_flight:
             if not append.future.done():
@@ -853,7 +969,7 @@ class Simulation:
         self.healing = True
         self.faults = replace(self.faults, drop=0, duplicate=0, crash=0, restart=1.0, cut=0, heal=1.0, oneway=0,
                               foreign=0, propose=0, power=0, max_delay_s=0.005, disk_full=0, disk_freed=1.0,
-                              clock=0, clock_fixed=1.0)
+                              clock=0, clock_fixed=1.0, metadata=0)
         self.cut_links.clear()
         if self.one_way is not None:
             self._record("oneway-end", self.step_number, self.one_way.node_id)
@@ -882,6 +998,8 @@ class Simulation:
                 raise self._violation(f"group {group_id}: segment files differ after convergence: "
                                       f"{ {k: len(v) for k, v in files.items()} }")
             self._record("final", group_id, hashlib.sha256(next(iter(files.values()))).hexdigest())
+        if self.metadata:
+            self._check_metadata_healed()
 
     def _converged(self) -> bool:
         members = list(self.members.values())
@@ -898,7 +1016,7 @@ class Simulation:
             if len({(r.log.high_watermark, r.log.log_end_offset, r.view().applied_index) for r in replicas}) != 1 \
                     or any(r.catching_up for r in replicas):
                 return False
-        return True
+        return not self.metadata or _group_settled([m.metadata for m in members])
 
     # ---- invariants ----------------------------------------------------------
 
@@ -910,8 +1028,51 @@ class Simulation:
                 if member.alive:
                     self._check_replica(group, member.node_id, member.replicas[group_id])
             self._check_acks(group)
+        self._check_metadata()
         if self.one_way is not None:
             self._check_stickiness(self.one_way)
+
+    def _check_metadata(self) -> None:
+        """The metadata group: one leader per term, and every node that has
+        applied up to one index holds the same state there."""
+        for member in self.members.values():
+            meta = member.metadata
+            if not member.alive or meta is None:
+                continue
+            if meta.is_leader:
+                term = meta.leader_epoch
+                other = self.meta.leaders_by_term.get(term)
+                if other is None:
+                    self.meta.leaders_by_term[term] = member.node_id
+                    self._record("meta-leader", self.step_number, term, member.node_id)
+                elif other != member.node_id:
+                    raise self._violation(f"metadata group: two leaders in term {term}: nodes {other} and "
+                                          f"{member.node_id}")
+            applied = meta.view().applied_index
+            if self.meta.checked_index.get(member.node_id) == applied:
+                continue
+            self.meta.checked_index[member.node_id] = applied
+            digest = hashlib.sha256(meta.machine.snapshot()).hexdigest()
+            seen = self.meta.states.setdefault(applied, (digest, member.node_id))
+            if seen[0] != digest:
+                raise self._violation(f"metadata group: node {member.node_id}'s state at applied index {applied} "
+                                      f"differs from node {seen[1]}'s")
+
+    def _check_metadata_healed(self) -> None:
+        """After healing: one state everywhere, holding every acknowledged command."""
+        states = {m.node_id: m.metadata.machine for m in self.members.values() if m.metadata is not None}
+        if len({hashlib.sha256(state.snapshot()).hexdigest() for state in states.values()}) > 1:
+            raise self._violation("metadata group: states differ after convergence")
+        for node_id, state in states.items():
+            missing = sorted(self.meta.acked_topics - set(state.topics))
+            if missing:
+                raise self._violation(f"metadata group: acknowledged topic {missing[0]} missing on node {node_id}")
+            if state.next_producer_id < self.meta.acked_allocations * PRODUCER_ID_BLOCK:
+                raise self._violation(f"metadata group: node {node_id} hands out producer ids from "
+                                      f"{state.next_producer_id}, below {self.meta.acked_allocations} "
+                                      f"acknowledged blocks of {PRODUCER_ID_BLOCK}")
+        if states:
+            self._record("meta-final", hashlib.sha256(next(iter(states.values())).snapshot()).hexdigest())
 
     def _check_stickiness(self, episode: OneWay) -> None:
         """During a one-way episode, a leader that every node but the cut one
@@ -1031,6 +1192,16 @@ class Simulation:
         return InvariantViolation(self.seed, self.step_number, what, self.healing)
 
 
+def _group_settled(replicas: list[Any]) -> bool:
+    """One leader, everything it holds committed and applied by every member."""
+    leaders = [r for r in replicas if r.is_leader]
+    if len(leaders) != 1:
+        return False
+    leader = leaders[0].view()
+    return leader.commit_index == leader.last_index and \
+        all(r.view().applied_index == leader.last_index for r in replicas)
+
+
 def _followed_by_all(replicas: list[PartitionReplica]) -> PartitionReplica | None:
     """The one leader among `replicas` that every one of them follows at its term, or None."""
     leaders = [r for r in replicas if r.is_leader]
@@ -1102,11 +1273,13 @@ def _faults_for(faults: Faults | Iterable[str] | None) -> Faults:
 
 
 def run_seed(seed: int, steps: int = DEFAULT_STEPS, nodes: int = 3, faults: Faults | Iterable[str] | None = None,
-             plant: str | None = None, partitions: int = 1, root: Path | None = None) -> SeedResult:
+             plant: str | None = None, partitions: int = 1, root: Path | None = None,
+             metadata: bool = True) -> SeedResult:
     """Run one seed's schedule of `steps` steps, then heal; invariants checked
     throughout. `faults`: fault names (FAULT_NAMES; None: all) or a Faults.
-    `plant`: a PLANTS name, in force for this run only. Scratch files go to a
-    temporary directory (under `root` if given), removed after."""
+    `plant`: a PLANTS name, in force for this run only. `metadata` False
+    leaves the metadata group out (the schedules seeds had before it ran).
+    Scratch files go to a temporary directory (under `root` if given), removed after."""
     if nodes not in (3, 5):
         raise ValueError(f"nodes must be 3 or 5, not {nodes}")
     if partitions < 1:
@@ -1120,7 +1293,8 @@ def run_seed(seed: int, steps: int = DEFAULT_STEPS, nodes: int = 3, faults: Faul
             chosen = planted.adjust_faults(chosen)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"raftka-sim-{seed}-", dir=root) as directory:
-        sim = Simulation(Path(directory), seed, nodes=nodes, faults=chosen, partitions=partitions, **options)
+        sim = Simulation(Path(directory), seed, nodes=nodes, faults=chosen, partitions=partitions, metadata=metadata,
+                         **options)
         failure: InvariantViolation | None = None
         with planted.applied() if planted is not None else _nothing():
             try:
