@@ -32,10 +32,13 @@ QUEUED_MAX_REQUEST_BYTES = 3 * MAX_REQUEST_BYTES
 MAX_CONNECTIONS_PER_IP = 80
 IDLE_MS = 3000
 FETCH_MAX_BYTES = 1 << 20
+MAX_PARTITIONS_PER_TOPIC = 8
+MAX_PARTITIONS_PER_REQUEST = 10
 SETTINGS = dict(lmdb_map_size_bytes=64 << 20, segment_bytes=16 << 20, offsets_topic_partitions=2,
                 max_request_bytes=MAX_REQUEST_BYTES, queued_max_request_bytes=QUEUED_MAX_REQUEST_BYTES,
                 max_connections_per_ip=MAX_CONNECTIONS_PER_IP, connections_max_idle_ms=IDLE_MS,
-                fetch_max_bytes=FETCH_MAX_BYTES)
+                fetch_max_bytes=FETCH_MAX_BYTES, max_partitions_per_topic=MAX_PARTITIONS_PER_TOPIC,
+                max_partitions_per_request=MAX_PARTITIONS_PER_REQUEST)
 
 
 class LimitedBroker:
@@ -189,6 +192,28 @@ def test_produce_and_create_partitions_on_the_offsets_topic_are_refused(bounded)
     with pytest.raises(KafkaException) as refused:
         future.result(TIMEOUT_S)
     assert refused.value.args[0].code() == ErrorCode.INVALID_TOPIC_EXCEPTION
+
+
+def test_partitions_past_the_per_request_and_per_topic_limits_are_refused(bounded):
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
+    admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{bounded.port}"})
+
+    def refusal(future) -> str:
+        with pytest.raises(KafkaException) as refused:
+            future.result(TIMEOUT_S)
+        assert refused.value.args[0].code() == ErrorCode.INVALID_PARTITIONS
+        return refused.value.args[0].str()
+
+    wide = admin.create_topics([NewTopic("wide-a", 6, 1), NewTopic("wide-b", 6, 1)])   # 12 in one request
+    for name in ("wide-a", "wide-b"):
+        assert "max_partitions_per_request=10" in refusal(wide[name])
+    assert "max_partitions_per_topic=8" in refusal(admin.create_topics([NewTopic("tall", 9, 1)])["tall"])
+    admin.create_topics([NewTopic("grows", 4, 1)])["grows"].result(TIMEOUT_S)
+    assert "max_partitions_per_topic=8" in refusal(admin.create_partitions([NewPartitions("grows", 9)])["grows"])
+    admin.create_partitions([NewPartitions("grows", 8)])["grows"].result(TIMEOUT_S)
+    topics = admin.list_topics(timeout=TIMEOUT_S).topics
+    assert not {"wide-a", "wide-b", "tall"} & set(topics) and len(topics["grows"].partitions) == 8
 
 
 def rewritten(batch: bytes, **fields: int) -> bytes:
