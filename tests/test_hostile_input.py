@@ -341,3 +341,38 @@ def test_a_fetch_asking_for_gigabytes_gets_at_most_the_brokers_fetch_max_bytes(b
         sock.sendall(fetch_frame("big-fetch", 2**31 - 1))     # max_bytes and partition_max_bytes: 2 GiB
         response = read_response(sock)
     assert len(batch) < len(response) <= FETCH_MAX_BYTES + 1024   # two whole batches, not four
+
+
+def test_connections_past_the_global_limit_are_closed_at_once_and_the_rest_served(tmp_path):
+    limit = 5
+    # no idle closing here: a connection the broker closes is closed by the limit
+    limited = LimitedBroker(tmp_path, [f"--as={ADDRESS_SPACE_BYTES}"], max_connections=limit,
+                            connections_max_idle_ms=600_000)
+    limited.brokers.start(60)
+    try:
+        held = [limited.connect() for _ in range(limit)]
+        for i, sock in enumerate(held):
+            sock.sendall(api_versions_frame(i))
+            assert read_response(sock)[:4] == struct.pack(">i", i)
+        for _ in range(3):                               # past the limit: closed before any request is read
+            with limited.connect() as extra:
+                assert closed_by_broker(extra)
+        held[0].sendall(api_versions_frame(77))          # an existing connection is still served
+        assert read_response(held[0])[:4] == struct.pack(">i", 77)
+        assert f"max_connections ({limit}) reached" in limited.log_text()
+
+        held.pop().close()                               # room again once the broker sees one close
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            with limited.connect() as sock:
+                try:
+                    sock.sendall(api_versions_frame(88))
+                    assert read_response(sock)[:4] == struct.pack(">i", 88)
+                    break
+                except (ConnectionError, OSError):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+    finally:
+        for sock in held:
+            sock.close()
+        limited.brokers.stop()
