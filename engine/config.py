@@ -117,9 +117,14 @@ class Config:
     port: int = 9092
     advertised_host: str = ""
     advertised_port: int = 0
-    # partition replicas one broker may hold (each costs descriptors and a Raft group):
-    # CreateTopics / CreatePartitions past it get INVALID_PARTITIONS
+    # partition replicas one broker may hold (each costs descriptors and a Raft group),
+    # partitions one topic may have, and partitions one CreateTopics or CreatePartitions
+    # request may add (its topics together): INVALID_PARTITIONS past any. The controller
+    # that proposes a topic change puts its per-broker and per-topic limits in the
+    # command, so every replica refuses alike (engine/cluster/metadata.py)
     max_partitions_per_broker: int = 10_000
+    max_partitions_per_topic: int = 100_000
+    max_partitions_per_request: int = 10_000
     # fetch.max.bytes: the most record bytes one Fetch response carries, whatever
     # the client asks (its first batch always goes, as Kafka's does)
     fetch_max_bytes: int = 55 * MIB
@@ -208,7 +213,8 @@ class Config:
                     "offsets_topic_partitions", "offsets_topic_replication_factor", "group_min_session_timeout_ms",
                     "group_max_session_timeout_ms", "group_max_size", "producer_id_expiration_ms",
                     "offsets_retention_minutes", "offsets_retention_check_interval_ms", "max_connections",
-                    "max_connections_per_ip", "max_partitions_per_broker", "fetch_max_bytes",
+                    "max_connections_per_ip", "max_partitions_per_broker", "max_partitions_per_topic",
+                    "max_partitions_per_request", "fetch_max_bytes",
                     "connections_max_idle_ms", "queued_max_request_bytes", "message_timestamp_before_max_ms",
                     "message_timestamp_after_max_ms", "min_insync_replicas")
         for name in positive:
@@ -223,6 +229,7 @@ class Config:
         if self.queued_max_request_bytes < self.max_request_bytes:
             raise ValueError(f"queued_max_request_bytes ({self.queued_max_request_bytes}) is below "
                              f"max_request_bytes ({self.max_request_bytes}): such a request could never be read")
+        self._check_partition_limits()
         if (self.tls_key or self.tls_ca) and not self.tls_cert:
             raise ValueError("tls_key and tls_ca need tls_cert (the listener's certificate)")
         if any(peer_id == self.node_id for peer_id, _, _ in self.peers):
@@ -242,6 +249,19 @@ class Config:
         if self.peers and remote and not self.peer_tls_cert:
             raise ValueError(f"peer addresses {sorted(set(remote))} are not loopback: set peer_tls_cert, "
                              "peer_tls_key and peer_tls_ca (the peer traffic is otherwise readable on the network)")
+
+    def _check_partition_limits(self) -> None:
+        """The topics a broker creates by itself must fit the partition limits:
+        a default-sized topic any request or auto-creation, the offsets topic
+        one broker and one topic."""
+        for name, limit in (("max_partitions_per_topic", self.max_partitions_per_topic),
+                            ("max_partitions_per_broker", self.max_partitions_per_broker)):
+            for sized in ("default_partitions", "offsets_topic_partitions"):
+                if getattr(self, sized) > limit:
+                    raise ValueError(f"{sized} ({getattr(self, sized)}) is above {name} ({limit})")
+        if self.default_partitions > self.max_partitions_per_request:
+            raise ValueError(f"default_partitions ({self.default_partitions}) is above max_partitions_per_request "
+                             f"({self.max_partitions_per_request}): no topic of the default size could be created")
 
     @property
     def advertised_address(self) -> tuple[str, int]:

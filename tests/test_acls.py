@@ -16,6 +16,7 @@ from tests.broker_process import BrokerProcess
 TIMEOUT_S = 30
 ADMIN, ADMIN_PASSWORD = "admin", "admin-secret-0123456789"
 ALICE_PASSWORD = "alice-password-42"
+OPS, OPS_PASSWORD = "ops", "ops-password-0123456789"      # a super user by `super_users`, not by the environment
 
 
 def sasl(user: str, password: str) -> dict[str, str]:
@@ -25,7 +26,8 @@ def sasl(user: str, password: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
-    process = BrokerProcess(tmp_path_factory.mktemp("acls") / "data", sasl_mechanisms="SCRAM-SHA-512,SCRAM-SHA-256")
+    process = BrokerProcess(tmp_path_factory.mktemp("acls") / "data", sasl_mechanisms="SCRAM-SHA-512,SCRAM-SHA-256",
+                            super_users=f"User:{OPS}")
     process.brokers.env.update(RAFTKA_ADMIN_USER=ADMIN, RAFTKA_ADMIN_PASSWORD=ADMIN_PASSWORD)
     process.start()
     as_admin = [f"-X{k}={v}" for k, v in sasl(ADMIN, ADMIN_PASSWORD).items()]
@@ -58,11 +60,11 @@ def create_topic(broker, name: str) -> None:
     admin.create_topics([NewTopic(name, 1, 1)])[name].result(TIMEOUT_S)
 
 
-def produce_error(broker, topic: str) -> int | None:
-    """The error code of one produce as alice (None: delivered)."""
+def produce_error(broker, topic: str, user: str = "alice", password: str = ALICE_PASSWORD) -> int | None:
+    """The error code of one produce as `user` (None: delivered)."""
     from confluent_kafka import Producer
     outcome: list = []
-    producer = Producer({"bootstrap.servers": broker.bootstrap, **sasl("alice", ALICE_PASSWORD),
+    producer = Producer({"bootstrap.servers": broker.bootstrap, **sasl(user, password),
                          "message.timeout.ms": 5000, "retries": 0})
     producer.produce(topic, value=b"v", on_delivery=lambda error, _m: outcome.append(error))
     producer.flush(TIMEOUT_S)
@@ -70,9 +72,10 @@ def produce_error(broker, topic: str) -> int | None:
     return None if outcome[0] is None else outcome[0].code()
 
 
-def consume_as_alice(broker, topic: str, group: str, expected: int) -> tuple[list[bytes], list[int]]:
+def consume_as(broker, topic: str, group: str, expected: int, user: str = "alice",
+                     password: str = ALICE_PASSWORD) -> tuple[list[bytes], list[int]]:
     from confluent_kafka import Consumer
-    consumer = Consumer({"bootstrap.servers": broker.bootstrap, **sasl("alice", ALICE_PASSWORD), "group.id": group,
+    consumer = Consumer({"bootstrap.servers": broker.bootstrap, **sasl(user, password), "group.id": group,
                          "auto.offset.reset": "earliest", "enable.auto.commit": False})
     consumer.subscribe([topic])
     got, errors = [], []
@@ -104,11 +107,11 @@ def test_write_then_prefixed_read_and_a_group_let_alice_produce_consume_and_comm
     create_topic(broker, "orders")
     acl(broker, "add", "--principal", "User:alice", "--operation", "WRITE", "--topic", "orders")
     assert produce_error(broker, "orders") is None
-    _got, errors = consume_as_alice(broker, "orders", "billing", 1)
+    _got, errors = consume_as(broker, "orders", "billing", 1)
     assert ErrorCode.GROUP_AUTHORIZATION_FAILED in errors or ErrorCode.TOPIC_AUTHORIZATION_FAILED in errors
     acl(broker, "add", "--principal", "User:alice", "--operation", "READ", "--topic", "ord", "--prefixed")
     acl(broker, "add", "--principal", "User:alice", "--operation", "READ", "--group", "billing")
-    got, errors = consume_as_alice(broker, "orders", "billing", 1)
+    got, errors = consume_as(broker, "orders", "billing", 1)
     assert got == [b"v"], errors
     listed = acl(broker, "list", "--principal", "User:alice")
     assert "User:alice\tALLOW\tREAD\tTOPIC:PREFIXED:ord" in listed and "GROUP:LITERAL:billing" in listed
@@ -167,3 +170,53 @@ def test_only_a_super_user_manages_users_and_acls(broker):
     assert done.returncode == 1 and "CLUSTER_AUTHORIZATION_FAILED" in done.stderr.upper().replace(" ", "_")
     listed = raftka(broker, "users", "list")
     assert "alice\tSCRAM-SHA-512" in listed.stdout and "admin\tSCRAM-SHA-256" in listed.stdout
+
+
+def test_a_listed_super_user_passes_every_acl_check_with_no_acls_and_a_normal_user_is_refused(broker):
+    """`super_users` names ops: with no ACL for it, and a DENY of everything to
+    everyone on its topics, ops creates, grows, lists, describes, produces to,
+    consumes from (committing a group's offsets) and deletes a topic, and adds
+    an ACL; bob, authenticated alike, is refused each of these."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import ConfigResource, NewPartitions, NewTopic
+    bob_password = "bob-password-0123456789"
+    for user, password in ((OPS, OPS_PASSWORD), ("bob", bob_password)):
+        added = raftka(broker, "users", "add", user, "--password-stdin", stdin=password + "\n")
+        assert added.returncode == 0, added.stderr
+    acl(broker, "add", "--principal", "User:*", "--operation", "ALL", "--topic", "ops-", "--prefixed", "--deny")
+    ops, bob = admin_client(broker, OPS, OPS_PASSWORD), admin_client(broker, "bob", bob_password)
+
+    def refusal(future) -> int:
+        with pytest.raises(KafkaException) as refused:
+            future.result(TIMEOUT_S)
+        return refused.value.args[0].code()
+
+    assert refusal(bob.create_topics([NewTopic("ops-a", 1, 1)])["ops-a"]) == ErrorCode.TOPIC_AUTHORIZATION_FAILED
+    ops.create_topics([NewTopic("ops-a", 1, 1)])["ops-a"].result(TIMEOUT_S)
+    grow = NewPartitions("ops-a", 2)
+    assert refusal(bob.create_partitions([grow])["ops-a"]) == ErrorCode.TOPIC_AUTHORIZATION_FAILED
+    ops.create_partitions([grow])["ops-a"].result(TIMEOUT_S)
+    assert "ops-a" not in bob.list_topics(timeout=TIMEOUT_S).topics
+    assert len(ops.list_topics(timeout=TIMEOUT_S).topics["ops-a"].partitions) == 2
+    [bob_described] = bob.describe_configs([ConfigResource("topic", "ops-a")]).values()
+    assert refusal(bob_described) == ErrorCode.TOPIC_AUTHORIZATION_FAILED
+    [ops_described] = ops.describe_configs([ConfigResource("topic", "ops-a")]).values()
+    assert "retention.ms" in ops_described.result(TIMEOUT_S)
+
+    assert produce_error(broker, "ops-a", "bob", bob_password) == ErrorCode.TOPIC_AUTHORIZATION_FAILED
+    assert produce_error(broker, "ops-a", OPS, OPS_PASSWORD) is None
+    got, errors = consume_as(broker, "ops-a", "ops-group", 1, "bob", bob_password)
+    assert not got and {ErrorCode.TOPIC_AUTHORIZATION_FAILED, ErrorCode.GROUP_AUTHORIZATION_FAILED} & set(errors)
+    got, errors = consume_as(broker, "ops-a", "ops-group", 1, OPS, OPS_PASSWORD)
+    assert got == [b"v"], errors
+
+    adding = [*raftka_command("acls", "add", "--principal", "User:carol", "--operation", "READ", "--topic", "t",
+                              "--bootstrap", broker.bootstrap)]
+    as_bob = subprocess.run([*adding, *[f"-X{k}={v}" for k, v in sasl("bob", bob_password).items()]],
+                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert as_bob.returncode == 1 and "CLUSTER_AUTHORIZATION_FAILED" in as_bob.stderr.upper().replace(" ", "_")
+    as_ops = subprocess.run([*adding, *[f"-X{k}={v}" for k, v in sasl(OPS, OPS_PASSWORD).items()]],
+                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert as_ops.returncode == 0, as_ops.stderr
+    assert refusal(bob.delete_topics(["ops-a"])["ops-a"]) == ErrorCode.TOPIC_AUTHORIZATION_FAILED
+    ops.delete_topics(["ops-a"])["ops-a"].result(TIMEOUT_S)

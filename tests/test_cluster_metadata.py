@@ -13,7 +13,8 @@ from raftka.cluster import metadata
 from raftka.cluster.controller import ClusterController, MetadataCommandError
 from raftka.cluster.metadata import ClusterState
 from raftka.config import Config
-from raftka.errors import ErrorCode, InvalidConfigError, InvalidReplicationFactorError, InvalidTopicError
+from raftka.errors import (ErrorCode, InvalidConfigError, InvalidPartitionsError, InvalidReplicationFactorError,
+                           InvalidTopicError)
 from raftka.ports import free_ports
 from tests.conftest import make_batch, wait_for
 
@@ -290,3 +291,24 @@ async def _a_broker_may_only_speak_for_its_own_id(cluster):
     assert not answer.done()
     follower._on_forwarded(follower.controller_id, {"type": "rk_proposed", "id": 10**9, "error": 0})
     assert answer.result() == 0
+
+
+def test_concurrent_creates_that_each_fit_alone_do_not_both_pass_the_per_broker_limit(tmp_path):
+    """Both creates pass the controller's check against the same state before
+    either commits; the state machine refuses the second at apply, with a
+    message naming the limits, and the broker never holds more than its limit."""
+    async def run() -> None:
+        controller = ClusterController(Config(data_dir=tmp_path, max_partitions_per_broker=10), **FAST)
+        await controller.start()
+        try:
+            await controller.wait_ready()
+            outcomes = await asyncio.gather(controller.create_topic("a", partitions=6),
+                                            controller.create_topic("b", partitions=6), return_exceptions=True)
+            refused = [o for o in outcomes if o is not None]
+            assert len(refused) == 1 and isinstance(refused[0], InvalidPartitionsError), outcomes
+            assert "max_partitions_per_broker=10" in str(refused[0])
+            assert controller.state.replica_counts() == {1: 6}
+            await controller.create_topic("c", partitions=4)      # what is left still fits
+        finally:
+            await controller.stop()
+    asyncio.run(run())

@@ -62,10 +62,49 @@ def test_unknown_sasl_mechanism_is_refused_by_name() -> None:
 
 
 def test_partitions_past_the_per_broker_limit_are_refused_before_proposing() -> None:
-    from raftka.cluster.controller import check_broker_partition_limit
     from raftka.errors import InvalidPartitionsError
-    state = state_with_brokers(1, 2)
+    state = state_with_brokers(1, 2, 3)
+    limits = metadata.PartitionLimits(per_topic=100, per_broker=10)
     assert state.apply(metadata.create_topic("a", TOPIC_ID, [[1, 2]] * 6, {})) == ErrorCode.NONE
-    check_broker_partition_limit(state, [[1, 2]] * 4, limit=10)          # 10 each: at the limit
+    state.check_partition_limits("b", [[1, 2]] * 4, limits)          # 10 each: at the limit
     with pytest.raises(InvalidPartitionsError, match=r"\[1, 2\]"):
-        check_broker_partition_limit(state, [[1, 2]] * 5, limit=10)
+        state.check_partition_limits("b", [[1, 2]] * 5, limits)
+    state.check_partition_limits("b", [[3]] * 6, metadata.PartitionLimits(per_topic=100, per_broker=6))  # 1, 2 hold 6 already: untouched
+
+
+def test_two_creates_that_each_fit_alone_cannot_both_commit_past_the_per_broker_limit() -> None:
+    """Both controllers checked the same state before either command
+    committed; the state machine refuses the second at apply, on every replica alike."""
+    limits = metadata.PartitionLimits(per_topic=100, per_broker=10)
+    commands = [metadata.create_topic("a", TOPIC_ID, [[1, 2]] * 6, {}, limits),
+                metadata.create_topic("b", TOPIC_ID, [[2, 1]] * 6, {}, limits),
+                metadata.create_topic("c", TOPIC_ID, [[3]] * 10, {}, limits)]
+    replicas = [state_with_brokers(1, 2, 3), state_with_brokers(1, 2, 3)]
+    for state in replicas:
+        assert [state.apply(c) for c in commands] == [ErrorCode.NONE, ErrorCode.INVALID_PARTITIONS, ErrorCode.NONE]
+        assert state.replica_counts() == {1: 6, 2: 6, 3: 10}
+    assert replicas[0].snapshot() == replicas[1].snapshot()
+
+
+def test_partitions_past_the_per_topic_limit_carried_in_the_command_are_refused_at_apply() -> None:
+    state = state_with_brokers(1)
+    limits = metadata.PartitionLimits(per_topic=4, per_broker=100)
+    assert state.apply(metadata.create_topic("a", TOPIC_ID, [[1]] * 5, {}, limits)) == ErrorCode.INVALID_PARTITIONS
+    assert state.apply(metadata.create_topic("a", TOPIC_ID, [[1]] * 3, {}, limits)) == ErrorCode.NONE
+    assert state.apply(metadata.create_partitions("a", [[1]] * 2, limits)) == ErrorCode.INVALID_PARTITIONS
+    assert state.apply(metadata.create_partitions("a", [[1]], limits)) == ErrorCode.NONE
+    assert len(state.topics["a"].partitions) == 4
+    bad = metadata.codec.encode({**metadata.codec.decode(metadata.create_partitions("a", [[1]], limits)),
+                                 "max_partitions_per_topic": 0})
+    assert state.apply(bad) == ErrorCode.INVALID_REQUEST
+
+
+@pytest.mark.parametrize("settings,named", [
+    (dict(default_partitions=9, max_partitions_per_topic=8), "max_partitions_per_topic"),
+    (dict(offsets_topic_partitions=20, max_partitions_per_broker=10), "max_partitions_per_broker"),
+    (dict(default_partitions=12, max_partitions_per_request=10), "max_partitions_per_request"),
+    (dict(max_partitions_per_request=0), "max_partitions_per_request"),
+])
+def test_partition_limits_below_the_topics_a_broker_creates_itself_are_refused(settings, named) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_config(None, environ={}, **settings)

@@ -146,6 +146,14 @@ def test_everything_survives_close_and_reopen(tmp_path):
         assert rk.produce("keep", b"next", partition=0).offset == rk.offsets("keep", 0).high_watermark - 1
 
 
+def test_a_topic_past_max_partitions_per_topic_is_refused(tmp_path):
+    with raftka.open(tmp_path / "data", max_partitions_per_topic=4, offsets_topic_partitions=1) as rk:
+        with pytest.raises(InvalidPartitionsError, match="max_partitions_per_topic=4"):
+            rk.create_topic("wide", partitions=5)
+        rk.create_topic("fits", partitions=4)
+        assert rk.topics() == {"fits": 4}
+
+
 def test_deleted_topic_is_gone_and_can_be_recreated_empty(rk):
     rk.create_topic("gone", partitions=2)
     rk.produce("gone", b"x")

@@ -32,10 +32,13 @@ QUEUED_MAX_REQUEST_BYTES = 3 * MAX_REQUEST_BYTES
 MAX_CONNECTIONS_PER_IP = 80
 IDLE_MS = 3000
 FETCH_MAX_BYTES = 1 << 20
+MAX_PARTITIONS_PER_TOPIC = 8
+MAX_PARTITIONS_PER_REQUEST = 10
 SETTINGS = dict(lmdb_map_size_bytes=64 << 20, segment_bytes=16 << 20, offsets_topic_partitions=2,
                 max_request_bytes=MAX_REQUEST_BYTES, queued_max_request_bytes=QUEUED_MAX_REQUEST_BYTES,
                 max_connections_per_ip=MAX_CONNECTIONS_PER_IP, connections_max_idle_ms=IDLE_MS,
-                fetch_max_bytes=FETCH_MAX_BYTES)
+                fetch_max_bytes=FETCH_MAX_BYTES, max_partitions_per_topic=MAX_PARTITIONS_PER_TOPIC,
+                max_partitions_per_request=MAX_PARTITIONS_PER_REQUEST)
 
 
 class LimitedBroker:
@@ -191,6 +194,28 @@ def test_produce_and_create_partitions_on_the_offsets_topic_are_refused(bounded)
     assert refused.value.args[0].code() == ErrorCode.INVALID_TOPIC_EXCEPTION
 
 
+def test_partitions_past_the_per_request_and_per_topic_limits_are_refused(bounded):
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
+    admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{bounded.port}"})
+
+    def refusal(future) -> str:
+        with pytest.raises(KafkaException) as refused:
+            future.result(TIMEOUT_S)
+        assert refused.value.args[0].code() == ErrorCode.INVALID_PARTITIONS
+        return refused.value.args[0].str()
+
+    wide = admin.create_topics([NewTopic("wide-a", 6, 1), NewTopic("wide-b", 6, 1)])   # 12 in one request
+    for name in ("wide-a", "wide-b"):
+        assert "max_partitions_per_request=10" in refusal(wide[name])
+    assert "max_partitions_per_topic=8" in refusal(admin.create_topics([NewTopic("tall", 9, 1)])["tall"])
+    admin.create_topics([NewTopic("grows", 4, 1)])["grows"].result(TIMEOUT_S)
+    assert "max_partitions_per_topic=8" in refusal(admin.create_partitions([NewPartitions("grows", 9)])["grows"])
+    admin.create_partitions([NewPartitions("grows", 8)])["grows"].result(TIMEOUT_S)
+    topics = admin.list_topics(timeout=TIMEOUT_S).topics
+    assert not {"wide-a", "wide-b", "tall"} & set(topics) and len(topics["grows"].partitions) == 8
+
+
 def rewritten(batch: bytes, **fields: int) -> bytes:
     """`batch` with header fields replaced (names as in BatchHeader) and its CRC recomputed."""
     names = ("base_offset", "batch_length", "partition_leader_epoch", "magic", "crc", "attributes",
@@ -316,3 +341,38 @@ def test_a_fetch_asking_for_gigabytes_gets_at_most_the_brokers_fetch_max_bytes(b
         sock.sendall(fetch_frame("big-fetch", 2**31 - 1))     # max_bytes and partition_max_bytes: 2 GiB
         response = read_response(sock)
     assert len(batch) < len(response) <= FETCH_MAX_BYTES + 1024   # two whole batches, not four
+
+
+def test_connections_past_the_global_limit_are_closed_at_once_and_the_rest_served(tmp_path):
+    limit = 5
+    # no idle closing here: a connection the broker closes is closed by the limit
+    limited = LimitedBroker(tmp_path, [f"--as={ADDRESS_SPACE_BYTES}"], max_connections=limit,
+                            connections_max_idle_ms=600_000)
+    limited.brokers.start(60)
+    try:
+        held = [limited.connect() for _ in range(limit)]
+        for i, sock in enumerate(held):
+            sock.sendall(api_versions_frame(i))
+            assert read_response(sock)[:4] == struct.pack(">i", i)
+        for _ in range(3):                               # past the limit: closed before any request is read
+            with limited.connect() as extra:
+                assert closed_by_broker(extra)
+        held[0].sendall(api_versions_frame(77))          # an existing connection is still served
+        assert read_response(held[0])[:4] == struct.pack(">i", 77)
+        assert f"max_connections ({limit}) reached" in limited.log_text()
+
+        held.pop().close()                               # room again once the broker sees one close
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            with limited.connect() as sock:
+                try:
+                    sock.sendall(api_versions_frame(88))
+                    assert read_response(sock)[:4] == struct.pack(">i", 88)
+                    break
+                except (ConnectionError, OSError):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+    finally:
+        for sock in held:
+            sock.close()
+        limited.brokers.stop()

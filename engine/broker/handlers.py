@@ -538,10 +538,15 @@ class Handlers:
     async def create_topics(self, request: Request) -> Response:
         result_cls = nested(response_schema(request), "CreatableTopicResult")
         deadline = _admin_deadline(request.body.timeout)
+        over_limit = self._past_request_partition_limit(
+            sum(self.config.default_partitions if t.num_partitions == -1 else max(t.num_partitions, 0)
+                for t in request.body.topics))
         results = []
         for topic in request.body.topics:
             if topic.assignments:
                 code, message = ErrorCode.INVALID_REQUEST, "manual replica assignment is not supported"
+            elif over_limit:
+                code, message = ErrorCode.INVALID_PARTITIONS, over_limit
             elif not self._may_create(request, topic.name):
                 code, message = ErrorCode.TOPIC_AUTHORIZATION_FAILED, None
             elif request.body.validate_only:
@@ -552,6 +557,14 @@ class Handlers:
                     topic.name, topic.num_partitions, topic.replication_factor, configs, _remaining_s(deadline)))
             results.append(build(result_cls, name=topic.name, error_code=code, error_message=message))
         return kafka.answer(request, topics=tuple(results))
+
+    def _past_request_partition_limit(self, partitions: int) -> str | None:
+        """Why a CreateTopics or CreatePartitions adding `partitions` in all is
+        refused as a whole, None when it is within max_partitions_per_request."""
+        limit = self.config.max_partitions_per_request
+        if partitions <= limit:
+            return None
+        return f"the request adds {partitions} partitions in all, more than max_partitions_per_request={limit}"
 
     async def delete_topics(self, request: Request) -> Response:
         result_cls = nested(response_schema(request), "DeletableTopicResult")
@@ -568,10 +581,15 @@ class Handlers:
     async def create_partitions(self, request: Request) -> Response:
         result_cls = nested(response_schema(request), "CreatePartitionsTopicResult")
         deadline = _admin_deadline(request.body.timeout)
+        topics = self.controller.state.topics
+        over_limit = self._past_request_partition_limit(
+            sum(max(t.count - len(topics[t.name].partitions), 0) for t in request.body.topics if t.name in topics))
         results = []
         for topic in request.body.topics:
             if topic.assignments is not None:
                 code, message = ErrorCode.INVALID_REQUEST, "manual replica assignment is not supported"
+            elif over_limit:
+                code, message = ErrorCode.INVALID_PARTITIONS, over_limit
             elif topic.name == OFFSETS_TOPIC:
                 code, message = ErrorCode.INVALID_TOPIC_EXCEPTION, f"{OFFSETS_TOPIC} is internal"
             elif not self._may(request, acl.OP_ALTER, acl.RESOURCE_TOPIC, topic.name):

@@ -90,9 +90,14 @@ class Raftka:
     # ---- topics ------------------------------------------------------
 
     def create_topic(self, name: str, partitions: int | None = None) -> None:
-        """Create a topic (Kafka naming rules) with `partitions` partitions."""
+        """Create a topic (Kafka naming rules) with `partitions` partitions, at
+        most max_partitions_per_topic."""
+        partitions = self.config.default_partitions if partitions is None else partitions
+        if isinstance(partitions, int) and partitions > self.config.max_partitions_per_topic:
+            raise InvalidPartitionsError(f"{partitions} partitions, more than max_partitions_per_topic="
+                                         f"{self.config.max_partitions_per_topic}")
         with self._lock:
-            self._manager.create_topic(name, self.config.default_partitions if partitions is None else partitions)
+            self._manager.create_topic(name, partitions)
 
     def delete_topic(self, name: str) -> None:
         with self._lock:

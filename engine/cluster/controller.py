@@ -30,12 +30,12 @@ import shutil
 from typing import Any, Callable
 
 from raftka.cluster import metadata
-from raftka.cluster.metadata import METADATA_GROUP_ID, ClusterState, PartitionInfo
+from raftka.cluster.metadata import METADATA_GROUP_ID, ClusterState, PartitionInfo, PartitionLimits
 from raftka.cluster import topic_configs
 from raftka.config import OFFSETS_TOPIC, Config, ConfigError, config_text
 from raftka.errors import (ErrorCode, InvalidConfigError, InvalidPartitionsError, InvalidReplicationFactorError, NoControllerError,
                            RaftkaError, UnknownTopicOrPartitionError)
-from raftka.storage.log_manager import PARTITIONS_MAX, LogManager, validate_topic_name
+from raftka.storage.log_manager import LogManager, validate_topic_name
 from raftka.replication import NotLeaderError, PartitionReplica, ReplicationError
 from raftka.security.tls import peer_tls
 from raftka.raft.codec import CodecError
@@ -199,8 +199,9 @@ class ClusterController:
         deadline = self._deadline(timeout_s)
         validate_topic_name(name)
         partitions = self.config.default_partitions if partitions in (None, -1) else partitions
-        if not isinstance(partitions, int) or not 0 < partitions <= PARTITIONS_MAX:
-            raise InvalidPartitionsError(f"partitions must be in [1, {PARTITIONS_MAX}], got {partitions!r}")
+        if not isinstance(partitions, int) or not 0 < partitions <= self.config.max_partitions_per_topic:
+            raise InvalidPartitionsError(f"partitions must be in [1, max_partitions_per_topic="
+                                         f"{self.config.max_partitions_per_topic}], got {partitions!r}")
         cluster_size = len(set(self.config.broker_ids) | set(self.state.brokers))
         if replication_factor in (None, -1):
             replication_factor = min(self.config.default_replication_factor, cluster_size)
@@ -213,9 +214,10 @@ class ClusterController:
         brokers = sorted(self.state.brokers)
         assert replication_factor <= len(brokers), f"ready with {brokers} registered, fewer than {cluster_size}"
         replicas = metadata.assign_replicas(brokers, partitions, replication_factor, start=len(self.state.topics))
-        check_broker_partition_limit(self.state, replicas, self.config.max_partitions_per_broker)
-        await self.propose(metadata.create_topic(name, os.urandom(16), replicas, configs),
-                           f"create topic {name!r}", self._remaining_s(deadline))
+        limits = PartitionLimits.of(self.config)
+        self.state.check_partition_limits(name, replicas, limits)
+        await self._propose_partitions(metadata.create_topic(name, os.urandom(16), replicas, configs, limits),
+                                       f"create topic {name!r}", limits, deadline)
 
     async def delete_topic(self, name: str, timeout_s: float = ADMIN_TIMEOUT_S) -> None:
         deadline = self._deadline(timeout_s)
@@ -231,15 +233,30 @@ class ClusterController:
         if topic is None:
             raise UnknownTopicOrPartitionError(f"unknown topic {name!r}")
         current = len(topic.partitions)
-        if not isinstance(total, int) or not current < total <= PARTITIONS_MAX:
-            raise InvalidPartitionsError(f"topic {name!r} has {current} partitions; cannot grow it to {total!r}")
+        if not isinstance(total, int) or not current < total <= self.config.max_partitions_per_topic:
+            raise InvalidPartitionsError(f"topic {name!r} has {current} partitions; cannot grow it to {total!r} "
+                                         f"(max_partitions_per_topic={self.config.max_partitions_per_topic})")
         replication_factor = len(topic.partitions[0].replicas)
         brokers = sorted(self.state.brokers)
         replicas = metadata.assign_replicas(brokers, total - current, replication_factor,
                                             first_partition=current, start=len(self.state.topics))
-        check_broker_partition_limit(self.state, replicas, self.config.max_partitions_per_broker)
-        await self.propose(metadata.create_partitions(name, replicas), f"add partitions to {name!r}",
-                           self._remaining_s(deadline))
+        limits = PartitionLimits.of(self.config)
+        self.state.check_partition_limits(name, replicas, limits)
+        await self._propose_partitions(metadata.create_partitions(name, replicas, limits),
+                                       f"add partitions to {name!r}", limits, deadline)
+
+    async def _propose_partitions(self, command: bytes, what: str, limits: PartitionLimits, deadline: float) -> None:
+        """Propose a topic change that passed the partition limits here; the
+        state machine checks them again at apply, where a change committed
+        meanwhile (another create, on any broker) may have taken the room."""
+        try:
+            await self.propose(command, what, self._remaining_s(deadline))
+        except MetadataCommandError as error:
+            if error.error_code != ErrorCode.INVALID_PARTITIONS:
+                raise
+            raise InvalidPartitionsError(
+                f"{what}: refused when committed, past max_partitions_per_topic={limits.per_topic} or "
+                f"max_partitions_per_broker={limits.per_broker} (partitions created meanwhile)") from None
 
     async def alter_configs(self, resource_type: int, name: str, values: dict[str, str], deleted: list[str],
                             replace: bool = False, validate_only: bool = False,
@@ -514,21 +531,4 @@ class ClusterController:
                                  "epoch": p.leader_epoch, "isr": p.isr} for p in t.partitions]
                        for t in self.state.topics.values()},
         }
-
-
-def check_broker_partition_limit(state: metadata.ClusterState, new_replicas: list[list[int]], limit: int) -> None:
-    """InvalidPartitionsError if the new replicas would put more than `limit`
-    partition replicas on some broker (each costs descriptors and a Raft group)."""
-    load: dict[int, int] = {}
-    for topic in state.topics.values():
-        for info in topic.partitions:
-            for broker in info.replicas:
-                load[broker] = load.get(broker, 0) + 1
-    for replica_set in new_replicas:
-        for broker in replica_set:
-            load[broker] = load.get(broker, 0) + 1
-    over = sorted(broker for broker, count in load.items() if count > limit)
-    if over:
-        raise InvalidPartitionsError(f"brokers {over} would hold more than max_partitions_per_broker={limit} "
-                                     "partition replicas")
 

@@ -14,6 +14,12 @@ taking a producer id block, reporting its leadership. A broker forwarding
 one to the metadata leader may only name its own id (the controller checks
 it against the peer network's authenticated id); the others (topics,
 configs, users, ACLs) are cluster-wide, forwarded for the broker's clients.
+
+Partition limits: a topic change carries the proposing controller's
+`max_partitions_per_topic` and `max_partitions_per_broker` (PartitionLimits),
+and the state machine checks them at apply against the state it holds then,
+so two creates that each fit alone cannot both commit past a limit, and every
+replica refuses alike whatever its own config says.
 """
 from __future__ import annotations
 
@@ -21,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from raftka.cluster import topic_configs
-from raftka.errors import ErrorCode, RaftkaError
-from raftka.storage.log_manager import PARTITIONS_MAX, validate_topic_name
+from raftka.config import Config
+from raftka.errors import ErrorCode, InvalidPartitionsError, RaftkaError
+from raftka.storage.log_manager import validate_topic_name
 from raftka.raft import codec
 from raftka.security.state import COMMANDS as SECURITY_COMMANDS, SecurityState
 
@@ -56,21 +63,46 @@ class TopicInfo:
     configs: dict[str, str]
 
 
+@dataclass(frozen=True)
+class PartitionLimits:
+    """The partition limits a topic change is checked against at apply (see the
+    module docstring); a command proposed before they were carried gets the defaults."""
+    per_topic: int = Config.max_partitions_per_topic
+    per_broker: int = Config.max_partitions_per_broker
+
+    @classmethod
+    def of(cls, config: Config) -> "PartitionLimits":
+        return cls(config.max_partitions_per_topic, config.max_partitions_per_broker)
+
+    def encode(self) -> dict[str, int]:
+        return {"max_partitions_per_topic": self.per_topic, "max_partitions_per_broker": self.per_broker}
+
+    @classmethod
+    def decode(cls, command: dict) -> "PartitionLimits":
+        default = cls()
+        limits = cls(_int(command.get("max_partitions_per_topic", default.per_topic)),
+                     _int(command.get("max_partitions_per_broker", default.per_broker)))
+        if limits.per_topic <= 0 or limits.per_broker <= 0:
+            raise ValueError(f"partition limits must be positive, got {limits}")
+        return limits
+
+
 def register_broker(node_id: int, host: str, port: int, rack: str | None = None) -> bytes:
     return codec.encode({"op": "register_broker", "id": node_id, "host": host, "port": port, "rack": rack})
 
 
-def create_topic(name: str, topic_id: bytes, replicas: list[list[int]], configs: dict[str, str]) -> bytes:
+def create_topic(name: str, topic_id: bytes, replicas: list[list[int]], configs: dict[str, str],
+                 limits: PartitionLimits = PartitionLimits()) -> bytes:
     return codec.encode({"op": "create_topic", "name": name, "topic_id": topic_id,
-                         "replicas": replicas, "configs": configs})
+                         "replicas": replicas, "configs": configs, **limits.encode()})
 
 
 def delete_topic(name: str) -> bytes:
     return codec.encode({"op": "delete_topic", "name": name})
 
 
-def create_partitions(name: str, new_replicas: list[list[int]]) -> bytes:
-    return codec.encode({"op": "create_partitions", "name": name, "replicas": new_replicas})
+def create_partitions(name: str, new_replicas: list[list[int]], limits: PartitionLimits = PartitionLimits()) -> bytes:
+    return codec.encode({"op": "create_partitions", "name": name, "replicas": new_replicas, **limits.encode()})
 
 
 def record_leader(name: str, partition: int, group_id: int, leader: int, epoch: int, isr: list[int]) -> bytes:
@@ -134,6 +166,33 @@ class ClusterState:
         """Call `listener()` after every apply that changed the state."""
         self._listeners.append(listener)
 
+    def replica_counts(self) -> dict[int, int]:
+        """Broker -> the partition replicas assigned to it."""
+        counts: dict[int, int] = {}
+        for topic in self.topics.values():
+            for info in topic.partitions:
+                for broker in info.replicas:
+                    counts[broker] = counts.get(broker, 0) + 1
+        return counts
+
+    def check_partition_limits(self, name: str, new_replicas: list[list[int]], limits: PartitionLimits) -> None:
+        """InvalidPartitionsError if adding `new_replicas` to topic `name` (new or
+        existing) would give it more than `limits.per_topic` partitions or put
+        more than `limits.per_broker` partition replicas on some broker."""
+        topic = self.topics.get(name)
+        total = len(new_replicas) + (len(topic.partitions) if topic is not None else 0)
+        if total > limits.per_topic:
+            raise InvalidPartitionsError(f"topic {name!r} would have {total} partitions, more than "
+                                         f"max_partitions_per_topic={limits.per_topic}")
+        load, added = self.replica_counts(), {broker for replica_set in new_replicas for broker in replica_set}
+        for replica_set in new_replicas:
+            for broker in replica_set:
+                load[broker] = load.get(broker, 0) + 1
+        over = sorted(broker for broker in added if load[broker] > limits.per_broker)
+        if over:
+            raise InvalidPartitionsError(f"brokers {over} would hold more than max_partitions_per_broker="
+                                         f"{limits.per_broker} partition replicas")
+
     def partition(self, name: str, partition: int) -> PartitionInfo | None:
         topic = self.topics.get(name)
         if topic is None or not 0 <= partition < len(topic.partitions):
@@ -173,7 +232,8 @@ class ClusterState:
         validate_topic_name(name)
         if name in self.topics:
             return ErrorCode.TOPIC_ALREADY_EXISTS
-        replicas = self._valid_assignment(c["replicas"], 0)
+        replicas = self._valid_assignment(c["replicas"])
+        self.check_partition_limits(name, replicas, PartitionLimits.decode(c))
         configs = {_str(k): _str(v) for k, v in dict(c["configs"]).items()}
         topic_configs.validate(configs)    # InvalidConfigError: a config no log can open never enters the state
         topic_id = c["topic_id"]
@@ -191,7 +251,8 @@ class ClusterState:
         topic = self.topics.get(_str(c["name"]))
         if topic is None:
             return ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
-        replicas = self._valid_assignment(c["replicas"], len(topic.partitions))
+        replicas = self._valid_assignment(c["replicas"])
+        self.check_partition_limits(topic.name, replicas, PartitionLimits.decode(c))
         topic.partitions += self._new_partitions(replicas)
         return ErrorCode.NONE
 
@@ -240,8 +301,8 @@ class ClusterState:
         self.next_producer_id += count
         return ErrorCode.NONE
 
-    def _valid_assignment(self, replicas: Any, existing: int) -> list[list[int]]:
-        if not isinstance(replicas, list) or not replicas or existing + len(replicas) > PARTITIONS_MAX:
+    def _valid_assignment(self, replicas: Any) -> list[list[int]]:
+        if not isinstance(replicas, list) or not replicas:
             raise _Refused(ErrorCode.INVALID_PARTITIONS)
         out = []
         for replica_set in replicas:

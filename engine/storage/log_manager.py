@@ -28,7 +28,6 @@ from raftka.storage.partition_log import PartitionLog
 
 TOPIC_NAME_MAX_LENGTH = 249
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]+")
-PARTITIONS_MAX = 100_000
 # log.retention.check.interval.ms
 RETENTION_CHECK_INTERVAL_MS = 300_000
 
@@ -78,11 +77,12 @@ class LogManager:
 
     def create_topic(self, name: str, partitions: int, topic_id: bytes = b"") -> TopicRecord:
         """A new topic of `partitions` empty logs. `topic_id` names this
-        incarnation of the topic in a cluster (see TopicRecord)."""
+        incarnation of the topic in a cluster (see TopicRecord). The caller
+        holds the count to max_partitions_per_topic: in a cluster the metadata
+        did, under the proposing controller's limit, which may not be this broker's."""
         validate_topic_name(name)
-        if not isinstance(partitions, int) or not 0 < partitions <= PARTITIONS_MAX:
-            raise InvalidPartitionsError(
-                f"partitions must be an integer in [1, {PARTITIONS_MAX}], got {partitions!r}")
+        if not isinstance(partitions, int) or partitions <= 0:
+            raise InvalidPartitionsError(f"partitions must be a positive integer, got {partitions!r}")
         if name in self._topics:
             raise TopicAlreadyExistsError(f"topic {name!r} already exists")
         for partition in range(partitions):
@@ -97,10 +97,9 @@ class LogManager:
     def add_partitions(self, name: str, total: int) -> TopicRecord:
         """Grow a topic to `total` partitions (Kafka never shrinks one)."""
         topic = self.topic(name)
-        if not isinstance(total, int) or not topic.partitions < total <= PARTITIONS_MAX:
+        if not isinstance(total, int) or total <= topic.partitions:
             raise InvalidPartitionsError(
-                f"topic {name!r} has {topic.partitions} partitions; the new count must be in "
-                f"({topic.partitions}, {PARTITIONS_MAX}], got {total!r}")
+                f"topic {name!r} has {topic.partitions} partitions; the new count must be more, got {total!r}")
         for partition in range(topic.partitions, total):
             stale = self._partition_dir(name, partition)
             if stale.exists():
