@@ -195,3 +195,15 @@ def test_a_leader_never_sends_a_far_behind_follower_entries_whose_data_retention
     result = run_seed(36, 400, nodes=5, root=tmp_path)
     assert result.ok, result.failure
     assert result.trace_hash == "d3ce2c9cdeb6306c"
+
+
+def test_a_checkpoints_entry_without_data_is_installed_at_the_leaders_offset(tmp_path):
+    # seed 555: a follower behind the leader installed a checkpoint whose last
+    # entry was the leader's no-op (no data) and recorded it at its own log
+    # end, short of the leader's offset; it caught up the data, but its
+    # entries file then had a gap, and after a power loss of every node its
+    # recovery cut the log there: an acknowledged append lost. Boundary
+    # entries are now markers with their offsets, data or not.
+    result = run_seed(555, 400, root=tmp_path)
+    assert result.ok, result.failure
+    assert result.trace_hash == "519b41af5242e230" and result.power_losses

@@ -51,7 +51,7 @@ from raftka.storage.partition_log import PartitionLog
 from raftka.raft import checkpoint
 from raftka.raft.group import (MAX_COMMAND_BYTES, FailReason, GroupRemovedError, NotLeaderError, PeerNode, RaftGroup,
                                ReplicationError, settle_future)
-from raftka.raft.pysyncobj_adapter import NO_OP_ENTRY, monotonic_time
+from raftka.raft.pysyncobj_adapter import monotonic_time
 from raftka.replication.log_journal import (APPEND_COMMAND, APPEND_HEADER, LOG_START_COMMAND, MULTI_APPEND_COMMAND,
                                             MULTI_APPEND_HEADER, NO_CONTROL, PART_SIZE, LogJournal, LogJournalPath,
                                             log_start_command, marker)
@@ -423,11 +423,10 @@ class PartitionReplica(RaftGroup):
         for _command, index, term in (previous, last_applied):
             slot = journal.slot(index)
             assert slot is not None, index
-            if slot[4] != NO_CONTROL:
-                command = log_start_command(slot[4])
-            else:
-                command = NO_OP_ENTRY if slot[2] == slot[3] else marker(slot[2], slot[3])
-            entries.append((command, index, term))
+            # a marker, even for an entry without data (a no-op, a log start): it says at which
+            # offset the entry sits, so a follower installing the checkpoint records it there and
+            # not at its own log end, which may be behind (it then catches up to that offset)
+            entries.append((marker(slot[2], slot[3]), index, term))
         self._log.flush_index()
         checkpoint.write(Path(path), checkpoint.Checkpoint(
             applied_index=last_applied[1], log_end_offset=journal.slot(last_applied[1])[3],
