@@ -697,6 +697,7 @@ class Simulation:
                 self._propose(group_id)
         if self.metadata and self.rng.random() < self.faults.metadata:
             self._propose_metadata()
+        self._settle_metadata()
         self._settle_in_flight()
         self.check_invariants()
 
@@ -947,7 +948,6 @@ class Simulation:
     def _settle_in_flight(self) -> None:
         """Answered appends: acknowledgements to check; a producer told its
         sequence is out of order starts a new epoch (as librdkafka does)."""
-        self._settle_metadata()
         waiting = []
         for append in self.in_flight:
             if not append.future.done():
@@ -1007,11 +1007,7 @@ class Simulation:
             return False
         for group_id in self.groups:
             replicas = [m.replicas[group_id] for m in members]
-            leaders = [r for r in replicas if r.is_leader]
-            if len(leaders) != 1:
-                return False
-            leader = leaders[0].view()
-            if leader.commit_index != leader.last_index:
+            if _committed_leader(replicas) is None:
                 return False
             if len({(r.log.high_watermark, r.log.log_end_offset, r.view().applied_index) for r in replicas}) != 1 \
                     or any(r.catching_up for r in replicas):
@@ -1032,6 +1028,17 @@ class Simulation:
         if self.one_way is not None:
             self._check_stickiness(self.one_way)
 
+    def _check_leader(self, leaders_by_term: dict[int, int], group: str, term: int, node_id: int,
+                      event: tuple[Any, ...]) -> None:
+        """Election safety: node_id leads `group` in `term`, and no other node
+        ever did; the first leader seen in a term is traced as `event`."""
+        other = leaders_by_term.get(term)
+        if other is None:
+            leaders_by_term[term] = node_id
+            self._record(*event)
+        elif other != node_id:
+            raise self._violation(f"{group}: two leaders in term {term}: nodes {other} and {node_id}")
+
     def _check_metadata(self) -> None:
         """The metadata group: one leader per term, and every node that has
         applied up to one index holds the same state there."""
@@ -1041,13 +1048,8 @@ class Simulation:
                 continue
             if meta.is_leader:
                 term = meta.leader_epoch
-                other = self.meta.leaders_by_term.get(term)
-                if other is None:
-                    self.meta.leaders_by_term[term] = member.node_id
-                    self._record("meta-leader", self.step_number, term, member.node_id)
-                elif other != member.node_id:
-                    raise self._violation(f"metadata group: two leaders in term {term}: nodes {other} and "
-                                          f"{member.node_id}")
+                self._check_leader(self.meta.leaders_by_term, "metadata group", term, member.node_id,
+                                   ("meta-leader", self.step_number, term, member.node_id))
             applied = meta.view().applied_index
             if self.meta.checked_index.get(member.node_id) == applied:
                 continue
@@ -1145,13 +1147,8 @@ class Simulation:
     def _check_replica(self, group: GroupState, node_id: int, replica: PartitionReplica) -> None:
         if replica.is_leader:
             term = replica.leader_epoch
-            if term not in group.leaders_by_term:
-                group.leaders_by_term[term] = node_id
-                self._record("leader", self.step_number, group.group_id, term, node_id)
-            other = group.leaders_by_term[term]
-            if other != node_id:
-                raise self._violation(f"group {group.group_id}: two leaders in term {term}: "
-                                      f"nodes {other} and {node_id}")
+            self._check_leader(group.leaders_by_term, f"group {group.group_id}", term, node_id,
+                               ("leader", self.step_number, group.group_id, term, node_id))
         log = replica.log
         if not log.high_watermark <= log.log_end_offset:
             raise self._violation(f"group {group.group_id}, node {node_id}: high watermark {log.high_watermark} "
@@ -1192,14 +1189,19 @@ class Simulation:
         return InvariantViolation(self.seed, self.step_number, what, self.healing)
 
 
-def _group_settled(replicas: list[Any]) -> bool:
-    """One leader, everything it holds committed and applied by every member."""
+def _committed_leader(replicas: list[Any]) -> Any:
+    """The view of the group's one leader if it has committed all it holds, else None."""
     leaders = [r for r in replicas if r.is_leader]
     if len(leaders) != 1:
-        return False
+        return None
     leader = leaders[0].view()
-    return leader.commit_index == leader.last_index and \
-        all(r.view().applied_index == leader.last_index for r in replicas)
+    return leader if leader.commit_index == leader.last_index else None
+
+
+def _group_settled(replicas: list[Any]) -> bool:
+    """One leader, everything it holds committed and applied by every member."""
+    leader = _committed_leader(replicas)
+    return leader is not None and all(r.view().applied_index == leader.last_index for r in replicas)
 
 
 def _followed_by_all(replicas: list[PartitionReplica]) -> PartitionReplica | None:
