@@ -321,8 +321,10 @@ class Handlers:
         replica, code = self._leader_replica(topic, partition)
         if replica is None:
             return code, -1, -1
-        if acks == -1 and len(self.controller.in_sync_replicas(replica)) < replica.log.config.min_insync_replicas:
-            return ErrorCode.NOT_ENOUGH_REPLICAS, -1, -1   # Kafka's check before the append; acks 0/1 skip it
+        min_insync = replica.log.config.min_insync_replicas
+        # Kafka's check before the append; acks 0/1 skip it, and with 1 the leader alone is enough
+        if acks == -1 and min_insync > 1 and len(self.controller.in_sync_replicas(replica)) < min_insync:
+            return ErrorCode.NOT_ENOUGH_REPLICAS, -1, -1
         if not records:
             return ErrorCode.CORRUPT_MESSAGE, -1, -1
         try:
