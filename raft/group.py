@@ -38,8 +38,8 @@ from raftka.raft.votes import VoteStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FailReason", "ForeignCommandError", "GroupRemovedError", "NotLeaderError", "PeerNode", "RaftGroup", "RaftView",
-           "ReplicationError"]
+__all__ = ["FailReason", "ForeignCommandError", "GroupRemovedError", "LeadershipTransferError", "NotLeaderError",
+           "PeerNode", "RaftGroup", "RaftView", "ReplicationError"]
 
 MAX_MESSAGE_ENTRIES_BYTES = 8 * 1024 * 1024
 # The Raft messages a peer may send a group. pysyncobj's apply_command and
@@ -48,6 +48,8 @@ MAX_MESSAGE_ENTRIES_BYTES = 8 * 1024 * 1024
 # make a leader append what it likes. Chunked entries ('transmission') are
 # dropped by GroupTransport: pysyncobj would unpickle them.
 RAFT_EXTENSIONS = frozenset({"rk_prevote", "rk_prevote_response", "rk_higher_term"})   # RaftGroup's own messages
+# timeout_now (a leadership transfer) is RaftGroup's own, never pysyncobj's:
+# see transfer_leadership.
 PEER_MESSAGE_TYPES = frozenset({"request_vote", "response_vote", "append_entries", "next_node_idx", "timeout_now"})
 MAX_COMMAND_BYTES = MAX_MESSAGE_ENTRIES_BYTES - 1  # pysyncobj pickles entries at or above the batch size
 
@@ -69,6 +71,26 @@ class NotLeaderError(Exception):
         super().__init__(f"group {group_id}: not the leader (leader is {leader_id})")
         self.group_id = group_id
         self.leader_id = leader_id
+
+
+class LeadershipTransferError(NotLeaderError):
+    """This member is handing its leadership to `leader_id` (a leadership
+    transfer): it takes no new proposals meanwhile. Retriable: the new leader
+    takes them within an election timeout, or this one again if the transfer
+    is abandoned."""
+
+    def __init__(self, group_id: int, target_id: int) -> None:
+        super().__init__(group_id, target_id)
+        self.args = (f"group {group_id}: transferring its leadership to {target_id}",)
+
+
+@dataclass
+class _Transfer:
+    """A leadership transfer this leader is running (see transfer_leadership)."""
+    target_id: int
+    term: int            # our term when it began: it ends when the term moves
+    deadline: float      # abandoned at this time (pysyncobj's clock) if still leader
+    sent: bool = False   # timeout_now sent (the target was caught up)
 
 
 class FailReason(enum.IntEnum):
@@ -263,6 +285,9 @@ class RaftGroup(AdaptedSyncObj):
         self._votes_term: Any = None               # the term whose votes _voters holds
         self._voters: set[int] = set()             # peers whose vote for us in that term was counted
         self._refusal_logged_at = -float("inf")
+        self._transfer: _Transfer | None = None    # leader: the transfer of our leadership under way
+        self._transfer_campaign_term = -1          # the term we campaign at because a leader told us to
+        self._campaign_now = False                 # that campaign starts at the next tick
         settings = raft_conf(self.group_dir, group_id=group_id, accepts=type(self).accepts_command,
                              journal_path=self._journal_path, **raft_settings)
         settings.update(serializer=self._write_checkpoint, deserializer=self._read_checkpoint)
@@ -280,6 +305,21 @@ class RaftGroup(AdaptedSyncObj):
     @property
     def is_leader(self) -> bool:
         return self._out_of_service is None and self._raft_is_leader()
+
+    @property
+    def accepts_proposals(self) -> bool:
+        """Leader, and not handing its leadership over (see transfer_leadership)."""
+        return self.is_leader and self._transfer is None
+
+    def proposal_refusal(self) -> Exception | None:
+        """Why a proposal made now would be refused (None: it would not be)."""
+        if self._out_of_service is not None:
+            return self._out_of_service
+        if not self.is_leader:
+            return NotLeaderError(self.group_id, self.leader_id)
+        if self._transfer is not None:
+            return LeadershipTransferError(self.group_id, self._transfer.target_id)
+        return None
 
     def take_out_of_service(self, error: Exception) -> None:
         """This member stops serving for good (its node's storage is broken):
@@ -355,6 +395,8 @@ class RaftGroup(AdaptedSyncObj):
 
     def next_tick_due(self) -> float:
         """When this group must tick again if nothing arrives (pysyncobj's clock)."""
+        if self.is_leader and self._transfer is not None:
+            return min(self._append_entries_due(), self._transfer.deadline)
         if self.is_leader:
             if not self._other_nodes() and self._raft_commit_index() < self._raft_log().durable_index \
                     and self._last_log_term() == self._raft_term():
@@ -421,10 +463,9 @@ class RaftGroup(AdaptedSyncObj):
         """Replicate `command`; `callback(result of applying it here, None)` once
         committed and applied, or `callback(None, error)`. Leader only.
         `wake` False: the caller is this group's tick, which takes it up itself."""
-        if self._out_of_service is not None:
-            raise self._out_of_service
-        if not self.is_leader:
-            raise NotLeaderError(self.group_id, self.leader_id)
+        refusal = self.proposal_refusal()
+        if refusal is not None:
+            raise refusal
         token = next(self._proposal_ids)
         self._outstanding[token] = callback
 
@@ -480,6 +521,8 @@ class RaftGroup(AdaptedSyncObj):
         """Turn an election pysyncobj would start in this tick into a pre-vote round."""
         super()._before_tick_hook()
         self._commit_at_tick = self._raft_commit_index()
+        if self._campaign_now:
+            self._start_transfer_campaign()
         if not self.PRE_VOTE or self.is_leader or not self._other_nodes():
             return
         now = monotonic_time()
@@ -541,6 +584,94 @@ class RaftGroup(AdaptedSyncObj):
             if self.transport.on_activity is not None:
                 self.transport.on_activity()
 
+    # ---- leadership transfer (the Raft thesis, 3.10; etcd's MsgTimeoutNow) ----
+    #
+    # The leader, asked to hand its leadership to a follower, stops taking
+    # proposals (LeadershipTransferError, a NotLeaderError: retriable), keeps
+    # replicating until the target's match index reaches its last index, then
+    # sends it timeout_now {term}. The target, if that is its leader and term
+    # and its state is complete (_may_compact: not catching up), campaigns at
+    # once: no pre-vote round, no waiting for its timer. Its request_votes
+    # carry "transfer": True (etcd's campaignTransfer), which voters honour
+    # inside their leader lease: the leader itself asked for this election, so
+    # stickiness must not refuse it. The old leader steps down on that
+    # request_vote's higher term and votes like any member (the log check
+    # still holds, so safety is Raft's). If the target has not taken over an
+    # election timeout (raftMaxTimeout) later, the transfer is abandoned and
+    # the leader takes proposals again.
+
+    def transfer_leadership(self, target_id: int) -> None:
+        """Hand this group's leadership to member `target_id` (see above).
+        NotLeaderError unless this member leads; ValueError for a target not in
+        the group. Transferring to ourselves does nothing; a transfer to
+        another target replaces the one under way. Watch `leader_id` (or
+        `transferring_to`) for the outcome."""
+        if not self.is_leader:
+            raise NotLeaderError(self.group_id, self.leader_id)
+        if target_id == self.self_id:
+            return
+        if self.transport.peer(target_id) is None:
+            raise ValueError(f"group {self.group_id}: {target_id} is not a member (members: {self.replica_ids})")
+        if self._transfer is not None and self._transfer.target_id == target_id:
+            return
+        now = monotonic_time()
+        self._transfer = _Transfer(target_id, self.raftCurrentTerm, now + self.conf.raftMaxTimeout)
+        log.info("group %d: transferring leadership from %d to %d (term %d)", self.group_id, self.self_id,
+                 target_id, self.raftCurrentTerm)
+        self._set_append_entries_due(0.0)   # bring the target up to date at the next tick
+        if self.transport.on_activity is not None:
+            self.transport.on_activity()
+
+    @property
+    def transferring_to(self) -> int | None:
+        """The member this leader is handing its leadership to, None when none."""
+        return self._transfer.target_id if self._transfer is not None else None
+
+    def _advance_transfer(self) -> None:
+        """Leader, each tick: send timeout_now once the target is caught up;
+        end the transfer when our term moved or its time ran out."""
+        transfer = self._transfer
+        if transfer is None:
+            return
+        if not self._raft_is_leader() or self.raftCurrentTerm != transfer.term:
+            self._transfer = None
+            log.info("group %d: leadership transfer to %d ended: leader now %s (term %d)", self.group_id,
+                     transfer.target_id, self.leader_id, self.raftCurrentTerm)
+            return
+        now = monotonic_time()
+        if now >= transfer.deadline:
+            self._transfer = None
+            log.info("group %d: leadership transfer to %d abandoned after %.3g s; %d leads on", self.group_id,
+                     transfer.target_id, self.conf.raftMaxTimeout, self.self_id)
+            return
+        node = self.transport.peer(transfer.target_id)
+        assert node is not None, f"group {self.group_id}: transfer target {transfer.target_id} is no peer"
+        if not transfer.sent and self._match_index().get(node, 0) >= self._last_log_index():
+            transfer.sent = True
+            self.transport.send(node, {"type": "timeout_now", "term": transfer.term})
+
+    def _on_timeout_now(self, node: PeerNode, message: dict) -> None:
+        """Our leader asks us to take over: campaign now, skipping the pre-vote."""
+        if (message.get("term") != self.raftCurrentTerm or self.is_leader or self.leader_id != node.broker_id
+                or not self._may_compact()):
+            log.info("group %d: ignored timeout_now from %d (term %s; ours %d, leader %s)", self.group_id,
+                     node.broker_id, message.get("term"), self.raftCurrentTerm, self.leader_id)
+            return
+        self._transfer_campaign_term = self.raftCurrentTerm + 1
+        self._campaign_now = True
+        if self.transport.on_activity is not None:
+            self.transport.on_activity()
+
+    def _start_transfer_campaign(self) -> None:
+        """At the start of the tick after timeout_now: have pysyncobj elect in
+        this tick (a heartbeat that arrived meanwhile may have pushed its timer
+        out), with no pre-vote round."""
+        self._campaign_now = False
+        if self.is_leader or self._transfer_campaign_term != self.raftCurrentTerm + 1:
+            return   # our term moved since: that election is someone else's now
+        self._prevote_won, self._prevote_term = True, self.raftCurrentTerm
+        self._set_election_deadline(0.0)
+
     # ---- durability: acknowledge only what is on disk --------------------
     #
     # With a journal that syncs (fsync=always), an entry counts for this
@@ -555,6 +686,7 @@ class RaftGroup(AdaptedSyncObj):
 
     def _after_tick_hook(self) -> None:
         super()._after_tick_hook()
+        self._advance_transfer()
         self.schedule_sync()
 
     def schedule_sync(self) -> None:
@@ -638,6 +770,10 @@ class RaftGroup(AdaptedSyncObj):
         kind = message.get("type")
         if kind not in PEER_MESSAGE_TYPES:
             return f"message type {kind!r}"
+        if kind == "timeout_now" and not (isinstance(message.get("term"), int) and len(message) == 2):
+            return "a malformed timeout_now"
+        if kind == "request_vote" and not isinstance(message.get("transfer", False), bool):
+            return "a request_vote with a malformed transfer flag"
         entries = message.get("entries")
         if kind != "append_entries" or entries is None:
             return None
@@ -670,8 +806,12 @@ class RaftGroup(AdaptedSyncObj):
                 # and with stickiness our request_votes no longer depose it; tell
                 # it, so it steps down and the group elects at a term past ours
                 self.transport.send(node, {"type": "rk_higher_term", "term": self.raftCurrentTerm})
-        elif kind == "request_vote" and self.PRE_VOTE and self._in_lease(monotonic_time()):
+        elif kind == "request_vote" and self.PRE_VOTE and message.get("transfer") is not True \
+                and self._in_lease(monotonic_time()):
             return   # leader stickiness: a live leader is not deposed by one node's timer
+        elif kind == "timeout_now":
+            self._on_timeout_now(node, message)
+            return
         elif kind == "response_vote" and self._repeated_vote(node, message):
             return
         if kind == "append_entries" and "prevLogIdx" in message:
@@ -792,6 +932,8 @@ class RaftGroup(AdaptedSyncObj):
             return
         if message.get("type") == "append_entries" and "commit_index" in message:
             self._commit_sent[node.broker_id] = message["commit_index"]
+        if message.get("type") == "request_vote" and message.get("term") == self._transfer_campaign_term:
+            message["transfer"] = True   # our leader asked for this election (see transfer_leadership)
         if self._verified_end is not None and isinstance(message, dict) \
                 and message.get("type") == "next_node_idx" and message.get("success"):
             message["next_node_idx"] = self._verified_end + 1

@@ -245,8 +245,9 @@ class PartitionReplica(RaftGroup):
         """Check and propose every pending append, as few entries as the size limit allows."""
         if not self._pending_appends:
             return
-        if not self.is_leader:
-            self._fail_pending_appends(NotLeaderError(self.group_id, self.leader_id))
+        refusal = self.proposal_refusal()   # not the leader, handing leadership over, out of service
+        if refusal is not None:
+            self._fail_pending_appends(refusal)
             return
         if self._producer_state_stale:   # one rebuild for all the proposals that failed since
             self._rebuild_producer_state()
@@ -373,10 +374,9 @@ class PartitionReplica(RaftGroup):
         return APPEND_HEADER.pack(APPEND_COMMAND, self.leader_epoch) + batches
 
     def _check_append(self, batches: bytes | bytearray | memoryview) -> None:
-        if self._out_of_service is not None:
-            raise self._out_of_service
-        if not self.is_leader:
-            raise NotLeaderError(self.group_id, self.leader_id)
+        refusal = self.proposal_refusal()
+        if refusal is not None:
+            raise refusal
         if len(batches) + APPEND_HEADER.size > MAX_COMMAND_BYTES:
             raise RecordTooLargeError(f"append of {len(batches)} bytes exceeds the replicated "
                                       f"command limit of {MAX_COMMAND_BYTES - APPEND_HEADER.size}")
