@@ -179,6 +179,15 @@ class Config:
     default_replication_factor: int = 1
     # replica.lag.time.max.ms: a follower out of the ISR after this long behind
     replica_lag_time_max_ms: int = 10_000
+    # auto.leader.rebalance.enable: a partition's leader hands its leadership to
+    # the preferred replica (the first) when that one is caught up, checked every
+    # leader.imbalance.check.interval.seconds and soon after leadership moved or
+    # the preferred replica rejoined, for a broker whose share of preferred
+    # partitions led by another is above leader.imbalance.per.broker.percentage
+    # (engine/cluster/leader_balance.py)
+    auto_leader_rebalance_enable: bool = True
+    leader_imbalance_check_interval_seconds: int = 300
+    leader_imbalance_per_broker_percentage: int = 10
     # ---- consumer groups ----
     # offsets.topic.num.partitions / offsets.topic.replication.factor (capped
     # at the number of brokers): the internal __consumer_offsets topic
@@ -210,6 +219,7 @@ class Config:
                     "fsync_interval_ms", "index_commit_interval_ms",
                     "index_commit_max_pending", "lmdb_map_size_bytes", "default_partitions",
                     "default_replication_factor", "replica_lag_time_max_ms", "max_request_bytes",
+                    "leader_imbalance_check_interval_seconds",
                     "offsets_topic_partitions", "offsets_topic_replication_factor", "group_min_session_timeout_ms",
                     "group_max_session_timeout_ms", "group_max_size", "producer_id_expiration_ms",
                     "offsets_retention_minutes", "offsets_retention_check_interval_ms", "max_connections",
@@ -222,6 +232,9 @@ class Config:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "peers", tuple(sorted((int(i), str(h), int(p)) for i, h, p in self.peers)))
+        if not 0 <= self.leader_imbalance_per_broker_percentage <= 100:
+            raise ValueError(f"leader_imbalance_per_broker_percentage must be in [0, 100], "
+                             f"got {self.leader_imbalance_per_broker_percentage}")
         if self.group_initial_rebalance_delay_ms < 0:
             raise ValueError(f"group_initial_rebalance_delay_ms must not be negative, got {self.group_initial_rebalance_delay_ms}")
         if self.group_min_session_timeout_ms > self.group_max_session_timeout_ms:
@@ -378,6 +391,9 @@ BROKER_CONFIGS: dict[str, str] = {
     "auto.create.topics.enable": "auto_create_topics",
     "socket.request.max.bytes": "max_request_bytes",
     "replica.lag.time.max.ms": "replica_lag_time_max_ms",
+    "auto.leader.rebalance.enable": "auto_leader_rebalance_enable",
+    "leader.imbalance.check.interval.seconds": "leader_imbalance_check_interval_seconds",
+    "leader.imbalance.per.broker.percentage": "leader_imbalance_per_broker_percentage",
     "offsets.topic.num.partitions": "offsets_topic_partitions",
     "offsets.topic.replication.factor": "offsets_topic_replication_factor",
     "group.initial.rebalance.delay.ms": "group_initial_rebalance_delay_ms",

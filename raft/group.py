@@ -376,6 +376,14 @@ class RaftGroup(AdaptedSyncObj):
         last = self._last_log_index()
         return {node.broker_id: max(last - match, 0) for node, match in self._match_index().items()}
 
+    def peer_caught_up(self, peer_id: int) -> bool:
+        """Leader only: member `peer_id` is connected and its log matches ours
+        up to our commit index (a leadership transfer to it needs no catch-up
+        beyond what is in flight)."""
+        node = self.transport.peer(peer_id)
+        return (self.is_leader and node is not None and node in self._connected_nodes()
+                and self._match_index().get(node, 0) >= self._raft_commit_index())
+
     def in_sync_replicas(self, max_lag_s: float = 10.0) -> list[int]:
         """Kafka's ISR as the leader sees it: itself, and each follower whose log
         reached the leader's commit index within the last `max_lag_s` seconds

@@ -21,14 +21,14 @@ PARTITIONS = 3
 DEADLINE_S = 30.0
 
 
-def partition_leaders(port: int) -> dict[int, int]:
-    """partition -> leader of TOPIC as the broker on `port` itself answers Metadata (v4, what
+def partition_leaders(port: int, topic_name: str = TOPIC) -> dict[int, int]:
+    """partition -> leader of `topic_name` as the broker on `port` itself answers Metadata (v4, what
     librdkafka sends): from its copy of the replicated cluster metadata."""
     schema = load_request_schema(3, 4)
-    body = schema(topics=(kafka.nested(schema, "MetadataRequestTopic")(name=TOPIC),),
+    body = schema(topics=(kafka.nested(schema, "MetadataRequestTopic")(name=topic_name),),
                   allow_auto_topic_creation=False)
     response = ask(("127.0.0.1", port), 3, 4, body)
-    topic = next(t for t in response.topics if t.name == TOPIC)
+    topic = next(t for t in response.topics if t.name == topic_name)
     return {int(p.partition_index): int(p.leader_id) for p in topic.partitions}
 
 
@@ -68,8 +68,8 @@ def produce(producer, partition: int, count: int, acked: dict, tag: str) -> None
     assert producer.flush(60) == 0 and not failures, failures
 
 
-def records_on_disk(brokers: LocalBrokers, node_id: int, partition: int) -> dict[int, bytes]:
-    data = b"".join(brokers.segment_files(node_id, TOPIC, partition).values())
+def records_on_disk(brokers: LocalBrokers, node_id: int, partition: int, topic: str = TOPIC) -> dict[int, bytes]:
+    data = b"".join(brokers.segment_files(node_id, topic, partition).values())
     return {r.offset: r.value for r in parse_records(data)}
 
 

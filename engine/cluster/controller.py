@@ -32,6 +32,7 @@ from typing import Any, Callable
 from raftka.cluster import metadata
 from raftka.cluster.metadata import METADATA_GROUP_ID, ClusterState, PartitionInfo, PartitionLimits
 from raftka.cluster import topic_configs
+from raftka.cluster.leader_balance import LeaderBalancer, LedPartition, preferred_imbalance
 from raftka.config import OFFSETS_TOPIC, Config, ConfigError, config_text
 from raftka.errors import (ErrorCode, InvalidConfigError, InvalidPartitionsError, InvalidReplicationFactorError, NoControllerError,
                            RaftkaError, UnknownTopicOrPartitionError)
@@ -99,6 +100,8 @@ class ClusterController:
         self._producer_ids: list[int] | None = None    # [next, end) of this broker's block
         self._producer_id_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
+        self.balancer = LeaderBalancer(config.node_id, config.leader_imbalance_check_interval_seconds,
+                                       config.leader_imbalance_per_broker_percentage)
         # the broker's hook on each partition replica this broker starts
         self.on_replica_started: Callable[[tuple[str, int], PartitionReplica], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -498,6 +501,8 @@ class ClusterController:
                 if loop.time() >= next_report:
                     next_report = loop.time() + LEADERSHIP_REPORT_INTERVAL_S
                     self._report_leadership()
+                if self.config.auto_leader_rebalance_enable and self.balancer.due(loop.time()) and self.ready:
+                    self._balance_leaders(loop.time())
             except Exception:
                 log.exception("node %d: periodic duties failed", self.node_id)
 
@@ -515,6 +520,42 @@ class ClusterController:
             command = metadata.record_leader(key[0], key[1], replica.group_id, self.node_id, replica.leader_epoch, isr)
             task = asyncio.get_running_loop().create_task(self._report(command))
             task.add_done_callback(lambda _t, key=key: self._reporting.discard(key))
+
+    def _balance_leaders(self, now: float) -> None:
+        """Hand partitions this broker leads to their preferred replicas where
+        the LeaderBalancer says so (auto.leader.rebalance.enable)."""
+        led = []
+        for key, replica in self._replicas.items():
+            info = self.state.partition(*key)
+            if replica.is_leader and info is not None and info.replicas:
+                preferred = info.replicas[0]
+                led.append(LedPartition(key, preferred, replica.leader_epoch, replica.peer_caught_up(preferred)))
+        for key, target in self.balancer.transfers(now, led, self.leader_imbalance()):
+            log.info("node %d: %s-%d: moving leadership to its preferred replica %d", self.node_id, *key, target)
+            try:
+                self.transfer_leadership(key, target)
+            except (NotLeaderError, ValueError) as error:
+                log.info("node %d: %s-%d: no transfer: %s", self.node_id, *key, error)
+
+    def transfer_leadership(self, key: tuple[str, int], target: int) -> None:
+        """Start a leadership transfer of a partition this broker leads (Raft's
+        TimeoutNow); NotLeaderError if it does not lead it (any more)."""
+        replica = self._replicas.get(key)
+        if replica is None:
+            raise NotLeaderError(-1, None)
+        replica.transfer_leadership(target)
+        self.node.mark_active(replica.group_id)
+
+    def leader_imbalance(self) -> dict[int, float]:
+        """Preferred broker -> the share of its preferred partitions it does not
+        lead, every topic, from the metadata (and our own replicas, fresher)."""
+        partitions = []
+        for topic in self.state.topics.values():
+            for index, info in enumerate(topic.partitions):
+                replica = self._replicas.get((topic.name, index))
+                leader = self.node_id if replica is not None and replica.is_leader else info.leader
+                partitions.append((leader, info.replicas))
+        return preferred_imbalance(partitions)
 
     async def _report(self, command: bytes) -> None:
         try:
