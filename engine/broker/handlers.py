@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LATEST, EARLIEST, MAX_TIMESTAMP = -1, -2, -3   # ListOffsets' special timestamps
+PREFERRED_ELECTION = 0                           # ElectLeaders' election type 0; 1 is unclean
 HIGH_WATERMARK = -1                              # DeleteRecords' "everything committed"
 MAX_TIMESTAMP_READ_BYTES = 4 << 20
 ENDPOINT_TYPE_BROKERS = 1                        # DescribeCluster v1
@@ -96,6 +97,7 @@ class Handlers:
             kafka.INIT_PRODUCER_ID: self.init_producer_id, kafka.CREATE_PARTITIONS: self.create_partitions,
             kafka.DESCRIBE_CONFIGS: self.describe_configs, kafka.DESCRIBE_CLUSTER: self.describe_cluster,
             kafka.ALTER_CONFIGS: self.alter_configs, kafka.INCREMENTAL_ALTER_CONFIGS: self.incremental_alter_configs,
+            kafka.ELECT_LEADERS: self.elect_leaders,
             **self.group_handlers.table(),
         }
 
@@ -469,6 +471,44 @@ class Handlers:
             return ErrorCode.NONE, await replica.delete_records(offset, timeout_s)
         except RaftkaError as error:
             return error.error_code, -1
+
+    # ---- ElectLeaders ------------------------------------------------------------
+
+    async def elect_leaders(self, request: Request) -> Response:
+        """Kafka's ElectLeaders, type PREFERRED (the only one a Raft log has: an
+        unclean election could lose committed entries): each partition asked,
+        or every partition when the list is null, moves to its preferred
+        replica (ClusterController.elect_preferred_leader). ALTER on the
+        cluster is needed. A null list answers only the partitions that needed
+        an election, as Kafka does."""
+        body = request.body
+        schema = response_schema(request)
+        result_cls, partition_cls = nested(schema, "ReplicaElectionResult"), nested(schema, "PartitionResult")
+        deadline = _admin_deadline(body.timeout)
+        everything = body.topic_partitions is None
+        if everything:
+            wanted = [(t.name, p) for t in self.controller.state.topics.values() for p in range(len(t.partitions))]
+        else:
+            wanted = [(t.topic, int(p)) for t in body.topic_partitions for p in t.partitions]
+        codes = await asyncio.gather(*(self._elect_leader(request, topic, partition, getattr(body, "election_type", 0),
+                                                          _remaining_s(deadline)) for topic, partition in wanted))
+        by_topic: dict[str, list[Any]] = {}
+        for (topic, partition), code in zip(wanted, codes):
+            if everything and code == ErrorCode.ELECTION_NOT_NEEDED:
+                continue
+            message = None if code == ErrorCode.NONE else ErrorCode(code).name
+            by_topic.setdefault(topic, []).append(build(partition_cls, partition_id=partition, error_code=code,
+                                                        error_message=message))
+        return kafka.answer(request, error_code=ErrorCode.NONE, replica_election_results=tuple(
+            build(result_cls, topic=topic, partition_result=tuple(results)) for topic, results in by_topic.items()))
+
+    async def _elect_leader(self, request: Request, topic: str, partition: int, election_type: int,
+                            timeout_s: float) -> int:
+        if not self._may(request, acl.OP_ALTER, acl.RESOURCE_CLUSTER, acl.CLUSTER_NAME):
+            return ErrorCode.CLUSTER_AUTHORIZATION_FAILED
+        if election_type != PREFERRED_ELECTION:
+            return ErrorCode.INVALID_REQUEST   # unclean: never, a Raft leader always holds every committed entry
+        return await self.controller.elect_preferred_leader(topic, partition, timeout_s)
 
     # ---- OffsetForLeaderEpoch ------------------------------------------------
 

@@ -44,7 +44,7 @@ API_NAMES = {0: "Produce", 1: "Fetch", 2: "ListOffsets", 3: "Metadata", 8: "Offs
              10: "FindCoordinator", 11: "JoinGroup", 12: "Heartbeat", 13: "LeaveGroup", 14: "SyncGroup",
              15: "DescribeGroups", 16: "ListGroups", 18: "ApiVersions", 19: "CreateTopics", 20: "DeleteTopics",
              22: "InitProducerId", 32: "DescribeConfigs", 37: "CreatePartitions", 42: "DeleteGroups",
-             47: "OffsetDelete"}
+             43: "ElectLeaders", 47: "OffsetDelete"}
 MAX_REQUEST_HEAD_BYTES = 8192
 
 

@@ -54,6 +54,7 @@ ADMIN_TIMEOUT_S = 15.0             # the longest an admin operation waits (a req
 READY_POLL_INTERVAL_S = 0.02
 PROPOSE_RETRY_INTERVAL_S = 0.05
 PRODUCER_ID_BLOCK = 1000
+ELECTION_POLL_INTERVAL_S = 0.01
 
 
 class MetadataCommandError(RaftkaError):
@@ -369,6 +370,14 @@ class ClusterController:
                 future.set_result(code)
         elif kind == "rk_propose" and isinstance(message.get("command"), bytes):
             asyncio.get_running_loop().create_task(self._serve_forwarded(peer_id, request_id, message["command"]))
+        elif kind == "rk_elect" and isinstance(message.get("topic"), str) and isinstance(message.get("partition"), int):
+            asyncio.get_running_loop().create_task(
+                self._serve_election(peer_id, request_id, (message["topic"], message["partition"])))
+        elif kind == "rk_elected":
+            leader, future = self._forwarded.get(request_id, (None, None))
+            code = message.get("error")
+            if leader == peer_id and future is not None and not future.done() and isinstance(code, int):
+                future.set_result(code)
 
     async def _serve_forwarded(self, peer_id: int, request_id: int, command: bytes) -> None:
         assert self.metadata is not None
@@ -380,6 +389,67 @@ class ClusterController:
                 code = int(ErrorCode.NOT_CONTROLLER)
         self.metadata.transport.send_to(peer_id, {"type": "rk_proposed", "id": request_id, "error": code})
         self.node.mark_active(METADATA_GROUP_ID)
+
+    # ---- preferred leader election (Kafka's ElectLeaders, type PREFERRED) ----
+
+    async def elect_preferred_leader(self, topic: str, partition: int, timeout_s: float) -> int:
+        """Make the partition's preferred replica (its first) its leader, from
+        any broker: the leader, asked over the peer network (the metadata
+        group's channel: every broker is in it) when that is another broker,
+        transfers its leadership (Raft's TimeoutNow). The Kafka error code:
+        NONE once the preferred replica leads, ELECTION_NOT_NEEDED when it
+        already did, PREFERRED_LEADER_NOT_AVAILABLE when it is not caught up
+        (or did not take over), LEADER_NOT_AVAILABLE with no leader known,
+        REQUEST_TIMED_OUT when the leader did not answer in time."""
+        info = self.state.partition(topic, partition)
+        if info is None or not info.replicas:
+            return ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
+        leader, _epoch = self.partition_leader(topic, partition)
+        if leader == info.replicas[0]:
+            return ErrorCode.ELECTION_NOT_NEEDED
+        if leader == self.node_id:
+            return await self._elect_here((topic, partition), timeout_s)
+        if leader < 0 or self.metadata is None:
+            return ErrorCode.LEADER_NOT_AVAILABLE
+        request_id = next(self._forward_ids)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._forwarded[request_id] = (leader, future)
+        try:
+            self.metadata.transport.send_to(leader, {"type": "rk_elect", "id": request_id, "topic": topic,
+                                                     "partition": partition})
+            self.node.mark_active(METADATA_GROUP_ID)
+            return await asyncio.wait_for(future, timeout_s)
+        except asyncio.TimeoutError:
+            return ErrorCode.REQUEST_TIMED_OUT
+        finally:
+            self._forwarded.pop(request_id, None)
+
+    async def _serve_election(self, peer_id: int, request_id: int, key: tuple[str, int]) -> None:
+        assert self.metadata is not None
+        code = await self._elect_here(key, FORWARD_TIMEOUT_S)
+        self.metadata.transport.send_to(peer_id, {"type": "rk_elected", "id": request_id, "error": int(code)})
+        self.node.mark_active(METADATA_GROUP_ID)
+
+    async def _elect_here(self, key: tuple[str, int], timeout_s: float) -> int:
+        """As the partition's leader: transfer to the preferred replica and wait for it to lead."""
+        replica, info = self._replicas.get(key), self.state.partition(*key)
+        if info is None or not info.replicas:
+            return ErrorCode.UNKNOWN_TOPIC_OR_PARTITION
+        if replica is None or not replica.is_leader:
+            return ErrorCode.NOT_LEADER_OR_FOLLOWER
+        preferred = info.replicas[0]
+        if preferred == self.node_id:
+            return ErrorCode.ELECTION_NOT_NEEDED
+        if not replica.peer_caught_up(preferred):
+            return ErrorCode.PREFERRED_LEADER_NOT_AVAILABLE
+        self.transfer_leadership(key, preferred)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while replica.leader_id != preferred and loop.time() < deadline:
+            if replica.is_leader and replica.transferring_to is None:
+                break   # abandoned: it did not take over in an election timeout
+            await asyncio.sleep(ELECTION_POLL_INTERVAL_S)
+        return ErrorCode.NONE if replica.leader_id == preferred else ErrorCode.PREFERRED_LEADER_NOT_AVAILABLE
 
     def _refuse_forwarded(self, peer_id: int, command: bytes) -> int | None:
         """Why a command a peer forwarded is not proposed (an error code the

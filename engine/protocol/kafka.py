@@ -45,7 +45,7 @@ OFFSET_FOR_LEADER_EPOCH = 23
 DESCRIBE_CONFIGS, CREATE_PARTITIONS, DELETE_GROUPS, OFFSET_DELETE = 32, 37, 42, 47
 SASL_HANDSHAKE, SASL_AUTHENTICATE, DESCRIBE_ACLS, CREATE_ACLS, DELETE_ACLS = 17, 36, 29, 30, 31
 DESCRIBE_USER_SCRAM_CREDENTIALS, ALTER_USER_SCRAM_CREDENTIALS = 50, 51
-ALTER_CONFIGS, INCREMENTAL_ALTER_CONFIGS, DESCRIBE_CLUSTER = 33, 44, 60
+ALTER_CONFIGS, INCREMENTAL_ALTER_CONFIGS, DESCRIBE_CLUSTER, ELECT_LEADERS = 33, 44, 60, 43
 
 # api key -> (min, max) advertised in ApiVersions
 ADVERTISED: dict[int, tuple[int, int]] = {
@@ -86,6 +86,7 @@ ADVERTISED: dict[int, tuple[int, int]] = {
     DESCRIBE_USER_SCRAM_CREDENTIALS: (0, 0),
     ALTER_USER_SCRAM_CREDENTIALS: (0, 0),
     DESCRIBE_CLUSTER: (0, 1),
+    ELECT_LEADERS: (0, 2),        # preferred elections only (a Raft leadership transfer)
 }
 # advertised but refused (UNSUPPORTED_VERSION): Produce before v3 cannot carry v2
 # record batches; SaslHandshake v0 is followed by raw SASL tokens outside Kafka's
