@@ -308,6 +308,36 @@ def status(args: argparse.Namespace, out: TextIO) -> None:
             print(f"  {group}\t{topic}\t{partition}\t{committed}\t{lag}", file=out)
 
 
+def leaders_elect(args: argparse.Namespace, out: TextIO) -> None:
+    """Move partitions' leadership to their preferred replica (the first) now,
+    with ElectLeaders (type PREFERRED): one partition, a topic's, or every
+    partition that needs it. One line per partition with the outcome."""
+    from confluent_kafka import ElectionType, KafkaError, TopicPartition
+    if args.partition is not None and args.topic is None:
+        raise AdminError("--partition needs --topic")
+    admin = _admin(args)
+    metadata = _metadata(admin, args)
+    wanted = None
+    if args.topic is not None:
+        topic = _known_topic(metadata, args.topic)
+        ids = [args.partition] if args.partition is not None else sorted(topic.partitions)
+        if any(p not in topic.partitions for p in ids):
+            raise AdminError(f"topic {args.topic!r} has no partition {args.partition}")
+        wanted = [TopicPartition(args.topic, p) for p in ids]
+    # (no keyword arguments: confluent-kafka 2.16's elect_leaders raises SystemError on any)
+    results = _result(admin.elect_leaders(ElectionType.PREFERRED, wanted), "electing preferred leaders", args)
+    for tp, error in sorted(results.items(), key=lambda item: (item[0].topic, item[0].partition)):
+        if error is None:
+            outcome = "now led by its preferred replica"
+        elif error.code() == KafkaError.ELECTION_NOT_NEEDED:
+            outcome = "already led by its preferred replica"
+        else:
+            outcome = f"not moved: {error.str()}"
+        print(f"{tp.topic}\t{tp.partition}\t{outcome}", file=out)
+    if not results:
+        print("every partition is led by its preferred replica", file=out)
+
+
 def leader_balance(partitions: list[tuple[int, list[int]]],
                    brokers: Iterable[int]) -> tuple[dict[int, tuple[int, int]], int]:
     """From (leader, replicas) per partition: broker -> (partitions it leads,
@@ -413,6 +443,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     consuming.add_argument("--print-key", action="store_true")
     consuming.add_argument("--key-separator", "-K", help="between key and value with --print-key (default tab)")
     consuming.set_defaults(run=consume)
+
+    leaders = commands.add_parser("leaders", help="move partition leadership to the preferred replicas",
+                                  description="move partition leadership to the preferred replicas")
+    leader_verbs = leaders.add_subparsers(dest="verb", metavar="VERB", required=True)
+    elect = command("elect", "ElectLeaders (preferred): hand each partition to its first replica when it is "
+                    "caught up (default: every partition that needs it)", leader_verbs)
+    elect.add_argument("--topic", "-t", help="only this topic's partitions")
+    elect.add_argument("--partition", "-P", type=int, help="only this partition of --topic")
+    elect.set_defaults(run=leaders_elect)
 
     command("status", "brokers, partitions (leader, replicas, ISR, high watermark, Raft term), group lag") \
         .set_defaults(run=status)

@@ -138,7 +138,8 @@ def said_in_one_line(run: subprocess.CompletedProcess) -> bool:
 
 @pytest.mark.parametrize("command", [["topics", "create", "t"], ["topics", "create", "t", "-p", "1", "-r", "1"],
                                      ["topics", "list"], ["topics", "describe"], ["topics", "describe", "t"],
-                                     ["topics", "delete", "t"], ["produce", "t"], ["consume", "t"], ["status"]])
+                                     ["topics", "delete", "t"], ["produce", "t"], ["consume", "t"], ["status"],
+                                     ["leaders", "elect"]])
 def test_every_command_against_an_unreachable_broker_fails_in_one_line_within_its_timeout(command):
     started = time.monotonic()
     run = raftka(*command, "--timeout-s", "2", stdin="x\n", bootstrap=f"127.0.0.1:{free_ports(1)[0]}")

@@ -5,7 +5,7 @@ sent to a broker that does not lead the partition is forwarded to its
 leader, which hands it to the preferred replica; confluent-kafka's
 AdminClient.elect_leaders over every partition then spreads the leaders
 one per broker; asking again answers ELECTION_NOT_NEEDED, and an unclean
-election is refused."""
+election is refused; `raftka leaders elect` says so."""
 from __future__ import annotations
 
 import datetime
@@ -18,6 +18,7 @@ from raftka.protocol import kafka
 from tests import test_broker_failover as failover
 from tests.test_broker_clients import ask
 from tests.test_broker_failover import wait_for
+from tests.test_cli import raftka
 
 TOPIC = "elect"
 PARTITIONS = 3
@@ -68,5 +69,8 @@ def test_elect_leaders_moves_each_partition_to_its_preferred_replica_from_any_br
         assert codes == {p: ErrorCode.ELECTION_NOT_NEEDED for p in range(PARTITIONS)}, codes
         assert elect(brokers.port(2), 0, [0, 1, 2]) == {p: ErrorCode.ELECTION_NOT_NEEDED for p in range(PARTITIONS)}
         assert elect(brokers.port(3), 2, None) == {}   # everything: only the partitions that needed an election
+
+        run = raftka("leaders", "elect", "--topic", TOPIC, "--partition", "0", bootstrap=brokers.bootstrap())
+        assert run.returncode == 0 and run.stdout == f"{TOPIC}\t0\talready led by its preferred replica\n", run
     finally:
         brokers.stop()
