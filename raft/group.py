@@ -11,6 +11,9 @@ in state_machine.py, the partition replica in engine/replication/).
 - Compaction writes a small checkpoint (checkpoint.py) through the
   subclass's `_write_checkpoint` instead of pickling the object; a subclass
   may hold compaction off (`_may_compact`) while its state is incomplete.
+- Leadership transfer (transfer_leadership): the leader stops taking
+  proposals, brings the target up to date and sends it timeout_now; the
+  target elects itself at once, past PreVote and its voters' leases.
 - pysyncobj's replication is fixed for pipelining (a follower never drops
   entries it acknowledged), and idle groups' heartbeats are coalesced per
   peer by RaftNode.
