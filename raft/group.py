@@ -633,6 +633,17 @@ class RaftGroup(AdaptedSyncObj):
         if self.transport.on_activity is not None:
             self.transport.on_activity()
 
+    def stand_first(self) -> None:
+        """Let this member's first election timer run out at half of
+        raftMinTimeout, before any other member's (theirs are drawn from
+        [raftMinTimeout, raftMaxTimeout]), so a new group's first election
+        usually elects it: a group's preferred leader calls it as the group
+        starts, sparing a leadership transfer right after. It changes only
+        when this member asks for (pre-)votes; who wins is still Raft's."""
+        if self.leader_id is None and not self.is_leader and self._other_nodes():
+            first = monotonic_time() + self.conf.raftMinTimeout / 2
+            self._set_election_deadline(min(self._election_deadline(), first))
+
     @property
     def transferring_to(self) -> int | None:
         """The member this leader is handing its leadership to, None when none."""

@@ -285,9 +285,11 @@ async def produce(port: int, topic: str, correlation_id: int) -> int:
 def test_a_broker_whose_log_write_fails_refuses_produce_and_its_partition_moves(tmp_path, caplog):
     async def run() -> None:
         ports = dict(zip(IDS, free_ports(3)))
+        # the leader is picked once below: no preferred-leader transfer may move it meanwhile
         brokers = {i: Broker(Config(data_dir=tmp_path / f"b{i}", node_id=i, port=0, peer_port=ports[i],
                                     cluster_secret="0123456789abcdef0123456789abcdef", peers=tuple((j, "127.0.0.1", p)
-                                                                         for j, p in ports.items() if j != i)),
+                                                                         for j, p in ports.items() if j != i),
+                                    auto_leader_rebalance_enable=False),
                              **FAST) for i in IDS}
         try:
             await asyncio.gather(*(b.start() for b in brokers.values()))

@@ -540,6 +540,8 @@ class ClusterController:
         replica = PartitionReplica(info.group_id, self.logs.log(name, partition), self.node_id, info.replicas,
                                    self.node.network, self.raft_dir / str(info.group_id), **self.raft_settings)
         self._replicas[key] = replica
+        if info.replicas and info.replicas[0] == self.node_id:
+            replica.stand_first()   # the preferred leader: usually elected first, nothing to move later
         self.node.add_group(replica)
         if self.on_replica_started is not None:
             self.on_replica_started(key, replica)
