@@ -101,7 +101,7 @@ class Config:
     # delete.retention.ms after its timestamp; the cleaner runs when the dirty
     # share of the cleanable log reaches min.cleanable.dirty.ratio, checked
     # every log.cleaner.backoff.ms, reading at most
-    # log.cleaner.io.max.bytes.per.second, with at most
+    # log.cleaner.io.max.bytes.per.second (0: unthrottled), with at most
     # log.cleaner.dedupe.buffer.size bytes of key map (24 bytes a distinct key)
     min_compaction_lag_ms: int = 0
     delete_retention_ms: int = DAY_MS
@@ -227,12 +227,14 @@ class Config:
                     "max_partitions_per_request", "fetch_max_bytes",
                     "connections_max_idle_ms", "queued_max_request_bytes", "message_timestamp_before_max_ms",
                     "message_timestamp_after_max_ms", "min_insync_replicas", "log_cleaner_backoff_ms",
-                    "log_cleaner_io_max_bytes_per_second", "log_cleaner_dedupe_buffer_size")
+                    "log_cleaner_dedupe_buffer_size")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "peers", tuple(sorted((int(i), str(h), int(p)) for i, h, p in self.peers)))
+        if self.log_cleaner_io_max_bytes_per_second < 0:
+            raise ValueError("log_cleaner_io_max_bytes_per_second must not be negative (0: unthrottled)")
         if not 0.0 <= self.min_cleanable_dirty_ratio <= 1.0:
             raise ValueError(f"min_cleanable_dirty_ratio must be in [0, 1], got {self.min_cleanable_dirty_ratio}")
         if self.group_initial_rebalance_delay_ms < 0:

@@ -1,0 +1,239 @@
+"""Log compaction (cleanup.policy=compact) against a model: after a clean
+below E with tombstone horizon H, a reader sees, of the records below E,
+the latest of each key (a tombstone only while its timestamp is >= H), and
+every record from E on; offsets never move. On one log (a property test
+over random workloads) and on three replicas of a Raft group (the real
+PartitionReplica under the simulation's clock and network), whose segment
+files must come out byte for byte the same."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+
+from raftka.config import Config
+from raftka.errors import InvalidRecordError
+from raftka.raft.pysyncobj_adapter import patched_clock
+from raftka.records.batch import Record, build_batch, parse_records
+from raftka.replication.simulation import Faults, Simulation
+from raftka.storage.cleaner import CleanPlan
+from raftka.storage.index import IndexStore
+from raftka.storage.partition_log import PartitionLog
+from raftka.storage.producer_state import ProducerState
+
+BASE_MS = 1_700_000_000_000
+KEYS = [b"k%d" % i for i in range(6)]
+COMPACTED = dict(segment_bytes=600, index_interval_bytes=128, cleanup_policy="compact", fsync="never",
+                 min_cleanable_dirty_ratio=0.0, delete_retention_ms=50, log_cleaner_io_max_bytes_per_second=0)
+
+# a batch: its records as (key index, value or None for a tombstone)
+batches_strategy = st.lists(st.lists(st.tuples(st.integers(0, len(KEYS) - 1),
+                                               st.one_of(st.none(), st.binary(min_size=1, max_size=24))),
+                                     min_size=1, max_size=4), min_size=1, max_size=40)
+
+
+def batch_bytes(records: list[tuple[int, bytes | None]], first_ms: int, **producer: int) -> bytes:
+    return build_batch([Record(value, KEYS[key], (), first_ms + i) for i, (key, value) in enumerate(records)],
+                       **producer)
+
+
+def visible(log: PartitionLog) -> list[tuple[int, bytes, bytes | None]]:
+    """(offset, key, value) of every record a reader sees, start to high watermark."""
+    out, offset = [], log.log_start_offset
+    while offset < log.high_watermark:
+        piece = log.read(offset, 1 << 20)
+        out += [(r.offset, r.key, r.value) for r in parse_records(piece.buffer, min_offset=offset)]
+        assert piece.next_offset > offset
+        offset = piece.next_offset
+    return out
+
+
+def model_clean(records: list[tuple[int, bytes, bytes | None, int]], end: int, horizon_ms: int) -> list:
+    """The model: of the records below `end`, the latest per key, a tombstone only until the horizon."""
+    latest = {key: offset for offset, key, _value, _ts in records if offset < end}
+    return [(offset, key, value, ts) for offset, key, value, ts in records
+            if offset >= end or (latest[key] == offset and not (value is None and ts < horizon_ms))]
+
+
+@pytest.fixture
+def open_log(tmp_path):
+    opened = []
+
+    def make(name: str = "", **settings) -> PartitionLog:
+        name = name or f"c{len(opened)}"
+        config = Config(data_dir=tmp_path, **{**COMPACTED, **settings})
+        index = IndexStore(tmp_path / f"{name}.lmdb", 1 << 26)
+        log = PartitionLog(name, tmp_path / name, 0, index, config)
+        opened.append((log, index))
+        return log
+    yield make
+    for log, index in opened:
+        log.abandon()
+        index.close()
+
+
+def append_all(log: PartitionLog, batches: list, start_ms: int) -> list[tuple[int, bytes, bytes | None, int]]:
+    appended = []
+    for n, records in enumerate(batches):
+        first_ms = start_ms + 10 * n
+        result = log.append(batch_bytes(records, first_ms))
+        appended += [(result.base_offset + i, KEYS[key], value, first_ms + i) for i, (key, value) in enumerate(records)]
+    log.set_high_watermark(log.log_end_offset)
+    return appended
+
+
+@seed(1717)
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first=batches_strategy, second=batches_strategy, horizon_step=st.integers(0, 500))
+def test_a_clean_leaves_the_latest_record_per_key_and_young_tombstones_with_offsets_unchanged(
+        open_log, first, second, horizon_step):
+    log = open_log()
+    records = append_all(log, first, BASE_MS)
+    for round_ms, more in ((BASE_MS + horizon_step, second), (BASE_MS + 2 * horizon_step + 400, [])):
+        records += append_all(log, more, records[-1][3] + 10 if records else BASE_MS)
+        end = log.segments[-1].base_offset           # every sealed segment (the active one is never cleaned)
+        plan = CleanPlan(end, round_ms)
+        log.clean_now(plan)
+        records = model_clean(records, end, plan.horizon_ms)
+        assert visible(log) == [(offset, key, value) for offset, key, value, _ts in records]
+    assert log.log_end_offset == sum(len(b) for b in first + second)   # offsets never move
+    reopened_view = visible(log)
+    log.close()
+    again = PartitionLog(log.name, log.directory, 0, log._index, log.config)   # recovery takes cleaned segments
+    assert (visible(again), again.log_end_offset) == (reopened_view, log.log_end_offset)
+    again.abandon()
+
+
+def test_a_fetch_at_a_removed_offset_returns_the_next_record_and_cleaning_twice_changes_nothing(open_log):
+    log = open_log()
+    append_all(log, [[(0, b"old")], [(1, b"one")], [(0, b"new")]] * 20, BASE_MS)
+    plan = log.compact(now_ms=BASE_MS + 10_000)
+    assert plan is not None and log.finish_clean(wait=True)
+    assert log.last_clean.records_out < log.last_clean.records_in
+    assert visible(log)[0][0] > 0                     # offsets 0.. were removed: reads go on to the next record
+    assert [offset for offset, _k, _v in visible(log)][-3:] == [57, 58, 59]
+    files = {p.name: p.read_bytes() for p in log.directory.glob("*.log")}
+    log.clean_now(plan)
+    assert {p.name: p.read_bytes() for p in log.directory.glob("*.log")} == files
+    assert log.compact(now_ms=BASE_MS + 10_000) is None   # nothing dirty since
+
+
+def test_the_last_batch_of_each_idempotent_producer_survives_so_its_sequence_is_known(open_log):
+    log = open_log()
+    for sequence in range(12):                    # producer 7 overwrites one key; others fill the segments
+        log.append(batch_bytes([(0, b"v%d" % sequence)], BASE_MS + sequence, producer_id=7, producer_epoch=0,
+                               base_sequence=sequence))
+        log.append(batch_bytes([(1, b"x" * 40)], BASE_MS + sequence))
+    log.set_high_watermark(log.log_end_offset)
+    last_producer_batch = 22
+    log.clean_now(CleanPlan(log.segments[-1].base_offset, 0))
+    state = ProducerState(log.config.producer_id_expiration_ms, lambda: log.log_start_offset)
+    state.rebuild([segment.view() for segment in log.segments])
+    retry = build_batch([Record(b"v11", KEYS[0], (), BASE_MS + 11)], producer_id=7, producer_epoch=0,
+                        base_sequence=11)
+    from raftka.records.batch import read_header
+    assert state.check(read_header(retry)) == last_producer_batch   # a retry of its last batch: answered
+
+
+def test_a_compacted_topic_refuses_records_without_a_key_with_invalid_record(open_log):
+    log = open_log()
+    with pytest.raises(InvalidRecordError, match="without key"):
+        log.validate(build_batch([Record(b"keyless", None, (), BASE_MS)]))
+    log.validate(build_batch([Record(b"keyed", b"k", (), BASE_MS)], compression="gzip"))
+    with pytest.raises(InvalidRecordError):
+        log.validate(build_batch([Record(b"keyless", None, (), BASE_MS)], compression="gzip"))
+
+
+def test_compact_alone_never_deletes_by_retention_but_compact_delete_does(open_log):
+    kept = open_log("kept", retention_ms=1)
+    append_all(kept, [[(0, b"x" * 100)]] * 20, BASE_MS)
+    assert kept.enforce_retention(now_ms=BASE_MS + 10**9) == 0
+    both = open_log("both", retention_ms=1, cleanup_policy="compact,delete")
+    append_all(both, [[(0, b"x" * 100)]] * 20, BASE_MS)
+    assert both.enforce_retention(now_ms=BASE_MS + 10**9) > 0
+
+
+# ---- three replicas ---------------------------------------------------------------------------------------------
+
+QUIET = Faults.of([], propose=0.0, heal=0.0, retention=0.0)
+
+
+class CompactingSimulation(Simulation):
+    """The simulation's network, clock and replicas, without its checker:
+    that one holds every replica's log to an append-only agreed log, which
+    a clean rewrites; these tests check against the compaction model instead."""
+
+    def check_invariants(self) -> None:
+        pass
+
+
+def run_steps(sim: Simulation, count: int) -> None:
+    with patched_clock(sim.clock):
+        for _ in range(count):
+            sim.step()
+
+
+def leader_of(sim: Simulation):
+    return next(m.replicas[1] for m in sim.members.values() if m.alive and m.replicas[1].is_leader)
+
+
+def settle_cleans(sim: Simulation) -> None:
+    """Step until every replica swapped its clean in (each waits for its journal to let go of the range)."""
+    for _ in range(50):
+        run_steps(sim, 10)
+        pending = False
+        for member in sim.members.values():
+            log = member.replicas[1].log
+            if log.cleaning and not log.finish_clean(wait=True):
+                pending = True
+        if not pending and not any(m.replicas[1]._clean_due for m in sim.members.values()):
+            return
+    raise AssertionError("cleans never installed")
+
+
+def segment_files(member) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(member.replicas[1].log.directory.glob("*.log"))}
+
+
+@pytest.mark.parametrize("workload_seed", [3, 11])
+def test_three_replicas_clean_to_byte_identical_segments_matching_the_model(tmp_path, workload_seed):
+    rng = random.Random(workload_seed)
+    sim = CompactingSimulation(Path(tmp_path), workload_seed, faults=QUIET, metadata=False,
+                     log_settings=dict(COMPACTED, retention_ms=-1, segment_ms=10**9))
+    random.seed(workload_seed)
+    with patched_clock(sim.clock):
+        for node_id in sim.members:
+            sim.start_node(node_id)
+    run_steps(sim, 100)
+    try:
+        records, now_ms = [], BASE_MS
+        for round_number in range(3):
+            for n in range(40):
+                batch = [(rng.randrange(len(KEYS)), None if rng.random() < 0.15 else b"v%d-%d" % (round_number, n))
+                         for _ in range(rng.randint(1, 3))]
+                now_ms += 20
+                done = []
+                leader_of(sim).propose_append(batch_bytes(batch, now_ms), lambda o, e: done.append((o, e)))
+                run_steps(sim, 4)
+                run_steps(sim, 20) if not done else None
+                offset, error = done[0]
+                assert error is None
+                records += [(offset + i, KEYS[k], v, now_ms + i) for i, (k, v) in enumerate(batch)]
+            run_steps(sim, 30)
+            leader = leader_of(sim)
+            plan = leader.log.compact(now_ms=now_ms + 30)      # the leader decides, the log carries it
+            assert plan is not None
+            settle_cleans(sim)
+            records = model_clean(records, plan.end_offset, plan.horizon_ms)
+            expected = [(offset, key, value) for offset, key, value, _ts in records]
+            files = [segment_files(member) for member in sim.members.values()]
+            assert files[0] == files[1] == files[2], f"replicas differ after clean round {round_number}"
+            for member in sim.members.values():
+                assert visible(member.replicas[1].log) == expected
+        assert all(m.replicas[1].log.last_clean.records_out < m.replicas[1].log.last_clean.records_in
+                   for m in sim.members.values())
+    finally:
+        sim.stop_all()
