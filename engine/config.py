@@ -194,6 +194,8 @@ class Config:
     # at the number of brokers): the internal __consumer_offsets topic
     offsets_topic_partitions: int = 10
     offsets_topic_replication_factor: int = 3
+    # offsets.topic.segment.bytes: its segments, small so the cleaner keeps it small
+    offsets_topic_segment_bytes: int = 100 * MIB
     # group.initial.rebalance.delay.ms: a new group waits this long (extended
     # by each member joining meanwhile) so its first members join one generation
     group_initial_rebalance_delay_ms: int = 3000
@@ -227,7 +229,7 @@ class Config:
                     "max_partitions_per_request", "fetch_max_bytes",
                     "connections_max_idle_ms", "queued_max_request_bytes", "message_timestamp_before_max_ms",
                     "message_timestamp_after_max_ms", "min_insync_replicas", "log_cleaner_backoff_ms",
-                    "log_cleaner_dedupe_buffer_size")
+                    "log_cleaner_dedupe_buffer_size", "offsets_topic_segment_bytes")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -402,6 +404,7 @@ BROKER_CONFIGS: dict[str, str] = {
     "replica.lag.time.max.ms": "replica_lag_time_max_ms",
     "offsets.topic.num.partitions": "offsets_topic_partitions",
     "offsets.topic.replication.factor": "offsets_topic_replication_factor",
+    "offsets.topic.segment.bytes": "offsets_topic_segment_bytes",
     "group.initial.rebalance.delay.ms": "group_initial_rebalance_delay_ms",
     "group.min.session.timeout.ms": "group_min_session_timeout_ms",
     "group.max.session.timeout.ms": "group_max_session_timeout_ms",

@@ -446,6 +446,13 @@ int64_t rk_max_timestamp(const uint8_t *buf, size_t len, int64_t pos, int64_t en
     return best;
 }
 
+int64_t rk_record_total(const uint8_t *buf, size_t len) {
+    int64_t total = 0, size;
+    for (int64_t pos = 0; (size = stored_batch_size(buf, len, pos)) > 0; pos += size)
+        total += be32(buf + pos + RK_RECORD_COUNT_OFF);
+    return total;
+}
+
 /*
  * Idempotent producers' batches (producerId != -1) from `pos` on: their
  * positions, so producer state is rebuilt by touching only those headers

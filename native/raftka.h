@@ -107,6 +107,8 @@ int64_t rk_seek_timestamp(const uint8_t *buf, size_t len, int64_t pos, int64_t t
 int64_t rk_span(const uint8_t *buf, size_t len, int64_t pos, int64_t max_bytes,
                 int64_t end_offset, int64_t *next_offset);
 int64_t rk_max_timestamp(const uint8_t *buf, size_t len, int64_t pos, int64_t end_pos);
+/* Records of the whole batches in buf (a compacted log's batches may hold none) */
+int64_t rk_record_total(const uint8_t *buf, size_t len);
 /* positions of the batches from pos on that carry a producer id (at most max_positions);
    *next_pos = where the walk stopped, so a caller continues there; returns the count */
 int64_t rk_producer_batches(const uint8_t *buf, size_t len, int64_t pos, int64_t *positions,

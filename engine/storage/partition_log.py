@@ -340,7 +340,8 @@ class PartitionLog:
 
     # ---- read --------------------------------------------------------
 
-    def read(self, offset: int, max_bytes: int, end_offset: int | None = None) -> LogSlice:
+    def read(self, offset: int, max_bytes: int, end_offset: int | None = None,
+             for_consumer: bool = False) -> LogSlice:
         """Whole batches from the one containing `offset`, below the high watermark
         (and below `end_offset` if given, which must fall on a batch boundary).
 
@@ -348,10 +349,21 @@ class PartitionLog:
         returned whole, as Kafka does); never past the end of the segment
         holding `offset` (the next read continues in the next one). Empty at
         the high watermark.
+
+        `for_consumer`: batches without records (what the cleaner leaves to
+        keep producer state and segment ends) are not all a read returns while
+        records follow: it goes on past them, as a fetch at a removed offset
+        returns the next record (clients give up on responses with none).
         """
         high_watermark = self._high_watermark if end_offset is None else min(end_offset, self._high_watermark)
         if not self.log_start_offset <= offset <= high_watermark:
             raise OffsetOutOfRangeError(self.name, offset, self.log_start_offset, high_watermark)
+        piece = self._read_at(offset, max_bytes, high_watermark)
+        while for_consumer and piece.next_offset < high_watermark and not _holds_records(piece.buffer):
+            piece = self._read_at(piece.next_offset, max_bytes, high_watermark)
+        return piece
+
+    def _read_at(self, offset: int, max_bytes: int, high_watermark: int) -> LogSlice:
         if offset == high_watermark:
             return LogSlice(memoryview(b""), None, 0, offset)
         segment = self._segment_for(offset)
@@ -935,6 +947,15 @@ class PartitionLog:
         """Release files without committing anything: what a crash leaves behind."""
         for segment in self._segments:
             segment.close()
+
+
+def _holds_records(buffer: memoryview) -> bool:
+    """Any record in these batches (the first batch's count decides at once unless the cleaner emptied it)."""
+    if len(buffer) < layout.HEADER_SIZE:
+        return True   # nothing to skip
+    if int.from_bytes(buffer[layout.RECORD_COUNT_OFF:layout.RECORD_COUNT_OFF + 4], "big", signed=True) > 0:
+        return True
+    return lib.rk_record_total(ffi.from_buffer(buffer), len(buffer)) > 0
 
 
 def _write_synced(path: Path, data: bytes) -> None:
