@@ -15,6 +15,7 @@ import pytest
 
 from raftka.records.batch import parse_records
 from tests.broker_process import BrokerProcess
+from tests.test_broker_clients import consume_all
 
 TIMEOUT_S = 30
 COMPACTED = {"cleanup.policy": "compact", "segment.bytes": "4096", "min.cleanable.dirty.ratio": "0.01",
@@ -39,25 +40,25 @@ def segment_records(broker: BrokerProcess, partition_dir: str) -> list:
     return [record for path in sorted(directory.glob("*.log")) for record in parse_records(path.read_bytes())]
 
 
-def wait_until(condition, what: str, timeout_s: float = TIMEOUT_S) -> None:
+def cleaned_records(broker: BrokerProcess, partition_dir: str, fewer_than: int) -> list:
+    """The partition's records on disk once the cleaner left fewer than
+    `fewer_than` and they stay so for a second (a clean swaps segments in one by one)."""
+    seen: list = []
+
+    def settled() -> bool:
+        records = segment_records(broker, partition_dir)
+        stable = len(records) < fewer_than and records == seen
+        seen[:] = records
+        return stable
+    wait_until(settled, f"the cleaner to rewrite {partition_dir}", interval_s=1.0)
+    return seen
+
+
+def wait_until(condition, what: str, timeout_s: float = TIMEOUT_S, interval_s: float = 0.2) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
-def consume_from_beginning(bootstrap: str, topic: str, end_offset: int) -> list:
-    from confluent_kafka import Consumer, TopicPartition
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "compaction-reader", "enable.auto.commit": False})
-    consumer.assign([TopicPartition(topic, 0, 0)])
-    got, deadline = [], time.monotonic() + TIMEOUT_S
-    while (not got or got[-1].offset() < end_offset - 1) and time.monotonic() < deadline:
-        message = consumer.poll(0.5)
-        if message is not None:
-            assert message.error() is None, message.error()
-            got.append(message)
-    consumer.close()
-    return got
+        time.sleep(interval_s)
 
 
 def test_confluent_kafka_consumer_sees_the_latest_record_per_key_after_the_cleaner_ran(broker):
@@ -79,9 +80,8 @@ def test_confluent_kafka_consumer_sees_the_latest_record_per_key_after_the_clean
     producer.produce("table", key=None, value=b"keyless", on_delivery=lambda e, m: refused.append(e))
     producer.flush(TIMEOUT_S)
     assert refused and refused[0] is not None and refused[0].code() == KafkaError.INVALID_RECORD, refused
-    wait_until(lambda: len(segment_records(broker, "table-0")) < 200, "the cleaner to rewrite the sealed segments")
-    records = segment_records(broker, "table-0")
-    got = consume_from_beginning(broker.bootstrap, "table", len(sent))
+    records = cleaned_records(broker, "table-0", 200)
+    got = consume_all(broker.bootstrap, "table", 1, len(records))
     assert [(m.offset(), m.key(), m.value()) for m in got] == [(r.offset, r.key, r.value) for r in records]
     assert got[-1].offset() == len(sent) - 1                    # offsets unchanged: the last is still 599
     latest = {key: offset for offset, (key, _value) in enumerate(sent)}
@@ -137,7 +137,7 @@ def test_consumer_offsets_is_compacted_and_committed_offsets_survive_its_cleanin
     resource = ConfigResource(ResourceType.TOPIC, "__consumer_offsets")
     entries = admin.describe_configs([resource], request_timeout=TIMEOUT_S)[resource].result(TIMEOUT_S)
     assert entries["cleanup.policy"].value == "compact"
-    wait_until(lambda: len(segment_records(broker, "__consumer_offsets-0")) < 60, "__consumer_offsets to be cleaned")
+    cleaned_records(broker, "__consumer_offsets-0", 60)
     assert consumer.committed([TopicPartition("tracked", 0)], timeout=TIMEOUT_S)[0].offset == 7
     consumer.close()
     again = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "committer", "enable.auto.commit": False})
