@@ -156,6 +156,31 @@ def test_compact_alone_never_deletes_by_retention_but_compact_delete_does(open_l
     assert both.enforce_retention(now_ms=BASE_MS + 10**9) > 0
 
 
+def test_group_offsets_materialised_from_a_cleaned_offsets_log_are_the_latest_and_expired_ones_stay_gone(
+        open_log, tmp_path):
+    from raftka.groups.offsets_topic import CommittedOffset
+    from raftka.groups.store import GroupStore, offset_records
+    log = open_log(segment_bytes=1 << 20)
+    for commit in range(60):                        # many commits of the same partitions, some expired (tombstones)
+        offsets = {("t", p): CommittedOffset(commit * 10 + p, -1, "", BASE_MS + commit) for p in range(3)}
+        if commit == 59:
+            offsets[("t", 2)] = None
+        log.append(build_batch([r._replace(timestamp_ms=BASE_MS + commit) for r in offset_records("g", offsets)]))
+    log.roll()
+    log.set_high_watermark(log.log_end_offset)
+    before = log.size_bytes
+    log.clean_now(CleanPlan(log.log_end_offset, BASE_MS + 1000))   # the tombstone is past the horizon
+    assert log.size_bytes < before / 10
+    fresh = IndexStore(tmp_path / "fresh.lmdb", 1 << 26)
+    try:
+        store = GroupStore(fresh)
+        store.materialise(log)
+        committed = store.committed("g")
+        assert {tp: value.offset for tp, value in committed.items()} == {("t", 0): 590, ("t", 1): 591}
+    finally:
+        fresh.close()
+
+
 # ---- three replicas ---------------------------------------------------------------------------------------------
 
 QUIET = Faults.of([], propose=0.0, heal=0.0, retention=0.0)
@@ -187,7 +212,7 @@ def settle_cleans(sim: Simulation) -> None:
         pending = False
         for member in sim.members.values():
             log = member.replicas[1].log
-            if log.cleaning and not log.finish_clean(wait=True):
+            if log.cleaning and not log.finish_clean(wait=True) and not member.replicas[1].catching_up:
                 pending = True
         if not pending and not any(m.replicas[1]._clean_due for m in sim.members.values()):
             return
@@ -235,5 +260,41 @@ def test_three_replicas_clean_to_byte_identical_segments_matching_the_model(tmp_
                 assert visible(member.replicas[1].log) == expected
         assert all(m.replicas[1].log.last_clean.records_out < m.replicas[1].log.last_clean.records_in
                    for m in sim.members.values())
+    finally:
+        sim.stop_all()
+
+
+def test_a_follower_cut_off_during_cleans_catches_up_from_the_cleaned_leader_with_offsets_kept(tmp_path):
+    rng = random.Random(5)
+    sim = CompactingSimulation(Path(tmp_path), 5, faults=QUIET, metadata=False,
+                               log_settings=dict(COMPACTED, retention_ms=-1, segment_ms=10**9))
+    random.seed(5)
+    with patched_clock(sim.clock):
+        for node_id in sim.members:
+            sim.start_node(node_id)
+    run_steps(sim, 100)
+    try:
+        away = next(m.node_id for m in sim.members.values() if not m.replicas[1].is_leader)
+        for other in sim.members:                     # cut off: it misses the appends and the clean plans
+            if other != away:
+                sim.cut_links.add(frozenset((away, other)))
+        now_ms = BASE_MS
+        for round_number in range(2):
+            for n in range(60):
+                now_ms += 20
+                batch = [(rng.randrange(len(KEYS)), b"v%d-%d" % (round_number, n))]
+                leader_of(sim).propose_append(batch_bytes(batch, now_ms), lambda o, e: None)
+                run_steps(sim, 3)
+            run_steps(sim, 30)
+            assert leader_of(sim).log.compact(now_ms=now_ms) is not None
+            settle_cleans(sim)
+        sim.cut_links.clear()
+        run_steps(sim, 400)
+        leader = leader_of(sim)
+        follower = sim.members[away].replicas[1]
+        assert not follower.catching_up
+        assert follower.log.last_clean is None        # it never cleaned: it fetched the leader's cleaned batches
+        assert follower.log.log_end_offset == leader.log.log_end_offset
+        assert visible(follower.log) == visible(leader.log)
     finally:
         sim.stop_all()
