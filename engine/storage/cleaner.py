@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from raftka.config import Config
 from raftka.errors import CorruptRecordError, InvalidRecordError, StorageError
@@ -107,13 +107,16 @@ def plan(partition_log: "PartitionLog", now_ms: int, cleaned_to: int) -> CleanPl
 
 
 def clean(views: Sequence[memoryview], from_offset: int, clean_plan: CleanPlan, dedupe_buffer_bytes: int,
-          bytes_per_second: int = 0, sleep: Callable[[float], None] = time.sleep) -> tuple[list[bytes], CleanStats]:
+          bytes_per_second: int = 0, sleep: Callable[[float], None] = time.sleep,
+          emit: Callable[[int, memoryview], Any] | None = None) -> tuple[list[Any], CleanStats]:
     """The segments `views` (the range's, oldest first) cleaned by
     `clean_plan`, batches below `from_offset` (the log start) left as they
-    are; runs anywhere (the cleaner thread), reading at most
-    `bytes_per_second` (0: unthrottled). StorageError when the range has
-    more distinct keys than `dedupe_buffer_bytes` of map holds;
-    CorruptRecordError for a record that does not parse."""
+    are: for each, what `emit(k, cleaned bytes)` returns (the view is only
+    valid during the call), by default a copy of the bytes. Runs anywhere
+    (the cleaner thread), reading at most `bytes_per_second` (0:
+    unthrottled). StorageError when the range has more distinct keys than
+    `dedupe_buffer_bytes` of map holds; CorruptRecordError for a record that
+    does not parse."""
     started = time.monotonic()
     throttle = _Throttle(bytes_per_second, sleep)
     state = ffi.new("rk_compact_state *")
@@ -130,13 +133,13 @@ def clean(views: Sequence[memoryview], from_offset: int, clean_plan: CleanPlan, 
         result = lib.rk_compact_map(ffi.from_buffer(view), len(view), state)
         _check(result, state, "key map")
     outputs, stats = [], CleanStats()
-    for view in views:
+    out = bytearray(max(len(view) for view in views))   # one buffer for every segment: a rewrite never grows
+    for k, view in enumerate(views):
         throttle.read(len(view))
-        out = bytearray(len(view))
         written = lib.rk_compact_filter(ffi.from_buffer(view), len(view), state, ffi.from_buffer(out), len(out))
         _check(written, state, "rewrite")
-        del out[written:]
-        outputs.append(bytes(out))
+        with memoryview(out)[:written] as cleaned:
+            outputs.append(bytes(cleaned) if emit is None else emit(k, cleaned))
         stats.bytes_in += len(view)
         stats.bytes_out += written
     stats.records_in, stats.records_out = state.records_in, state.records_out

@@ -92,7 +92,8 @@ class CleanJob:
     plan: CleanPlan
     segments: tuple[Segment, ...]
     sizes: tuple[int, ...]
-    result: "Future[tuple[list[bytes], CleanStats]]"
+    # per segment: None (nothing removed), or its rewrite, written and synced: (file, offset-index entries)
+    result: "Future[tuple[list[tuple[Path, list[tuple[int, int]]] | None], CleanStats]]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -698,10 +699,20 @@ class PartitionLog:
         if not sealed:
             return
         views = [segment.view() for segment in sealed]
+        sizes = tuple(s.size_bytes for s in sealed)
+
+        def write(k: int, data: memoryview) -> tuple[Path, list[tuple[int, int]]] | None:
+            """In the cleaner thread: a rewritten segment to its own file, synced, and its index entries."""
+            if len(data) == sizes[k]:
+                return None   # nothing removed
+            entries = self._index_entries(data, sealed[k].base_offset)
+            temporary = sealed[k].path.with_name(sealed[k].path.name + CLEANED_SUFFIX)
+            _write_synced(temporary, data)
+            return temporary, entries
         result = _CLEANER.submit(cleaner.clean, views, self._log_start_offset, clean_plan,
                                  self._config.log_cleaner_dedupe_buffer_size,
-                                 self._config.log_cleaner_io_max_bytes_per_second)
-        self._clean_job = CleanJob(clean_plan, tuple(sealed), tuple(s.size_bytes for s in sealed), result)
+                                 self._config.log_cleaner_io_max_bytes_per_second, emit=write)
+        self._clean_job = CleanJob(clean_plan, tuple(sealed), sizes, result)
 
     def finish_clean(self, wait: bool = False) -> bool:
         """Swap in the segments a finished clean rewrote (`wait`: for it to
@@ -720,6 +731,8 @@ class PartitionLog:
         except (StorageError, CorruptRecordError) as error:
             log.error("%s: the clean below offset %d failed, the log stays as it is: %s", self.name,
                       job.plan.end_offset, error)
+            for written in self.directory.glob("*" + CLEANED_SUFFIX):
+                written.unlink()
         else:
             self._install_cleaned(job, outputs)
             self.last_clean = stats
@@ -735,20 +748,22 @@ class PartitionLog:
         self.start_clean(clean_plan)
         return self.finish_clean(wait=True)
 
-    def _install_cleaned(self, job: CleanJob, outputs: list[bytes]) -> None:
-        """Replace each rewritten segment atomically (new file written and
-        fdatasync'd, renamed over the old one, directory fsync'd) and its
-        offset-index entries with the new positions. A segment that changed
-        or went since the clean started (retention, a log restart) is left."""
+    def _install_cleaned(self, job: CleanJob, outputs: list[tuple[Path, list[tuple[int, int]]] | None]) -> None:
+        """Replace each rewritten segment atomically (its new file, written
+        and fdatasync'd by the cleaner thread, renamed over the old one, the
+        directory fsync'd) and its offset-index entries with the new
+        positions. A segment that changed or went since the clean started
+        (retention, a log restart) is left as it is."""
         self.flush_index()   # no pending entry may point into a file about to change
         replaced = 0
-        for segment, size, data in zip(job.segments, job.sizes, outputs):
+        for segment, size, output in zip(job.segments, job.sizes, outputs):
+            if output is None:
+                continue   # nothing removed from it
+            temporary, entries = output
             k = next((i for i, held in enumerate(self._segments[:-1]) if held is segment), None)
-            if k is None or segment.size_bytes != size or len(data) == size:
-                continue   # gone, changed, or nothing removed from it
-            entries = self._index_entries(data, segment.base_offset)
-            temporary = segment.path.with_name(segment.path.name + CLEANED_SUFFIX)
-            _write_synced(temporary, data)
+            if k is None or segment.size_bytes != size:
+                temporary.unlink(missing_ok=True)   # gone or changed meanwhile
+                continue
             os.replace(temporary, segment.path)
             segment.close()   # views handed out keep the old file's mapping
             self._segments[k] = Segment(self.directory, segment.base_offset, create=False)
@@ -759,7 +774,7 @@ class PartitionLog:
             fsync_directory(self.directory)
         self._check_offsets()
 
-    def _index_entries(self, data: bytes, base_offset: int) -> list[tuple[int, int]]:
+    def _index_entries(self, data: bytes | memoryview, base_offset: int) -> list[tuple[int, int]]:
         """(offset, position) index entries of a rewritten segment, checking
         it scans whole before it goes to disk (the pair of recovery's check)."""
         state = self._recovery_scan_state(base_offset)
@@ -958,7 +973,7 @@ def _holds_records(buffer: memoryview) -> bool:
     return lib.rk_record_total(ffi.from_buffer(buffer), len(buffer)) > 0
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def _write_synced(path: Path, data: bytes | memoryview) -> None:
     """Write a new file and fdatasync it (before it is renamed into place)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
