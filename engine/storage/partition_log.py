@@ -360,7 +360,8 @@ class PartitionLog:
         if not self.log_start_offset <= offset <= high_watermark:
             raise OffsetOutOfRangeError(self.name, offset, self.log_start_offset, high_watermark)
         piece = self._read_at(offset, max_bytes, high_watermark)
-        while for_consumer and piece.next_offset < high_watermark and not _holds_records(piece.buffer):
+        while for_consumer and piece.size_bytes and piece.next_offset < high_watermark \
+                and not _holds_records(piece.buffer):
             piece = self._read_at(piece.next_offset, max_bytes, high_watermark)
         return piece
 
