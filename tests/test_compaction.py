@@ -8,6 +8,7 @@ files must come out byte for byte the same."""
 from __future__ import annotations
 
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,11 @@ COMPACTED = dict(segment_bytes=600, index_interval_bytes=128, cleanup_policy="co
                  min_cleanable_dirty_ratio=0.0, delete_retention_ms=50, log_cleaner_io_max_bytes_per_second=0)
 
 # a batch: its records as (key index, value or None for a tombstone)
-batches_strategy = st.lists(st.lists(st.tuples(st.integers(0, len(KEYS) - 1),
-                                               st.one_of(st.none(), st.binary(min_size=1, max_size=24))),
-                                     min_size=1, max_size=4), min_size=1, max_size=40)
+batch_strategy = st.lists(st.tuples(st.integers(0, len(KEYS) - 1),
+                                   st.one_of(st.none(), st.binary(min_size=1, max_size=24))), min_size=1, max_size=4)
+batches_strategy = st.lists(batch_strategy, min_size=1, max_size=40)
+# enough batches to fill a few 600-byte segments: a round always has something to clean
+round_strategy = st.tuples(st.lists(batch_strategy, min_size=25, max_size=40), st.integers(0, 400))
 
 
 def batch_bytes(records: list[tuple[int, bytes | None]], first_ms: int, **producer: int) -> bytes:
@@ -223,56 +226,59 @@ def segment_files(member) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(member.replicas[1].log.directory.glob("*.log"))}
 
 
-@pytest.mark.parametrize("workload_seed", [3, 11])
-def test_three_replicas_clean_to_byte_identical_segments_matching_the_model(tmp_path, workload_seed):
-    rng = random.Random(workload_seed)
-    sim = CompactingSimulation(Path(tmp_path), workload_seed, faults=QUIET, metadata=False,
-                     log_settings=dict(COMPACTED, retention_ms=-1, segment_ms=10**9))
-    random.seed(workload_seed)
+def started_simulation(root: Path, sim_seed: int) -> CompactingSimulation:
+    sim = CompactingSimulation(root, sim_seed, faults=QUIET, metadata=False,
+                               log_settings=dict(COMPACTED, retention_ms=-1, segment_ms=10**9))
+    random.seed(sim_seed)   # pysyncobj draws its election timeouts from `random`
     with patched_clock(sim.clock):
         for node_id in sim.members:
             sim.start_node(node_id)
     run_steps(sim, 100)
-    try:
-        records, now_ms = [], BASE_MS
-        for round_number in range(3):
-            for n in range(40):
-                batch = [(rng.randrange(len(KEYS)), None if rng.random() < 0.15 else b"v%d-%d" % (round_number, n))
-                         for _ in range(rng.randint(1, 3))]
-                now_ms += 20
-                done = []
-                leader_of(sim).propose_append(batch_bytes(batch, now_ms), lambda o, e: done.append((o, e)))
-                run_steps(sim, 4)
-                run_steps(sim, 20) if not done else None
-                offset, error = done[0]
-                assert error is None
-                records += [(offset + i, KEYS[k], v, now_ms + i) for i, (k, v) in enumerate(batch)]
-            run_steps(sim, 30)
-            leader = leader_of(sim)
-            plan = leader.log.compact(now_ms=now_ms + 30)      # the leader decides, the log carries it
-            assert plan is not None
-            settle_cleans(sim)
-            records = model_clean(records, plan.end_offset, plan.horizon_ms)
-            expected = [(offset, key, value) for offset, key, value, _ts in records]
-            files = [segment_files(member) for member in sim.members.values()]
-            assert files[0] == files[1] == files[2], f"replicas differ after clean round {round_number}"
-            for member in sim.members.values():
-                assert visible(member.replicas[1].log) == expected
-        assert all(m.replicas[1].log.last_clean.records_out < m.replicas[1].log.last_clean.records_in
-                   for m in sim.members.values())
-    finally:
-        sim.stop_all()
+    return sim
+
+
+def replicate(sim: Simulation, records: list[tuple[int, bytes | None]], first_ms: int) -> int:
+    """Append one batch through the leader; its base offset once committed."""
+    done: list = []
+    leader_of(sim).propose_append(batch_bytes(records, first_ms), lambda offset, error: done.append((offset, error)))
+    for _ in range(10):
+        run_steps(sim, 4)
+        if done:
+            break
+    offset, error = done[0]
+    assert error is None
+    return offset
+
+
+@seed(2024)
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(rounds=st.lists(round_strategy, min_size=1, max_size=3))
+def test_three_replicas_clean_to_byte_identical_segments_matching_the_model(rounds):
+    with tempfile.TemporaryDirectory() as root:
+        sim = started_simulation(Path(root), 7)
+        try:
+            records, now_ms = [], BASE_MS
+            for number, (batches, clean_after_ms) in enumerate(rounds):
+                for batch in batches:
+                    now_ms += 20
+                    offset = replicate(sim, batch, now_ms)
+                    records += [(offset + i, KEYS[k], v, now_ms + i) for i, (k, v) in enumerate(batch)]
+                run_steps(sim, 30)
+                plan = leader_of(sim).log.compact(now_ms=now_ms + clean_after_ms)   # the leader decides
+                assert plan is not None
+                settle_cleans(sim)
+                records = model_clean(records, plan.end_offset, plan.horizon_ms)
+                files = [segment_files(member) for member in sim.members.values()]
+                assert files[0] == files[1] == files[2], f"replicas differ after clean round {number}"
+                for member in sim.members.values():
+                    assert visible(member.replicas[1].log) == [(o, k, v) for o, k, v, _ts in records]
+        finally:
+            sim.stop_all()
 
 
 def test_a_follower_cut_off_during_cleans_catches_up_from_the_cleaned_leader_with_offsets_kept(tmp_path):
     rng = random.Random(5)
-    sim = CompactingSimulation(Path(tmp_path), 5, faults=QUIET, metadata=False,
-                               log_settings=dict(COMPACTED, retention_ms=-1, segment_ms=10**9))
-    random.seed(5)
-    with patched_clock(sim.clock):
-        for node_id in sim.members:
-            sim.start_node(node_id)
-    run_steps(sim, 100)
+    sim = started_simulation(Path(tmp_path), 5)
     try:
         away = next(m.node_id for m in sim.members.values() if not m.replicas[1].is_leader)
         for other in sim.members:                     # cut off: it misses the appends and the clean plans
@@ -298,3 +304,4 @@ def test_a_follower_cut_off_during_cleans_catches_up_from_the_cleaned_leader_wit
         assert visible(follower.log) == visible(leader.log)
     finally:
         sim.stop_all()
+
