@@ -507,7 +507,7 @@ int64_t rk_compact_count(const uint8_t *buf, size_t len, const rk_compact_state 
         const uint8_t *p = buf + pos;
         if (!in_clean_range(p, st)) continue;
         if (rd64(p + RK_PRODUCER_ID_OFF) != -1) *producer_batches += 1;
-        if (records_cleanable(p, st)) records += rd32(p + RK_RECORD_COUNT_OFF);
+        if (!(rd16(p + RK_ATTRIBUTES_OFF) & RK_ATTR_CONTROL)) records += rd32(p + RK_RECORD_COUNT_OFF);
     }
     return records;
 }
@@ -522,7 +522,7 @@ int64_t rk_compact_map(const uint8_t *buf, size_t len, rk_compact_state *st) {
             rk_key_slot *slot = slot_of(st->producers, st->producer_capacity, &st->producers_used,
                                         (uint64_t)producer, 0, 1);
             if (!slot) { st->error_position = (int64_t)pos; return RK_REC_ERR_SPACE; }
-            slot->offset = base + 1;
+            if (slot->offset < base + 1) slot->offset = base + 1;
         }
         if (!records_cleanable(p, st)) continue;
         size_t rpos = pos + RK_HEADER_SIZE, end = pos + (size_t)size;
@@ -535,7 +535,8 @@ int64_t rk_compact_map(const uint8_t *buf, size_t len, rk_compact_state *st) {
             key_hash(buf + r.key_start, r.key_len, &h1, &h2);
             rk_key_slot *slot = slot_of(st->keys, st->key_capacity, &st->keys_used, h1, h2, 1);
             if (!slot) { st->error_position = (int64_t)r.start; return RK_REC_ERR_SPACE; }
-            slot->offset = base + r.offset_delta + 1;   /* batches come in offset order: the latest wins */
+            /* the latest wins, whatever order batches come in (compressed ones are mapped apart) */
+            if (slot->offset < base + r.offset_delta + 1) slot->offset = base + r.offset_delta + 1;
         }
     }
     return 0;
@@ -592,23 +593,63 @@ static int64_t filter_batch(const uint8_t *buf, size_t pos, int64_t size, int se
     return (int64_t)written;
 }
 
+/* The batch at p copied whole, or its replacement (a compressed batch the caller cleaned) if one names pos. */
+static int64_t copy_batch(const uint8_t *p, size_t pos, int64_t size, rk_compact_state *st, uint8_t *out,
+                          size_t room) {
+    const uint8_t *from = p;
+    int64_t n = size;
+    if (st->replacement_next < st->replacement_count && st->replacements[st->replacement_next].position == (int64_t)pos) {
+        from = st->replacements[st->replacement_next].data;
+        n = st->replacements[st->replacement_next].len;
+        st->replacement_next += 1;
+    } else if (in_clean_range(p, st)) {
+        st->batches_kept_whole += 1;
+    }
+    if ((uint64_t)n > room) return RK_REC_ERR_SPACE;
+    memcpy(out, from, (size_t)n);
+    return n;
+}
+
 int64_t rk_compact_filter(const uint8_t *buf, size_t len, rk_compact_state *st, uint8_t *out, size_t out_cap) {
     size_t written = 0;
     int64_t size;
-    if (out_cap < len) return RK_REC_ERR_SPACE;   /* the output is never larger than the input */
+    st->replacement_next = 0;
     for (size_t pos = 0; (size = batch_size_at(buf, len, pos)) > 0; pos += (size_t)size) {
         const uint8_t *p = buf + pos;
+        int64_t n;
         if (!records_cleanable(p, st)) {
-            if (in_clean_range(p, st)) st->batches_kept_whole += 1;
-            memcpy(out + written, p, (size_t)size);
-            written += (size_t)size;
-            continue;
+            n = copy_batch(p, pos, size, st, out + written, out_cap - written);
+        } else if ((uint64_t)size > out_cap - written) {
+            n = RK_REC_ERR_SPACE;   /* a rewrite is never larger than its batch */
+        } else {
+            n = filter_batch(buf, pos, size, pos + (size_t)size == len, st, out + written);
         }
-        int64_t n = filter_batch(buf, pos, size, pos + (size_t)size == len, st, out + written);
         if (n < 0) return n;
         written += (size_t)n;
     }
     return (int64_t)written;
+}
+
+int64_t rk_compact_filter_one(const uint8_t *batch, size_t len, int segment_last, rk_compact_state *st,
+                              uint8_t *out, size_t out_cap) {
+    int64_t size = batch_size_at(batch, len, 0);
+    if (size <= 0 || (size_t)size != len || !records_cleanable(batch, st)) return RK_REC_ERR_INPUT;
+    if ((uint64_t)size > out_cap) return RK_REC_ERR_SPACE;
+    return filter_batch(batch, 0, size, segment_last, st, out);
+}
+
+int64_t rk_compact_compressed(const uint8_t *buf, size_t len, const rk_compact_state *st, int64_t pos,
+                              int64_t *positions, size_t max_positions, int64_t *next_pos) {
+    int64_t size, count = 0;
+    while ((size_t)count < max_positions && (size = batch_size_at(buf, len, (size_t)pos)) > 0) {
+        const uint8_t *p = buf + pos;
+        int16_t attributes = rd16(p + RK_ATTRIBUTES_OFF);
+        if (in_clean_range(p, st) && (attributes & RK_ATTR_COMPRESSION) && !(attributes & RK_ATTR_CONTROL))
+            positions[count++] = pos;
+        pos += size;
+    }
+    *next_pos = pos;
+    return count;
 }
 
 int64_t rk_null_key_batch(const uint8_t *buf, size_t len, int64_t *error_position) {

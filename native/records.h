@@ -163,8 +163,10 @@ int64_t rk_partition_keys(const rk_bytes_column *keys, int64_t count, int32_t pa
  * batch left without records goes, unless it is its producer's last batch in
  * the range (idempotence state is rebuilt from the log), the last batch of
  * its segment (one rk_compact_filter call: segments stay contiguous) or holds
- * offset end_offset - 1 (the range keeps its end). Compressed and control batches
- * are copied whole. The output is a function of the range's bytes and the
+ * offset end_offset - 1 (the range keeps its end). Control batches are
+ * copied whole; compressed ones too unless the caller cleaned them (it
+ * decompresses, maps and filters them with these functions, recompresses:
+ * rk_replacement). The output is a function of the range's bytes and the
  * three inputs alone: replicas cleaning the same log write the same bytes.
  */
 typedef struct {
@@ -172,6 +174,14 @@ typedef struct {
     uint64_t h2;
     int64_t offset;   /* offset + 1; 0: empty slot (a zeroed table is empty) */
 } rk_key_slot;
+
+/* A compressed batch the caller cleaned (decompressed, rk_compact_filter_one, recompressed):
+   rk_compact_filter writes `data` (len 0: nothing) where the batch at `position` was. */
+typedef struct {
+    int64_t position;
+    const uint8_t *data;
+    int64_t len;
+} rk_replacement;
 
 typedef struct {
     /* inputs */
@@ -182,6 +192,9 @@ typedef struct {
     int64_t key_capacity;
     rk_key_slot *producers;       /* h1 = producerId, offset = 1 + base offset of its last batch */
     int64_t producer_capacity;
+    const rk_replacement *replacements;   /* of one rk_compact_filter call, by position */
+    int64_t replacement_count;
+    int64_t replacement_next;
     /* outputs, accumulated over calls */
     int64_t keys_used;
     int64_t producers_used;
@@ -196,8 +209,17 @@ int64_t rk_compact_count(const uint8_t *buf, size_t len, const rk_compact_state 
 /* Adds buf's keys (and producers) to the tables; call for every segment of the range, oldest first.
    0, or an RK_REC_ERR_* with error_position set (RK_REC_ERR_SPACE: a table is full). */
 int64_t rk_compact_map(const uint8_t *buf, size_t len, rk_compact_state *st);
-/* Writes buf (one whole segment) cleaned into out (out_cap >= len); returns the bytes written or an RK_REC_ERR_*. */
+/* Writes buf (one whole segment) cleaned into out; returns the bytes written or an RK_REC_ERR_*
+   (RK_REC_ERR_SPACE: out_cap is short, as it can be when a recompressed replacement grew). */
 int64_t rk_compact_filter(const uint8_t *buf, size_t len, rk_compact_state *st, uint8_t *out, size_t out_cap);
+/* One uncompressed batch (a compressed one, decompressed) cleaned into out, as rk_compact_filter would;
+   segment_last: it is its segment's last batch. Returns the bytes written (0: it goes) or an RK_REC_ERR_*. */
+int64_t rk_compact_filter_one(const uint8_t *batch, size_t len, int segment_last, rk_compact_state *st,
+                              uint8_t *out, size_t out_cap);
+/* Positions of the compressed data batches in the clean range from pos on (at most max_positions);
+   *next_pos: where the walk stopped. Returns the count. */
+int64_t rk_compact_compressed(const uint8_t *buf, size_t len, const rk_compact_state *st, int64_t pos,
+                              int64_t *positions, size_t max_positions, int64_t *next_pos);
 /* Position of the first uncompressed data batch holding a record without key, len if none,
    or an RK_REC_ERR_* for a malformed record (*error_position: the record). */
 int64_t rk_null_key_batch(const uint8_t *buf, size_t len, int64_t *error_position);

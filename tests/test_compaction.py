@@ -38,9 +38,13 @@ batches_strategy = st.lists(batch_strategy, min_size=1, max_size=40)
 round_strategy = st.tuples(st.lists(batch_strategy, min_size=25, max_size=40), st.integers(0, 400))
 
 
-def batch_bytes(records: list[tuple[int, bytes | None]], first_ms: int, **producer: int) -> bytes:
+CODECS = ["none", "gzip", "snappy", "lz4", "zstd"]
+
+
+def batch_bytes(records: list[tuple[int, bytes | None]], first_ms: int, compression: str = "none",
+                **producer: int) -> bytes:
     return build_batch([Record(value, KEYS[key], (), first_ms + i) for i, (key, value) in enumerate(records)],
-                       **producer)
+                       compression=compression, **producer)
 
 
 def visible(log: PartitionLog) -> list[tuple[int, bytes, bytes | None]]:
@@ -78,11 +82,12 @@ def open_log(tmp_path):
         index.close()
 
 
-def append_all(log: PartitionLog, batches: list, start_ms: int) -> list[tuple[int, bytes, bytes | None, int]]:
+def append_all(log: PartitionLog, batches: list, start_ms: int,
+               codecs: list[str] = ["none"]) -> list[tuple[int, bytes, bytes | None, int]]:
     appended = []
     for n, records in enumerate(batches):
         first_ms = start_ms + 10 * n
-        result = log.append(batch_bytes(records, first_ms))
+        result = log.append(batch_bytes(records, first_ms, codecs[n % len(codecs)]))
         appended += [(result.base_offset + i, KEYS[key], value, first_ms + i) for i, (key, value) in enumerate(records)]
     log.set_high_watermark(log.log_end_offset)
     return appended
@@ -90,13 +95,14 @@ def append_all(log: PartitionLog, batches: list, start_ms: int) -> list[tuple[in
 
 @seed(1717)
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(first=batches_strategy, second=batches_strategy, horizon_step=st.integers(0, 500))
+@given(first=batches_strategy, second=batches_strategy, horizon_step=st.integers(0, 500),
+       codecs=st.lists(st.sampled_from(CODECS), min_size=1, max_size=3))
 def test_a_clean_leaves_the_latest_record_per_key_and_young_tombstones_with_offsets_unchanged(
-        open_log, first, second, horizon_step):
+        open_log, first, second, horizon_step, codecs):
     log = open_log()
-    records = append_all(log, first, BASE_MS)
+    records = append_all(log, first, BASE_MS, codecs)
     for round_ms, more in ((BASE_MS + horizon_step, second), (BASE_MS + 2 * horizon_step + 400, [])):
-        records += append_all(log, more, records[-1][3] + 10 if records else BASE_MS)
+        records += append_all(log, more, records[-1][3] + 10 if records else BASE_MS, codecs)
         end = log.segments[-1].base_offset           # every sealed segment (the active one is never cleaned)
         plan = CleanPlan(end, round_ms)
         log.clean_now(plan)
@@ -122,6 +128,20 @@ def test_a_fetch_at_a_removed_offset_returns_the_next_record_and_cleaning_twice_
     log.clean_now(plan)
     assert {p.name: p.read_bytes() for p in log.directory.glob("*.log")} == files
     assert log.compact(now_ms=BASE_MS + 10_000) is None   # nothing dirty since
+
+
+def test_compressed_batches_are_compacted_and_recompressed_with_their_codec(open_log):
+    log = open_log(segment_bytes=1 << 20)
+    for n in range(10):
+        log.append(batch_bytes([(k, b"v%d-%d" % (n, k) * 8) for k in range(4)], BASE_MS + 10 * n, "gzip"))
+    log.roll()
+    log.set_high_watermark(log.log_end_offset)
+    log.clean_now(CleanPlan(log.log_end_offset, 0))
+    assert log.last_clean.batches_kept_whole == 0
+    assert [(o, k, v) for o, k, v in visible(log)] == [(36 + k, KEYS[k], b"v9-%d" % k * 8) for k in range(4)]
+    from raftka.records.batch import iter_batches
+    codecs = [header.attributes & 0x07 for header, _ in iter_batches(log.segments[0].view())]
+    assert codecs == [1]     # the emptied batches went; the last one, whole, is still gzip
 
 
 def test_the_last_batch_of_each_idempotent_producer_survives_so_its_sequence_is_known(open_log):
@@ -237,10 +257,11 @@ def started_simulation(root: Path, sim_seed: int) -> CompactingSimulation:
     return sim
 
 
-def replicate(sim: Simulation, records: list[tuple[int, bytes | None]], first_ms: int) -> int:
+def replicate(sim: Simulation, records: list[tuple[int, bytes | None]], first_ms: int, codec: str = "none") -> int:
     """Append one batch through the leader; its base offset once committed."""
     done: list = []
-    leader_of(sim).propose_append(batch_bytes(records, first_ms), lambda offset, error: done.append((offset, error)))
+    leader_of(sim).propose_append(batch_bytes(records, first_ms, codec),
+                                  lambda offset, error: done.append((offset, error)))
     for _ in range(10):
         run_steps(sim, 4)
         if done:
@@ -252,16 +273,17 @@ def replicate(sim: Simulation, records: list[tuple[int, bytes | None]], first_ms
 
 @seed(2024)
 @settings(max_examples=10, deadline=None, derandomize=True)
-@given(rounds=st.lists(round_strategy, min_size=1, max_size=3))
-def test_three_replicas_clean_to_byte_identical_segments_matching_the_model(rounds):
+@given(rounds=st.lists(round_strategy, min_size=1, max_size=3), codecs=st.lists(st.sampled_from(CODECS), min_size=1,
+                                                                               max_size=2))
+def test_three_replicas_clean_to_byte_identical_segments_matching_the_model(rounds, codecs):
     with tempfile.TemporaryDirectory() as root:
         sim = started_simulation(Path(root), 7)
         try:
             records, now_ms = [], BASE_MS
             for number, (batches, clean_after_ms) in enumerate(rounds):
-                for batch in batches:
+                for n, batch in enumerate(batches):
                     now_ms += 20
-                    offset = replicate(sim, batch, now_ms)
+                    offset = replicate(sim, batch, now_ms, codecs[n % len(codecs)])
                     records += [(offset + i, KEYS[k], v, now_ms + i) for i, (k, v) in enumerate(batch)]
                 run_steps(sim, 30)
                 plan = leader_of(sim).log.compact(now_ms=now_ms + clean_after_ms)   # the leader decides

@@ -93,6 +93,23 @@ def test_confluent_kafka_consumer_sees_the_latest_record_per_key_after_the_clean
     assert len(seen) < len(sent) // 3                             # and most older versions are not
 
 
+def test_lz4_batches_of_a_compacted_topic_are_compacted_too(broker):
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    admin.create_topics([NewTopic("lz4-table", 1, 1, config=COMPACTED)])["lz4-table"].result(TIMEOUT_S)
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "compression.type": "lz4", "linger.ms": 2})
+    for i in range(2000):
+        producer.produce("lz4-table", key=b"key-%d" % (i % 10), value=b"lz4-version-%d" % i * 3)
+        if i % 100 == 99:
+            producer.flush(TIMEOUT_S)
+    assert producer.flush(TIMEOUT_S) == 0
+    records = cleaned_records(broker, "lz4-table-0", 1000)
+    got = consume_all(broker.bootstrap, "lz4-table", 1, len(records))
+    assert [(m.offset(), m.key(), m.value()) for m in got] == [(r.offset, r.key, r.value) for r in records]
+    assert {m.key() for m in got} == {b"key-%d" % k for k in range(10)} and got[-1].offset() == 1999
+
+
 def test_kafka_python_and_aiokafka_admins_create_compacted_topics(broker):
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.admin import NewTopic as AioNewTopic

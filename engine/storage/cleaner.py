@@ -14,14 +14,19 @@ producer state is rebuilt from the log), the last batch of each segment (so
 a segment still ends where the next begins, and recovery's contiguity check
 between segments holds) and the batch holding offset E - 1 (the range keeps
 its end, so a follower catching up by offset reaches it).
-Compressed and control batches are copied whole (their records are not
-compacted). The per-record work is native (records.c, rk_compact_*), with
-the GIL released, so the event loop keeps running while a thread cleans.
+A compressed batch is decompressed, mapped and filtered like the others and
+recompressed with its codec (kept as it was when nothing goes, uncompressed
+when emptied); control batches are copied whole. The per-record work is
+native (records.c, rk_compact_*), with the GIL released, so the event loop
+keeps running while a thread cleans; only decompression and recompression
+run in Python (their libraries release the GIL for large buffers).
 
-Determinism. The output is a function of the range's committed bytes and
-(E, H) alone, not of segment boundaries, the time a replica runs it, or
-what an earlier clean already removed (cleaning is idempotent and a later
-plan subsumes an earlier one), so every replica writes the same bytes. A
+Determinism. The output is a function of the range's committed bytes, its
+segment boundaries (the same on replicas that appended the same entries)
+and (E, H) alone, not of the time a replica runs it, nor of what an earlier
+clean already removed (cleaning is idempotent and a later plan subsumes an
+earlier one), so every replica writes the same bytes (recompression too:
+every replica runs the same pinned codec libraries). A
 replicated log's leader decides the plan (`plan`, from its clock: H = now -
 delete.retention.ms, E bounded by min.compaction.lag.ms) and replicates it
 as a Raft entry (engine/replication/partition.py); every replica cleans when
@@ -39,10 +44,10 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from raftka.config import Config
 from raftka.errors import CorruptRecordError, InvalidRecordError, StorageError
-from raftka.native import ffi, lib
+from raftka.native import crc32c, ffi, lib
 from raftka.records import layout
-from raftka.records.batch import iter_batches
-from raftka.records.compression import Compression, decompress
+from raftka.records.batch import iter_batches, read_header
+from raftka.records.compression import Compression, compress, decompress
 
 if TYPE_CHECKING:
     from raftka.storage.partition_log import PartitionLog
@@ -128,15 +133,22 @@ def clean(views: Sequence[memoryview], from_offset: int, clean_plan: CleanPlan, 
     producers = _table(_table_capacity(producer_batches))
     state.keys, state.key_capacity = keys, key_capacity
     state.producers, state.producer_capacity = producers, len(producers)
-    for view in views:
+    compressed = [_compressed_positions(view, state) for view in views]
+    for view, positions in zip(views, compressed):
         throttle.read(len(view))
-        result = lib.rk_compact_map(ffi.from_buffer(view), len(view), state)
-        _check(result, state, "key map")
+        _check(lib.rk_compact_map(ffi.from_buffer(view), len(view), state), state, "key map")
+        for position in positions:   # the map keeps the latest offset whatever the order
+            batch, _codec = _decompressed(view, position)
+            _check(lib.rk_compact_map(ffi.from_buffer(batch), len(batch), state), state, "key map")
     outputs, stats = [], CleanStats()
     out = bytearray(max(len(view) for view in views))   # one buffer for every segment: a rewrite never grows
-    for k, view in enumerate(views):
+    for k, (view, positions) in enumerate(zip(views, compressed)):
         throttle.read(len(view))
+        keep = _cleaned_compressed(view, positions, state)
+        if len(out) < len(view) + keep.growth:
+            out = bytearray(len(view) + keep.growth)
         written = lib.rk_compact_filter(ffi.from_buffer(view), len(view), state, ffi.from_buffer(out), len(out))
+        del keep
         _check(written, state, "rewrite")
         with memoryview(out)[:written] as cleaned:
             outputs.append(bytes(cleaned) if emit is None else emit(k, cleaned))
@@ -174,6 +186,80 @@ def _check_key_batches(view: memoryview, name: str, where: int) -> None:
     if found < len(view):
         raise InvalidRecordError(f"{name} is compacted (cleanup.policy=compact): a record without key "
                                  f"(batch at byte {where + found}) is refused")
+
+
+def _compressed_positions(view: memoryview, state: "ffi.CData") -> list[int]:
+    """Positions of the compressed data batches of the clean range in one segment."""
+    positions, found, next_position = [], ffi.new("int64_t[]", 1024), ffi.new("int64_t *")
+    position = 0
+    while True:
+        count = lib.rk_compact_compressed(ffi.from_buffer(view), len(view), state, position, found, len(found),
+                                          next_position)
+        positions += ffi.unpack(found, count)
+        if count < len(found):
+            return positions
+        position = next_position[0]
+
+
+def _decompressed(view: memoryview, position: int) -> tuple[bytearray, Compression]:
+    """The compressed batch at `position` as an uncompressed one (header kept, compression bits cleared)."""
+    header = read_header(view, position)
+    codec = Compression(header.attributes & layout.COMPRESSION_MASK)
+    payload = decompress(codec, bytes(view[position + layout.HEADER_SIZE:position + header.size_bytes]), position)
+    batch = bytearray(view[position:position + layout.HEADER_SIZE]) + payload
+    batch[layout.ATTRIBUTES_OFF:layout.ATTRIBUTES_OFF + 2] = \
+        (header.attributes & ~layout.COMPRESSION_MASK).to_bytes(2, "big", signed=True)
+    batch[layout.BATCH_LENGTH_OFF:layout.BATCH_LENGTH_OFF + 4] = \
+        (len(batch) - layout.LOG_OVERHEAD).to_bytes(4, "big")
+    return batch, codec
+
+
+@dataclass
+class _Kept:
+    """What the replacements of one segment hold alive, and how much larger than the originals they are."""
+
+    buffers: list[Any]
+    growth: int = 0
+
+
+def _cleaned_compressed(view: memoryview, positions: list[int], state: "ffi.CData") -> _Kept:
+    """The compressed batches of one segment cleaned: decompressed, filtered
+    as uncompressed ones are, recompressed with their codec (an emptied one
+    stays uncompressed, a whole one as it was); installed in `state` as the
+    rk_compact_filter replacements."""
+    kept = _Kept([])
+    replacements = ffi.new("rk_replacement[]", max(1, len(positions)))
+    for i, position in enumerate(positions):
+        original = read_header(view, position)
+        batch, codec = _decompressed(view, position)
+        out = bytearray(len(batch))
+        last = position + original.size_bytes == len(view)
+        written = lib.rk_compact_filter_one(ffi.from_buffer(batch), len(batch), int(last), state,
+                                            ffi.from_buffer(out), len(out))
+        _check(written, state, "rewrite of a compressed batch")
+        if written == len(batch):
+            data = bytes(view[position:position + original.size_bytes])   # nothing removed: as it was
+        elif written == 0 or read_header(out).record_count == 0:
+            data = bytes(out[:written])
+        else:
+            data = _recompressed(out[:written], codec, original.attributes)
+        kept.buffers.append(data)
+        kept.growth += max(0, len(data) - original.size_bytes)
+        replacements[i].position, replacements[i].data, replacements[i].len = position, ffi.from_buffer(data), len(data)
+    state.replacements, state.replacement_count = replacements, len(positions)
+    kept.buffers.append(replacements)
+    return kept
+
+
+def _recompressed(batch: bytearray, codec: Compression, attributes: int) -> bytes:
+    """An uncompressed batch compressed with `codec` again: header kept, attributes, length and CRC32C anew."""
+    payload = compress(codec, bytes(batch[layout.HEADER_SIZE:]))
+    head = bytearray(batch[:layout.HEADER_SIZE])
+    head[layout.ATTRIBUTES_OFF:layout.ATTRIBUTES_OFF + 2] = attributes.to_bytes(2, "big", signed=True)
+    head[layout.BATCH_LENGTH_OFF:layout.BATCH_LENGTH_OFF + 4] = \
+        (layout.HEADER_SIZE - layout.LOG_OVERHEAD + len(payload)).to_bytes(4, "big")
+    head[layout.CRC_OFF:layout.CRC_OFF + 4] = crc32c(bytes(head[layout.ATTRIBUTES_OFF:]) + payload).to_bytes(4, "big")
+    return bytes(head) + payload
 
 
 def _count(views: Sequence[memoryview], state: "ffi.CData") -> tuple[int, int]:
