@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from raftka.errors import InvalidRecordError
 from raftka.raft.pysyncobj_adapter import patched_clock
 from raftka.records.batch import Record, build_batch, parse_records
 from raftka.replication.simulation import Faults, Simulation
+from raftka.storage import cleaner
 from raftka.storage.cleaner import CleanPlan
 from raftka.storage.index import IndexStore
 from raftka.storage.partition_log import PartitionLog
@@ -128,6 +130,20 @@ def test_a_fetch_at_a_removed_offset_returns_the_next_record_and_cleaning_twice_
     log.clean_now(plan)
     assert {p.name: p.read_bytes() for p in log.directory.glob("*.log")} == files
     assert log.compact(now_ms=BASE_MS + 10_000) is None   # nothing dirty since
+
+
+def test_closing_a_log_stops_its_throttled_clean_and_leaves_its_segments_as_they_were(open_log):
+    log = open_log(log_cleaner_io_max_bytes_per_second=100)      # a clean that would take minutes
+    append_all(log, [[(0, b"x" * 50)]] * 40, BASE_MS)
+    files = {p.name: p.read_bytes() for p in log.directory.glob("*.log")}
+    log.start_clean(CleanPlan(log.segments[-1].base_offset, 0))
+    job = log._clean_job
+    started = time.monotonic()
+    log.close()
+    with pytest.raises(cleaner.CleanCancelled):
+        job.result.result(timeout=5)
+    assert time.monotonic() - started < 5
+    assert {p.name: p.read_bytes() for p in log.directory.glob("*.log")} == files
 
 
 def test_compressed_batches_are_compacted_and_recompressed_with_their_codec(open_log):

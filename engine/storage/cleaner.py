@@ -112,8 +112,9 @@ def plan(partition_log: "PartitionLog", now_ms: int, cleaned_to: int) -> CleanPl
 
 
 def clean(views: Sequence[memoryview], from_offset: int, clean_plan: CleanPlan, dedupe_buffer_bytes: int,
-          bytes_per_second: int = 0, sleep: Callable[[float], None] = time.sleep,
-          emit: Callable[[int, memoryview], Any] | None = None) -> tuple[list[Any], CleanStats]:
+          bytes_per_second: int = 0, sleep: Callable[[float], Any] = time.sleep,
+          emit: Callable[[int, memoryview], Any] | None = None,
+          cancelled: Callable[[], bool] = lambda: False) -> tuple[list[Any], CleanStats]:
     """The segments `views` (the range's, oldest first) cleaned by
     `clean_plan`, batches below `from_offset` (the log start) left as they
     are: for each, what `emit(k, cleaned bytes)` returns (the view is only
@@ -121,9 +122,10 @@ def clean(views: Sequence[memoryview], from_offset: int, clean_plan: CleanPlan, 
     (the cleaner thread), reading at most `bytes_per_second` (0:
     unthrottled). StorageError when the range has more distinct keys than
     `dedupe_buffer_bytes` of map holds; CorruptRecordError for a record that
-    does not parse."""
+    does not parse; CleanCancelled once `cancelled()` (checked before each
+    segment is read, and when the throttle wakes)."""
     started = time.monotonic()
-    throttle = _Throttle(bytes_per_second, sleep)
+    throttle = _Throttle(bytes_per_second, sleep, cancelled)
     state = ffi.new("rk_compact_state *")
     state.from_offset, state.end_offset, state.horizon_ms = from_offset, clean_plan.end_offset, clean_plan.horizon_ms
     records, producer_batches = _count(views, state)
@@ -291,19 +293,29 @@ def _check(result: int, state: "ffi.CData", what: str) -> None:
                                  state.error_position)
 
 
-class _Throttle:
-    """Sleeps so that reads average at most `bytes_per_second`."""
+class CleanCancelled(Exception):
+    """The log closed while its clean ran: nothing of it is installed."""
 
-    def __init__(self, bytes_per_second: int, sleep: Callable[[float], None]) -> None:
+
+class _Throttle:
+    """Sleeps so that reads average at most `bytes_per_second`; raises
+    CleanCancelled before a read once `cancelled()`."""
+
+    def __init__(self, bytes_per_second: int, sleep: Callable[[float], Any], cancelled: Callable[[], bool]) -> None:
         self._rate = bytes_per_second
         self._sleep = sleep
+        self._cancelled = cancelled
         self._started = time.monotonic()
         self._bytes = 0
 
     def read(self, size_bytes: int) -> None:
+        if self._cancelled():
+            raise CleanCancelled()
         if self._rate <= 0:
             return
         self._bytes += size_bytes
         ahead_s = self._bytes / self._rate - (time.monotonic() - self._started)
         if ahead_s > 0:
             self._sleep(ahead_s)
+            if self._cancelled():
+                raise CleanCancelled()

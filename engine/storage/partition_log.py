@@ -39,6 +39,7 @@ import bisect
 import logging
 import os
 import time
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,7 @@ class CleanJob:
     plan: CleanPlan
     segments: tuple[Segment, ...]
     sizes: tuple[int, ...]
+    stop: threading.Event   # set when the log closes: the thread gives up at its next segment
     # per segment: None (nothing removed), or its rewrite, written and synced: (file, offset-index entries)
     result: "Future[tuple[list[tuple[Path, list[tuple[int, int]]] | None], CleanStats]]"
 
@@ -710,10 +712,12 @@ class PartitionLog:
             temporary = sealed[k].path.with_name(sealed[k].path.name + CLEANED_SUFFIX)
             _write_synced(temporary, data)
             return temporary, entries
+        stop = threading.Event()
         result = _CLEANER.submit(cleaner.clean, views, self._log_start_offset, clean_plan,
                                  self._config.log_cleaner_dedupe_buffer_size,
-                                 self._config.log_cleaner_io_max_bytes_per_second, emit=write)
-        self._clean_job = CleanJob(clean_plan, tuple(sealed), sizes, result)
+                                 self._config.log_cleaner_io_max_bytes_per_second, sleep=stop.wait, emit=write,
+                                 cancelled=stop.is_set)
+        self._clean_job = CleanJob(clean_plan, tuple(sealed), sizes, stop, result)
 
     def finish_clean(self, wait: bool = False) -> bool:
         """Swap in the segments a finished clean rewrote (`wait`: for it to
@@ -748,6 +752,12 @@ class PartitionLog:
         """Run a clean to its end on this thread (tests, embedded use)."""
         self.start_clean(clean_plan)
         return self.finish_clean(wait=True)
+
+    def _stop_cleaning(self) -> None:
+        """A running clean gives up (its written files are deleted at the next open)."""
+        if self._clean_job is not None:
+            self._clean_job.stop.set()
+            self._clean_job, self._clean_next = None, None
 
     def _install_cleaned(self, job: CleanJob, outputs: list[tuple[Path, list[tuple[int, int]]] | None]) -> None:
         """Replace each rewritten segment atomically (its new file, written
@@ -935,6 +945,7 @@ class PartitionLog:
     def close(self) -> None:
         """A clean shutdown: sync the segments (whatever the policy, as Kafka
         does), record the recovery point, commit the index, release files."""
+        self._stop_cleaning()
         self.sync(force=True)
         self._advance_recovery_point()
         self.flush_index()
@@ -961,6 +972,7 @@ class PartitionLog:
 
     def abandon(self) -> None:
         """Release files without committing anything: what a crash leaves behind."""
+        self._stop_cleaning()
         for segment in self._segments:
             segment.close()
 
