@@ -143,13 +143,15 @@ def clean(views: Sequence[memoryview], from_offset: int, clean_plan: CleanPlan, 
             batch, _codec = _decompressed(view, position)
             _check(lib.rk_compact_map(ffi.from_buffer(batch), len(batch), state), state, "key map")
     outputs, stats = [], CleanStats()
-    out = bytearray(max(len(view) for view in views))   # one buffer for every segment: a rewrite never grows
+    # one buffer for every segment: a rewrite is no larger, but for recompressed batches that grew
+    out = bytearray(max(len(view) for view in views))
     for k, (view, positions) in enumerate(zip(views, compressed)):
         throttle.read(len(view))
         keep = _cleaned_compressed(view, positions, state)
         if len(out) < len(view) + keep.growth:
             out = bytearray(len(view) + keep.growth)
         written = lib.rk_compact_filter(ffi.from_buffer(view), len(view), state, ffi.from_buffer(out), len(out))
+        state.replacement_count = 0   # their buffers go with `keep`
         del keep
         _check(written, state, "rewrite")
         with memoryview(out)[:written] as cleaned:
