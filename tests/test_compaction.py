@@ -160,6 +160,23 @@ def test_compressed_batches_are_compacted_and_recompressed_with_their_codec(open
     assert codecs == [1]     # the emptied batches went; the last one, whole, is still gzip
 
 
+def test_the_plan_leaves_records_younger_than_the_compaction_lag_and_waits_for_the_dirty_ratio(open_log):
+    log = open_log(min_cleanable_dirty_ratio=0.99, min_compaction_lag_ms=1000)
+    append_all(log, [[(n % 3, b"x" * 40)] for n in range(60)], BASE_MS)    # 10 ms apart: BASE_MS .. +590
+    assert len(log.segments) > 4
+    assert log.compact(now_ms=BASE_MS + 999) is None     # every segment is younger than the lag
+    plan = log.compact(now_ms=BASE_MS + 1300)            # the segments whose newest batch is <= +300
+    assert plan is not None and log.finish_clean(wait=True)
+    assert plan.horizon_ms == BASE_MS + 1300 - log.config.delete_retention_ms
+    assert all(segment.max_timestamp() <= BASE_MS + 300 for segment in log.segments
+               if segment.base_offset < plan.end_offset)
+    assert [o for o, _k, _v in visible(log) if o >= plan.end_offset] == list(range(plan.end_offset, 60))
+    # the rest is old enough now, but it is less than 99% of the cleanable log: it waits
+    assert log.compact(now_ms=BASE_MS + 10**6) is None
+    log.reconfigure(log.config.replace(min_cleanable_dirty_ratio=0.5))
+    assert log.compact(now_ms=BASE_MS + 10**6) is not None
+
+
 def test_the_last_batch_of_each_idempotent_producer_survives_so_its_sequence_is_known(open_log):
     log = open_log()
     for sequence in range(12):                    # producer 7 overwrites one key; others fill the segments

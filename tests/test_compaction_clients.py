@@ -91,6 +91,22 @@ def test_confluent_kafka_consumer_sees_the_latest_record_per_key_after_the_clean
     seen = [m.offset() for m in got]
     assert set(latest.values()) <= set(seen)                      # the latest of every key is there
     assert len(seen) < len(sent) // 3                             # and most older versions are not
+    assert kafka_python_offsets(broker, "table", len(records)) == seen   # kafka-python reads the same
+
+
+def kafka_python_offsets(broker: BrokerProcess, topic: str, expected: int) -> list[int]:
+    """Offsets a kafka-python consumer reads from the beginning (empty batches the cleaner left included)."""
+    from kafka import KafkaConsumer, TopicPartition
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False, consumer_timeout_ms=5000)
+    consumer.assign([TopicPartition(topic, 0)])
+    consumer.seek_to_beginning()
+    offsets = []
+    for message in consumer:
+        offsets.append(message.offset)
+        if len(offsets) == expected:
+            break
+    consumer.close()
+    return offsets
 
 
 def test_lz4_batches_of_a_compacted_topic_are_compacted_too(broker):
