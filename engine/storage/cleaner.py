@@ -118,7 +118,8 @@ def clean(views: Sequence[memoryview], from_offset: int, clean_plan: CleanPlan, 
     """The segments `views` (the range's, oldest first) cleaned by
     `clean_plan`, batches below `from_offset` (the log start) left as they
     are: for each, what `emit(k, cleaned bytes)` returns (the view is only
-    valid during the call), by default a copy of the bytes. Runs anywhere
+    valid during the call; None, without a call, for a segment the clean
+    leaves as it was), by default a copy of the bytes. Runs anywhere
     (the cleaner thread), reading at most `bytes_per_second` (0:
     unthrottled). StorageError when the range has more distinct keys than
     `dedupe_buffer_bytes` of map holds; CorruptRecordError for a record that
@@ -147,6 +148,7 @@ def clean(views: Sequence[memoryview], from_offset: int, clean_plan: CleanPlan, 
     out = bytearray(max(len(view) for view in views))
     for k, (view, positions) in enumerate(zip(views, compressed)):
         throttle.read(len(view))
+        removed_before = state.records_in - state.records_out
         keep = _cleaned_compressed(view, positions, state)
         if len(out) < len(view) + keep.growth:
             out = bytearray(len(view) + keep.growth)
@@ -154,8 +156,9 @@ def clean(views: Sequence[memoryview], from_offset: int, clean_plan: CleanPlan, 
         state.replacement_count = 0   # their buffers go with `keep`
         del keep
         _check(written, state, "rewrite")
+        changed = written != len(view) or state.records_in - state.records_out != removed_before
         with memoryview(out)[:written] as cleaned:
-            outputs.append(bytes(cleaned) if emit is None else emit(k, cleaned))
+            outputs.append(bytes(cleaned) if emit is None else emit(k, cleaned) if changed else None)
         stats.bytes_in += len(view)
         stats.bytes_out += written
     stats.records_in, stats.records_out = state.records_in, state.records_out

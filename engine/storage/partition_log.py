@@ -704,10 +704,8 @@ class PartitionLog:
         views = [segment.view() for segment in sealed]
         sizes = tuple(s.size_bytes for s in sealed)
 
-        def write(k: int, data: memoryview) -> tuple[Path, list[tuple[int, int]]] | None:
+        def write(k: int, data: memoryview) -> tuple[Path, list[tuple[int, int]]]:
             """In the cleaner thread: a rewritten segment to its own file, synced, and its index entries."""
-            if len(data) == sizes[k]:
-                return None   # nothing removed
             entries = self._index_entries(data, sealed[k].base_offset)
             temporary = sealed[k].path.with_name(sealed[k].path.name + CLEANED_SUFFIX)
             _write_synced(temporary, data)
