@@ -421,7 +421,6 @@ int64_t rk_partition_keys(const rk_bytes_column *keys, int64_t count, int32_t pa
 /* ---- compaction ------------------------------------------------------------ */
 
 #define RK_ATTR_COMPRESSION 0x07
-#define RK_ATTR_LOG_APPEND_TIME 0x08
 #define RK_ATTR_CONTROL 0x20
 
 static inline int64_t rd64(const uint8_t *p) {
@@ -542,15 +541,14 @@ int64_t rk_compact_map(const uint8_t *buf, size_t len, rk_compact_state *st) {
     return 0;
 }
 
-/* Is the record the latest of its key, and not a tombstone past the horizon? Keyless records stay. */
-static int record_kept(const uint8_t *buf, const compact_record *r, int64_t base, int64_t timestamp,
-                       rk_compact_state *st) {
+/* Is the record the latest of its key, and not a tombstone a clean already kept long enough? Keyless ones stay. */
+static int record_kept(const uint8_t *buf, const compact_record *r, int64_t base, rk_compact_state *st) {
     if (r->key_len < 0) return 1;
     uint64_t h1, h2;
     key_hash(buf + r->key_start, r->key_len, &h1, &h2);
     rk_key_slot *slot = slot_of(st->keys, st->key_capacity, &st->keys_used, h1, h2, 0);
     if (!slot || slot->offset != base + r->offset_delta + 1) return 0;
-    return !(r->value_len < 0 && timestamp < st->horizon_ms);
+    return !(r->value_len < 0 && base + r->offset_delta < st->tombstone_end_offset);
 }
 
 /* The batch at p rewritten with its kept records into out: the header as it was (base offset,
@@ -560,16 +558,13 @@ static int64_t filter_batch(const uint8_t *buf, size_t pos, int64_t size, int se
                             uint8_t *out) {
     const uint8_t *p = buf + pos;
     int64_t base = rd64(p + RK_BASE_OFFSET_OFF), producer = rd64(p + RK_PRODUCER_ID_OFF);
-    int64_t first_ts = rd64(p + RK_FIRST_TIMESTAMP_OFF), max_ts = rd64(p + RK_MAX_TIMESTAMP_OFF);
-    int log_append_time = rd16(p + RK_ATTRIBUTES_OFF) & RK_ATTR_LOG_APPEND_TIME;
     int32_t count = rd32(p + RK_RECORD_COUNT_OFF), kept = 0;
     size_t rpos = pos + RK_HEADER_SIZE, end = pos + (size_t)size, written = RK_HEADER_SIZE;
     for (int32_t i = 0; i < count; i++) {
         compact_record r;
         int err = next_record(buf, &rpos, end, &r);
         if (err) { st->error_position = (int64_t)r.start; return err; }
-        int64_t timestamp = log_append_time ? max_ts : (int64_t)((uint64_t)first_ts + (uint64_t)r.timestamp_delta);
-        if (!record_kept(buf, &r, base, timestamp, st)) continue;
+        if (!record_kept(buf, &r, base, st)) continue;
         memcpy(out + written, buf + r.start, r.end - r.start);
         written += r.end - r.start;
         kept++;

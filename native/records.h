@@ -157,7 +157,8 @@ int64_t rk_partition_keys(const rk_bytes_column *keys, int64_t count, int32_t pa
 /* ---- compaction (the log cleaner, engine/storage/cleaner.py) ----------------
  * The cleaner keeps, of the batches wholly in [from_offset, end_offset), the
  * latest record of each key; keyless records stay, and a tombstone (null
- * value) goes once its timestamp is below horizon_ms. A rewritten batch keeps
+ * value) goes if it lies below tombstone_end_offset (the end of a clean old
+ * enough that it kept the tombstone for delete.retention.ms). A rewritten batch keeps
  * its header (baseOffset, lastOffsetDelta, timestamps, producer fields) and
  * gets recordCount, batchLength and CRC32C anew, so offsets never move. A
  * batch left without records goes, unless it is its producer's last batch in
@@ -187,7 +188,7 @@ typedef struct {
     /* inputs */
     int64_t from_offset;
     int64_t end_offset;
-    int64_t horizon_ms;
+    int64_t tombstone_end_offset;
     rk_key_slot *keys;            /* open addressing; capacity a power of two, zeroed */
     int64_t key_capacity;
     rk_key_slot *producers;       /* h1 = producerId, offset = 1 + base offset of its last batch */

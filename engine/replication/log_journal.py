@@ -12,12 +12,12 @@ applying an entry writes nothing.
 What maps Raft indexes to offsets is the entries file,
 `<partition dir>/raft.entries`: a header (magic, format version) and one
 fixed-size record per entry, `raft index | term | base offset | next
-offset | control | clean end | clean horizon | crc32c`. Entries that carry no batches take no offset:
+offset | control | clean end | clean tombstone end | crc32c`. Entries that carry no batches take no offset:
 their base and next offsets are equal, so consumers never see them and
 offsets stay dense. Those are pysyncobj's no-op at the start of each term
 (control -1) and the leader's log start decisions (retention, DeleteRecords:
 `0x13 | new log start offset`, control = that offset), and its log cleaner
-plans (`0x14 | end offset | tombstone horizon ms`, in the clean fields;
+plans (`0x14 | end offset | tombstone end offset`, in the clean fields;
 engine/storage/cleaner.py), which every replica carries out when the entry
 commits. The file is written
 with the segment and synced with it (one group commit covers both), and on
@@ -58,7 +58,7 @@ ENTRIES_FILE = "raft.entries"
 MAGIC = b"RKRE"
 FORMAT_VERSION = 2                        # bump (and migrate) when the layout below changes
 FILE_HEAD = struct.Struct("<4sHH")        # magic, format version, reserved
-# raft index, term, base offset, next offset, control, clean end, clean horizon, crc32c of the rest
+# raft index, term, base offset, next offset, control, clean end, clean tombstone end, crc32c of the rest
 RECORD = struct.Struct("<QQqqqqqI")
 RECORD_BODY = struct.Struct("<QQqqqqq")
 RECORD_V1 = struct.Struct("<QQqqqI")      # format 1: no clean fields (migrated on open)
@@ -72,14 +72,14 @@ LOG_START_COMMAND = 0x13                  # the leader's retention or DeleteReco
 LOG_START = struct.Struct(">Bq")
 NO_CONTROL = -1
 CLEAN_COMMAND = 0x14                      # the leader's log cleaner plan: clean below an offset
-CLEAN = struct.Struct(">Bqq")             # command type, end offset, tombstone horizon (ms)
+CLEAN = struct.Struct(">Bqq")             # command type, end offset, tombstone end offset
 NO_CLEAN = (-1, 0)                        # the clean fields of an entry that is not a clean plan
 MARKER_COMMAND = 0x1F                     # a checkpoint's boundary entry: where its data lies
 MARKER = struct.Struct(">Bqq")
 DEFAULT_CACHE_BYTES = 32 * 1024 * 1024
 REWRITE_DEAD_RECORDS = 4096               # compaction rewrites the entries file past this many dropped records
 
-# (raft index, term, base offset, next offset, control, clean end, clean horizon)
+# (raft index, term, base offset, next offset, control, clean end, clean tombstone end)
 Slot = tuple[int, int, int, int, int, int, int]
 
 
@@ -96,8 +96,8 @@ def log_start_command(offset: int) -> bytes:
     return LOG_START.pack(LOG_START_COMMAND, offset)
 
 
-def clean_command(end_offset: int, horizon_ms: int) -> bytes:
-    return CLEAN.pack(CLEAN_COMMAND, end_offset, horizon_ms)
+def clean_command(end_offset: int, tombstone_end_offset: int) -> bytes:
+    return CLEAN.pack(CLEAN_COMMAND, end_offset, tombstone_end_offset)
 
 
 def is_marker(command: Any) -> bool:
@@ -179,8 +179,8 @@ class LogJournal(RaftStateJournal):
         elif len(command) == LOG_START.size and command[0] == LOG_START_COMMAND:
             slot = (idx, term, base, base, LOG_START.unpack(bytes(command))[1], *NO_CLEAN)
         elif len(command) == CLEAN.size and command[0] == CLEAN_COMMAND:
-            _, end_offset, horizon_ms = CLEAN.unpack(bytes(command))
-            slot = (idx, term, base, base, NO_CONTROL, end_offset, horizon_ms)
+            _, end_offset, tombstone_end = CLEAN.unpack(bytes(command))
+            slot = (idx, term, base, base, NO_CONTROL, end_offset, tombstone_end)
         else:
             parts = append_parts(command)
             if parts is None:
@@ -269,7 +269,7 @@ class LogJournal(RaftStateJournal):
         return None if held is None else held[:5]
 
     def clean_at(self, index: int) -> tuple[int, int] | None:
-        """(end offset, tombstone horizon ms) of the clean plan at raft `index`, None if that is not one."""
+        """(end offset, tombstone end offset) of the clean plan at raft `index`, None if that is not one."""
         held = self._held(index)
         return None if held is None or held[5] == NO_CLEAN[0] else (held[5], held[6])
 
@@ -467,11 +467,11 @@ class LogJournal(RaftStateJournal):
     # ---- commands --------------------------------------------------------------
 
     def _entry(self, slot: Slot) -> tuple[Any, int, int]:
-        index, term, base, next_offset, control, clean_end, clean_horizon = slot
+        index, term, base, next_offset, control, clean_end, clean_tombstones = slot
         command = self._cache.get(index)
         if command is None:
             if clean_end != NO_CLEAN[0]:
-                command = clean_command(clean_end, clean_horizon)
+                command = clean_command(clean_end, clean_tombstones)
             elif control != NO_CONTROL:
                 command = log_start_command(control)
             elif base == next_offset:

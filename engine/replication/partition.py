@@ -138,18 +138,21 @@ class PartitionReplica(RaftGroup):
                 self._log_start_proposed = -1   # proposed again at the next retention run
         self._propose(log_start_command(offset), done)
 
-    def _propose_clean(self, plan: CleanPlan) -> None:
+    def _propose_clean(self, plan: CleanPlan) -> bool:
         """The log cleaner's plan: as leader, replicate it (every replica
         cleans when it commits, with the leader's end offset and tombstone
-        horizon); a follower waits for it."""
-        if not self.is_leader or plan.end_offset <= self._clean_proposed:
-            return
+        end) and return True; a follower waits for its leader's."""
+        if not self.is_leader:
+            return False
+        if plan.end_offset <= self._clean_proposed:
+            return True
         self._clean_proposed = plan.end_offset
 
         def done(_result: Any, error: Exception | None) -> None:
             if error is not None:
                 self._clean_proposed = -1   # proposed again at the next cleaner run
-        self._propose(clean_command(plan.end_offset, plan.horizon_ms), done)
+        self._propose(clean_command(plan.end_offset, plan.tombstone_end_offset), done)
+        return True
 
     def _may_install_clean(self, end_offset: int) -> bool:
         """Cleaned segments below `end_offset` may replace the originals once

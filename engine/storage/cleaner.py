@@ -2,11 +2,14 @@
 partition log's sealed segments.
 
 What a clean does. A plan names an end offset E (a segment boundary below
-the high watermark, never inside the active segment) and a tombstone
-horizon H (ms). Of the batches wholly in [log start, E), the cleaner keeps
-the latest record of each key; a record without key stays; a tombstone
-(null value) that is the latest of its key stays until its timestamp is
-below H, then goes. Batches keep their base offset and lastOffsetDelta
+the high watermark, never inside the active segment) and a tombstone end
+T <= E. Of the batches wholly in [log start, E), the cleaner keeps the
+latest record of each key; a record without key stays; a tombstone (null
+value) that is the latest of its key stays if it lies at or past T, goes
+below it. T is the end of the newest clean that ran delete.retention.ms ago
+or more (0 if none): a tombstone goes only once a clean kept it for
+delete.retention.ms, as Kafka's, so a consumer that read a key's older
+value from the start of the log has that long to see its delete. Batches keep their base offset and lastOffsetDelta
 (offsets never move: a read at a removed offset returns the next record,
 consumers' committed offsets stay valid); a batch left without records goes,
 except its producer's last batch in the range (kept empty: idempotent
@@ -23,14 +26,14 @@ run in Python (their libraries release the GIL for large buffers).
 
 Determinism. The output is a function of the range's committed bytes, its
 segment boundaries (the same on replicas that appended the same entries)
-and (E, H) alone, not of the time a replica runs it, nor of what an earlier
+and (E, T) alone, not of the time a replica runs it, nor of what an earlier
 clean already removed (cleaning is idempotent and a later plan subsumes an
 earlier one), so every replica writes the same bytes (recompression too:
-every replica runs the same pinned codec libraries). A
-replicated log's leader decides the plan (`plan`, from its clock: H = now -
-delete.retention.ms, E bounded by min.compaction.lag.ms) and replicates it
-as a Raft entry (engine/replication/partition.py); every replica cleans when
-it commits. An embedded log plans and cleans alone.
+every replica runs the same pinned codec libraries). A replicated log's
+leader decides the plan (`plan`: E bounded by min.compaction.lag.ms by its
+clock, T from the cleans it decided and saw installed, with their times)
+and replicates it as a Raft entry (engine/replication/partition.py); every
+replica cleans when it commits. An embedded log plans and cleans alone.
 
 Neighbours: PartitionLog (partition_log.py) runs a plan in the cleaner
 thread (`start_clean`) and swaps the rewritten segment files in on its
@@ -57,11 +60,11 @@ KEY_SLOT_BYTES = 24                 # rk_key_slot: two 64-bit hashes and an offs
 
 @dataclass(frozen=True)
 class CleanPlan:
-    """A clean of the batches wholly below `end_offset`; tombstones whose
-    timestamp is below `horizon_ms` go."""
+    """A clean of the batches wholly below `end_offset`; the tombstones below
+    `tombstone_end_offset` (<= end_offset) go."""
 
     end_offset: int
-    horizon_ms: int
+    tombstone_end_offset: int
 
 
 @dataclass
@@ -83,12 +86,13 @@ def is_deleting(config: Config) -> bool:
     return "delete" in config.cleanup_policy.split(",")
 
 
-def plan(partition_log: "PartitionLog", now_ms: int, cleaned_to: int) -> CleanPlan | None:
+def plan(partition_log: "PartitionLog", now_ms: int, cleaned_to: int, tombstone_end: int) -> CleanPlan | None:
     """The clean the log is due, at `now_ms`, or None: the cleanable range
     is the sealed segments wholly below the high watermark whose newest
     batch is older than min.compaction.lag.ms; it is cleaned once the bytes
     past `cleaned_to` (the end of the last clean) are at least
-    min.cleanable.dirty.ratio of it."""
+    min.cleanable.dirty.ratio of it. Tombstones below `tombstone_end` (the
+    end of a clean delete.retention.ms ago) go."""
     config = partition_log.config
     if not is_compacted(config):
         return None
@@ -108,7 +112,7 @@ def plan(partition_log: "PartitionLog", now_ms: int, cleaned_to: int) -> CleanPl
         return None
     if dirty < config.min_cleanable_dirty_ratio * total:
         return None
-    return CleanPlan(end, now_ms - config.delete_retention_ms)
+    return CleanPlan(end, min(tombstone_end, end))
 
 
 def clean(views: Sequence[memoryview], from_offset: int, clean_plan: CleanPlan, dedupe_buffer_bytes: int,
@@ -128,7 +132,8 @@ def clean(views: Sequence[memoryview], from_offset: int, clean_plan: CleanPlan, 
     started = time.monotonic()
     throttle = _Throttle(bytes_per_second, sleep, cancelled)
     state = ffi.new("rk_compact_state *")
-    state.from_offset, state.end_offset, state.horizon_ms = from_offset, clean_plan.end_offset, clean_plan.horizon_ms
+    state.from_offset, state.end_offset = from_offset, clean_plan.end_offset
+    state.tombstone_end_offset = clean_plan.tombstone_end_offset
     records, producer_batches = _count(views, state)
     # distinct keys <= records: a table sized for the records never fills, one capped by the buffer may
     key_capacity = _table_capacity(min(records, dedupe_buffer_bytes // (2 * KEY_SLOT_BYTES)))

@@ -73,6 +73,8 @@ _RECOVERY_CANDIDATES_MAX = 64
 # the log cleaner's thread (Kafka's log.cleaner.threads = 1), shared by every log of the process
 _CLEANER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-cleaner")
 CLEANED_SUFFIX = ".cleaned"   # a rewritten segment before its rename over the original
+# installed cleans remembered for tombstone ends; forgetting older ones can only keep tombstones longer
+CLEAN_HISTORY_MAX = 64
 
 
 class AppendResult(NamedTuple):
@@ -138,11 +140,15 @@ class PartitionLog:
         self.recovered_short = False   # recovery cut data below the recorded high watermark
         self.on_sync: Callable[[], None] | None = None   # a Raft journal syncing its own file alongside
         self.on_retention: Callable[[int], None] | None = None   # a replica replicating retention decisions
-        self.on_compaction: Callable[[CleanPlan], None] | None = None   # a replica replicating clean plans
+        # a replica replicating clean plans: True if it did (its leader), False if it is not the one to decide
+        self.on_compaction: Callable[[CleanPlan], bool] | None = None
         # a replica's condition for swapping cleaned segments in (its Raft log no longer sends that range)
         self.may_install_clean: Callable[[int], bool] | None = None
         self.last_clean: CleanStats | None = None
         self._cleaned_to = 0          # end offset of the last clean installed here (in memory: 0 after a restart)
+        # the cleans this log decided and installed: (decision time ms, end offset), oldest first, in memory
+        self._clean_history: list[tuple[int, int]] = []
+        self._decided_ms: dict[int, int] = {}    # end offset -> when this log decided that clean
         self._clean_job: CleanJob | None = None
         self._clean_next: CleanPlan | None = None   # a plan that arrived while a clean was running
         self._bytes_since_index = 0
@@ -675,14 +681,23 @@ class PartitionLog:
         leader) replicates the plan, and every replica starts it when it
         commits (start_clean), so what goes never depends on one replica's clock."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        clean_plan = cleaner.plan(self, now_ms, self._cleaned_to)
+        clean_plan = cleaner.plan(self, now_ms, self._cleaned_to, self._tombstone_end(now_ms))
         if clean_plan is None:
             return None
-        if self.on_compaction is not None:
-            self.on_compaction(clean_plan)
-        else:
+        if self.on_compaction is not None and not self.on_compaction(clean_plan):
+            return None
+        self._decided_ms.setdefault(clean_plan.end_offset, now_ms)
+        if self.on_compaction is None:
             self.start_clean(clean_plan)
         return clean_plan
+
+    def _tombstone_end(self, now_ms: int) -> int:
+        """The end of the newest clean decided here delete.retention.ms or
+        more before `now_ms` and installed: tombstones below it were kept
+        that long after a clean saw them (0 if there is none: none go)."""
+        old_enough = [end for decided_ms, end in self._clean_history
+                      if decided_ms <= now_ms - self._config.delete_retention_ms]
+        return max(old_enough, default=0)
 
     @property
     def cleaning(self) -> bool:
@@ -740,11 +755,22 @@ class PartitionLog:
             self._install_cleaned(job, outputs)
             self.last_clean = stats
             self._cleaned_to = max(self._cleaned_to, job.plan.end_offset)
+            self._remember_clean(job.plan.end_offset)
             installed = True
         following, self._clean_next = self._clean_next, None
         if following is not None:
             self.start_clean(following)
         return installed
+
+    def _remember_clean(self, end_offset: int) -> None:
+        """A clean this log decided is installed: its time bounds later tombstone ends."""
+        decided_ms = self._decided_ms.pop(end_offset, None)
+        for superseded in [end for end in self._decided_ms if end < end_offset]:
+            del self._decided_ms[superseded]
+        if decided_ms is None:
+            return   # another replica's decision: its leader keeps the time
+        self._clean_history.append((decided_ms, end_offset))
+        del self._clean_history[:-CLEAN_HISTORY_MAX]
 
     def clean_now(self, clean_plan: CleanPlan) -> bool:
         """Run a clean to its end on this thread (tests, embedded use)."""
