@@ -2,11 +2,11 @@
 to produce latency while it runs.
 
   cleaner   cleaner.clean (key map + rewrite, native, unthrottled) over
-            sealed segments of 1 KiB records, many versions of each key:
-            MB/s of segment bytes cleaned (median of rounds over the same
-            segments; cleaning is a pure function of them), then one
-            PartitionLog.clean_now with the swap (write, fdatasync, rename,
-            index) included
+            sealed segments of 1 KiB records, 10,000 keys (most versions
+            go) and every key distinct (everything stays): MB/s of segment
+            bytes cleaned (median of rounds over the same segments; cleaning
+            is a pure function of them), then one PartitionLog.clean_now with
+            the swap (write, fdatasync, rename, index) included
   produce   a real broker (`raftka serve`, fsync=always, 127.0.0.1): p50/p99
             of acks=all produce latency (confluent-kafka, one message at a
             time, paced) while a large topic sits uncleaned, then while the
@@ -51,7 +51,7 @@ def filled_log(directory: Path, volume_bytes: int, keys: int) -> tuple[Partition
     value = os.urandom(VALUE_BYTES)
     n = 0
     while log.size_bytes < volume_bytes:
-        records = [Record(value, b"key-%08d" % ((n + i) * 7919 % keys), (), BASE_MS + n + i)
+        records = [Record(value, b"key-%013d" % ((n + i) * 7919 % keys), (), BASE_MS + n + i)
                    for i in range(RECORDS_PER_BATCH)]
         log.append(build_batch(records))
         n += RECORDS_PER_BATCH
@@ -61,13 +61,14 @@ def filled_log(directory: Path, volume_bytes: int, keys: int) -> tuple[Partition
 
 
 def measure_cleaner(workdir: Path, volume_bytes: int, keys: int, rounds: int) -> dict:
-    log, index = filled_log(workdir / "cleaner", volume_bytes, keys)
+    log, index = filled_log(workdir / f"cleaner-{keys}", volume_bytes, keys)
     try:
         plan = CleanPlan(log.segments[-1].base_offset, 0)
         views = [segment.view() for segment in log.segments[:-1]]
         seconds, stats = [], None
         for _ in range(rounds):
-            _outputs, stats = cleaner.clean(views, 0, plan, log.config.log_cleaner_dedupe_buffer_size)
+            _outputs, stats = cleaner.clean(views, 0, plan, log.config.log_cleaner_dedupe_buffer_size,
+                                            emit=lambda _k, _cleaned: None)   # the rewrite, not a copy of it
             seconds.append(stats.seconds)
         del views
         started = time.perf_counter()
@@ -169,12 +170,16 @@ def measure_produce(workdir: Path, volume_bytes: int, keys: int, seconds: float,
         brokers.stop()
 
 
-def print_table(cleaner_result: dict, produce: dict) -> None:
+def print_table(cleaners: list[dict], produce: dict) -> None:
     print(f"{'measure':72} {'value':>16}")
-    rows = [
-        ("cleaner MB/s (map + rewrite, unthrottled, median)", f"{cleaner_result['clean_mb_s']:.0f}"),
-        ("cleaner MB/s with the swap (write, fdatasync, rename)", f"{cleaner_result['with_swap_mb_s']:.0f}"),
-        ("records in -> out", f"{cleaner_result['records_in']} -> {cleaner_result['records_out']}"),
+    rows = []
+    for result in cleaners:
+        keys = "every key distinct" if result["keys"] >= result["records_in"] else f"{result['keys']} keys"
+        label = f"{keys}, {result['records_in']} -> {result['records_out']} records"
+        rows += [(f"cleaner MB/s, map + rewrite, unthrottled ({label})", f"{result['clean_mb_s']:.0f}"),
+                 ("  with the swap (write, fdatasync, rename, index: none if nothing went)",
+                  f"{result['with_swap_mb_s']:.0f}")]
+    rows += [
         ("produce p50 / p99 ms, cleaner idle",
          f"{produce['idle']['p50_ms']:.2f} / {produce['idle']['p99_ms']:.2f}"),
         ("produce p50 / p99 ms, cleaner running",
@@ -190,18 +195,20 @@ def run(out_dir: Path, quick: bool, scratch: str | None) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="raftka-compaction-bench-", dir=scratch))
     volume = (64 if quick else 256) * MIB
     try:
-        print(f"measuring the cleaner over {volume // MIB} MiB ...", flush=True)
-        cleaner_result = measure_cleaner(workdir, volume, keys=10_000, rounds=3 if quick else 5)
+        cleaners = []
+        for keys in (10_000, 1 << 40):    # most versions go; every record is its key's only one (all stay)
+            print(f"measuring the cleaner over {volume // MIB} MiB, {keys} keys ...", flush=True)
+            cleaners.append(measure_cleaner(workdir, volume, keys=keys, rounds=3 if quick else 5))
         print(f"measuring produce latency against a broker cleaning {volume // 2 // MIB} MiB ...", flush=True)
         produce = measure_produce(workdir, volume // 2, keys=10_000, seconds=3 if quick else 6,
                                   throttle_bytes_s=32 * MIB)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print()
-    print_table(cleaner_result, produce)
+    print_table(cleaners, produce)
     report = {"benchmark": "compaction", "quick": quick,
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-              "cleaner": cleaner_result, "produce": produce}
+              "cleaner": cleaners, "produce": produce}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compaction.json").write_text(json.dumps(report, indent=2))
     print(f"\nwrote {out_dir / 'compaction.json'}")
