@@ -87,18 +87,28 @@ class Config:
     index_interval_bytes: int = 64 * 1024
     # message.max.bytes: the largest record batch accepted, header included
     max_batch_bytes: int = 1024 * 1024 + 12
-    # log.cleanup.policy, compression.type, log.message.timestamp.type: only
-    # Kafka's defaults are implemented (see engine/cluster/topic_configs.py);
-    # log.cleaner.min.compaction.lag.ms and log.cleaner.delete.retention.ms
-    # are kept for compaction, which does not exist yet
+    # log.cleanup.policy: delete, compact, or compact,delete (the log cleaner,
+    # engine/storage/cleaner.py); compression.type, log.message.timestamp.type:
+    # only Kafka's defaults are implemented (see engine/cluster/topic_configs.py)
     cleanup_policy: str = "delete"
     compression_type: str = "producer"
     message_timestamp_type: str = "CreateTime"
     # min.insync.replicas: an acks=all produce needs an ISR this large
     # (NOT_ENOUGH_REPLICAS otherwise)
     min_insync_replicas: int = 1
+    # log compaction (cleanup.policy=compact): a record younger than
+    # min.compaction.lag.ms is not cleaned; a tombstone is kept for
+    # delete.retention.ms after its timestamp; the cleaner runs when the dirty
+    # share of the cleanable log reaches min.cleanable.dirty.ratio, checked
+    # every log.cleaner.backoff.ms, reading at most
+    # log.cleaner.io.max.bytes.per.second (0: unthrottled), with at most
+    # log.cleaner.dedupe.buffer.size bytes of key map (24 bytes a distinct key)
     min_compaction_lag_ms: int = 0
     delete_retention_ms: int = DAY_MS
+    min_cleanable_dirty_ratio: float = 0.5
+    log_cleaner_backoff_ms: int = 15_000
+    log_cleaner_io_max_bytes_per_second: int = 100 * MIB
+    log_cleaner_dedupe_buffer_size: int = 128 * MIB
     fsync: FsyncPolicy = "always"
     fsync_interval_ms: int = 1000
     # LMDB index writes are grouped: committed at most this often, or when
@@ -193,6 +203,8 @@ class Config:
     # at the number of brokers): the internal __consumer_offsets topic
     offsets_topic_partitions: int = 10
     offsets_topic_replication_factor: int = 3
+    # offsets.topic.segment.bytes: its segments, small so the cleaner keeps it small
+    offsets_topic_segment_bytes: int = 100 * MIB
     # group.initial.rebalance.delay.ms: a new group waits this long (extended
     # by each member joining meanwhile) so its first members join one generation
     group_initial_rebalance_delay_ms: int = 3000
@@ -226,7 +238,8 @@ class Config:
                     "max_connections_per_ip", "max_partitions_per_broker", "max_partitions_per_topic",
                     "max_partitions_per_request", "fetch_max_bytes",
                     "connections_max_idle_ms", "queued_max_request_bytes", "message_timestamp_before_max_ms",
-                    "message_timestamp_after_max_ms", "min_insync_replicas")
+                    "message_timestamp_after_max_ms", "min_insync_replicas", "log_cleaner_backoff_ms",
+                    "log_cleaner_dedupe_buffer_size", "offsets_topic_segment_bytes")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -235,6 +248,10 @@ class Config:
         if not 0 <= self.leader_imbalance_per_broker_percentage <= 100:
             raise ValueError(f"leader_imbalance_per_broker_percentage must be in [0, 100], "
                              f"got {self.leader_imbalance_per_broker_percentage}")
+        if self.log_cleaner_io_max_bytes_per_second < 0:
+            raise ValueError("log_cleaner_io_max_bytes_per_second must not be negative (0: unthrottled)")
+        if not 0.0 <= self.min_cleanable_dirty_ratio <= 1.0:
+            raise ValueError(f"min_cleanable_dirty_ratio must be in [0, 1], got {self.min_cleanable_dirty_ratio}")
         if self.group_initial_rebalance_delay_ms < 0:
             raise ValueError(f"group_initial_rebalance_delay_ms must not be negative, got {self.group_initial_rebalance_delay_ms}")
         if self.group_min_session_timeout_ms > self.group_max_session_timeout_ms:
@@ -352,6 +369,8 @@ def _from_text(key: str, annotation: object, raw: str) -> object:
             return raw.lower() in ("true", "1", "yes")
         if kind == "int":
             return int(raw)
+        if kind == "float":
+            return float(raw)
         if kind == "Path":
             return Path(raw)
     except ValueError:
@@ -372,6 +391,7 @@ TOPIC_CONFIGS: dict[str, str] = {
     "min.insync.replicas": "min_insync_replicas",
     "min.compaction.lag.ms": "min_compaction_lag_ms",
     "delete.retention.ms": "delete_retention_ms",
+    "min.cleanable.dirty.ratio": "min_cleanable_dirty_ratio",
 }
 # Kafka's broker config names -> Config fields
 BROKER_CONFIGS: dict[str, str] = {
@@ -386,6 +406,10 @@ BROKER_CONFIGS: dict[str, str] = {
     "min.insync.replicas": "min_insync_replicas",
     "log.cleaner.min.compaction.lag.ms": "min_compaction_lag_ms",
     "log.cleaner.delete.retention.ms": "delete_retention_ms",
+    "log.cleaner.min.cleanable.ratio": "min_cleanable_dirty_ratio",
+    "log.cleaner.backoff.ms": "log_cleaner_backoff_ms",
+    "log.cleaner.io.max.bytes.per.second": "log_cleaner_io_max_bytes_per_second",
+    "log.cleaner.dedupe.buffer.size": "log_cleaner_dedupe_buffer_size",
     "num.partitions": "default_partitions",
     "default.replication.factor": "default_replication_factor",
     "auto.create.topics.enable": "auto_create_topics",
@@ -396,6 +420,7 @@ BROKER_CONFIGS: dict[str, str] = {
     "leader.imbalance.per.broker.percentage": "leader_imbalance_per_broker_percentage",
     "offsets.topic.num.partitions": "offsets_topic_partitions",
     "offsets.topic.replication.factor": "offsets_topic_replication_factor",
+    "offsets.topic.segment.bytes": "offsets_topic_segment_bytes",
     "group.initial.rebalance.delay.ms": "group_initial_rebalance_delay_ms",
     "group.min.session.timeout.ms": "group_min_session_timeout_ms",
     "group.max.session.timeout.ms": "group_max_session_timeout_ms",

@@ -1,5 +1,5 @@
 """cffi (API mode, out-of-line) builds of the native code: the hot path
-(`raftka.native._raftka`: raftka.c, and records.c for the record codec) and the load generator of `raftka bench` (`raftka.native._loadgen`).
+(`raftka.native._raftka`: raftka.c, records.c for the record codec and syncer.c for group-commit fdatasyncs on native threads) and the load generator of `raftka bench` (`raftka.native._loadgen`).
 
 Run by `pip install` through setup.py's cffi_modules; nothing is prebuilt.
 """
@@ -24,12 +24,14 @@ def header_cdef(header: str) -> str:
 ffibuilder = FFI()
 ffibuilder.cdef(header_cdef((HERE / "raftka.h").read_text()))
 ffibuilder.cdef(header_cdef((HERE / "records.h").read_text()))
+ffibuilder.cdef(header_cdef((HERE / "syncer.h").read_text()))
 ffibuilder.set_source(
     "raftka.native._raftka",
-    '#include "raftka.h"\n#include "records.h"',
-    sources=[str(Path("native") / "raftka.c"), str(Path("native") / "records.c")],
+    '#include "raftka.h"\n#include "records.h"\n#include "syncer.h"',
+    sources=[str(Path("native") / "raftka.c"), str(Path("native") / "records.c"), str(Path("native") / "syncer.c")],
     include_dirs=[str(Path("native"))],
-    extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra"],
+    extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-pthread"],
+    extra_link_args=["-pthread"],
 )
 
 loadgen_builder = FFI()

@@ -232,9 +232,16 @@ static int check_batch(const uint8_t *p, size_t avail, const rk_scan_state *st,
     if ((uint64_t)size > avail) return RK_ERR_TRUNCATED;
     if (p[RK_MAGIC_OFF] != RK_MAGIC_V2) return RK_ERR_MAGIC;
     int32_t count = be32(p + RK_RECORD_COUNT_OFF);
-    if (count < 1 || be32(p + RK_LAST_OFFSET_DELTA_OFF) != count - 1) return RK_ERR_COUNT;
-    if (st->check_offsets && be64(p + RK_BASE_OFFSET_OFF) != st->next_offset)
-        return RK_ERR_OFFSET;
+    int32_t last_delta = be32(p + RK_LAST_OFFSET_DELTA_OFF);
+    if (st->check_offsets == RK_CHECK_COMPACTED) {
+        /* the cleaner keeps base offset and lastOffsetDelta, removes records (even all of them) */
+        if (count < 0 || last_delta < 0 || count > (int64_t)last_delta + 1) return RK_ERR_COUNT;
+        if (be64(p + RK_BASE_OFFSET_OFF) < st->next_offset) return RK_ERR_OFFSET;
+    } else {
+        if (count < 1 || last_delta != count - 1) return RK_ERR_COUNT;
+        if (st->check_offsets && be64(p + RK_BASE_OFFSET_OFF) != st->next_offset)
+            return RK_ERR_OFFSET;
+    }
     if (st->check_crc) {
         uint32_t want = (uint32_t)be32(p + RK_CRC_OFF);
         if (rk_crc32c(0, p + RK_ATTRIBUTES_OFF, (size_t)size - RK_ATTRIBUTES_OFF) != want)
@@ -266,6 +273,7 @@ int64_t rk_scan(const uint8_t *buf, size_t len, rk_scan_state *st,
         int needs_entry = st->bytes_since_index >= st->index_interval_bytes;
         if (needs_entry && (size_t)st->entry_count >= max_entries) break;
         if (batch_max_ts > st->max_timestamp) st->max_timestamp = batch_max_ts;
+        if (st->check_offsets == RK_CHECK_COMPACTED) st->next_offset = be64(p + RK_BASE_OFFSET_OFF);
         if (needs_entry) {
             rk_index_entry *e = &entries[st->entry_count++];
             e->position = (int64_t)pos;
@@ -275,7 +283,8 @@ int64_t rk_scan(const uint8_t *buf, size_t len, rk_scan_state *st,
         }
         int32_t count = be32(p + RK_RECORD_COUNT_OFF);
         st->bytes_since_index += size;
-        st->next_offset += count;
+        st->next_offset += st->check_offsets == RK_CHECK_COMPACTED ? (int64_t)be32(p + RK_LAST_OFFSET_DELTA_OFF) + 1
+                                                                   : count;
         st->record_count += count;
         st->batch_count += 1;
         batches += 1;
@@ -310,7 +319,7 @@ static int64_t write_all(int fd, struct iovec *iov, int cnt, int64_t at) {
 
 /* Rewrites the header fields the broker owns in one batch's first 16 bytes. */
 static inline void patch_header(uint8_t *patch, int64_t offset, int32_t leader_epoch) {
-    put_be64(patch + RK_BASE_OFFSET_OFF, offset);
+    if (offset >= 0) put_be64(patch + RK_BASE_OFFSET_OFF, offset);
     if (leader_epoch >= 0) put_be32(patch + RK_LEADER_EPOCH_OFF, leader_epoch);
 }
 
@@ -339,7 +348,7 @@ int64_t rk_append(int fd, int64_t file_position, uint8_t *buf, size_t len,
         for (size_t pos = 0; pos + RK_HEADER_SIZE <= len;
              pos += (size_t)be32(buf + pos + RK_BATCH_LENGTH_OFF) + RK_LOG_OVERHEAD) {
             patch_header(buf + pos, offset, leader_epoch);
-            offset += be32(buf + pos + RK_RECORD_COUNT_OFF);
+            if (offset >= 0) offset += be32(buf + pos + RK_RECORD_COUNT_OFF);
         }
         struct iovec whole = { .iov_base = buf, .iov_len = len };
         return finish_append(fd, file_position, write_all(fd, &whole, 1, file_position));
@@ -362,7 +371,7 @@ int64_t rk_append(int fd, int64_t file_position, uint8_t *buf, size_t len,
         iov[2 * i].iov_len = RK_PATCH_SIZE;
         iov[2 * i + 1].iov_base = (void *)(p + RK_PATCH_SIZE);
         iov[2 * i + 1].iov_len = size - RK_PATCH_SIZE;
-        offset += be32(p + RK_RECORD_COUNT_OFF);
+        if (offset >= 0) offset += be32(p + RK_RECORD_COUNT_OFF);
         pos += size;
     }
     int64_t written = write_all(fd, iov, (int)(2 * batches), file_position);
@@ -435,6 +444,13 @@ int64_t rk_max_timestamp(const uint8_t *buf, size_t len, int64_t pos, int64_t en
         pos += size;
     }
     return best;
+}
+
+int64_t rk_record_total(const uint8_t *buf, size_t len) {
+    int64_t total = 0, size;
+    for (int64_t pos = 0; (size = stored_batch_size(buf, len, pos)) > 0; pos += size)
+        total += be32(buf + pos + RK_RECORD_COUNT_OFF);
+    return total;
 }
 
 /*

@@ -62,6 +62,9 @@
 #define RK_ERR_COUNT 5       /* recordCount < 1 or lastOffsetDelta != recordCount - 1 */
 #define RK_ERR_OFFSET 6      /* baseOffset not contiguous with the previous batch */
 
+/* check_offsets mode of a compacted log: gaps between batches, fewer records than offsets */
+#define RK_CHECK_COMPACTED 2
+
 typedef struct {
     int64_t position;      /* byte position of the batch in the scanned buffer */
     int64_t base_offset;   /* assigned (append) or stored (recovery) base offset */
@@ -71,7 +74,10 @@ typedef struct {
 typedef struct {
     /* inputs */
     int32_t check_crc;            /* 1: verify CRC32C of every batch */
-    int32_t check_offsets;        /* 1: stored baseOffset must equal next_offset (recovery) */
+    int32_t check_offsets;        /* 1: stored baseOffset must equal next_offset (recovery);
+                                     RK_CHECK_COMPACTED: stored batches of a log the cleaner may
+                                     have rewritten (recordCount 0..lastOffsetDelta + 1, baseOffset
+                                     >= next_offset, offsets kept as stored) */
     int64_t max_batch_bytes;      /* cap on one batch, header included */
     int64_t index_interval_bytes; /* emit an index entry once this many bytes went unindexed */
     /* inputs and outputs */
@@ -93,6 +99,7 @@ int32_t rk_murmur2(const uint8_t *buf, size_t len);
 
 int64_t rk_scan(const uint8_t *buf, size_t len, rk_scan_state *st,
                 rk_index_entry *entries, size_t max_entries);
+/* first_offset < 0: keep the batches' stored base offsets (a compacted log's data, copied) */
 int64_t rk_append(int fd, int64_t file_position, uint8_t *buf, size_t len,
                   int64_t first_offset, int32_t leader_epoch, int in_place);
 int64_t rk_seek_offset(const uint8_t *buf, size_t len, int64_t pos, int64_t target_offset);
@@ -100,6 +107,8 @@ int64_t rk_seek_timestamp(const uint8_t *buf, size_t len, int64_t pos, int64_t t
 int64_t rk_span(const uint8_t *buf, size_t len, int64_t pos, int64_t max_bytes,
                 int64_t end_offset, int64_t *next_offset);
 int64_t rk_max_timestamp(const uint8_t *buf, size_t len, int64_t pos, int64_t end_pos);
+/* Records of the whole batches in buf (a compacted log's batches may hold none) */
+int64_t rk_record_total(const uint8_t *buf, size_t len);
 /* positions of the batches from pos on that carry a producer id (at most max_positions);
    *next_pos = where the walk stopped, so a caller continues there; returns the count */
 int64_t rk_producer_batches(const uint8_t *buf, size_t len, int64_t pos, int64_t *positions,

@@ -417,3 +417,248 @@ int64_t rk_partition_keys(const rk_bytes_column *keys, int64_t count, int32_t pa
     }
     return 0;
 }
+
+/* ---- compaction ------------------------------------------------------------ */
+
+#define RK_ATTR_COMPRESSION 0x07
+#define RK_ATTR_CONTROL 0x20
+
+static inline int64_t rd64(const uint8_t *p) {
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++) v = (v << 8) | p[i];
+    return (int64_t)v;
+}
+
+static inline int32_t rd32(const uint8_t *p) {
+    return (int32_t)(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3]);
+}
+
+static inline int16_t rd16(const uint8_t *p) { return (int16_t)(((uint16_t)p[0] << 8) | p[1]); }
+
+/* Size of the stored batch at pos, 0 if it does not fit in len. */
+static inline int64_t batch_size_at(const uint8_t *buf, size_t len, size_t pos) {
+    if (pos + RK_HEADER_SIZE > len) return 0;
+    int64_t size = (int64_t)rd32(buf + pos + RK_BATCH_LENGTH_OFF) + RK_LOG_OVERHEAD;
+    if (size < RK_HEADER_SIZE || pos + (size_t)size > len) return 0;
+    return size;
+}
+
+static inline int in_clean_range(const uint8_t *p, const rk_compact_state *st) {
+    int64_t base = rd64(p + RK_BASE_OFFSET_OFF);
+    return base >= st->from_offset && base + rd32(p + RK_LAST_OFFSET_DELTA_OFF) < st->end_offset;
+}
+
+/* Batches whose records the cleaner reads: uncompressed data batches in the clean range. */
+static inline int records_cleanable(const uint8_t *p, const rk_compact_state *st) {
+    return in_clean_range(p, st) && !(rd16(p + RK_ATTRIBUTES_OFF) & (RK_ATTR_COMPRESSION | RK_ATTR_CONTROL));
+}
+
+/* Two independent 64-bit hashes of a key: 128 bits name it (Kafka's map keeps a 16-byte digest). */
+static inline void key_hash(const uint8_t *p, int64_t n, uint64_t *h1, uint64_t *h2) {
+    uint64_t a = 0xcbf29ce484222325ULL, b = 0x9e3779b97f4a7c15ULL ^ (uint64_t)n;
+    for (int64_t i = 0; i < n; i++) {
+        a = (a ^ p[i]) * 0x100000001b3ULL;
+        b = (b ^ p[i]) * 0xff51afd7ed558ccdULL;
+        b ^= b >> 29;
+    }
+    a ^= a >> 33; a *= 0xc4ceb9fe1a85ec53ULL; a ^= a >> 33;
+    b ^= b >> 31; b *= 0x94d049bb133111ebULL; b ^= b >> 32;
+    *h1 = a;
+    *h2 = b;
+}
+
+/* The slot of (h1, h2): found, or claimed when `insert` (NULL when absent, or the table is 3/4 full). */
+static rk_key_slot *slot_of(rk_key_slot *table, int64_t capacity, int64_t *used, uint64_t h1, uint64_t h2,
+                            int insert) {
+    uint64_t mask = (uint64_t)capacity - 1, i = h1 & mask;
+    for (int64_t probe = 0; probe < capacity; probe++, i = (i + 1) & mask) {
+        rk_key_slot *slot = &table[i];
+        if (slot->offset == 0) {
+            if (!insert || 4 * (*used + 1) > 3 * capacity) return NULL;
+            slot->h1 = h1;
+            slot->h2 = h2;
+            *used += 1;
+            return slot;
+        }
+        if (slot->h1 == h1 && slot->h2 == h2) return slot;
+    }
+    return NULL;
+}
+
+/* One record at *pos of a batch's records ending at `end`: its bounds, offset delta, key and value. */
+typedef struct {
+    size_t start, end;
+    int64_t timestamp_delta, offset_delta, key_start, key_len, value_start, value_len;
+} compact_record;
+
+static int next_record(const uint8_t *buf, size_t *pos, size_t end, compact_record *r) {
+    r->start = *pos;
+    int err = record_prefix(buf, pos, end, &r->end, &r->timestamp_delta, &r->offset_delta);
+    if (!err) err = get_field(buf, pos, r->end, 1, &r->key_start, &r->key_len);
+    if (!err) err = get_field(buf, pos, r->end, 1, &r->value_start, &r->value_len);
+    *pos = r->end;
+    return err;
+}
+
+int64_t rk_compact_count(const uint8_t *buf, size_t len, const rk_compact_state *st, int64_t *producer_batches) {
+    int64_t records = 0, size;
+    for (size_t pos = 0; (size = batch_size_at(buf, len, pos)) > 0; pos += (size_t)size) {
+        const uint8_t *p = buf + pos;
+        if (!in_clean_range(p, st)) continue;
+        if (rd64(p + RK_PRODUCER_ID_OFF) != -1) *producer_batches += 1;
+        if (!(rd16(p + RK_ATTRIBUTES_OFF) & RK_ATTR_CONTROL)) records += rd32(p + RK_RECORD_COUNT_OFF);
+    }
+    return records;
+}
+
+int64_t rk_compact_map(const uint8_t *buf, size_t len, rk_compact_state *st) {
+    int64_t size;
+    for (size_t pos = 0; (size = batch_size_at(buf, len, pos)) > 0; pos += (size_t)size) {
+        const uint8_t *p = buf + pos;
+        if (!in_clean_range(p, st)) continue;
+        int64_t base = rd64(p + RK_BASE_OFFSET_OFF), producer = rd64(p + RK_PRODUCER_ID_OFF);
+        if (producer != -1) {
+            rk_key_slot *slot = slot_of(st->producers, st->producer_capacity, &st->producers_used,
+                                        (uint64_t)producer, 0, 1);
+            if (!slot) { st->error_position = (int64_t)pos; return RK_REC_ERR_SPACE; }
+            if (slot->offset < base + 1) slot->offset = base + 1;
+        }
+        if (!records_cleanable(p, st)) continue;
+        size_t rpos = pos + RK_HEADER_SIZE, end = pos + (size_t)size;
+        for (int32_t i = 0, n = rd32(p + RK_RECORD_COUNT_OFF); i < n; i++) {
+            compact_record r;
+            int err = next_record(buf, &rpos, end, &r);
+            if (err) { st->error_position = (int64_t)r.start; return err; }
+            if (r.key_len < 0) continue;
+            uint64_t h1, h2;
+            key_hash(buf + r.key_start, r.key_len, &h1, &h2);
+            rk_key_slot *slot = slot_of(st->keys, st->key_capacity, &st->keys_used, h1, h2, 1);
+            if (!slot) { st->error_position = (int64_t)r.start; return RK_REC_ERR_SPACE; }
+            /* the latest wins, whatever order batches come in (compressed ones are mapped apart) */
+            if (slot->offset < base + r.offset_delta + 1) slot->offset = base + r.offset_delta + 1;
+        }
+    }
+    return 0;
+}
+
+/* Is the record the latest of its key, and not a tombstone a clean already kept long enough? Keyless ones stay. */
+static int record_kept(const uint8_t *buf, const compact_record *r, int64_t base, rk_compact_state *st) {
+    if (r->key_len < 0) return 1;
+    uint64_t h1, h2;
+    key_hash(buf + r->key_start, r->key_len, &h1, &h2);
+    rk_key_slot *slot = slot_of(st->keys, st->key_capacity, &st->keys_used, h1, h2, 0);
+    if (!slot || slot->offset != base + r->offset_delta + 1) return 0;
+    return !(r->value_len < 0 && base + r->offset_delta < st->tombstone_end_offset);
+}
+
+/* The batch at p rewritten with its kept records into out: the header as it was (base offset,
+   lastOffsetDelta, timestamps, producer fields), recordCount, batchLength and CRC32C new.
+   Returns the bytes written (0: the batch goes), or an RK_REC_ERR_*. */
+static int64_t filter_batch(const uint8_t *buf, size_t pos, int64_t size, int segment_last, rk_compact_state *st,
+                            uint8_t *out) {
+    const uint8_t *p = buf + pos;
+    int64_t base = rd64(p + RK_BASE_OFFSET_OFF), producer = rd64(p + RK_PRODUCER_ID_OFF);
+    int32_t count = rd32(p + RK_RECORD_COUNT_OFF), kept = 0;
+    size_t rpos = pos + RK_HEADER_SIZE, end = pos + (size_t)size, written = RK_HEADER_SIZE;
+    for (int32_t i = 0; i < count; i++) {
+        compact_record r;
+        int err = next_record(buf, &rpos, end, &r);
+        if (err) { st->error_position = (int64_t)r.start; return err; }
+        if (!record_kept(buf, &r, base, st)) continue;
+        memcpy(out + written, buf + r.start, r.end - r.start);
+        written += r.end - r.start;
+        kept++;
+    }
+    st->records_in += count;
+    st->records_out += kept;
+    if (kept == 0) {
+        int64_t last = base + rd32(p + RK_LAST_OFFSET_DELTA_OFF);
+        rk_key_slot *slot = producer == -1 ? NULL
+            : slot_of(st->producers, st->producer_capacity, &st->producers_used, (uint64_t)producer, 0, 0);
+        int producer_last = slot && slot->offset == base + 1;   /* its sequence state outlives the records */
+        /* the range's and each segment's last offset stay, so segments stay contiguous */
+        if (!producer_last && !segment_last && last != st->end_offset - 1) return 0;
+    }
+    memcpy(out, p, RK_HEADER_SIZE);
+    uint32_t batch_length = (uint32_t)(written - RK_LOG_OVERHEAD);
+    for (int i = 0; i < 4; i++) out[RK_BATCH_LENGTH_OFF + i] = (uint8_t)(batch_length >> (24 - 8 * i));
+    for (int i = 0; i < 4; i++) out[RK_RECORD_COUNT_OFF + i] = (uint8_t)((uint32_t)kept >> (24 - 8 * i));
+    uint32_t crc = rk_crc32c(0, out + RK_ATTRIBUTES_OFF, written - RK_ATTRIBUTES_OFF);
+    for (int i = 0; i < 4; i++) out[RK_CRC_OFF + i] = (uint8_t)(crc >> (24 - 8 * i));
+    return (int64_t)written;
+}
+
+/* The batch at p copied whole, or its replacement (a compressed batch the caller cleaned) if one names pos. */
+static int64_t copy_batch(const uint8_t *p, size_t pos, int64_t size, rk_compact_state *st, uint8_t *out,
+                          size_t room) {
+    const uint8_t *from = p;
+    int64_t n = size;
+    if (st->replacement_next < st->replacement_count && st->replacements[st->replacement_next].position == (int64_t)pos) {
+        from = st->replacements[st->replacement_next].data;
+        n = st->replacements[st->replacement_next].len;
+        st->replacement_next += 1;
+    } else if (in_clean_range(p, st)) {
+        st->batches_kept_whole += 1;
+    }
+    if ((uint64_t)n > room) return RK_REC_ERR_SPACE;
+    memcpy(out, from, (size_t)n);
+    return n;
+}
+
+int64_t rk_compact_filter(const uint8_t *buf, size_t len, rk_compact_state *st, uint8_t *out, size_t out_cap) {
+    size_t written = 0;
+    int64_t size;
+    st->replacement_next = 0;
+    for (size_t pos = 0; (size = batch_size_at(buf, len, pos)) > 0; pos += (size_t)size) {
+        const uint8_t *p = buf + pos;
+        int64_t n;
+        if (!records_cleanable(p, st)) {
+            n = copy_batch(p, pos, size, st, out + written, out_cap - written);
+        } else if ((uint64_t)size > out_cap - written) {
+            n = RK_REC_ERR_SPACE;   /* a rewrite is never larger than its batch */
+        } else {
+            n = filter_batch(buf, pos, size, pos + (size_t)size == len, st, out + written);
+        }
+        if (n < 0) return n;
+        written += (size_t)n;
+    }
+    return (int64_t)written;
+}
+
+int64_t rk_compact_filter_one(const uint8_t *batch, size_t len, int segment_last, rk_compact_state *st,
+                              uint8_t *out, size_t out_cap) {
+    int64_t size = batch_size_at(batch, len, 0);
+    if (size <= 0 || (size_t)size != len || !records_cleanable(batch, st)) return RK_REC_ERR_INPUT;
+    if ((uint64_t)size > out_cap) return RK_REC_ERR_SPACE;
+    return filter_batch(batch, 0, size, segment_last, st, out);
+}
+
+int64_t rk_compact_compressed(const uint8_t *buf, size_t len, const rk_compact_state *st, int64_t pos,
+                              int64_t *positions, size_t max_positions, int64_t *next_pos) {
+    int64_t size, count = 0;
+    while ((size_t)count < max_positions && (size = batch_size_at(buf, len, (size_t)pos)) > 0) {
+        const uint8_t *p = buf + pos;
+        int16_t attributes = rd16(p + RK_ATTRIBUTES_OFF);
+        if (in_clean_range(p, st) && (attributes & RK_ATTR_COMPRESSION) && !(attributes & RK_ATTR_CONTROL))
+            positions[count++] = pos;
+        pos += size;
+    }
+    *next_pos = pos;
+    return count;
+}
+
+int64_t rk_null_key_batch(const uint8_t *buf, size_t len, int64_t *error_position) {
+    int64_t size;
+    for (size_t pos = 0; (size = batch_size_at(buf, len, pos)) > 0; pos += (size_t)size) {
+        const uint8_t *p = buf + pos;
+        if (rd16(p + RK_ATTRIBUTES_OFF) & (RK_ATTR_COMPRESSION | RK_ATTR_CONTROL)) continue;
+        size_t rpos = pos + RK_HEADER_SIZE, end = pos + (size_t)size;
+        for (int32_t i = 0, n = rd32(p + RK_RECORD_COUNT_OFF); i < n; i++) {
+            compact_record r;
+            int err = next_record(buf, &rpos, end, &r);
+            if (err) { *error_position = (int64_t)r.start; return err; }
+            if (r.key_len < 0) { *error_position = (int64_t)r.start; return (int64_t)pos; }
+        }
+    }
+    return (int64_t)len;
+}

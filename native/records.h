@@ -154,4 +154,75 @@ int64_t rk_records_validate(const uint8_t *buf, size_t len, int64_t count, int64
 int64_t rk_partition_keys(const rk_bytes_column *keys, int64_t count, int32_t partitions, int32_t sticky,
                           int32_t *out, int64_t *rank, int64_t *order, int64_t *per_partition);
 
+/* ---- compaction (the log cleaner, engine/storage/cleaner.py) ----------------
+ * The cleaner keeps, of the batches wholly in [from_offset, end_offset), the
+ * latest record of each key; keyless records stay, and a tombstone (null
+ * value) goes if it lies below tombstone_end_offset (the end of a clean old
+ * enough that it kept the tombstone for delete.retention.ms). A rewritten batch keeps
+ * its header (baseOffset, lastOffsetDelta, timestamps, producer fields) and
+ * gets recordCount, batchLength and CRC32C anew, so offsets never move. A
+ * batch left without records goes, unless it is its producer's last batch in
+ * the range (idempotence state is rebuilt from the log), the last batch of
+ * its segment (one rk_compact_filter call: segments stay contiguous) or holds
+ * offset end_offset - 1 (the range keeps its end). Control batches are
+ * copied whole; compressed ones too unless the caller cleaned them (it
+ * decompresses, maps and filters them with these functions, recompresses:
+ * rk_replacement). The output is a function of the range's bytes and the
+ * three inputs alone: replicas cleaning the same log write the same bytes.
+ */
+typedef struct {
+    uint64_t h1;
+    uint64_t h2;
+    int64_t offset;   /* offset + 1; 0: empty slot (a zeroed table is empty) */
+} rk_key_slot;
+
+/* A compressed batch the caller cleaned (decompressed, rk_compact_filter_one, recompressed):
+   rk_compact_filter writes `data` (len 0: nothing) where the batch at `position` was. */
+typedef struct {
+    int64_t position;
+    const uint8_t *data;
+    int64_t len;
+} rk_replacement;
+
+typedef struct {
+    /* inputs */
+    int64_t from_offset;
+    int64_t end_offset;
+    int64_t tombstone_end_offset;
+    rk_key_slot *keys;            /* open addressing; capacity a power of two, zeroed */
+    int64_t key_capacity;
+    rk_key_slot *producers;       /* h1 = producerId, offset = 1 + base offset of its last batch */
+    int64_t producer_capacity;
+    const rk_replacement *replacements;   /* of one rk_compact_filter call, by position */
+    int64_t replacement_count;
+    int64_t replacement_next;
+    /* outputs, accumulated over calls */
+    int64_t keys_used;
+    int64_t producers_used;
+    int64_t records_in;
+    int64_t records_out;
+    int64_t batches_kept_whole;   /* compressed or control batches in the range */
+    int64_t error_position;
+} rk_compact_state;
+
+/* Records of the cleanable batches in buf (sizes the key table); producer batches counted into *producer_batches. */
+int64_t rk_compact_count(const uint8_t *buf, size_t len, const rk_compact_state *st, int64_t *producer_batches);
+/* Adds buf's keys (and producers) to the tables; call for every segment of the range, oldest first.
+   0, or an RK_REC_ERR_* with error_position set (RK_REC_ERR_SPACE: a table is full). */
+int64_t rk_compact_map(const uint8_t *buf, size_t len, rk_compact_state *st);
+/* Writes buf (one whole segment) cleaned into out; returns the bytes written or an RK_REC_ERR_*
+   (RK_REC_ERR_SPACE: out_cap is short, as it can be when a recompressed replacement grew). */
+int64_t rk_compact_filter(const uint8_t *buf, size_t len, rk_compact_state *st, uint8_t *out, size_t out_cap);
+/* One uncompressed batch (a compressed one, decompressed) cleaned into out, as rk_compact_filter would;
+   segment_last: it is its segment's last batch. Returns the bytes written (0: it goes) or an RK_REC_ERR_*. */
+int64_t rk_compact_filter_one(const uint8_t *batch, size_t len, int segment_last, rk_compact_state *st,
+                              uint8_t *out, size_t out_cap);
+/* Positions of the compressed data batches in the clean range from pos on (at most max_positions);
+   *next_pos: where the walk stopped. Returns the count. */
+int64_t rk_compact_compressed(const uint8_t *buf, size_t len, const rk_compact_state *st, int64_t pos,
+                              int64_t *positions, size_t max_positions, int64_t *next_pos);
+/* Position of the first uncompressed data batch holding a record without key, len if none,
+   or an RK_REC_ERR_* for a malformed record (*error_position: the record). */
+int64_t rk_null_key_batch(const uint8_t *buf, size_t len, int64_t *error_position);
+
 #endif

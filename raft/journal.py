@@ -153,7 +153,8 @@ class SyncJob:
     def run(self, fdatasync: bool = True) -> None:
         """fdatasync each file, then fsync the directory; raises the first OSError.
         (`fdatasync` False: only release the descriptors; the simulation models
-        the disk itself, with power_loss.)"""
+        the disk itself, with power_loss.) raft/syncer.py runs the same calls
+        on native threads instead."""
         try:
             if fdatasync:
                 for fd in self.fds:
@@ -163,9 +164,13 @@ class SyncJob:
                     fsync_directory(self.directory)
                     self.sync_calls += 1
         finally:
-            for fd in self.fds:
-                os.close(fd)
-            self.fds = []
+            self.release()
+
+    def release(self) -> None:
+        """Close the job's descriptors (it is done, or abandoned)."""
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
 
 
 class RaftStateJournal(AdaptedJournal):

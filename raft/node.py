@@ -40,7 +40,6 @@ reason. Only a restart brings it back.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import heapq
 import logging
 import math
@@ -49,6 +48,7 @@ from typing import Any, Callable
 
 from raftka.raft.group import NotLeaderError, RaftGroup
 from raftka.raft.pysyncobj_adapter import monotonic_time
+from raftka.raft.syncer import FileSyncer
 from raftka.raft.transport import ErrorTally, PeerNetwork
 from raftka.raft.votes import VoteStore
 
@@ -102,7 +102,7 @@ class RaftNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sync_wanted: dict[int, RaftGroup] = {}   # groups whose journal has writes to sync
         self.fdatasyncs = 0                            # calls made by completed group commits
-        self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._syncer: FileSyncer | None = None
         network.on_peer_connected(self._peer_connected)
         network.on_peer_disconnected(self._peer_disconnected)
         network.register_group(NODE_CHANNEL, self._on_node_message)
@@ -252,7 +252,7 @@ class RaftNode:
                 log.exception("node %d: stopping group %d failed", self.node_id, group_id)
         self._loop = None
         if self._syncer is not None:
-            self._syncer.shutdown(wait=True)
+            self._syncer.close()
             self._syncer = None
         await self.network.close()
         if self.votes is not None:
@@ -267,10 +267,11 @@ class RaftNode:
     #
     # A group with journal writes to make durable asks here; once per loop
     # iteration every such group's sync job (one fdatasync per file written
-    # since its last job) goes to a small thread pool, so the event loop never
-    # waits for a disk and syncs of different groups overlap. When a job
-    # returns, the group releases what it made durable and the network
-    # flushes. A failed fdatasync fails the node: the page cache's state is
+    # since its last job) goes to a few native threads (raft/syncer.py), so
+    # the event loop never waits for a disk, syncs of different groups
+    # overlap, and a finished sync reaches the loop without waiting for the
+    # GIL. When a job returns, the group releases what it made durable and
+    # the network flushes. A failed fdatasync fails the node: the page cache's state is
     # then unknown, and retrying could report lost data as durable.
 
     def _schedule_sync(self, replica: RaftGroup) -> None:
@@ -287,7 +288,7 @@ class RaftNode:
         if loop is None or self.failure is not None:
             return
         if self._syncer is None:
-            self._syncer = concurrent.futures.ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="journal-sync")
+            self._syncer = FileSyncer(loop, SYNC_THREADS)
         for replica in wanted.values():
             if self._groups.get(replica.group_id) is not replica:
                 continue
@@ -298,9 +299,13 @@ class RaftNode:
                 continue
             if job is None:
                 continue
-            future = self._syncer.submit(job.run)
-            future.add_done_callback(lambda done, r=replica, j=job: loop.call_soon_threadsafe(
-                self._synced, r, j, done.exception()))
+            try:
+                self._syncer.submit(job, lambda error, r=replica, j=job: self._synced(r, j, error))
+            except OSError as exc:
+                job.release()
+                replica.journal.abort(job)
+                self.fail(f"group {replica.group_id}: cannot start a journal fdatasync: {exc}")
+                return
 
     def _synced(self, replica: RaftGroup, job: Any, error: BaseException | None) -> None:
         if self.failure is not None or self._groups.get(replica.group_id) is not replica:

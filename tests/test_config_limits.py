@@ -17,7 +17,7 @@ from tests.test_cluster_metadata import TOPIC_ID, state_with_brokers
 @pytest.mark.parametrize("name,value", [
     ("segment.bytes", "0"), ("segment.bytes", str(2**31)), ("segment.ms", "0"), ("retention.ms", "-2"),
     ("retention.bytes", "-5"), ("max.message.bytes", "-1"), ("retention.ms", "9" * 25), ("retention.ms", "1e3"),
-    ("cleanup.policy", "compact"), ("unknown.config", "1"),
+    ("cleanup.policy", "shred"), ("min.cleanable.dirty.ratio", "2"), ("unknown.config", "1"),
 ])
 def test_values_outside_kafkas_range_are_refused(name: str, value: str) -> None:
     with pytest.raises(InvalidConfigError):

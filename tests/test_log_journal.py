@@ -142,3 +142,28 @@ def test_an_older_raft_journal_or_entries_format_is_refused(tmp_path):
     (tmp_path / "t-0" / ENTRIES_FILE).write_bytes(FILE_HEAD.pack(b"RKRE", 99, 0))
     with pytest.raises(JournalFormatError, match="format 99"):
         Replica(tmp_path)
+
+
+def test_a_clean_plan_entry_is_recorded_resent_after_a_restart_and_a_format_1_file_is_migrated(replica):
+    from raftka.replication.log_journal import (FORMAT_VERSION, MAGIC, RECORD_BODY_V1, RECORD_V1, clean_command)
+    from raftka.native import crc32c
+    replica.journal.add(append(make_batch(3), 1), 1, 1)
+    replica.journal.add(clean_command(3, 1_700_000_000_000), 2, 1)
+    assert replica.journal.clean_at(2) == (3, 1_700_000_000_000) and replica.journal.clean_at(1) is None
+    assert replica.journal.slot(2) == (2, 1, 3, 3, -1)
+    replica.journal.sync()
+    replica.crash()
+    replica.open()
+    assert replica.journal[1][0] == clean_command(3, 1_700_000_000_000)   # rebuilt from the entries file
+    replica.crash()
+    path = replica.log.directory / ENTRIES_FILE                          # as an older Raftka wrote it
+    old = bytearray(FILE_HEAD.pack(MAGIC, 1, 0))
+    for slot in ((1, 1, 0, 3, -1), (2, 1, 3, 3, 3)):
+        body = RECORD_BODY_V1.pack(*slot)
+        old += body + struct.pack("<I", crc32c(body))
+    path.write_bytes(bytes(old))
+    assert len(old) == FILE_HEAD.size + 2 * RECORD_V1.size
+    replica.open()
+    assert [replica.journal.slot(i) for i in (1, 2)] == [(1, 1, 0, 3, -1), (2, 1, 3, 3, 3)]
+    assert FILE_HEAD.unpack_from(path.read_bytes())[1] == FORMAT_VERSION
+    assert path.stat().st_size == FILE_HEAD.size + 2 * RECORD.size

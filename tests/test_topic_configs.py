@@ -28,8 +28,9 @@ TIMEOUT_S = 30
 # ---- values and operations ---------------------------------------------------------
 
 @pytest.mark.parametrize("configs, why", [
-    ({"cleanup.policy": "compact"}, "log compaction is not implemented yet"),
-    ({"cleanup.policy": "compact,delete"}, "log compaction is not implemented yet"),
+    ({"cleanup.policy": "shred"}, "cleanup.policy takes delete, compact, or both"),
+    ({"min.cleanable.dirty.ratio": "1.5"}, r"outside \[0, 1\]"),
+    ({"min.cleanable.dirty.ratio": "half"}, "not a number"),
     ({"compression.type": "zstd"}, "does not recompress"),
     ({"message.timestamp.type": "LogAppendTime"}, "LogAppendTime"),
     ({"min.insync.replicas": "0"}, "below its minimum"),
@@ -76,7 +77,7 @@ def test_the_metadata_state_machine_alters_configs_and_keeps_them_in_snapshots()
     assert state.topics["t"].configs == {"retention.ms": "1000", "segment.bytes": "4096"}
     assert state.apply(metadata.alter_configs(RESOURCE_TOPIC, "t", {"max.message.bytes": "9"}, [], replace=True)) == 0
     assert state.topics["t"].configs == {"max.message.bytes": "9"}
-    assert state.apply(metadata.alter_configs(RESOURCE_TOPIC, "t", {"cleanup.policy": "compact"}, [])) \
+    assert state.apply(metadata.alter_configs(RESOURCE_TOPIC, "t", {"cleanup.policy": "shred"}, [])) \
         == ErrorCode.INVALID_CONFIG
     assert state.apply(metadata.alter_configs(RESOURCE_BROKER, "", {"log.retention.ms": "5"}, [])) == ErrorCode.NONE
     assert state.apply(metadata.alter_configs(RESOURCE_BROKER, "1", {"num.partitions": "5"}, [])) \
@@ -154,16 +155,20 @@ def test_confluent_alter_configs_replace_and_incremental_alter_configs_change_a_
     assert (entries["retention.bytes"].value, entries["segment.ms"].value) == ("1048576", "604800000")
     compact = ConfigResource(ResourceType.TOPIC, "altered", incremental_configs=[
         ConfigEntry("cleanup.policy", "compact", incremental_operation=AlterConfigOpType.APPEND)])
-    with pytest.raises(Exception, match="log compaction is not implemented yet"):
-        admin.incremental_alter_configs([compact])[compact].result(TIMEOUT_S)
+    admin.incremental_alter_configs([compact])[compact].result(TIMEOUT_S)
+    assert described(admin, ConfigResource(ResourceType.TOPIC, "altered"))["cleanup.policy"].value == "delete,compact"
 
 
-def test_cleanup_policy_compact_is_refused_at_creation_with_a_clear_reason(broker):
-    from confluent_kafka.admin import NewTopic
+def test_cleanup_policy_compact_is_accepted_at_creation_and_described_with_its_compaction_configs(broker):
+    from confluent_kafka.admin import ConfigResource, ConfigSource, ResourceType
     admin = confluent_admin(broker)
-    future = admin.create_topics([NewTopic("compacted", 1, 1, config={"cleanup.policy": "compact"})])["compacted"]
-    with pytest.raises(Exception, match="INVALID_CONFIG|log compaction is not implemented yet"):
-        future.result(TIMEOUT_S)
+    create_topic(admin, "compacted", **{"cleanup.policy": "compact", "min.cleanable.dirty.ratio": "0.01",
+                                        "delete.retention.ms": "1000"})
+    entries = described(admin, ConfigResource(ResourceType.TOPIC, "compacted"))
+    assert entries["cleanup.policy"].value == "compact"
+    assert entries["cleanup.policy"].source == ConfigSource.DYNAMIC_TOPIC_CONFIG.value
+    assert (entries["min.cleanable.dirty.ratio"].value, entries["delete.retention.ms"].value) == ("0.01", "1000")
+    assert entries["min.compaction.lag.ms"].source == ConfigSource.DEFAULT_CONFIG.value
 
 
 def test_a_new_segment_bytes_reaches_the_partition_log(broker):
@@ -258,8 +263,8 @@ def test_raftka_topics_alter_sets_and_removes_configs(broker):
     assert (entries["retention.ms"].value, entries["max.message.bytes"].value) == ("3600000", "65536")
     assert raftka("--delete-config", "retention.ms").returncode == 0
     assert described(admin, ConfigResource(ResourceType.TOPIC, "cli-altered"))["retention.ms"].value == "604800000"
-    refused = raftka("--config", "cleanup.policy=compact")
-    assert refused.returncode == 1 and "log compaction is not implemented yet" in refused.stderr
+    refused = raftka("--config", "cleanup.policy=shred")
+    assert refused.returncode == 1 and "cleanup.policy takes delete, compact" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
 
 

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 
-from raftka.config import OFFSETS_TOPIC
+from raftka.config import OFFSETS_TOPIC, Config
 from raftka.cluster.controller import ClusterController
 from raftka.errors import ErrorCode, GroupError, NotLeaderOrFollowerError, RaftkaError, ReplicationTimeoutError
 from raftka.groups.consumer_protocol import PROTOCOL_TYPE, ProtocolFormatError, decode_subscription
@@ -39,7 +39,14 @@ from raftka.replication import PartitionReplica
 log = logging.getLogger(__name__)
 
 APPEND_TIMEOUT_S = 10.0
-OFFSETS_TOPIC_CONFIGS = {"retention.ms": "-1", "retention.bytes": "-1"}
+
+
+def offsets_topic_configs(config: Config) -> dict[str, str]:
+    """__consumer_offsets is compacted, as Kafka's: the latest record of each
+    group and of each of its partitions stays, the tombstones of deleted or
+    expired ones go delete.retention.ms later; never deleted by age or size."""
+    return {"cleanup.policy": "compact", "retention.ms": "-1", "retention.bytes": "-1",
+            "segment.bytes": str(config.offsets_topic_segment_bytes)}
 
 
 class GroupService:
@@ -170,7 +177,7 @@ class GroupService:
         async def create() -> None:
             try:
                 await self.controller.create_topic(OFFSETS_TOPIC, config.offsets_topic_partitions, replication,
-                                                   OFFSETS_TOPIC_CONFIGS)
+                                                   offsets_topic_configs(config))
             except RaftkaError as error:
                 if error.error_code != ErrorCode.TOPIC_ALREADY_EXISTS:
                     log.warning("creating %s failed: %s", OFFSETS_TOPIC, error)

@@ -393,7 +393,7 @@ class Handlers:
                     limit = min(wanted.partition_max_bytes, budget if total else cap)
                     try:
                         if limit > 0:
-                            chunk = log_.read(wanted.fetch_offset, limit)
+                            chunk = log_.read(wanted.fetch_offset, limit, for_consumer=True)
                             records = chunk.buffer
                             served.append((topic.topic, len(records), chunk.next_offset - wanted.fetch_offset))
                     except OffsetOutOfRangeError:

@@ -12,8 +12,8 @@ are raftka.config's TOPIC_CONFIGS and BROKER_CONFIGS.
 
 Only values Raftka implements are accepted; everything else is refused with
 INVALID_CONFIG saying why, never stored and ignored:
-- cleanup.policy: `delete` only. `compact` needs log compaction, which
-  Raftka does not have yet.
+- cleanup.policy: `delete`, `compact` or both (`compact,delete`, in either
+  order; engine/storage/cleaner.py is the log cleaner).
 - compression.type: `producer` only (batches are stored as the producer
   compressed them; the broker does not recompress).
 - message.timestamp.type: `CreateTime` only (no LogAppendTime stamping).
@@ -37,7 +37,8 @@ LIST_CONFIGS = frozenset({"cleanup.policy"})     # the list-valued ones, which A
 
 # values accepted where not every value of Kafka's is implemented: name -> (accepted, why the rest are refused)
 _ONLY: dict[str, tuple[frozenset[str], str]] = {
-    "cleanup.policy": (frozenset({"delete"}), "log compaction is not implemented yet, so only cleanup.policy=delete"),
+    "cleanup.policy": (frozenset({"delete", "compact", "compact,delete", "delete,compact"}),
+                       "cleanup.policy takes delete, compact, or both (compact,delete)"),
     "compression.type": (frozenset({"producer"}),
                          "batches are stored as the producer compressed them; the broker does not recompress"),
     "message.timestamp.type": (frozenset({"CreateTime"}), "LogAppendTime stamping is not implemented"),
@@ -51,6 +52,8 @@ _MINIMUM: dict[str, int] = {
 CONFIG_TYPES: dict[str, int] = {
     "cleanup.policy": 7, "compression.type": 2, "message.timestamp.type": 2,   # LIST, STRING
     "segment.bytes": 3, "max.message.bytes": 3, "min.insync.replicas": 3,      # INT
+    "min.cleanable.dirty.ratio": 6, "log.cleaner.min.cleanable.ratio": 6,     # DOUBLE
+    "log.cleaner.io.max.bytes.per.second": 6,
 }
 TYPE_BOOLEAN, TYPE_STRING, TYPE_INT, TYPE_LONG = 1, 2, 3, 5
 _INT_MAX, _LONG_MAX = 2**31 - 1, 2**63 - 1     # Kafka's INT and LONG configs
@@ -90,6 +93,9 @@ def validate(configs: dict[str, str | None], names: dict[str, str] = TOPIC_CONFI
             if value not in accepted:
                 raise InvalidConfigError(f"{name}={value!r} refused: {why}")
             continue
+        if isinstance(getattr(Config(), names[name]), float):
+            _check_ratio(name, value)
+            continue
         if isinstance(getattr(Config(), names[name]), int):
             if not _INTEGER.fullmatch(value.strip()):
                 raise InvalidConfigError(f"{name}={value!r} is not an integer")
@@ -98,6 +104,16 @@ def validate(configs: dict[str, str | None], names: dict[str, str] = TOPIC_CONFI
             maximum = _INT_MAX if config_type(topic_name) == TYPE_INT else _LONG_MAX
             if int(value) > maximum:
                 raise InvalidConfigError(f"{name}={value} is above its maximum {maximum}")
+
+
+def _check_ratio(name: str, value: str) -> None:
+    """A DOUBLE config in [0, 1] (min.cleanable.dirty.ratio)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise InvalidConfigError(f"{name}={value!r} is not a number") from None
+    if not 0.0 <= number <= 1.0:
+        raise InvalidConfigError(f"{name}={value} is outside [0, 1]")
 
 
 def _topic_name(field: str) -> str:
@@ -112,7 +128,8 @@ def overrides(configs: dict[str, str], names: dict[str, str] = TOPIC_CONFIGS) ->
         field = names.get(name)
         if field is None:
             continue
-        typed[field] = int(value) if isinstance(getattr(defaults, field), int) else value
+        default = getattr(defaults, field)
+        typed[field] = float(value) if isinstance(default, float) else int(value) if isinstance(default, int) else value
     return typed
 
 

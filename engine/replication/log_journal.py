@@ -12,12 +12,14 @@ applying an entry writes nothing.
 What maps Raft indexes to offsets is the entries file,
 `<partition dir>/raft.entries`: a header (magic, format version) and one
 fixed-size record per entry, `raft index | term | base offset | next
-offset | control | crc32c`. Entries that carry no batches take no offset:
+offset | control | clean end | clean tombstone end | crc32c`. Entries that carry no batches take no offset:
 their base and next offsets are equal, so consumers never see them and
 offsets stay dense. Those are pysyncobj's no-op at the start of each term
 (control -1) and the leader's log start decisions (retention, DeleteRecords:
-`0x13 | new log start offset`, control = that offset), which every replica
-carries out when the entry commits. The file is written
+`0x13 | new log start offset`, control = that offset), and its log cleaner
+plans (`0x14 | end offset | tombstone end offset`, in the clean fields;
+engine/storage/cleaner.py), which every replica carries out when the entry
+commits. The file is written
 with the segment and synced with it (one group commit covers both), and on
 open the two are reconciled: records that are torn or point past the
 segments' valid end are cut, and segment bytes past the last recorded entry
@@ -54,10 +56,13 @@ log = logging.getLogger(__name__)
 
 ENTRIES_FILE = "raft.entries"
 MAGIC = b"RKRE"
-FORMAT_VERSION = 1                        # bump (and migrate) when the layout below changes
+FORMAT_VERSION = 2                        # bump (and migrate) when the layout below changes
 FILE_HEAD = struct.Struct("<4sHH")        # magic, format version, reserved
-RECORD = struct.Struct("<QQqqqI")         # raft index, term, base offset, next offset, control, crc32c of the rest
-RECORD_BODY = struct.Struct("<QQqqq")
+# raft index, term, base offset, next offset, control, clean end, clean tombstone end, crc32c of the rest
+RECORD = struct.Struct("<QQqqqqqI")
+RECORD_BODY = struct.Struct("<QQqqqqq")
+RECORD_V1 = struct.Struct("<QQqqqI")      # format 1: no clean fields (migrated on open)
+RECORD_BODY_V1 = struct.Struct("<QQqqq")
 APPEND_COMMAND = 0x10
 APPEND_HEADER = struct.Struct(">Bi")      # command type, leader epoch
 MULTI_APPEND_COMMAND = 0x11
@@ -66,12 +71,16 @@ PART_SIZE = struct.Struct(">I")
 LOG_START_COMMAND = 0x13                  # the leader's retention or DeleteRecords decision: the new log start
 LOG_START = struct.Struct(">Bq")
 NO_CONTROL = -1
+CLEAN_COMMAND = 0x14                      # the leader's log cleaner plan: clean below an offset
+CLEAN = struct.Struct(">Bqq")             # command type, end offset, tombstone end offset
+NO_CLEAN = (-1, 0)                        # the clean fields of an entry that is not a clean plan
 MARKER_COMMAND = 0x1F                     # a checkpoint's boundary entry: where its data lies
 MARKER = struct.Struct(">Bqq")
 DEFAULT_CACHE_BYTES = 32 * 1024 * 1024
 REWRITE_DEAD_RECORDS = 4096               # compaction rewrites the entries file past this many dropped records
 
-Slot = tuple[int, int, int, int, int]     # (raft index, term, base offset, next offset, control)
+# (raft index, term, base offset, next offset, control, clean end, clean tombstone end)
+Slot = tuple[int, int, int, int, int, int, int]
 
 
 class JournalFormatError(Exception):
@@ -85,6 +94,10 @@ def marker(base_offset: int, next_offset: int) -> bytes:
 
 def log_start_command(offset: int) -> bytes:
     return LOG_START.pack(LOG_START_COMMAND, offset)
+
+
+def clean_command(end_offset: int, tombstone_end_offset: int) -> bytes:
+    return CLEAN.pack(CLEAN_COMMAND, end_offset, tombstone_end_offset)
 
 
 def is_marker(command: Any) -> bool:
@@ -159,12 +172,15 @@ class LogJournal(RaftStateJournal):
         base = log_.log_end_offset
         outcome: Any = None
         if command == NO_OP_ENTRY:
-            slot = (idx, term, base, base, NO_CONTROL)
+            slot = (idx, term, base, base, NO_CONTROL, *NO_CLEAN)
         elif is_marker(command):
             _, base, next_offset = MARKER.unpack(bytes(command))
-            slot = (idx, term, base, next_offset, NO_CONTROL)
+            slot = (idx, term, base, next_offset, NO_CONTROL, *NO_CLEAN)
         elif len(command) == LOG_START.size and command[0] == LOG_START_COMMAND:
-            slot = (idx, term, base, base, LOG_START.unpack(bytes(command))[1])
+            slot = (idx, term, base, base, LOG_START.unpack(bytes(command))[1], *NO_CLEAN)
+        elif len(command) == CLEAN.size and command[0] == CLEAN_COMMAND:
+            _, end_offset, tombstone_end = CLEAN.unpack(bytes(command))
+            slot = (idx, term, base, base, NO_CONTROL, end_offset, tombstone_end)
         else:
             parts = append_parts(command)
             if parts is None:
@@ -178,7 +194,7 @@ class LogJournal(RaftStateJournal):
                     log_.truncate(base)
                 raise
             outcome = bases if command[0] == MULTI_APPEND_COMMAND else bases[0]
-            slot = (idx, term, base, log_.log_end_offset, NO_CONTROL)
+            slot = (idx, term, base, log_.log_end_offset, NO_CONTROL, *NO_CLEAN)
             if self.on_added is not None:
                 self.on_added(parts, bases)
         self._write_record(slot)
@@ -200,7 +216,7 @@ class LogJournal(RaftStateJournal):
         """Drop entries [entryFrom, end): a follower's conflicting suffix, data included."""
         if entryFrom >= len(self._slots):
             return
-        index, _term, base, _next, _control = self._slots[entryFrom]
+        index, base = self._slots[entryFrom][0], self._slots[entryFrom][2]
         del self._slots[entryFrom:]
         self._forget_from(index)
         for stale in [i for i in self._outcomes if i >= index]:
@@ -247,8 +263,17 @@ class LogJournal(RaftStateJournal):
         slot = self.slot(index)
         return slot[1] if slot is not None else None
 
-    def slot(self, index: int) -> Slot | None:
+    def slot(self, index: int) -> tuple[int, int, int, int, int] | None:
         """(index, term, base offset, next offset, control) of the entry at raft `index`, None if not held."""
+        held = self._held(index)
+        return None if held is None else held[:5]
+
+    def clean_at(self, index: int) -> tuple[int, int] | None:
+        """(end offset, tombstone end offset) of the clean plan at raft `index`, None if that is not one."""
+        held = self._held(index)
+        return None if held is None or held[5] == NO_CLEAN[0] else (held[5], held[6])
+
+    def _held(self, index: int) -> Slot | None:
         if not self._slots:
             return None
         position = index - self._slots[0][0]
@@ -359,15 +384,18 @@ class LogJournal(RaftStateJournal):
             self._truncate_log_to_entries()
             return
         magic, version, _ = FILE_HEAD.unpack_from(data)
-        if magic != MAGIC or version != FORMAT_VERSION:
+        if magic != MAGIC or version not in (1, FORMAT_VERSION):
             raise JournalFormatError(f"{self._path}: not a Raftka entries file of format {FORMAT_VERSION} "
                                      f"(magic {magic!r}, format {version})")
+        record, body = (RECORD, RECORD_BODY) if version == FORMAT_VERSION else (RECORD_V1, RECORD_BODY_V1)
         log_end = self.log.log_end_offset
         position = FILE_HEAD.size
-        while position + RECORD.size <= len(data):
-            index, term, base, next_offset, control, crc = RECORD.unpack_from(data, position)
-            if crc != crc32c(data[position:position + RECORD_BODY.size]):
+        while position + record.size <= len(data):
+            *fields, crc = record.unpack_from(data, position)
+            if crc != crc32c(data[position:position + body.size]):
                 break
+            index, term, base, next_offset, control, *clean = fields
+            clean_fields = tuple(clean) if clean else NO_CLEAN
             if self._slots:
                 previous = self._slots[-1]
                 if index != previous[0] + 1 or base != previous[3]:
@@ -376,8 +404,13 @@ class LogJournal(RaftStateJournal):
                 break   # its data did not survive (a power loss took unsynced segment bytes)
             if not self._slots:
                 self._file_first = index
-            self._slots.append((index, term, base, next_offset, control))
-            position += RECORD.size
+            self._slots.append((index, term, base, next_offset, control, *clean_fields))
+            position += record.size
+        if version != FORMAT_VERSION:
+            log.info("%s: entries file migrated from format %d to %d", self.log.name, version, FORMAT_VERSION)
+            self._rewrite_entries(self._slots)
+            self._truncate_log_to_entries()
+            return
         if position < len(data):
             log.warning("%s: entries file cut at byte %d of %d (torn, or its data was lost)", self.log.name,
                         position, len(data))
@@ -434,10 +467,12 @@ class LogJournal(RaftStateJournal):
     # ---- commands --------------------------------------------------------------
 
     def _entry(self, slot: Slot) -> tuple[Any, int, int]:
-        index, term, base, next_offset, control = slot
+        index, term, base, next_offset, control, clean_end, clean_tombstones = slot
         command = self._cache.get(index)
         if command is None:
-            if control != NO_CONTROL:
+            if clean_end != NO_CLEAN[0]:
+                command = clean_command(clean_end, clean_tombstones)
+            elif control != NO_CONTROL:
                 command = log_start_command(control)
             elif base == next_offset:
                 command = NO_OP_ENTRY

@@ -52,9 +52,10 @@ from raftka.raft import checkpoint
 from raftka.raft.group import (MAX_COMMAND_BYTES, FailReason, GroupRemovedError, NotLeaderError, PeerNode, RaftGroup,
                                ReplicationError, settle_future)
 from raftka.raft.pysyncobj_adapter import monotonic_time
-from raftka.replication.log_journal import (APPEND_COMMAND, APPEND_HEADER, LOG_START_COMMAND, MULTI_APPEND_COMMAND,
-                                            MULTI_APPEND_HEADER, NO_CONTROL, PART_SIZE, LogJournal, LogJournalPath,
-                                            log_start_command, marker)
+from raftka.replication.log_journal import (APPEND_COMMAND, APPEND_HEADER, CLEAN_COMMAND, LOG_START_COMMAND,
+                                            MULTI_APPEND_COMMAND, MULTI_APPEND_HEADER, NO_CONTROL, PART_SIZE,
+                                            LogJournal, LogJournalPath, clean_command, log_start_command, marker)
+from raftka.storage.cleaner import CleanPlan
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class ParkedRetry:
 class PartitionReplica(RaftGroup):
     """This broker's replica of one partition's Raft group."""
 
-    COMMAND_TYPES = frozenset({APPEND_COMMAND, MULTI_APPEND_COMMAND, LOG_START_COMMAND})
+    COMMAND_TYPES = frozenset({APPEND_COMMAND, MULTI_APPEND_COMMAND, LOG_START_COMMAND, CLEAN_COMMAND})
 
     def __init__(self, group_id: int, partition_log: PartitionLog, self_id: int, replica_ids: list[int],
                  network: Any, group_dir: Path, journal_max_bytes: int = 128 * 1024 * 1024,
@@ -98,7 +99,11 @@ class PartitionReplica(RaftGroup):
         partition_log.journaled = True       # the Raft log's group commits sync it
         partition_log.recovered_short = False  # the entries file, not the applied index, says what it holds
         partition_log.on_retention = self._propose_log_start   # retention is the leader's decision, replicated
+        partition_log.on_compaction = self._propose_clean      # so is what the log cleaner removes
+        partition_log.may_install_clean = self._may_install_clean
         self._log_start_proposed = -1
+        self._clean_proposed = -1
+        self._clean_due: CleanPlan | None = None   # a committed clean plan not started yet
         self._producer_state_stale = False   # rebuilt from the log before the leader decides again
         self._log_start_due: int | None = None   # a committed log start not carried out yet
         self._catch_up: CatchUp | None = None
@@ -132,6 +137,36 @@ class PartitionReplica(RaftGroup):
             if error is not None:
                 self._log_start_proposed = -1   # proposed again at the next retention run
         self._propose(log_start_command(offset), done)
+
+    def _propose_clean(self, plan: CleanPlan) -> bool:
+        """The log cleaner's plan: as leader, replicate it (every replica
+        cleans when it commits, with the leader's end offset and tombstone
+        end) and return True; a follower waits for its leader's."""
+        if not self.is_leader:
+            return False
+        if plan.end_offset <= self._clean_proposed:
+            return True
+        self._clean_proposed = plan.end_offset
+
+        def done(_result: Any, error: Exception | None) -> None:
+            if error is not None:
+                self._clean_proposed = -1   # proposed again at the next cleaner run
+        self._propose(clean_command(plan.end_offset, plan.tombstone_end_offset), done)
+        return True
+
+    def _may_install_clean(self, end_offset: int) -> bool:
+        """Cleaned segments below `end_offset` may replace the originals once
+        no entry the Raft log may still send holds data below it (pysyncobj
+        sends entries after the journal's first, which is a boundary only):
+        a follower must get the entry's batches as they were appended. Until
+        then, compaction is forced so the journal lets go of them."""
+        if self._catch_up is not None:
+            return False
+        journal: LogJournal = self.journal
+        if len(journal) < 2 or journal.slot(journal.first_index() + 1)[2] >= end_offset:
+            return True
+        self._force_compaction()
+        return False
 
     def _on_log_truncated(self) -> None:
         """An uncommitted suffix left the log: retries parked on its batches fail
@@ -391,6 +426,11 @@ class PartitionReplica(RaftGroup):
             # the leader's log start decision, carried out alike everywhere (at this tick's compaction)
             self._log_start_due = max(slot[4], self._log_start_due or 0)
             self._force_compaction()
+        clean = journal.clean_at(index)
+        if clean is not None:
+            # the leader's clean plan: started at this tick's compaction, swapped in once the journal let go
+            self._clean_due = CleanPlan(*clean)
+            self._force_compaction()
         if slot is not None and slot[3] > self._log.high_watermark:
             self._log.set_high_watermark(slot[3], applied_index=index)
             self._answer_duplicates()
@@ -413,6 +453,9 @@ class PartitionReplica(RaftGroup):
             offset, self._log_start_due = self._log_start_due, None
             self._log.delete_below(offset)
         super()._try_compaction_hook()
+        if self._clean_due is not None and self._may_compact():
+            plan, self._clean_due = self._clean_due, None
+            self._log.start_clean(plan)
 
 
     def _write_checkpoint(self, path: str, raft_data: tuple) -> None:
@@ -523,7 +566,7 @@ class PartitionReplica(RaftGroup):
             self._request_catch_up()
             return
         if data:
-            self._log.append(data, leader_epoch=-1)  # offsets and epochs exactly as the leader has them
+            self._log.append(data, leader_epoch=-1, keep_offsets=True)  # offsets and epochs as the leader has them
             self._log.set_high_watermark(self._log.log_end_offset)
         if isinstance(log_start, int) and log_start > self._log.log_start_offset:
             # the log start commands the checkpoint skipped over, committed as the leader carried them out

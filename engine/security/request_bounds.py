@@ -25,8 +25,6 @@ import types
 import typing
 from typing import Callable
 
-from kio.index import load_request_schema
-
 from raftka.protocol import kafka
 
 # skip(frame, position, end) -> position after the field; raises MalformedRequest
@@ -66,7 +64,7 @@ def check_request(frame: memoryview | bytes) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _plan(api_key: int, api_version: int) -> tuple[bool, Skip]:
-    schema = load_request_schema(api_key, api_version)
+    schema = kafka.load_request_schema(api_key, api_version)
     return bool(schema.__header_schema__.__flexible__), _entity_skip(schema)[0]
 
 

@@ -285,6 +285,21 @@ class IndexStore:
         """Drop offset-index entries with base < below, or base >= from_offset."""
         self._delete(self._offsets, storage_id, below, from_offset, lambda k, v: _KEY.unpack(k)[1])
 
+    def replace_offsets(self, storage_id: int, start: int, end: int, entries: Iterable[tuple[int, int]]) -> None:
+        """Replace the offset-index entries with base in [start, end) by
+        `entries` (offset, position), in one transaction: the cleaner
+        rewrote the segment holding them."""
+        items = [(_KEY.pack(storage_id, offset), _I64.pack(position)) for offset, position in entries]
+
+        def body(txn: lmdb.Transaction) -> None:
+            cursor = txn.cursor(self._offsets)
+            if cursor.set_range(_KEY.pack(storage_id, start)):
+                while cursor.key()[:4] == _STORAGE_ID.pack(storage_id) and _KEY.unpack(cursor.key())[1] < end:
+                    if not cursor.delete():
+                        break
+            cursor.putmulti(items)
+        self._write(body)
+
     def delete_times(self, storage_id: int, *, below: int | None = None, from_offset: int | None = None) -> None:
         """Drop time-index entries whose batch offset is < below, or >= from_offset."""
         self._delete(self._times, storage_id, below, from_offset, lambda k, v: _I64.unpack(v)[0])

@@ -66,6 +66,7 @@ class LogManager:
         self._last_commit = now
         self._last_fsync = now
         self._last_retention = now
+        self._last_clean = now
         self._closed = False
 
     @property
@@ -184,6 +185,11 @@ class LogManager:
             self.sync()
         if (now - self._last_retention) * 1000 >= RETENTION_CHECK_INTERVAL_MS:
             self.enforce_retention()
+        for log in self._logs.values():
+            if log.cleaning:
+                log.finish_clean()
+        if (now - self._last_clean) * 1000 >= self.config.log_cleaner_backoff_ms:
+            self.compact()
 
     def sync(self, force: bool = False) -> None:
         """fsync every log with unsynced appends (all of them if `force`), then the index."""
@@ -192,6 +198,12 @@ class LogManager:
         self.flush_index()
         self._index.sync()
         self._last_fsync = time.monotonic()
+
+    def compact(self) -> int:
+        """Start the cleans due (cleanup.policy=compact logs); how many were
+        decided. Cleans run in the cleaner thread; tick swaps them in."""
+        self._last_clean = time.monotonic()
+        return sum(log.compact() is not None for log in self._logs.values() if not log.cleaning)
 
     def enforce_retention(self) -> int:
         self._last_retention = time.monotonic()

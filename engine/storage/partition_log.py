@@ -39,6 +39,8 @@ import bisect
 import logging
 import os
 import time
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -47,6 +49,8 @@ from raftka.config import Config
 from raftka.errors import CorruptRecordError, OffsetOutOfRangeError, RecordTooLargeError, StorageError
 from raftka.records import layout
 from raftka.records.batch import decode_batch, read_header
+from raftka.storage import cleaner
+from raftka.storage.cleaner import CleanPlan, CleanStats
 from raftka.storage.index import UNKNOWN_APPLIED_INDEX, IndexStore, PartitionState
 from raftka.storage.segment import Segment, list_segment_offsets
 from raftka.native import ffi, lib
@@ -66,6 +70,11 @@ _SCAN_ERRORS = {
 _RECOVERY_ENTRIES_MAX = 4096
 # index entries recovery tries, newest first, before rescanning the whole segment
 _RECOVERY_CANDIDATES_MAX = 64
+# the log cleaner's thread (Kafka's log.cleaner.threads = 1), shared by every log of the process
+_CLEANER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-cleaner")
+CLEANED_SUFFIX = ".cleaned"   # a rewritten segment before its rename over the original
+# installed cleans remembered for tombstone ends; forgetting older ones can only keep tombstones longer
+CLEAN_HISTORY_MAX = 64
 
 
 class AppendResult(NamedTuple):
@@ -76,6 +85,19 @@ class AppendResult(NamedTuple):
     batch_count: int
     record_count: int
     size_bytes: int
+
+
+@dataclass
+class CleanJob:
+    """A clean running in the cleaner thread over `segments` (the log's
+    sealed segments wholly below the plan's end, as they were at its start)."""
+
+    plan: CleanPlan
+    segments: tuple[Segment, ...]
+    sizes: tuple[int, ...]
+    stop: threading.Event   # set when the log closes: the thread gives up at its next segment
+    # per segment: None (nothing removed), or its rewrite, written and synced: (file, offset-index entries)
+    result: "Future[tuple[list[tuple[Path, list[tuple[int, int]]] | None], CleanStats]]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +140,17 @@ class PartitionLog:
         self.recovered_short = False   # recovery cut data below the recorded high watermark
         self.on_sync: Callable[[], None] | None = None   # a Raft journal syncing its own file alongside
         self.on_retention: Callable[[int], None] | None = None   # a replica replicating retention decisions
+        # a replica replicating clean plans: True if it did (its leader), False if it is not the one to decide
+        self.on_compaction: Callable[[CleanPlan], bool] | None = None
+        # a replica's condition for swapping cleaned segments in (its Raft log no longer sends that range)
+        self.may_install_clean: Callable[[int], bool] | None = None
+        self.last_clean: CleanStats | None = None
+        self._cleaned_to = 0          # end offset of the last clean installed here (in memory: 0 after a restart)
+        # the cleans this log decided and installed: (decision time ms, end offset), oldest first, in memory
+        self._clean_history: list[tuple[int, int]] = []
+        self._decided_ms: dict[int, int] = {}    # end offset -> when this log decided that clean
+        self._clean_job: CleanJob | None = None
+        self._clean_next: CleanPlan | None = None   # a plan that arrived while a clean was running
         self._bytes_since_index = 0
         self._max_timestamp = -1     # running max of batch maxTimestamp
         self._last_time_entry = -1   # largest timestamp in the time index
@@ -176,7 +209,8 @@ class PartitionLog:
 
     # ---- append ------------------------------------------------------
 
-    def append(self, batches: bytes | bytearray | memoryview, leader_epoch: int = -1) -> AppendResult:
+    def append(self, batches: bytes | bytearray | memoryview, leader_epoch: int = -1,
+               keep_offsets: bool = False) -> AppendResult:
         """Validate and append whole record batches; returns the offsets they got.
 
         Nothing is written unless every batch is valid (CorruptRecordError,
@@ -185,19 +219,25 @@ class PartitionLog:
         gets baseOffset and partitionLeaderEpoch rewritten in place and goes
         to disk in one write; a read-only one is left untouched and written
         as a patched header plus the rest of each batch.
+
+        `keep_offsets`: the batches are a copy of another replica's log, a
+        compacted one's included (offsets with gaps, fewer records than
+        offsets): they keep their stored base offsets, which must not go
+        below the log end offset.
         """
         size = len(batches)
         if size == 0:
             raise CorruptRecordError("no record batches", 0)
         data = ffi.from_buffer(batches)
-        state = self._scan(data, size, check_crc=True)
+        state = self._scan(data, size, check_crc=True, keep_offsets=keep_offsets)
         if self._roll_due(size, _max_timestamp_of_first(batches)):
             self.roll()
-            state = self._scan(data, size, check_crc=False)  # index entries for the new segment
+            state = self._scan(data, size, check_crc=False, keep_offsets=keep_offsets)  # index entries, new segment
         base_offset = self._log_end_offset
         active = self._segments[-1]
         position = active.size_bytes
-        active.append(data, size, base_offset, leader_epoch, in_place=not memoryview(batches).readonly)
+        active.append(data, size, -1 if keep_offsets else base_offset, leader_epoch,
+                      in_place=not memoryview(batches).readonly)
         self._remember_entries(self._entries, state.entry_count, position)
         self._log_end_offset = state.next_offset
         self._bytes_since_index = state.bytes_since_index
@@ -227,11 +267,14 @@ class PartitionLog:
         if len(batches) == 0:
             raise CorruptRecordError("no record batches", 0)
         self._scan(ffi.from_buffer(batches), len(batches), check_crc=True)
+        if cleaner.is_compacted(self._config):
+            cleaner.check_keys(batches, self.name)
 
-    def _scan(self, data: object, size: int, check_crc: bool) -> "ffi.CData":
+    def _scan(self, data: object, size: int, check_crc: bool, keep_offsets: bool = False) -> "ffi.CData":
         """Validate `data` and work out its offsets and index entries, writing nothing."""
         state = self._scan_state
         state.check_crc = check_crc
+        state.check_offsets = lib.RK_CHECK_COMPACTED if keep_offsets else 0
         state.next_offset = self._log_end_offset
         state.bytes_since_index = self._bytes_since_index
         state.max_timestamp = self._max_timestamp
@@ -306,7 +349,8 @@ class PartitionLog:
 
     # ---- read --------------------------------------------------------
 
-    def read(self, offset: int, max_bytes: int, end_offset: int | None = None) -> LogSlice:
+    def read(self, offset: int, max_bytes: int, end_offset: int | None = None,
+             for_consumer: bool = False) -> LogSlice:
         """Whole batches from the one containing `offset`, below the high watermark
         (and below `end_offset` if given, which must fall on a batch boundary).
 
@@ -314,10 +358,22 @@ class PartitionLog:
         returned whole, as Kafka does); never past the end of the segment
         holding `offset` (the next read continues in the next one). Empty at
         the high watermark.
+
+        `for_consumer`: batches without records (what the cleaner leaves to
+        keep producer state and segment ends) are not all a read returns while
+        records follow: it goes on past them, as a fetch at a removed offset
+        returns the next record (clients give up on responses with none).
         """
         high_watermark = self._high_watermark if end_offset is None else min(end_offset, self._high_watermark)
         if not self.log_start_offset <= offset <= high_watermark:
             raise OffsetOutOfRangeError(self.name, offset, self.log_start_offset, high_watermark)
+        piece = self._read_at(offset, max_bytes, high_watermark)
+        while for_consumer and piece.size_bytes and piece.next_offset < high_watermark \
+                and not _holds_records(piece.buffer):
+            piece = self._read_at(piece.next_offset, max_bytes, high_watermark)
+        return piece
+
+    def _read_at(self, offset: int, max_bytes: int, high_watermark: int) -> LogSlice:
         if offset == high_watermark:
             return LogSlice(memoryview(b""), None, 0, offset)
         segment = self._segment_for(offset)
@@ -567,6 +623,8 @@ class PartitionLog:
     def retention_point(self, now_ms: int | None = None) -> int:
         """The base offset of the first segment retention keeps."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        if not cleaner.is_deleting(self._config):
+            return self._segments[0].base_offset   # cleanup.policy=compact alone: nothing expires
         total = self.size_bytes
         k = 0
         while k + 1 < len(self._segments) and self._segments[k + 1].base_offset <= self._high_watermark:
@@ -614,10 +672,161 @@ class PartitionLog:
                                  f"log start {self._log_start_offset}, high watermark {self._high_watermark}, "
                                  f"log end {self._log_end_offset}")
 
+    # ---- compaction (the log cleaner, cleaner.py) --------------------
+
+    def compact(self, now_ms: int | None = None) -> CleanPlan | None:
+        """If cleanup.policy has `compact` and a clean is due at `now_ms`
+        (default: the wall clock), start it and return its plan. A
+        replicated log only decides: `on_compaction(plan)` (its replica's
+        leader) replicates the plan, and every replica starts it when it
+        commits (start_clean), so what goes never depends on one replica's clock."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        clean_plan = cleaner.plan(self, now_ms, self._cleaned_to, self._tombstone_end(now_ms))
+        if clean_plan is None:
+            return None
+        if self.on_compaction is not None and not self.on_compaction(clean_plan):
+            return None
+        self._decided_ms.setdefault(clean_plan.end_offset, now_ms)
+        if self.on_compaction is None:
+            self.start_clean(clean_plan)
+        return clean_plan
+
+    def _tombstone_end(self, now_ms: int) -> int:
+        """The end of the newest clean decided here delete.retention.ms or
+        more before `now_ms` and installed: tombstones below it were kept
+        that long after a clean saw them (0 if there is none: none go)."""
+        old_enough = [end for decided_ms, end in self._clean_history
+                      if decided_ms <= now_ms - self._config.delete_retention_ms]
+        return max(old_enough, default=0)
+
+    @property
+    def cleaning(self) -> bool:
+        return self._clean_job is not None
+
+    def start_clean(self, clean_plan: CleanPlan) -> None:
+        """Clean the sealed segments below the plan's end in the cleaner
+        thread (after the clean running, if one is); finish_clean swaps the
+        result in. Only batches wholly below the end and at or above the log
+        start are touched, so the end need not be a segment boundary here."""
+        if self._clean_job is not None:
+            if self._clean_next is None or clean_plan.end_offset >= self._clean_next.end_offset:
+                self._clean_next = clean_plan
+            return
+        sealed = [segment for segment in self._segments[:-1] if segment.base_offset < clean_plan.end_offset
+                  and segment.base_offset < self._high_watermark]
+        if not sealed:
+            return
+        views = [segment.view() for segment in sealed]
+        sizes = tuple(s.size_bytes for s in sealed)
+
+        def write(k: int, data: memoryview) -> tuple[Path, list[tuple[int, int]]]:
+            """In the cleaner thread: a rewritten segment to its own file, synced, and its index entries."""
+            entries = self._index_entries(data, sealed[k].base_offset)
+            temporary = sealed[k].path.with_name(sealed[k].path.name + CLEANED_SUFFIX)
+            _write_synced(temporary, data)
+            return temporary, entries
+        stop = threading.Event()
+        result = _CLEANER.submit(cleaner.clean, views, self._log_start_offset, clean_plan,
+                                 self._config.log_cleaner_dedupe_buffer_size,
+                                 self._config.log_cleaner_io_max_bytes_per_second, sleep=stop.wait, emit=write,
+                                 cancelled=stop.is_set)
+        self._clean_job = CleanJob(clean_plan, tuple(sealed), sizes, stop, result)
+
+    def finish_clean(self, wait: bool = False) -> bool:
+        """Swap in the segments a finished clean rewrote (`wait`: for it to
+        finish); True if a clean was installed. A replica may hold the swap
+        back (`may_install_clean`) while its Raft log can still send entries
+        of that range; the next call tries again."""
+        job = self._clean_job
+        if job is None or not (wait or job.result.done()):
+            return False
+        if self.may_install_clean is not None and not self.may_install_clean(job.plan.end_offset):
+            return False
+        self._clean_job = None
+        installed = False
+        try:
+            outputs, stats = job.result.result()
+        except (StorageError, CorruptRecordError) as error:
+            log.error("%s: the clean below offset %d failed, the log stays as it is: %s", self.name,
+                      job.plan.end_offset, error)
+            for written in self.directory.glob("*" + CLEANED_SUFFIX):
+                written.unlink()
+        else:
+            self._install_cleaned(job, outputs)
+            self.last_clean = stats
+            self._cleaned_to = max(self._cleaned_to, job.plan.end_offset)
+            self._remember_clean(job.plan.end_offset)
+            installed = True
+        following, self._clean_next = self._clean_next, None
+        if following is not None:
+            self.start_clean(following)
+        return installed
+
+    def _remember_clean(self, end_offset: int) -> None:
+        """A clean this log decided is installed: its time bounds later tombstone ends."""
+        decided_ms = self._decided_ms.pop(end_offset, None)
+        for superseded in [end for end in self._decided_ms if end < end_offset]:
+            del self._decided_ms[superseded]
+        if decided_ms is None:
+            return   # another replica's decision: its leader keeps the time
+        self._clean_history.append((decided_ms, end_offset))
+        del self._clean_history[:-CLEAN_HISTORY_MAX]
+
+    def clean_now(self, clean_plan: CleanPlan) -> bool:
+        """Run a clean to its end on this thread (tests, embedded use)."""
+        self.start_clean(clean_plan)
+        return self.finish_clean(wait=True)
+
+    def _stop_cleaning(self) -> None:
+        """A running clean gives up (its written files are deleted at the next open)."""
+        if self._clean_job is not None:
+            self._clean_job.stop.set()
+            self._clean_job, self._clean_next = None, None
+
+    def _install_cleaned(self, job: CleanJob, outputs: list[tuple[Path, list[tuple[int, int]]] | None]) -> None:
+        """Replace each rewritten segment atomically (its new file, written
+        and fdatasync'd by the cleaner thread, renamed over the old one, the
+        directory fsync'd) and its offset-index entries with the new
+        positions. A segment that changed or went since the clean started
+        (retention, a log restart) is left as it is."""
+        self.flush_index()   # no pending entry may point into a file about to change
+        replaced = 0
+        for segment, size, output in zip(job.segments, job.sizes, outputs):
+            if output is None:
+                continue   # nothing removed from it
+            temporary, entries = output
+            k = next((i for i, held in enumerate(self._segments[:-1]) if held is segment), None)
+            if k is None or segment.size_bytes != size:
+                temporary.unlink(missing_ok=True)   # gone or changed meanwhile
+                continue
+            os.replace(temporary, segment.path)
+            segment.close()   # views handed out keep the old file's mapping
+            self._segments[k] = Segment(self.directory, segment.base_offset, create=False)
+            self._index.replace_offsets(self.storage_id, segment.base_offset, self._segments[k + 1].base_offset,
+                                        entries)
+            replaced += 1
+        if replaced:
+            fsync_directory(self.directory)
+        self._check_offsets()
+
+    def _index_entries(self, data: bytes | memoryview, base_offset: int) -> list[tuple[int, int]]:
+        """(offset, position) index entries of a rewritten segment, checking
+        it scans whole before it goes to disk (the pair of recovery's check)."""
+        state = self._recovery_scan_state(base_offset)
+        entries = ffi.new("rk_index_entry[]", len(data) // self._config.index_interval_bytes + 2)
+        lib.rk_scan(ffi.from_buffer(data), len(data), state, entries, len(entries))
+        if state.error != lib.RK_OK or state.valid_bytes != len(data):
+            raise AssertionError(f"{self.name}: the cleaner's rewrite of segment {base_offset} is invalid after "
+                                 f"{state.valid_bytes} of {len(data)} bytes (error {state.error})")
+        flat = ffi.unpack(ffi.cast("int64_t *", entries), 3 * state.entry_count)
+        return list(zip(flat[1::3], flat[0::3]))
+
     # ---- open and recovery -------------------------------------------
 
     def _open(self) -> None:
         state = self._index.load_state(self.storage_id)
+        for leftover in self.directory.glob("*" + CLEANED_SUFFIX):
+            leftover.unlink()   # a clean interrupted before its rename: the original is intact
         bases = list_segment_offsets(self.directory)
         if not bases:
             bases = [0]
@@ -708,7 +917,7 @@ class PartitionLog:
     def _recovery_scan_state(self, next_offset: int) -> "ffi.CData":
         state = ffi.new("rk_scan_state *")
         state.check_crc = 1
-        state.check_offsets = 1
+        state.check_offsets = lib.RK_CHECK_COMPACTED   # the cleaner leaves gaps between batches
         state.max_batch_bytes = self._config.max_batch_bytes
         state.index_interval_bytes = self._config.index_interval_bytes
         state.next_offset = next_offset
@@ -760,6 +969,7 @@ class PartitionLog:
     def close(self) -> None:
         """A clean shutdown: sync the segments (whatever the policy, as Kafka
         does), record the recovery point, commit the index, release files."""
+        self._stop_cleaning()
         self.sync(force=True)
         self._advance_recovery_point()
         self.flush_index()
@@ -786,8 +996,33 @@ class PartitionLog:
 
     def abandon(self) -> None:
         """Release files without committing anything: what a crash leaves behind."""
+        self._stop_cleaning()
         for segment in self._segments:
             segment.close()
+
+
+def _holds_records(buffer: memoryview) -> bool:
+    """Any record in these batches (the first batch's count decides at once unless the cleaner emptied it)."""
+    if len(buffer) < layout.HEADER_SIZE:
+        return True   # nothing to skip
+    if int.from_bytes(buffer[layout.RECORD_COUNT_OFF:layout.RECORD_COUNT_OFF + 4], "big", signed=True) > 0:
+        return True
+    return lib.rk_record_total(ffi.from_buffer(buffer), len(buffer)) > 0
+
+
+def _write_synced(path: Path, data: bytes | memoryview) -> None:
+    """Write a new file and fdatasync it (before it is renamed into place)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise StorageError(f"cannot write cleaned segment {path}: {exc.strerror}") from exc
 
 
 def _max_timestamp_of_first(batches: bytes | bytearray | memoryview) -> int:
