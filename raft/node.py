@@ -61,6 +61,7 @@ TICK_RETRY_S = 0.1               # a group whose tick raised ticks again no soon
 SYNC_THREADS = 4                 # journal group commits in flight at once (different groups' files)
 
 FailureCallback = Callable[[str], None]
+SyncRunner = Callable[[Any, Callable[[BaseException | None], None]], None]   # (job, done)
 
 
 class NodeFailedError(NotLeaderError):
@@ -77,11 +78,16 @@ class NodeFailedError(NotLeaderError):
 class RaftNode:
     """Every Raft group of one broker, ticked together on the event loop."""
 
-    def __init__(self, network: PeerNetwork, votes: VoteStore | None = None) -> None:
+    def __init__(self, network: PeerNetwork, votes: VoteStore | None = None,
+                 run_sync: SyncRunner | None = None) -> None:
         """`votes`: the store this node's groups keep term and vote in (pass
-        it to them as `vote_store`); synced before every network flush."""
+        it to them as `vote_store`); synced before every network flush.
+        `run_sync(job, done)` runs a journal sync job and calls `done(error
+        or None)` on the event loop's thread once it returned: by default on
+        a small thread pool; the simulation passes its simulated disk."""
         self.network = network
         self.votes = votes
+        self._run_sync = run_sync if run_sync is not None else self._run_sync_in_pool
         if votes is not None:
             network.before_flush = self._sync_votes
         # exception types meaning local storage is broken: the node fails (see the module docstring)
@@ -267,8 +273,9 @@ class RaftNode:
     #
     # A group with journal writes to make durable asks here; once per loop
     # iteration every such group's sync job (one fdatasync per file written
-    # since its last job) goes to a small thread pool, so the event loop never
-    # waits for a disk and syncs of different groups overlap. When a job
+    # since its last job) goes to `run_sync`, by default a small thread pool,
+    # so the event loop never waits for a disk and syncs of different groups
+    # overlap. When a job
     # returns, the group releases what it made durable and the network
     # flushes. A failed fdatasync fails the node: the page cache's state is
     # then unknown, and retrying could report lost data as durable.
@@ -286,8 +293,6 @@ class RaftNode:
         loop = self._loop
         if loop is None or self.failure is not None:
             return
-        if self._syncer is None:
-            self._syncer = concurrent.futures.ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="journal-sync")
         for replica in wanted.values():
             if self._groups.get(replica.group_id) is not replica:
                 continue
@@ -298,9 +303,15 @@ class RaftNode:
                 continue
             if job is None:
                 continue
-            future = self._syncer.submit(job.run)
-            future.add_done_callback(lambda done, r=replica, j=job: loop.call_soon_threadsafe(
-                self._synced, r, j, done.exception()))
+            self._run_sync(job, lambda error, r=replica, j=job: self._synced(r, j, error))
+
+    def _run_sync_in_pool(self, job: Any, done: Callable[[BaseException | None], None]) -> None:
+        loop = self._loop
+        assert loop is not None, "syncs start only on a started node"
+        if self._syncer is None:
+            self._syncer = concurrent.futures.ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="journal-sync")
+        future = self._syncer.submit(job.run)
+        future.add_done_callback(lambda finished: loop.call_soon_threadsafe(done, finished.exception()))
 
     def _synced(self, replica: RaftGroup, job: Any, error: BaseException | None) -> None:
         if self.failure is not None or self._groups.get(replica.group_id) is not replica:
