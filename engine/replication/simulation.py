@@ -476,8 +476,9 @@ class Simulation:
         self.root = Path(self.root)
         self.rng = random.Random(self.seed)
         self.clock = FakeClock()
-        self.queue: list[tuple[float, int, int, int, int, bytes, int | None]] = []
-        self.syncs: list[tuple[float, int, int, int, int, Any]] = []   # (due, seq, node, incarnation, group, job)
+        # (due, seq, (source, its incarnation, target, its incarnation), group, frame, foreign command type)
+        self.queue: list[tuple[float, int, tuple[int, int, int, int], int, bytes, int | None]] = []
+        self.syncs: list[tuple[float, int, int, int, Any, Any]] = []   # (due, seq, node, incarnation, job, done)
         self.power_losses = 0
         self.lossy_power_losses = 0
         self.sequence = 0
