@@ -252,6 +252,34 @@ def test_truncate_removes_whole_batches_from_the_one_containing_the_offset(harne
     assert harness.reopen().log_end_offset == 41
 
 
+def test_truncating_to_where_a_segment_rolled_undoes_the_roll(tmp_path):
+    # found by raftka simulate (seed 1718): a follower rolled a segment for an
+    # uncommitted batch, lost it to a truncation and kept the empty segment;
+    # the leader's batch at that offset then went into it, where every other
+    # replica (which never rolled there) kept appending to the segment before,
+    # so the segment files differed for good
+    def filled(root: Path) -> Harness:
+        h = Harness(root, segment_bytes=1024, index_interval_bytes=256)
+        for seed in range(7):
+            h.log.append(make_batch(1, value_size=150, seed=seed))
+        return h
+    diverged, kept = filled(tmp_path / "diverged"), filled(tmp_path / "kept")
+    bases = [s.base_offset for s in kept.log.segments]
+    assert len(bases) == 2 and [s.base_offset for s in diverged.log.segments] == bases
+    diverged.log.append(make_batch(1, value_size=900, seed=50))   # too big for the active segment: rolls at 7
+    assert [s.base_offset for s in diverged.log.segments] == [*bases, 7]
+    assert diverged.log.truncate(7) == 7
+    for h in (diverged, kept):
+        h.log.append(make_batch(1, value_size=100, seed=60))
+        commit_all(h.log)
+    assert [s.base_offset for s in diverged.log.segments] == [s.base_offset for s in kept.log.segments] == bases
+    assert [s.path.read_bytes() for s in diverged.log.segments] == [s.path.read_bytes() for s in kept.log.segments]
+    assert [s.base_offset for s in diverged.reopen().segments] == bases
+    for h in (diverged, kept):
+        h.log.abandon()
+        h.index.close()
+
+
 def test_offset_for_timestamp_finds_the_first_record_at_or_after_it(harness):
     log = harness.log
     for i in range(50):

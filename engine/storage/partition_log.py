@@ -515,6 +515,13 @@ class PartitionLog:
         # a missing one only makes them walk further
         self._index.delete_offsets(self.storage_id, from_offset=new_end)
         self._index.delete_times(self.storage_id, from_offset=new_end)
+        if position == 0 and k > 0 and self._segment_bases[k] > self.log_start_offset:
+            # the cut undoes the roll that started this segment: appends go on
+            # in the one before, as on a replica that never rolled there
+            # (segments roll by what they hold; files must stay identical)
+            k -= 1
+            segment = self._segments[k]
+            position = segment.size_bytes
         for doomed in self._segments[k + 1:]:
             doomed.delete()
         del self._segments[k + 1:], self._segment_bases[k + 1:]
