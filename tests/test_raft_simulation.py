@@ -270,3 +270,14 @@ def test_a_checkpoints_entry_without_data_is_installed_at_the_leaders_offset(tmp
     result = run_seed(555, 400, root=tmp_path)
     assert result.ok, result.failure
     assert result.trace_hash == "2e68d4352dcd339a" and result.power_losses
+
+
+def test_a_follower_that_truncates_back_to_where_it_rolled_keeps_appending_to_the_segment_before(tmp_path):
+    # seed 1718 (found with RaftNode in the loop): a follower rolled a segment
+    # for an uncommitted batch, a truncation removed the batch but kept the
+    # empty segment, and the leader's batch at that offset went into it, while
+    # every other replica kept appending to the segment before: segment files
+    # differed after healing. A truncation to a segment's base now undoes its roll.
+    result = run_seed(1718, 400, root=tmp_path)
+    assert result.ok, result.failure
+    assert result.trace_hash == "0a405528c30b2244"
