@@ -280,6 +280,25 @@ def test_truncating_to_where_a_segment_rolled_undoes_the_roll(tmp_path):
         h.index.close()
 
 
+def test_a_segment_whose_first_batch_a_crash_lost_is_not_reopened(tmp_path):
+    # raftka simulate seed 321 (--partitions 3): a replica rolled a segment for
+    # a batch that a power loss then took, reopened with the empty segment and
+    # deleted all below it on the leader's retention decision, where the
+    # others, which never rolled there, kept the segment before as their active one
+    h = Harness(tmp_path, segment_bytes=1024, index_interval_bytes=256)
+    for seed in range(7):
+        h.log.append(make_batch(1, value_size=150, seed=seed))
+    bases = [s.base_offset for s in h.log.segments]
+    h.log.append(make_batch(1, value_size=900, seed=50))       # rolls at 7
+    assert [s.base_offset for s in h.log.segments] == [*bases, 7]
+    log = h.crash(cut_active_at=0)                               # the rolled segment's batch never reached the disk
+    assert [s.base_offset for s in log.segments] == bases and log.log_end_offset == 7
+    log.append(make_batch(1, value_size=100, seed=60))          # fits the segment before, as elsewhere
+    assert [s.base_offset for s in log.segments] == bases
+    log.abandon()
+    h.index.close()
+
+
 def test_offset_for_timestamp_finds_the_first_record_at_or_after_it(harness):
     log = harness.log
     for i in range(50):
