@@ -281,3 +281,14 @@ def test_a_follower_that_truncates_back_to_where_it_rolled_keeps_appending_to_th
     result = run_seed(1718, 400, root=tmp_path)
     assert result.ok, result.failure
     assert result.trace_hash == "0a405528c30b2244"
+
+
+def test_a_replica_that_lost_the_batch_it_rolled_for_reopens_without_the_empty_segment(tmp_path):
+    # seed 321, 3 partitions: a power loss took the batch a follower had rolled
+    # a segment for; it reopened with the empty segment and, on the leader's
+    # retention decision, deleted every segment below it, while the others kept
+    # the segment before as their active one. An empty newest segment past the
+    # log start is now removed on open.
+    result = run_seed(321, 400, partitions=3, root=tmp_path)
+    assert result.ok, result.failure
+    assert result.trace_hash == "d7ccd1287c2c0046"

@@ -632,11 +632,12 @@ class PartitionLog:
             fsync_directory(self.directory)
         self._segments = [Segment(self.directory, base, create=False) for base in bases]
         self._segment_bases = list(bases)
-        self._undo_empty_roll(state.log_start_offset)
-        self._log_start_offset = self._segment_bases[0]
+        self._log_start_offset = bases[0]
         self._applied_index = state.applied_index
         self._rescan_sealed(state.recovery_point)
         self._recover_active_segment()
+        if self._undo_empty_roll(state.log_start_offset):
+            self._recover_active_segment()
         self._recovery_point = min(state.recovery_point, self._log_end_offset)
         self._on_disk_offset = self._log_end_offset
         self._log_start_offset = max(self._segments[0].base_offset, min(state.log_start_offset, self._log_end_offset))
@@ -650,16 +651,19 @@ class PartitionLog:
             self.recovered_short = True    # a previous open found it so, and it is not repaired yet
         self._delete_segments_below_log_start()   # a crash after recording the log start may have left them
 
-    def _undo_empty_roll(self, log_start_offset: int) -> None:
-        """An empty newest segment after another one past the log start: the
-        batch it was rolled for was lost (a crash or power loss before it was
-        on disk). Appends go on in the segment before, as on replicas that
-        never rolled there (see truncate): segment files stay identical."""
-        if len(self._segments) > 1 and self._segments[-1].size_bytes == 0 \
-                and self._segment_bases[-1] > log_start_offset:
-            self._segments.pop().delete()
-            self._segment_bases.pop()
-            fsync_directory(self.directory)
+    def _undo_empty_roll(self, log_start_offset: int) -> bool:
+        """An empty newest segment (after recovery) after another one past the
+        log start: the batch it was rolled for was lost (a crash or power loss
+        before it was on disk). It goes, and appends go on in the segment
+        before, as on replicas that never rolled there (see truncate): segment
+        files stay identical. True if it went (recover the one before)."""
+        if not (len(self._segments) > 1 and self._segments[-1].size_bytes == 0
+                and self._segment_bases[-1] > log_start_offset):
+            return False
+        self._segments.pop().delete()
+        self._segment_bases.pop()
+        fsync_directory(self.directory)
+        return True
 
     def _rescan_sealed(self, recovery_point: int) -> None:
         """Validate every sealed segment holding offsets at or past `recovery_point`;
