@@ -415,7 +415,12 @@ class RaftGroup(AdaptedSyncObj):
                 # one; nothing else would tick it before the heartbeat period
                 return 0.0
             return self._append_entries_due()
-        return self._election_deadline()
+        deadline = self._election_deadline()
+        if self._other_nodes() and not self._connected_nodes():
+            # pysyncobj starts no election while no peer is connected, and
+            # leaves a passed deadline where it is: ticking at it would spin
+            return max(deadline, monotonic_time() + self.conf.raftMinTimeout)
+        return deadline
 
     # ---- coalesced heartbeats (RaftNode sends them, one message per peer) ----
     #

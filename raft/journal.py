@@ -302,7 +302,7 @@ class DiskJournal(RaftStateJournal):
 
     def clear(self) -> None:
         for segment in self._segments:
-            segment.remove()
+            self._remove(segment)
         self._segments, self._slots = [], []
         self._forget_from(0)
         self._entries_removed()
@@ -315,10 +315,10 @@ class DiskJournal(RaftStateJournal):
         self._forget_from(cut.index)
         del self._slots[entryFrom:]
         while self._segments and self._segments[-1] is not cut.segment:
-            self._segments.pop().remove()
+            self._remove(self._segments.pop())
         cut_position = cut.position - RECORD_HEADER.size
         if cut_position == 0 and len(self._segments) > 1:
-            self._segments.pop().remove()
+            self._remove(self._segments.pop())
         else:
             os.ftruncate(cut.segment.fd, cut_position)
             cut.segment.size_bytes = cut_position
@@ -334,7 +334,7 @@ class DiskJournal(RaftStateJournal):
         del self._slots[:entryTo]
         first_kept = self._slots[0].segment if self._slots else None
         while self._segments and self._segments[0] is not first_kept and len(self._segments) > 1:
-            self._segments.pop(0).remove()
+            self._remove(self._segments.pop(0))
         self._cache.forget_below(self._slots[0].index if self._slots else None)
         self._first_command = None
 
@@ -452,6 +452,12 @@ class DiskJournal(RaftStateJournal):
                 self._first_command = (slot.index, command)
         return command, slot.index, slot.term
 
+    def _remove(self, segment: _Segment) -> None:
+        """Close and delete a segment; the next sync job has nothing to sync
+        in it (its descriptor is closed, and its number may be another file's)."""
+        self._unsynced.pop(id(segment), None)
+        segment.remove()
+
     def _forget_from(self, index: int) -> None:
         self._cache.forget_from(index)
         if self._first_command is not None and self._first_command[0] >= index:
@@ -480,7 +486,7 @@ class DiskJournal(RaftStateJournal):
                     stale.unlink()
                 break
         while self._segments and self._segments[-1].size_bytes == 0 and len(self._segments) > 1:
-            self._segments.pop().remove()
+            self._remove(self._segments.pop())
 
     def _scan(self, segment: _Segment) -> bool:
         """Index `segment`'s records; cut it at the first bad one. False if cut."""

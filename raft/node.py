@@ -61,6 +61,7 @@ TICK_RETRY_S = 0.1               # a group whose tick raised ticks again no soon
 SYNC_THREADS = 4                 # journal group commits in flight at once (different groups' files)
 
 FailureCallback = Callable[[str], None]
+SyncRunner = Callable[[Any, Callable[[BaseException | None], None]], None]   # (job, done)
 
 
 class NodeFailedError(NotLeaderError):
@@ -77,11 +78,17 @@ class NodeFailedError(NotLeaderError):
 class RaftNode:
     """Every Raft group of one broker, ticked together on the event loop."""
 
-    def __init__(self, network: PeerNetwork, votes: VoteStore | None = None) -> None:
+    def __init__(self, network: PeerNetwork, votes: VoteStore | None = None,
+                 run_sync: SyncRunner | None = None) -> None:
         """`votes`: the store this node's groups keep term and vote in (pass
-        it to them as `vote_store`); synced before every network flush."""
+        it to them as `vote_store`); synced before every network flush.
+        `run_sync(job, done)` runs a journal sync job and calls `done(error
+        or None)` on the event loop's thread once it returned: by default on
+        a few native threads (raft/syncer.py); the simulation passes its
+        simulated disk."""
         self.network = network
         self.votes = votes
+        self._run_sync = run_sync if run_sync is not None else self._run_sync_natively
         if votes is not None:
             network.before_flush = self._sync_votes
         # exception types meaning local storage is broken: the node fails (see the module docstring)
@@ -267,11 +274,12 @@ class RaftNode:
     #
     # A group with journal writes to make durable asks here; once per loop
     # iteration every such group's sync job (one fdatasync per file written
-    # since its last job) goes to a few native threads (raft/syncer.py), so
-    # the event loop never waits for a disk, syncs of different groups
-    # overlap, and a finished sync reaches the loop without waiting for the
-    # GIL. When a job returns, the group releases what it made durable and
-    # the network flushes. A failed fdatasync fails the node: the page cache's state is
+    # since its last job) goes to `run_sync`: by default a few native threads
+    # (raft/syncer.py), so the event loop never waits for a disk, syncs of
+    # different groups overlap, and a finished sync reaches the loop without
+    # waiting for the GIL; the simulation passes its simulated disk. When a
+    # job returns, the group releases what it made durable and the network
+    # flushes. A failed fdatasync fails the node: the page cache's state is
     # then unknown, and retrying could report lost data as durable.
 
     def _schedule_sync(self, replica: RaftGroup) -> None:
@@ -287,8 +295,6 @@ class RaftNode:
         loop = self._loop
         if loop is None or self.failure is not None:
             return
-        if self._syncer is None:
-            self._syncer = FileSyncer(loop, SYNC_THREADS)
         for replica in wanted.values():
             if self._groups.get(replica.group_id) is not replica:
                 continue
@@ -300,12 +306,19 @@ class RaftNode:
             if job is None:
                 continue
             try:
-                self._syncer.submit(job, lambda error, r=replica, j=job: self._synced(r, j, error))
+                self._run_sync(job, lambda error, r=replica, j=job: self._synced(r, j, error))
             except OSError as exc:
                 job.release()
                 replica.journal.abort(job)
                 self.fail(f"group {replica.group_id}: cannot start a journal fdatasync: {exc}")
                 return
+
+    def _run_sync_natively(self, job: Any, done: Callable[[BaseException | None], None]) -> None:
+        loop = self._loop
+        assert loop is not None, "syncs start only on a started node"
+        if self._syncer is None:
+            self._syncer = FileSyncer(loop, SYNC_THREADS)
+        self._syncer.submit(job, done)
 
     def _synced(self, replica: RaftGroup, job: Any, error: BaseException | None) -> None:
         if self.failure is not None or self._groups.get(replica.group_id) is not replica:

@@ -252,6 +252,53 @@ def test_truncate_removes_whole_batches_from_the_one_containing_the_offset(harne
     assert harness.reopen().log_end_offset == 41
 
 
+def test_truncating_to_where_a_segment_rolled_undoes_the_roll(tmp_path):
+    # found by raftka simulate (seed 1718): a follower rolled a segment for an
+    # uncommitted batch, lost it to a truncation and kept the empty segment;
+    # the leader's batch at that offset then went into it, where every other
+    # replica (which never rolled there) kept appending to the segment before,
+    # so the segment files differed for good
+    def filled(root: Path) -> Harness:
+        h = Harness(root, segment_bytes=1024, index_interval_bytes=256)
+        for seed in range(7):
+            h.log.append(make_batch(1, value_size=150, seed=seed))
+        return h
+    diverged, kept = filled(tmp_path / "diverged"), filled(tmp_path / "kept")
+    bases = [s.base_offset for s in kept.log.segments]
+    assert len(bases) == 2 and [s.base_offset for s in diverged.log.segments] == bases
+    diverged.log.append(make_batch(1, value_size=900, seed=50))   # too big for the active segment: rolls at 7
+    assert [s.base_offset for s in diverged.log.segments] == [*bases, 7]
+    assert diverged.log.truncate(7) == 7
+    for h in (diverged, kept):
+        h.log.append(make_batch(1, value_size=100, seed=60))
+        commit_all(h.log)
+    assert [s.base_offset for s in diverged.log.segments] == [s.base_offset for s in kept.log.segments] == bases
+    assert [s.path.read_bytes() for s in diverged.log.segments] == [s.path.read_bytes() for s in kept.log.segments]
+    assert [s.base_offset for s in diverged.reopen().segments] == bases
+    for h in (diverged, kept):
+        h.log.abandon()
+        h.index.close()
+
+
+def test_a_segment_whose_first_batch_a_crash_lost_is_not_reopened(tmp_path):
+    # raftka simulate seed 321 (--partitions 3): a replica rolled a segment for
+    # a batch that a power loss then took, reopened with the empty segment and
+    # deleted all below it on the leader's retention decision, where the
+    # others, which never rolled there, kept the segment before as their active one
+    h = Harness(tmp_path, segment_bytes=1024, index_interval_bytes=256)
+    for seed in range(7):
+        h.log.append(make_batch(1, value_size=150, seed=seed))
+    bases = [s.base_offset for s in h.log.segments]
+    h.log.append(make_batch(1, value_size=900, seed=50))       # rolls at 7
+    assert [s.base_offset for s in h.log.segments] == [*bases, 7]
+    log = h.crash(cut_active_at=0)                               # the rolled segment's batch never reached the disk
+    assert [s.base_offset for s in log.segments] == bases and log.log_end_offset == 7
+    log.append(make_batch(1, value_size=100, seed=60))          # fits the segment before, as elsewhere
+    assert [s.base_offset for s in log.segments] == bases
+    log.abandon()
+    h.index.close()
+
+
 def test_offset_for_timestamp_finds_the_first_record_at_or_after_it(harness):
     log = harness.log
     for i in range(50):

@@ -93,6 +93,14 @@ class PartitionLogMachine(RuleBasedStateMachine):
     def boundaries(self) -> list[int]:
         return [self.log_start] + [b.last_offset + 1 for b in self.batches]
 
+    def undo_empty_roll(self) -> None:
+        """As PartitionLog's truncate and open: an empty newest segment after
+        another one past the log start goes (its roll is undone), so replicas
+        that lost the batch it was rolled for keep the segments of those that
+        never rolled there."""
+        if len(self.segments) > 1 and not self.segments[-1].batches and self.segments[-1].base_offset > self.log_start:
+            self.segments.pop()
+
     # ---- rules -------------------------------------------------------
 
     @rule(counts=st.lists(st.integers(1, 5), min_size=1, max_size=4),
@@ -168,6 +176,7 @@ class PartitionLogMachine(RuleBasedStateMachine):
                 segment.batches = [b for b in segment.batches if b.last_offset < offset]
                 del self.segments[i + 1:]
                 break
+        self.undo_empty_roll()
         assert new_end == self.log_end
         self.high_watermark = min(self.high_watermark, new_end)
         self.committed_high_watermark = self.high_watermark
@@ -199,6 +208,7 @@ class PartitionLogMachine(RuleBasedStateMachine):
     def reopen(self):
         self.log.close()
         self.log = self._open()
+        self.undo_empty_roll()
         self.committed_high_watermark = self.high_watermark
 
     @rule(cut_fraction=st.floats(0, 1), drop_index_from=st.none() | st.integers(0, 200))
@@ -220,6 +230,7 @@ class PartitionLogMachine(RuleBasedStateMachine):
             kept.append(batch)
         active.batches = kept
         self.log = self._open()
+        self.undo_empty_roll()
         self.high_watermark = max(self.log_start, min(self.committed_high_watermark, self.log_end))
         self.committed_high_watermark = self.high_watermark  # recovery stores what it found
 

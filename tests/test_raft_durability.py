@@ -36,12 +36,10 @@ def start_nodes(sim: Simulation, seed: int) -> None:
 
 def test_nothing_commits_until_a_majority_fdatasyncd_it_then_everything_does(tmp_path):
     sim = Simulation(tmp_path, 3, faults=Faults.of([]))
-    held: list[tuple[int, int, object]] = []
+    held: list[tuple[int, object, object]] = []
 
-    def hold(node_id: int, group_id: int, replica) -> None:   # a disk whose fdatasync never returns
-        job = replica.journal.sync_job()
-        if job is not None:
-            held.append((node_id, group_id, job))
+    def hold(node_id: int, _incarnation: int, job, done) -> None:   # a disk whose fdatasync never returns
+        held.append((node_id, job, done))
     sim._schedule_sync = hold
     start_nodes(sim, 3)
     try:
@@ -53,9 +51,9 @@ def test_nothing_commits_until_a_majority_fdatasyncd_it_then_everything_does(tmp
         assert all(r.view().commit_index <= 1 and r.log.high_watermark == 0 for r in replicas)
 
         del sim._schedule_sync                                # the disk answers again
-        for node_id, group_id, job in held:
+        for node_id, job, done in held:
             job.run(fdatasync=False)
-            sim.members[node_id].group(group_id).journal_synced(job)
+            sim._guard(node_id, done, None)                   # RaftNode releases it, on that node's loop
         run_steps(sim, 100)
         assert sim.acks > 5 and leader.view().commit_index > 5
         sim.check_invariants()
@@ -120,7 +118,8 @@ def test_every_broker_sigkilled_at_once_loses_no_acknowledged_record(tmp_path):
 
 
 def test_retention_is_the_leaders_decision_and_every_replica_carries_it_out_alike(tmp_path):
-    sim = Simulation(tmp_path, 5, faults=Faults.of([], retention=0.0), log_settings=dict(segment_bytes=1024, retention_bytes=2048))
+    sim = Simulation(tmp_path, 5, faults=Faults.of([], retention=0.0, quiet=0.0),
+                     log_settings=dict(segment_bytes=1024, retention_bytes=2048))
     start_nodes(sim, 5)
     try:
         run_steps(sim, 300)

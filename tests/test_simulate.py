@@ -62,7 +62,7 @@ def test_help_lists_the_plants_and_faults_as_choices(tmp_path):
     done = simulate("--help", tmp_path=tmp_path)
     assert done.returncode == 0
     assert ("--plant {forget-vote,no-prevote,drop-foreign-silently,no-fsync,dedupe-from-partial-window,"
-            "retention-by-own-clock,count-vote-messages,stock-snapshot}") in done.stdout
+            "retention-by-own-clock,count-vote-messages,stock-snapshot,heartbeat-refusals-accepted}") in done.stdout
     assert "{kill,partition,oneway,reorder,duplicate,drop,foreign,power,disk-full,clock}" in done.stdout
     assert "--nodes {3,5}" in done.stdout
 

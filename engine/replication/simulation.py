@@ -1,15 +1,16 @@
 """Deterministic simulation of partition Raft groups (`raftka simulate`).
 
-The real PartitionReplica, LogJournal (the segment files as the Raft log),
-PartitionLog, LMDB index and VoteStore of every node, driven by a fake clock
-(pysyncobj's time source patched) over an in-memory network that drops,
+The real RaftNode, PartitionReplica, LogJournal (the segment files as the
+Raft log), PartitionLog, LMDB index and VoteStore of every node, driven by a
+fake clock (pysyncobj's time source patched, and each node's event loop a
+FakeTimeLoop on it: sim_runtime.py) over an in-memory network that drops,
 delays, duplicates and reorders messages, cuts links both ways, cuts one
 node's inbound links alone (a one-way partition), delivers peers'
 append_entries holding foreign commands, and crashes and restarts nodes
 (restart = reopen everything from disk, as after a SIGKILL). A power loss
 keeps only what was fdatasync'd. A full disk makes a node's segment writes
-fail with ENOSPC; the node then does what a broker's RaftNode does (every
-group out of service, off the network) until the disk is freed and it
+fail with ENOSPC; its RaftNode then fails it (every group out of service,
+off the network), and it stays down until the disk is freed and it
 restarts. A wall clock jump moves a node's clock up to a day either way: its
 retention decisions and its clients' batch timestamps follow it. A node
 hosts one replica of each of `partitions` independent groups, over one LMDB
@@ -21,7 +22,8 @@ The workload: plain appends, and idempotent producers (a busy one and a rare
 one per group) through the leader's decision path (`append`), retrying any
 of their last five batches, skipping sequence numbers, and starting new
 epochs; logs of 1 KiB segments that roll by size and by the batches' own
-timestamps, with retention by bytes and age decided by the leader.
+timestamps, with retention by bytes and age decided by the leader; now and
+then a group's clients go quiet for a while, and it idles.
 
 Everything random comes from one seed, so a run replays exactly, and its
 trace hash (a digest of every fault, leader, acknowledgement and the final
@@ -58,16 +60,25 @@ segment files (retention deleted the same segments everywhere), and one
 metadata state everywhere holding every acknowledged topic and producer id
 block.
 
-Not simulated: the broker's RaftNode scheduler and coalesced heartbeats (the
-groups are ticked directly, each node's VoteStore is synced before any of
-its messages leaves as PeerNetwork.before_flush does, and a full disk's
-fail-stop is done here as RaftNode.fail does it).
+Each node runs as a broker does: one RaftNode on its own event loop (a new
+one per restart) ticks its groups (message arrivals, proposals, heartbeat
+and election deadlines), sends coalesced heartbeats of idle groups, syncs
+the VoteStore before every flush, runs journal syncs (here: jobs that finish
+after a simulated disk delay, through RaftNode's `run_sync`) and fails the
+node on a storage error (RaftNode.fail; a full disk's ENOSPC). Its peer
+network is a SimPeerNetwork: every message goes through the real codec and
+then the faulty network above, coalesced heartbeats included; a link is
+connected while both its nodes run. Each step runs, in order: finished
+syncs, due messages, then every node's loop until nothing is due at the
+step's time; then faults and the workload (clients go quiet for a while
+now and then, so groups idle on coalesced heartbeats alone).
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import heapq
+import logging
 import random
 import tempfile
 import time
@@ -87,12 +98,14 @@ from raftka.storage.partition_log import PartitionLog
 from raftka.storage.producer_state import NO_PRODUCER_ID
 from raftka.raft import codec
 from raftka.raft.group import NotLeaderError
-from raftka.raft.node import NodeFailedError
+from raftka.raft.node import GROUP_IDS, NODE_CHANNEL, RaftNode
 from raftka.raft.pysyncobj_adapter import patched_clock
 from raftka.raft.state_machine import StateMachineReplica
+from raftka.raft.transport import ErrorTally
 from raftka.raft.votes import VoteStore
 from raftka.replication.log_journal import LogJournal, is_marker
 from raftka.replication.partition import PartitionReplica
+from raftka.replication.sim_runtime import FakeTimeLoop, SimPeerNetwork, run_to_end, running_on
 
 __all__ = ["DEFAULT_STEPS", "FAULT_NAMES", "PLANTS", "Faults", "InvariantViolation", "Plant",
            "SeedResult", "Simulation", "SweepResult", "replay_command", "run_seed",
@@ -160,6 +173,8 @@ class Faults:
     oneway_steps: tuple[int, int] = (150, 300)   # its length, uniform in this range
     foreign: float = 0.02            # a peer's append_entries holding a foreign command is injected
     propose: float = 0.3             # per group: its leader is asked to append
+    quiet: float = 0.002             # per group: its clients go quiet (the group idles: coalesced heartbeats only)
+    quiet_steps: tuple[int, int] = (50, 150)     # for this long, uniform in this range
     idempotent: float = 0.5          # ... by an idempotent producer, through the leader's decision path
     retry: float = 0.25              # an idempotent producer resends one of its last batches instead
     gap: float = 0.02                # ... sends its next batch past a sequence it skips, instead
@@ -216,6 +231,18 @@ def _retention_by_own_clock(self: Any, offset: int) -> None:
 def _count_every_vote_message(self: Any, node: Any, message: dict) -> bool:
     """pysyncobj's own count: every response_vote message is a vote."""
     return False
+
+
+_HEARTBEAT_ANSWERS = RaftNode._on_heartbeat_answers   # as shipped, whatever a plant patches
+
+
+def _refusals_taken_for_acceptance(self: Any, peer_id: int, accepted: Any, stale: Any) -> None:
+    """RaftNode reads a follower's refusal of a coalesced heartbeat as an
+    acceptance: the leader keeps holding its own append_entries off, and a
+    follower that refused (it restarted, or is behind) never hears from it."""
+    if isinstance(accepted, bytes) and isinstance(stale, bytes):
+        accepted, stale = accepted + stale, b""
+    _HEARTBEAT_ANSWERS(self, peer_id, accepted, stale)
 
 
 def _racing_elections(faults: Faults) -> Faults:
@@ -281,6 +308,10 @@ PLANTS: dict[str, Plant] = {plant.name: plant for plant in (
                                                duplicate=0.3 if faults.duplicate else 0.0)),
     Plant("stock-snapshot", "stock pysyncobj commits unverified entries on a snapshot chunk that installs nothing",
           patches=((PartitionReplica, "_on_snapshot_chunk", _stock_snapshot_chunk),)),
+    Plant("heartbeat-refusals-accepted", "RaftNode takes a follower's refusal of a coalesced heartbeat for an "
+                                         "acceptance: an idle group's leader never falls back to append_entries, "
+                                         "and a follower that refused never catches up",
+          patches=((RaftNode, "_on_heartbeat_answers", _refusals_taken_for_acceptance),)),
 )}
 
 
@@ -300,18 +331,16 @@ class FakeClock:
         return self.now
 
 
-class _Endpoint:
-    """What a node's GroupTransports send through."""
+class _FailingTally(ErrorTally):
+    """RaftNode's group_errors in the simulation: a group's tick (or heartbeat
+    part) that raised is a bug here, not something to count and carry on from."""
 
     def __init__(self, sim: "Simulation", node_id: int) -> None:
+        super().__init__(logging.getLogger(__name__))
         self._sim, self._node_id = sim, node_id
 
-    def send(self, peer_id: int, group_id: int, message: Any) -> bool:
-        votes = self._sim.members[self._node_id].votes
-        if votes is not None and votes.pending:
-            votes.sync()   # as PeerNetwork.before_flush: no message leaves ahead of the vote it reflects
-        self._sim.enqueue(self._node_id, peer_id, group_id, codec.encode(message))
-        return True
+    def record(self, key: int, exc: BaseException, what: str, *args: Any) -> None:
+        raise self._sim._raised(self._node_id, exc) from exc
 
 
 @dataclass
@@ -322,7 +351,11 @@ class SimNode:
     votes: VoteStore | None = None   # the node's durable terms and votes, one file for all its groups
     replicas: dict[int, PartitionReplica] = field(default_factory=dict)   # group id -> replica
     metadata: StateMachineReplica | None = None   # its member of the metadata group (group 0)
-    incarnation: int = 0             # bumped at every (re)start: sync jobs of an older one are void
+    incarnation: int = 0             # bumped at every (re)start: sync jobs and messages of an older one are void
+    loop: FakeTimeLoop | None = None          # its broker's event loop (one per incarnation)
+    network: SimPeerNetwork | None = None
+    raft: RaftNode | None = None              # the broker's RaftNode, ticking every group above
+    failure: str | None = None                # why its RaftNode failed (RaftNode.fail), until handled
 
     @property
     def alive(self) -> bool:
@@ -333,10 +366,6 @@ class SimNode:
         if group_id == METADATA_GROUP_ID:
             return self.metadata
         return self.replicas[group_id]
-
-    def members(self) -> list[Any]:
-        """Every group member it runs, partitions first."""
-        return [*self.replicas.values(), *([self.metadata] if self.metadata is not None else [])]
 
 
 @dataclass
@@ -387,6 +416,7 @@ class GroupState:
 
     group_id: int
     producers: list[SimProducer] = field(default_factory=list)
+    quiet_until: int = 0             # no client appends before this step
     # (producer id, epoch, first sequence) -> base offset, for the agreed log's idempotent batches
     written: dict[tuple[int, int, int], int] = field(default_factory=dict)
     leaders_by_term: dict[int, int] = field(default_factory=dict)
@@ -446,8 +476,9 @@ class Simulation:
         self.root = Path(self.root)
         self.rng = random.Random(self.seed)
         self.clock = FakeClock()
-        self.queue: list[tuple[float, int, int, int, int, bytes, int | None]] = []
-        self.syncs: list[tuple[float, int, int, int, int, Any]] = []   # (due, seq, node, incarnation, group, job)
+        # (due, seq, (source, its incarnation, target, its incarnation), group, frame, foreign command type)
+        self.queue: list[tuple[float, int, tuple[int, int, int, int], int, bytes, int | None]] = []
+        self.syncs: list[tuple[float, int, int, int, Any, Any]] = []   # (due, seq, node, incarnation, job, done)
         self.power_losses = 0
         self.lossy_power_losses = 0
         self.sequence = 0
@@ -463,7 +494,7 @@ class Simulation:
         self.out_of_service: set[int] = set()       # nodes that took themselves out (disk full), down
         self.disk_full_failures = 0
         self.retries = 0
-        self._loop: asyncio.AbstractEventLoop | None = None   # futures of appends, when no loop runs
+        self.heartbeats_accepted = 0                # coalesced heartbeats (one per group) followers accepted
         self.one_way: OneWay | None = None
         self.one_way_episodes = 0
         self.foreign_injected = 0
@@ -494,39 +525,50 @@ class Simulation:
     # ---- nodes -------------------------------------------------------------
 
     def start_node(self, node_id: int) -> None:
+        """Start node_id as a broker does: its RaftNode on a fresh event loop,
+        every group's replica added to it, then connected to every live peer."""
         member = self.members[node_id]
         member.incarnation += 1
+        member.failure = None
+        member.loop = FakeTimeLoop(self.clock, lambda: self.clock.now)
         member.index = IndexStore(member.root / "index.lmdb", 1 << 28)
         member.votes = VoteStore(member.root / "votes")
+        member.network = SimPeerNetwork(node_id, lambda peer, group_id, frame, n=node_id:
+                                        self.enqueue(n, peer, group_id, frame))
+        incarnation = member.incarnation
+        member.raft = RaftNode(member.network, member.votes,
+                               run_sync=lambda job, done: self._schedule_sync(node_id, incarnation, job, done))
+        member.raft.storage_errors = (*member.raft.storage_errors, StorageError)   # as the broker sets them
+        member.raft.group_errors = _FailingTally(self, node_id)
+        member.raft.on_failure(lambda reason, m=member: setattr(m, "failure", reason))
+        self._guard(node_id, lambda: run_to_end(member.raft.start()))
         for group_id in self.groups:
             storage_id = group_id - 1
             log = PartitionLog(f"p-{storage_id}", member.root / f"p-{storage_id}", storage_id, member.index,
                                Config(data_dir=member.root, **self.log_settings))
             replica = self._guard(node_id, PartitionReplica, group_id, log, node_id, list(self.members),
-                                  _Endpoint(self, node_id), member.root / f"raft-{storage_id}",
+                                  member.network, member.root / f"raft-{storage_id}",
                                   persist_vote=self.persist_vote, vote_store=member.votes, journal_fsync=True,
                                   **{**SIM_RAFT, **self.raft_overrides})
-            replica.sync_scheduler = lambda r, n=node_id, g=group_id: self._schedule_sync(n, g, r)
             member.replicas[group_id] = replica
             self._watch_journal(node_id, group_id, replica)
-            for peer in self.members:
-                if peer != node_id:
-                    replica.transport.peer_connected(peer)
+            self._guard(node_id, member.raft.add_group, replica)
         if self.metadata:
             self._start_metadata(member)
+        for peer in self.members.values():
+            if peer.node_id != node_id and peer.alive:
+                self._guard(peer.node_id, peer.network.connect, node_id)
+                self._guard(node_id, member.network.connect, peer.node_id)
 
     def _start_metadata(self, member: SimNode) -> None:
         """Its member of the metadata group: the real ClusterState, journal and checkpoints."""
         node_id = member.node_id
         meta = self._guard(node_id, StateMachineReplica, METADATA_GROUP_ID, ClusterState(), node_id,
-                           list(self.members), _Endpoint(self, node_id), member.root / "raft-meta",
+                           list(self.members), member.network, member.root / "raft-meta",
                            persist_vote=self.persist_vote, vote_store=member.votes, journal_fsync=True,
                            **{**SIM_RAFT, **self.raft_overrides})
-        meta.sync_scheduler = lambda r, n=node_id: self._schedule_sync(n, METADATA_GROUP_ID, r)
         member.metadata = meta
-        for peer in self.members:
-            if peer != node_id:
-                meta.transport.peer_connected(peer)
+        self._guard(node_id, member.raft.add_group, meta)
 
     def _watch_journal(self, node_id: int, group_id: int, replica: PartitionReplica) -> None:
         """Note any foreign command added to this replica's journal."""
@@ -543,23 +585,20 @@ class Simulation:
                                                 f"(type {kind}) entered the journal at index {idx}")
         journal.add = watched_add
 
-    def _schedule_sync(self, node_id: int, group_id: int, replica: PartitionReplica) -> None:
-        """A journal group commit, finishing after a simulated disk delay."""
-        job = replica.journal.sync_job()
-        if job is None:
-            return
+    def _schedule_sync(self, node_id: int, incarnation: int, job: Any,
+                       done: Callable[[BaseException | None], None]) -> None:
+        """RaftNode's run_sync: a journal group commit, finishing after a simulated disk delay."""
         delay = self.rng.uniform(MIN_DELAY_S, max(MIN_DELAY_S, self.faults.max_sync_delay_s))
         self.sequence += 1
-        heapq.heappush(self.syncs, (self.clock.now + delay, self.sequence, node_id,
-                                    self.members[node_id].incarnation, group_id, job))
+        heapq.heappush(self.syncs, (self.clock.now + delay, self.sequence, node_id, incarnation, job, done))
 
     def _finish_syncs(self) -> None:
         while self.syncs and self.syncs[0][0] <= self.clock.now:
-            _, _, node_id, incarnation, group_id, job = heapq.heappop(self.syncs)
+            _, _, node_id, incarnation, job, done = heapq.heappop(self.syncs)
             job.run(fdatasync=False)
             member = self.members[node_id]
             if member.alive and member.incarnation == incarnation:
-                self._guard(node_id, member.group(group_id).journal_synced, job)
+                self._guard(node_id, done, None)
 
     def power_loss(self, node_ids: list[int]) -> None:
         """As a power cut of these nodes: every byte not fdatasync'd is gone
@@ -579,10 +618,11 @@ class Simulation:
             assert member.index is not None and member.votes is not None
             member.index.close()
             member.votes.abandon()   # every vote it synced is on disk; the rest was never acted on
-            member.replicas, member.metadata, member.index, member.votes = {}, None, None, None
+            self._end_incarnation(member)
 
     def crash_node(self, node_id: int) -> None:
-        """As SIGKILL: files keep what was written, nothing in memory is saved."""
+        """As SIGKILL: files keep what was written, nothing in memory is saved,
+        and the peers see their connections to it close."""
         member = self.members[node_id]
         assert member.index is not None
         for replica in member.replicas.values():
@@ -593,7 +633,18 @@ class Simulation:
         member.index.close()
         assert member.votes is not None
         member.votes.abandon()
+        self._end_incarnation(member)
+
+    def _end_incarnation(self, member: SimNode) -> None:
+        """The node's process is gone: its loop and RaftNode with it; its peers lose their links to it."""
+        assert member.loop is not None
+        member.loop.close()
         member.replicas, member.metadata, member.index, member.votes = {}, None, None, None
+        member.loop = member.network = member.raft = None
+        member.failure = None
+        for peer in self.members.values():
+            if peer.alive and peer.network is not None:
+                self._guard(peer.node_id, peer.network.lose, member.node_id)
 
     def stop_all(self) -> None:
         for member in self.members.values():
@@ -605,58 +656,100 @@ class Simulation:
                 future.exception()   # looked at: no "never retrieved" warning
         self.in_flight.clear()
         self.meta.in_flight.clear()
-        if self._loop is not None:
-            self._loop.close()
-            self._loop = None
 
     def _guard(self, node_id: int, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run the product's code for `node_id`; anything it raises fails the run."""
+        """Run the product's code for `node_id`, on its event loop (the running
+        loop meanwhile); anything it raises fails the run, except a storage
+        error on a full disk, which takes the node out of service (None)."""
+        loop = self.members[node_id].loop
         try:
-            return call(*args, **kwargs)
+            with running_on(loop) if loop is not None else _nothing():
+                return call(*args, **kwargs)
         except InvariantViolation:
             raise
         except (StorageError, OSError) as error:
             if node_id not in self.disk_full:
-                raise self._violation(f"node {node_id} raised {type(error).__name__}: {error}") from error
+                raise self._raised(node_id, error) from error
             self._take_out_of_service(node_id, error)
             return None
         except Exception as error:
-            if self._foreign_in_journal:
-                raise self._violation(self._foreign_in_journal[0]) from error
-            raise self._violation(f"node {node_id} raised {type(error).__name__}: {error}") from error
+            raise self._raised(node_id, error) from error
+
+    def _raised(self, node_id: int, error: BaseException) -> InvariantViolation:
+        """The violation an exception out of node_id's code is (a foreign command in a journal explains it first)."""
+        if isinstance(error, InvariantViolation):
+            return error
+        if self._foreign_in_journal:
+            return self._violation(self._foreign_in_journal[0])
+        return self._violation(f"node {node_id} raised {type(error).__name__}: {error}")
+
+    def _run_loops(self) -> None:
+        """Every live node's event loop runs what is due now: its RaftNode's
+        ticks, heartbeat rounds, released syncs and flushes."""
+        for member in self.members.values():
+            if member.alive and member.loop is not None:
+                self._guard(member.node_id, member.loop.run_due)
+        self._handle_failures()
+
+    def _handle_failures(self) -> None:
+        """Nodes whose RaftNode failed: a full disk takes the node out of
+        service until it is freed (down meanwhile); any other reason is a bug."""
+        for member in self.members.values():
+            if not member.alive or member.failure is None:
+                continue
+            if member.node_id not in self.disk_full:
+                raise self._violation(f"node {member.node_id} went out of service: {member.failure}")
+            self._record("out-of-service", self.step_number, member.node_id)
+            self.disk_full_failures += 1
+            self.crash_node(member.node_id)
+            self.disk_full.discard(member.node_id)
+            self.out_of_service.add(member.node_id)
 
     # ---- network -----------------------------------------------------------
 
     def enqueue(self, source: int, target: int, group_id: int, payload: bytes,
                 foreign_type: int | None = None) -> None:
+        """A frame from `source` onto the faulty network: lost, duplicated or delayed."""
         if self.rng.random() < self.faults.drop:
             return
         copies = 2 if self.rng.random() < self.faults.duplicate else 1
+        link = (source, self.members[source].incarnation, target, self.members[target].incarnation)
         for _ in range(copies):
             delay = self.rng.uniform(MIN_DELAY_S, self.faults.max_delay_s) \
                 if self.faults.max_delay_s > MIN_DELAY_S else MIN_DELAY_S
             self.sequence += 1
-            heapq.heappush(self.queue, (self.clock.now + delay, self.sequence, source, target, group_id, payload,
-                                        foreign_type))
+            heapq.heappush(self.queue, (self.clock.now + delay, self.sequence, link, group_id, payload, foreign_type))
 
     def _deliver_due(self) -> None:
         while self.queue and self.queue[0][0] <= self.clock.now:
-            _, _, source, target, group_id, payload, foreign_type = heapq.heappop(self.queue)
-            member = self.members[target]
-            if not member.alive or frozenset((source, target)) in self.cut_links:
+            _, _, (source, source_run, target, target_run), group_id, payload, foreign_type = heapq.heappop(self.queue)
+            member, sender = self.members[target], self.members[source]
+            if not (member.alive and sender.alive and member.incarnation == target_run
+                    and sender.incarnation == source_run):
+                continue  # the connection it was written to died with one of its ends
+            if frozenset((source, target)) in self.cut_links:
                 continue
-            if not self.members[source].alive:
-                continue  # a crashed sender's in-flight bytes die with its connection
             if self.one_way is not None and self.one_way.node_id == target:
+                continue
+            if group_id == NODE_CHANNEL:
+                self._count_heartbeat_answers(payload)
+            if foreign_type is None:
+                self._guard(target, member.network.deliver, source, group_id, payload)
                 continue
             replica = member.group(group_id)
             refused_before = replica.refused_messages
-            self._guard(target, replica.transport.deliver, source, codec.decode(payload))
-            if foreign_type is not None:
+            taken = self._guard(target, member.network.deliver, source, group_id, payload)
+            if taken and member.failure is None:
                 if replica.refused_messages != refused_before + 1:
                     raise self._violation(f"node {target}, group {group_id}: an append_entries from peer {source} "
                                           f"holding a foreign command (type {foreign_type}) was not refused")
                 self.foreign_refused += 1
+
+    def _count_heartbeat_answers(self, payload: bytes) -> None:
+        """Coalesced heartbeats a follower accepted (one per group in an rk_hb_ack's `ok`)."""
+        message = codec.decode(payload)
+        if isinstance(message, dict) and message.get("type") == "rk_hb_ack" and isinstance(message.get("ok"), bytes):
+            self.heartbeats_accepted += len(message["ok"]) // GROUP_IDS.size
 
     # ---- the schedule ------------------------------------------------------
 
@@ -678,27 +771,30 @@ class Simulation:
         self.clock.now += STEP_S
         self._finish_syncs()
         self._deliver_due()
+        self._run_loops()
         for member in self.members.values():
             for replica in list(member.replicas.values()):
-                if not member.alive:
-                    break   # taken out of service by what a replica before this one hit
-                self._guard(member.node_id, replica.doTick, 0.0)
                 if self.rng.random() < INDEX_COMMIT_P and member.alive:   # the broker's periodic index commit
                     self._guard(member.node_id, replica.log.flush_index)
-            if member.alive and member.metadata is not None:
-                self._guard(member.node_id, member.metadata.doTick, 0.0)
+        self._handle_failures()
         if self.one_way is not None and self.step_number >= self.one_way.end_step:
             self._record("oneway-end", self.step_number, self.one_way.node_id)
             self.one_way = None
         self._random_fault()
         self._run_retention()
-        for group_id in self.groups:
-            if self.rng.random() < self.faults.propose:
+        for group_id, group in self.groups.items():
+            if self.step_number < group.quiet_until:
+                continue
+            if self.rng.random() < self.faults.quiet:
+                group.quiet_until = self.step_number + self.rng.randint(*self.faults.quiet_steps)
+                self._record("quiet", self.step_number, group_id, group.quiet_until)
+            elif self.rng.random() < self.faults.propose:
                 self._propose(group_id)
         if self.metadata and self.rng.random() < self.faults.metadata:
             self._propose_metadata()
         self._settle_metadata()
         self._settle_in_flight()
+        self._handle_failures()
         self.check_invariants()
 
     def _run_retention(self) -> None:
@@ -766,17 +862,13 @@ class Simulation:
             replica.log.append = full
 
     def _take_out_of_service(self, node_id: int, error: Exception) -> None:
-        """What RaftNode.fail does when local storage breaks: every group of the
-        node stops leading and fails what is in flight, and the node leaves the
-        network (here: goes down, files as they are) until its disk is freed."""
-        self._record("out-of-service", self.step_number, node_id)
-        self.disk_full_failures += 1
-        member = self.members[node_id]
-        for replica in member.members():
-            replica.take_out_of_service(NodeFailedError(replica.group_id, node_id, str(error)))
-        self.crash_node(node_id)
-        self.disk_full.discard(node_id)
-        self.out_of_service.add(node_id)
+        """A storage error outside RaftNode's own handlers (a proposal, a
+        retention run): fail the node as the broker does (RaftNode.fail: every
+        group stops leading and fails what is in flight, the node leaves the
+        network); _handle_failures then takes it down until its disk is freed."""
+        raft = self.members[node_id].raft
+        assert raft is not None
+        raft.fail(f"{type(error).__name__}: {error}")
 
     def _jump_clocks(self) -> None:
         """A node's wall clock jumps, or a skewed one is set right."""
@@ -886,7 +978,7 @@ class Simulation:
             producer.next_sequence = sequence + 1   # a skipped sequence is never sent: one batch per sequence
             producer.sent.append(sent)
         try:
-            future = self._guard(replica.self_id, self._in_a_loop, lambda: replica.append(bytearray(sent.batch)))
+            future = self._guard(replica.self_id, replica.append, bytearray(sent.batch))
         except NotLeaderError:
             return
         if future is not None:
@@ -912,7 +1004,7 @@ class Simulation:
             self.meta.topics_proposed += 1
             payload = create_topic(topic, self.rng.randbytes(16), [[node_id]], {})
         try:
-            future = self._guard(replica.self_id, self._in_a_loop, lambda: replica.propose(payload))
+            future = self._guard(replica.self_id, replica.propose, payload)
         except NotLeaderError:
             return
         if future is not None:
@@ -931,19 +1023,6 @@ class Simulation:
                 elif kind == "allocate":
                     self.meta.acked_allocations += 1
         self.meta.in_flight = waiting
-
-    def _in_a_loop(self, call: Callable[[], Any]) -> Any:
-        """`call()` where asyncio.get_running_loop() works: the caller's loop, else our own."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-
-            async def run() -> Any:
-                return call()
-            return self._loop.run_until_complete(run())
-        return call()
 
     def _settle_in_flight(self) -> None:
         """Answered appends: acknowledgements to check; a producer told its
@@ -1183,6 +1262,10 @@ class Simulation:
                 parts.append(f"n{m.node_id}/g{group_id}: leader={r.is_leader} term={r.leader_epoch} "
                              f"hw={r.log.high_watermark} leo={r.log.log_end_offset} applied={raft.applied_index} "
                              f"commit={raft.commit_index} last={raft.last_index} catching_up={r.catching_up}")
+            if m.metadata is not None:
+                raft = m.metadata.view()
+                parts.append(f"n{m.node_id}/metadata: leader={raft.is_leader} term={raft.term} "
+                             f"applied={raft.applied_index} commit={raft.commit_index} last={raft.last_index}")
         return "; ".join(parts)
 
     def _violation(self, what: str) -> InvariantViolation:
@@ -1261,6 +1344,7 @@ class SeedResult:
     retries: int = 0                 # idempotent producers' retries of batches they had sent
     disk_full_failures: int = 0      # nodes that took themselves out of service on a full disk
     clock_jumps: int = 0             # wall clocks set wrong
+    heartbeats_accepted: int = 0     # coalesced heartbeats (one per group) RaftNode's followers accepted
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -1312,7 +1396,8 @@ def run_seed(seed: int, steps: int = DEFAULT_STEPS, nodes: int = 3, faults: Faul
                       acks=sim.acks, leader_changes=sim.leader_changes, one_way_episodes=sim.one_way_episodes,
                       foreign_injected=sim.foreign_injected, foreign_refused=sim.foreign_refused,
                       power_losses=sim.power_losses, lossy_power_losses=sim.lossy_power_losses,
-                      retries=sim.retries, disk_full_failures=sim.disk_full_failures, clock_jumps=sim.clock_jumps)
+                      retries=sim.retries, disk_full_failures=sim.disk_full_failures, clock_jumps=sim.clock_jumps,
+                      heartbeats_accepted=sim.heartbeats_accepted)
 
 
 @contextmanager

@@ -571,6 +571,13 @@ class PartitionLog:
         # a missing one only makes them walk further
         self._index.delete_offsets(self.storage_id, from_offset=new_end)
         self._index.delete_times(self.storage_id, from_offset=new_end)
+        if position == 0 and k > 0 and self._segment_bases[k] > self.log_start_offset:
+            # the cut undoes the roll that started this segment: appends go on
+            # in the one before, as on a replica that never rolled there
+            # (segments roll by what they hold; files must stay identical)
+            k -= 1
+            segment = self._segments[k]
+            position = segment.size_bytes
         for doomed in self._segments[k + 1:]:
             doomed.delete()
         del self._segments[k + 1:], self._segment_bases[k + 1:]
@@ -838,6 +845,8 @@ class PartitionLog:
         self._applied_index = state.applied_index
         self._rescan_sealed(state.recovery_point)
         self._recover_active_segment()
+        if self._undo_empty_roll(state.log_start_offset):
+            self._recover_active_segment()
         self._recovery_point = min(state.recovery_point, self._log_end_offset)
         self._on_disk_offset = self._log_end_offset
         self._log_start_offset = max(self._segments[0].base_offset, min(state.log_start_offset, self._log_end_offset))
@@ -850,6 +859,20 @@ class PartitionLog:
         elif self._applied_index == UNKNOWN_APPLIED_INDEX:
             self.recovered_short = True    # a previous open found it so, and it is not repaired yet
         self._delete_segments_below_log_start()   # a crash after recording the log start may have left them
+
+    def _undo_empty_roll(self, log_start_offset: int) -> bool:
+        """An empty newest segment (after recovery) after another one past the
+        log start: the batch it was rolled for was lost (a crash or power loss
+        before it was on disk). It goes, and appends go on in the segment
+        before, as on replicas that never rolled there (see truncate): segment
+        files stay identical. True if it went (recover the one before)."""
+        if not (len(self._segments) > 1 and self._segments[-1].size_bytes == 0
+                and self._segment_bases[-1] > log_start_offset):
+            return False
+        self._segments.pop().delete()
+        self._segment_bases.pop()
+        fsync_directory(self.directory)
+        return True
 
     def _rescan_sealed(self, recovery_point: int) -> None:
         """Validate every sealed segment holding offsets at or past `recovery_point`;
