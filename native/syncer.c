@@ -19,11 +19,11 @@
 typedef struct rk_sync_job {
     struct rk_sync_job *next;
     uint64_t id;
-    int nfds;
-    int fds[RK_SYNCER_MAX_FDS];
     int dir_fd;
     int error;
     int calls;
+    int nfds;
+    int fds[];                /* nfds of them */
 } rk_sync_job;
 
 struct rk_syncer {
@@ -117,11 +117,11 @@ rk_syncer *rk_syncer_new(int threads) {
 int rk_syncer_fd(const rk_syncer *s) { return s->event_fd; }
 
 int rk_syncer_submit(rk_syncer *s, uint64_t id, const int *fds, int nfds, int dir_fd) {
-    if (nfds < 0 || nfds > RK_SYNCER_MAX_FDS) {
+    if (nfds < 0) {
         errno = EINVAL;
         return -1;
     }
-    rk_sync_job *job = calloc(1, sizeof *job);
+    rk_sync_job *job = calloc(1, sizeof *job + (size_t)nfds * sizeof(int));
     if (job == NULL)
         return -1;
     job->id = id;

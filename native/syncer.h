@@ -18,8 +18,6 @@
 
 #include <stdint.h>
 
-#define RK_SYNCER_MAX_FDS 8          /* descriptors per job, directory not counted */
-
 typedef struct rk_syncer rk_syncer;
 
 /* `threads` workers (1..64) and an eventfd; NULL with errno set on failure. */
@@ -27,7 +25,7 @@ rk_syncer *rk_syncer_new(int threads);
 /* The eventfd (non-blocking) that becomes readable when outcomes are waiting. */
 int rk_syncer_fd(const rk_syncer *syncer);
 /* Queue job `id`: fdatasync fds[0..nfds), then fsync dir_fd if >= 0.
-   0, or -1 with errno set (EINVAL: nfds out of range; ENOMEM; ESHUTDOWN). */
+   0, or -1 with errno set (EINVAL: nfds < 0; ENOMEM; ESHUTDOWN). */
 int rk_syncer_submit(rk_syncer *syncer, uint64_t id, const int *fds, int nfds, int dir_fd);
 /* Take up to `max` outcomes: job id, errno (0 ok) and the sync calls made.
    Returns how many; drains the eventfd. */

@@ -292,8 +292,7 @@ class RaftNode:
 
     def _start_syncs(self) -> None:
         wanted, self._sync_wanted = self._sync_wanted, {}
-        loop = self._loop
-        if loop is None or self.failure is not None:
+        if self._loop is None or self.failure is not None:
             return
         for replica in wanted.values():
             if self._groups.get(replica.group_id) is not replica:

@@ -52,8 +52,6 @@ class FileSyncer:
         if it cannot be queued (the job is then still the caller's)."""
         if self._handle is None:
             raise OSError(0, "the syncer is closed")
-        if len(job.fds) > lib.RK_SYNCER_MAX_FDS:
-            raise ValueError(f"a sync job of {len(job.fds)} files; at most {lib.RK_SYNCER_MAX_FDS}")
         dir_fd = os.open(job.directory, os.O_RDONLY | os.O_DIRECTORY) if job.directory is not None else -1
         self._next_id += 1
         if lib.rk_syncer_submit(self._handle, self._next_id, ffi.new("int[]", job.fds), len(job.fds), dir_fd) != 0:

@@ -38,10 +38,10 @@ def test_a_job_syncs_every_file_and_the_directory_and_answers_on_the_loop_thread
     async def run() -> None:
         syncer = FileSyncer(asyncio.get_running_loop(), 2)
         try:
-            job = SyncJob(written_files(tmp_path, 2), tmp_path, target_index=7, generation=0)
+            job = SyncJob(written_files(tmp_path, 12), tmp_path, target_index=7, generation=0)
             error, thread = await outcome(syncer, job)
             assert error is None and thread == threading.get_ident()
-            assert job.sync_calls == 3 and job.fds == [] and syncer.pending == 0   # 2 files + the directory
+            assert job.sync_calls == 13 and job.fds == [] and syncer.pending == 0   # 12 files + the directory
         finally:
             syncer.close()
     asyncio.run(run())
