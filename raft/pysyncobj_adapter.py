@@ -218,9 +218,15 @@ class AdaptedSyncObj(SyncObj):
         """Runs before committed entries are applied (after the leader counted
         its commit index), so a subclass may hold the commit index back."""
 
+    def _after_apply_hook(self, send_now: bool) -> bool:
+        """Runs after committed entries were applied; `send_now` is pysyncobj's
+        wish to send append_entries at once (to tell followers the commit
+        index). Returns whether it does: a subclass may send it later."""
+        return send_now
+
     def _SyncObj__applyLogEntries(self) -> Any:
         self._before_apply_hook()
-        return SyncObj._SyncObj__applyLogEntries(self)
+        return self._after_apply_hook(SyncObj._SyncObj__applyLogEntries(self))
 
     def _SyncObj__doApplyCommand(self, command: bytes) -> Any:
         if command == NO_OP_ENTRY:
