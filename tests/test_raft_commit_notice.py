@@ -70,6 +70,8 @@ def test_followers_of_an_idle_group_learn_the_commit_index_within_the_notice_del
 
 def test_the_commit_notice_is_not_sent_at_once_but_scheduled_within_the_delay():
     class Leader(RaftGroup):
+        COMMIT_NOTICE_DELAY_S = COMMIT_NOTICE_DELAY_S
+
         def __init__(self) -> None:   # only what _after_apply_hook reads
             self.due = monotonic_time() + 100.0   # the next heartbeat
 
@@ -92,3 +94,12 @@ def test_the_commit_notice_is_not_sent_at_once_but_scheduled_within_the_delay():
     group.due = 0.0                   # a send already due sooner stays as it is
     assert group._after_apply_hook(True) is False and group.due == 0.0
     assert group._after_apply_hook(False) is False
+    Leader.COMMIT_NOTICE_DELAY_S = 0.0   # a group that does not wait (the metadata group) sends at once
+    assert group._after_apply_hook(True) is True
+
+
+def test_only_partition_groups_wait_to_send_the_commit_notice():
+    from raftka.raft.state_machine import StateMachineReplica   # the metadata group's class
+    from raftka.replication import PartitionReplica
+    assert PartitionReplica.COMMIT_NOTICE_DELAY_S == COMMIT_NOTICE_DELAY_S > 0
+    assert StateMachineReplica.COMMIT_NOTICE_DELAY_S == 0
