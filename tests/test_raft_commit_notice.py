@@ -1,17 +1,21 @@
-"""The leader's commit notice (an append_entries that only tells followers
-the new commit index) waits COMMIT_NOTICE_DELAY_S: under load the next
-entries carry the commit index instead, so a stream of appends sends no
-empty append_entries between them; an idle group still tells its followers
-within the delay."""
+"""A partition leader's commit notice (an append_entries that only tells
+followers the new commit index) waits PartitionReplica.COMMIT_NOTICE_DELAY_S:
+under load the next entries carry the commit index instead, so a stream of
+appends sends no empty append_entries between them; an idle group still
+tells its followers within the delay."""
 from __future__ import annotations
 
 import asyncio
 import time
 
-from raftka.raft.group import COMMIT_NOTICE_DELAY_S, RaftGroup
+from raftka.raft.group import RaftGroup
 from raftka.raft.pysyncobj_adapter import monotonic_time
+from raftka.raft.state_machine import StateMachineReplica   # the metadata group's class
+from raftka.replication import PartitionReplica
 from tests.conftest import make_batch, wait_for
 from tests.test_raft_group import GROUP, append, start_cluster
+
+COMMIT_NOTICE_DELAY_S = PartitionReplica.COMMIT_NOTICE_DELAY_S
 
 
 def _count_sent(broker, kinds: dict[str, int]) -> None:
@@ -99,7 +103,5 @@ def test_the_commit_notice_is_not_sent_at_once_but_scheduled_within_the_delay():
 
 
 def test_only_partition_groups_wait_to_send_the_commit_notice():
-    from raftka.raft.state_machine import StateMachineReplica   # the metadata group's class
-    from raftka.replication import PartitionReplica
-    assert PartitionReplica.COMMIT_NOTICE_DELAY_S == COMMIT_NOTICE_DELAY_S > 0
-    assert StateMachineReplica.COMMIT_NOTICE_DELAY_S == 0
+    assert PartitionReplica.COMMIT_NOTICE_DELAY_S > 0
+    assert StateMachineReplica.COMMIT_NOTICE_DELAY_S == RaftGroup.COMMIT_NOTICE_DELAY_S == 0

@@ -49,7 +49,7 @@ from raftka.records.batch import iter_batches, read_header
 from raftka.storage.producer_state import NO_PRODUCER_ID, PENDING_OFFSET, ProducerState
 from raftka.storage.partition_log import PartitionLog
 from raftka.raft import checkpoint
-from raftka.raft.group import (COMMIT_NOTICE_DELAY_S, MAX_COMMAND_BYTES, FailReason, GroupRemovedError, NotLeaderError, PeerNode, RaftGroup,
+from raftka.raft.group import (MAX_COMMAND_BYTES, FailReason, GroupRemovedError, NotLeaderError, PeerNode, RaftGroup,
                                ReplicationError, settle_future)
 from raftka.raft.pysyncobj_adapter import monotonic_time
 from raftka.replication.log_journal import (APPEND_COMMAND, APPEND_HEADER, CLEAN_COMMAND, LOG_START_COMMAND,
@@ -91,7 +91,7 @@ class PartitionReplica(RaftGroup):
     """This broker's replica of one partition's Raft group."""
 
     COMMAND_TYPES = frozenset({APPEND_COMMAND, MULTI_APPEND_COMMAND, LOG_START_COMMAND, CLEAN_COMMAND})
-    COMMIT_NOTICE_DELAY_S = COMMIT_NOTICE_DELAY_S   # the leader answers produce requests; followers only trail
+    COMMIT_NOTICE_DELAY_S = 0.01   # the leader answers produce requests; followers only trail (RaftGroup)
 
     def __init__(self, group_id: int, partition_log: PartitionLog, self_id: int, replica_ids: list[int],
                  network: Any, group_dir: Path, journal_max_bytes: int = 128 * 1024 * 1024,
