@@ -38,7 +38,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-MAGIC = b"RKP1"
+MAGIC = b"RKP2"                     # 2: frames tagged with GMAC (frames.py); RKP1 peers (HMAC frames) are refused here
 NONCE_SIZE = 32
 MAC_SIZE = 32
 SECRET_BYTES_MIN = 16
@@ -93,7 +93,8 @@ def _check_magic(message: bytes, size: int, what: str) -> None:
     if len(message) != size:
         raise AuthError(f"{what} is {len(message)} bytes, expected {size}")
     if message[:len(MAGIC)] != MAGIC:
-        raise AuthError(f"{what} does not start with the peer protocol magic")
+        raise AuthError(f"{what} does not start with the peer protocol magic {MAGIC!r} but {message[:len(MAGIC)]!r}: "
+                        "a broker of another Raftka wire version, or not a Raftka broker")
 
 
 class Acceptor:

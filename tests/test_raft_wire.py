@@ -8,6 +8,8 @@ import pickle
 import pytest
 from hypothesis import given, strategies as st
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from raftka.raft.codec import MAX_DEPTH, CodecError, decode, encode
 from raftka.raft.frames import TAG_SIZE, FrameAuthError, FrameDecoder, FrameError, FrameKind, FrameSealer
 from raftka.raft.handshake import AUTH_SIZE, MAGIC, Acceptor, AuthError, Dialer, hkdf_sha256
@@ -130,6 +132,14 @@ def test_wrong_sized_or_foreign_handshake_messages_are_refused(message):
         Acceptor(b"s3cret-s3cret-s3cret", 1).receive_auth(message)
 
 
+def test_a_peer_of_the_previous_wire_version_is_refused_at_its_hello():
+    """RKP1 brokers tagged frames with HMAC-SHA256: one of them must fail the
+    handshake with a clear error, not every frame after it."""
+    old_hello = b"RKP1" + os.urandom(32)
+    with pytest.raises(AuthError):
+        Dialer(b"s3cret-s3cret-s3cret", 2).receive_hello(old_hello)
+
+
 # ---- session keys and frame tags ---------------------------------------------
 
 def test_hkdf_sha256_matches_rfc_5869_test_case_1():
@@ -163,6 +173,21 @@ def test_sealed_frames_carry_a_16_byte_tag_and_decode_in_order():
     frames = sealed(KEY, 3)
     assert len(frames[0]) == 9 + len(b"message 0") + TAG_SIZE
     assert [f.payload for f in FrameDecoder(KEY).feed(b"".join(frames))] == [b"message %d" % n for n in range(3)]
+
+
+def test_a_frame_tag_is_the_gmac_of_its_bytes_under_its_sequence_number_as_nonce():
+    """Pins the construction (frames.py): AES-256-GCM, no plaintext, the frame
+    as associated data, nonce 0 u32 | sequence u64. A frame tagged under any
+    other nonce, the sequence a nonce must never repeat with, is refused."""
+    first, second = sealed(KEY, 2)
+    for sequence, frame in enumerate((first, second)):
+        expected = AESGCM(KEY).encrypt(bytes(4) + sequence.to_bytes(8, "big"), b"", frame[:-TAG_SIZE])
+        assert frame[-TAG_SIZE:] == expected
+    retagged = second[:-TAG_SIZE] + AESGCM(KEY).encrypt(bytes(12), b"", second[:-TAG_SIZE])
+    decoder = FrameDecoder(KEY)
+    decoder.feed(first)
+    with pytest.raises(FrameAuthError):
+        decoder.feed(retagged)
 
 
 @given(st.data())
