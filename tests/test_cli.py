@@ -205,7 +205,10 @@ def test_raftka_bench_measures_a_running_cluster_and_writes_its_report(broker, t
         assert abs(row["rate_msgs_s"] - row["load"] * peak) < 1
         assert 0 < row["ack_ms"]["p50"] <= row["ack_ms"]["p99"] <= row["ack_ms"]["p99.9"] <= row["ack_ms"]["max"]
         assert row["e2e_ms"]["p50"] > 0
-    assert "latency at fixed load" in run.stdout
+    (default,) = report["latency_default_linger"]     # then 50% again at librdkafka's default linger.ms, no target
+    assert default["load"] == 0.5 and default["linger_ms"] == 5 and default["samples"] >= 100_000
+    assert "verdict" not in default and default["ack_ms"]["p50"] > 0
+    assert "latency at fixed load" in run.stdout and "linger.ms=5 (default)" in run.stdout
 
 
 def test_raftka_bench_for_a_duration_reads_back_everything_the_producers_wrote(broker, tmp_path):
