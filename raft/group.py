@@ -715,6 +715,7 @@ class RaftGroup(AdaptedSyncObj):
         super()._after_tick_hook()
         self._advance_transfer()
         self.schedule_sync()
+        self._raft_log().release_applied(self._raft_last_applied())
 
     def schedule_sync(self) -> None:
         """Have the journal's unsynced writes synced (at once, with no scheduler)."""

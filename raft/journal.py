@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 RECORD_HEADER = struct.Struct("<IIQQ")
 DEFAULT_SEGMENT_BYTES = 16 * 1024 * 1024
 DEFAULT_CACHE_BYTES = 32 * 1024 * 1024
+CACHE_KEEP_LAST = 2               # entries a journal keeps cached once applied (release_applied)
 
 Entry = tuple[bytes, int, int]  # (command, raft index, term), pysyncobj's shape
 
@@ -192,6 +193,20 @@ class RaftStateJournal(AdaptedJournal):
         stored = vote_store.get(group_id) if vote_store is not None else None
         if stored is not None and stored[0] >= self._meta["term"]:
             self._meta["term"], self._meta["voted_for"] = stored
+
+    _cache: "CommandCache"   # each journal's recent commands (set by the subclass)
+
+    def release_applied(self, applied_index: int) -> None:
+        """Drop the cached commands of entries up to `applied_index`, all but
+        the last CACHE_KEEP_LAST entries. RaftGroup calls it after every tick:
+        an applied entry was already sent to every follower that keeps up (one
+        that does not reads it from the log), so the cache holds the entries
+        in flight, plus the last ones, which pysyncobj reads all the time (the
+        log's last index, the previous entry's term of the next send). An idle
+        or following replica so holds a couple of entries, not up to
+        `cache_bytes` each, which a broker with many partitions multiplied."""
+        if len(self):
+            self._cache.forget_below(min(applied_index + 1, self.last_index() + 1 - CACHE_KEEP_LAST))
 
     def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
         if self._meta["commit_index"] != raftCommitIndex:
@@ -515,7 +530,9 @@ class DiskJournal(RaftStateJournal):
 
 class CommandCache:
     """The commands of recent entries, up to `max_bytes`, oldest dropped first:
-    the leader sends an entry right after adding it, so this saves the read."""
+    the leader sends an entry right after adding it and every replica applies
+    it once committed, so this saves those reads; applied entries are dropped
+    (RaftStateJournal.release_applied)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
