@@ -158,6 +158,7 @@ class Workload:
         self.results = self.context.Queue()
         self.processes: list = []
         self.producers = 0
+        self.cpu: dict | None = None                   # set by _run (CpuMeter)
 
     @property
     def total(self) -> int:
@@ -289,16 +290,16 @@ def run_workload(args: argparse.Namespace, bootstrap: str, kind: str, size: int,
     label = f"{kind:<8} {size:>6} B"
     task = progress.add_task(label, total=None if args.duration_s else count * size * (2 if kind == "both" else 1))
     show = lambda done: progress.update(task, completed=done)   # noqa: E731
+    workload = Workload(args, bootstrap, topic, size, count, args.duration_s)
     if kind in ("produce", "consume"):
-        reports = _run(Workload(args, bootstrap, topic, size, count, args.duration_s), show, producers=True)
+        reports = _run(workload, show, producers=True)
         total = produced_by(reports)
         counters_after = storage_counters(args.brokers)
         if kind == "consume":
-            reading = Workload(args, bootstrap, topic, size, total)   # what was written, read back
-            reports = _run(reading, show, consumers=True)
+            workload = Workload(args, bootstrap, topic, size, total)   # what was written, read back
+            reports = _run(workload, show, consumers=True)
     else:
-        reports = _run(Workload(args, bootstrap, topic, size, count, args.duration_s), show,
-                       producers=True, consumers=True)
+        reports = _run(workload, show, producers=True, consumers=True)
         total = produced_by(reports)
         counters_after = storage_counters(args.brokers)
     progress.update(task, total=progress.tasks[task].completed or 1, completed=progress.tasks[task].completed or 1)
@@ -307,7 +308,8 @@ def run_workload(args: argparse.Namespace, bootstrap: str, kind: str, size: int,
         consumed["latency_ms"] = {}
     return {"workload": kind, "message_bytes": size, "messages": total,
             "produce": summarise(reports, "producer", PRODUCER_TARGET_MB_S, total), "consume": consumed,
-            "storage": storage_cost(counters_before, counters_after, total * size, args.replication_factor)}
+            "storage": storage_cost(counters_before, counters_after, total * size, args.replication_factor),
+            "cpu": workload.cpu}
 
 
 def run_latency(args: argparse.Namespace, bootstrap: str, size: int, peak_msgs_s: float, load: float,
@@ -333,7 +335,7 @@ def run_latency(args: argparse.Namespace, bootstrap: str, size: int, peak_msgs_s
     samples = sum(r["samples"] for r in reports if r["role"] == "producer")
     row = {"load": load, "message_bytes": size, "rate_msgs_s": rate, "achieved_msgs_s": produced["msgs_s"],
            "linger_ms": linger_ms, "samples": samples, "ack_ms": produced["latency_ms"],
-           "e2e_ms": consumed["latency_ms"], "generator_bound": produced["generator_bound"]}
+           "e2e_ms": consumed["latency_ms"], "generator_bound": produced["generator_bound"], "cpu": workload.cpu}
     if load == 0.5 and linger_ms == LATENCY_LINGER_MS:
         row["targets_ms"] = LATENCY_TARGETS_MS
         row["verdict"] = "PASS" if all(row["ack_ms"].get(k, 1e9) <= v for k, v in LATENCY_TARGETS_MS.items()) else "MISS"
@@ -341,16 +343,57 @@ def run_latency(args: argparse.Namespace, bootstrap: str, size: int, peak_msgs_s
 
 
 def _run(workload: Workload, show, producers: bool = False, consumers: bool = False) -> list[dict]:
+    """Run the workload's clients to the end; `workload.cpu` is then what the
+    machine and the brokers spent from the first record on (CpuMeter)."""
     try:
         if consumers:
             workload.start_consumers(timeout_s=600 + (workload.duration_s or 0))
             if producers:
                 time.sleep(1.0)             # consumers connected before the first record
+        meter = CpuMeter(workload.args.brokers)
         if producers:
             workload.start_producers()
-        return workload.wait(show)
+        reports = workload.wait(show)
+        workload.cpu = meter.stop()
+        return reports
     finally:
         workload.stop()
+
+
+# ---- CPU: the limit the latency rows run into on a small machine ---------------------
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot (/proc/stat; idle and
+    iowait count as free, steal as busy: the hypervisor gave it away)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    total = sum(fields)
+    return total - fields[3] - fields[4], total
+
+
+class CpuMeter:
+    """CPU used between its creation and `stop()`: how busy the whole machine
+    was (brokers, load generators and anything else on it) and, for brokers
+    this run started, how many cores they used together. A latency row taken
+    on a saturated machine measures queueing for a core, and says so."""
+
+    def __init__(self, brokers: LocalBrokers | None) -> None:
+        self._brokers = brokers
+        self._started = time.perf_counter()
+        self._ticks = machine_ticks()
+        self._broker_s = self._broker_seconds()
+
+    def _broker_seconds(self) -> float | None:
+        if self._brokers is None:
+            return None
+        return sum(self._brokers.cpu_seconds(n) for n in self._brokers.node_ids)
+
+    def stop(self) -> dict:
+        wall = max(time.perf_counter() - self._started, 1e-9)
+        busy, total = (after - before for after, before in zip(machine_ticks(), self._ticks))
+        broker_s = self._broker_seconds()
+        return {"cores": os.cpu_count(), "machine_busy": round(busy / max(total, 1), 3),
+                "brokers_cores": None if broker_s is None or self._broker_s is None
+                else round((broker_s - self._broker_s) / wall, 3)}
 
 
 # ---- the physical reference ------------------------------------------------------------
@@ -435,6 +478,9 @@ def print_table(result: dict) -> None:
             print(f"storage, {row['workload']} {row['message_bytes']} B: {cost['written_per_acked_byte_per_replica']:.2f} "
                   f"bytes written per acknowledged byte per replica, {cost['fdatasyncs_per_acked_mb']:.1f} "
                   f"fdatasyncs per acknowledged MB (all brokers)")
+    for row in result["rows"]:
+        if row.get("cpu"):
+            print(f"cpu, {row['workload']} {row['message_bytes']} B: {_cpu(row['cpu'])}")
     print("\nlatency: produce = librdkafka's send-to-acknowledgement at full load (time queued in the client);"
           " consume (in 'both') = send time to receipt."
           "\nvs reference: produce against durable write / RF, consume against loopback TCP.")
@@ -443,14 +489,25 @@ def print_table(result: dict) -> None:
               f"acks={result['acks']}); targets at 50%: p50 <= {LATENCY_TARGETS_MS['p50']:g} ms, "
               f"p99 <= {LATENCY_TARGETS_MS['p99']:g} ms, p99.9 <= {LATENCY_TARGETS_MS['p99.9']:g} ms\n")
         print("| load | msgs/s asked / done | samples | ack p50 / p99 / p99.9 / max ms | end-to-end p50 / p99 / p99.9 ms "
-              "| result |")
-        print("|---|---:|---:|---:|---:|---|")
+              "| result | CPU |")
+        print("|---|---:|---:|---:|---:|---|---|")
         for row in result["latency"] + result.get("latency_default_linger", []):
             ack, e2e = row["ack_ms"], row["e2e_ms"]
             linger = "" if row["linger_ms"] == LATENCY_LINGER_MS else f", linger.ms={row['linger_ms']} (default)"
             print(f"| {row['load']:.0%} of peak{linger} | {row['rate_msgs_s']:,.0f} / {row['achieved_msgs_s']:,.0f} | "
                   f"{row['samples']:,} | {ack['p50']:.1f} / {ack['p99']:.1f} / {ack['p99.9']:.1f} / {ack['max']:.1f} | "
-                  f"{e2e['p50']:.1f} / {e2e['p99']:.1f} / {e2e['p99.9']:.1f} | {row.get('verdict', '-')} |")
+                  f"{e2e['p50']:.1f} / {e2e['p99']:.1f} / {e2e['p99.9']:.1f} | {row.get('verdict', '-')} | "
+                  f"{_cpu(row.get('cpu'))} |")
+        print("\nCPU: how busy the whole machine was during the row (brokers, load generators, anything else) and "
+              "the cores the brokers used together; a latency taken on a saturated machine is mostly queueing "
+              "for a core (bench/README, 'Latency at fixed load').")
+
+
+def _cpu(cpu: dict | None) -> str:
+    if not cpu:
+        return "-"
+    brokers = "" if cpu["brokers_cores"] is None else f"brokers {cpu['brokers_cores']:.2f} cores, "
+    return f"{brokers}machine {cpu['machine_busy']:.0%} busy of {cpu['cores']} cores"
 
 
 def _latency(latency: dict) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -205,10 +206,36 @@ def test_raftka_bench_measures_a_running_cluster_and_writes_its_report(broker, t
         assert abs(row["rate_msgs_s"] - row["load"] * peak) < 1
         assert 0 < row["ack_ms"]["p50"] <= row["ack_ms"]["p99"] <= row["ack_ms"]["p99.9"] <= row["ack_ms"]["max"]
         assert row["e2e_ms"]["p50"] > 0
+    for row in report["rows"] + latency:     # how busy the machine was; a --bootstrap cluster's brokers are not ours
+        assert 0 < row["cpu"]["machine_busy"] <= 1 and row["cpu"]["brokers_cores"] is None
+        assert row["cpu"]["cores"] == os.cpu_count()
+    assert "% busy of" in run.stdout
     (default,) = report["latency_default_linger"]     # then 50% again at librdkafka's default linger.ms, no target
     assert default["load"] == 0.5 and default["linger_ms"] == 5 and default["samples"] >= 100_000
     assert "verdict" not in default and default["ack_ms"]["p50"] > 0
     assert "latency at fixed load" in run.stdout and "linger.ms=5 (default)" in run.stdout
+
+
+def test_the_benchs_cpu_meter_sees_a_busy_core_and_the_brokers_own_work(broker):
+    """The CPU column of `raftka bench`: a core kept busy shows in the machine's
+    share, and producing to a broker this meter watches shows in its cores."""
+    from confluent_kafka import Producer
+
+    from raftka.bench.cluster_bench import CpuMeter
+    meter = CpuMeter(broker.brokers)
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"])
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 1})
+    for i in range(20_000):
+        producer.produce("cpu-meter", b"x" * 512)
+        if i % 1000 == 0:
+            producer.poll(0)
+    assert producer.flush(30) == 0
+    spinner.wait(10)
+    cpu = meter.stop()
+    assert cpu["cores"] == os.cpu_count()
+    assert cpu["machine_busy"] * cpu["cores"] >= 0.8     # the spinner alone keeps one core busy
+    assert 0 < cpu["brokers_cores"] <= cpu["cores"]
+    assert CpuMeter(None).stop()["brokers_cores"] is None
 
 
 def test_raftka_bench_for_a_duration_reads_back_everything_the_producers_wrote(broker, tmp_path):
