@@ -500,7 +500,7 @@ def print_table(result: dict) -> None:
                   f"{_cpu(row.get('cpu'))} |")
         print("\nCPU: how busy the whole machine was during the row (brokers, load generators, anything else) and "
               "the cores the brokers used together; a latency taken on a saturated machine is mostly queueing "
-              "for a core (bench/README, 'Latency at fixed load').")
+              "for a core (bench/README.md, \"Why it misses\").")
 
 
 def _cpu(cpu: dict | None) -> str:
