@@ -160,6 +160,34 @@ def test_once_applied_a_replica_caches_only_its_last_entries_whatever_the_volume
     asyncio.run(scenario())
 
 
+def test_after_a_compaction_the_journals_first_entry_is_not_read_back_on_every_lookup(tmp_path, monkeypatch):
+    """pysyncobj reads entry 0 of the log on nearly every lookup (for its index).
+    Once compaction makes it a real append and the cache has let it go, the
+    journal keeps that one command: rebuilding it copied its data from the
+    segments about a dozen times per append across the group."""
+    monkeypatch.setitem(FAST, "logCompactionMinEntries", 20)
+    monkeypatch.setitem(FAST, "logCompactionMinTime", 3600)
+    reads = []
+    read_range = PartitionLog.read_range
+    monkeypatch.setattr(PartitionLog, "read_range",
+                        lambda log, start, end: reads.append(end - start) or read_range(log, start, end))
+
+    async def scenario():
+        ports, brokers, leader = await start_cluster(tmp_path)
+        batches = [make_batch(20, value_size=5000, seed=i) for i in range(4)]
+        for i in range(40):
+            await append(leader, batches[i % 4])
+        await wait_for(lambda: all(b.replica.journal.first_index() > 1 for b in brokers))   # compacted
+        reads.clear()
+        for i in range(10):
+            await append(leader, batches[i % 4])
+        await asyncio.sleep(0.3)
+        assert len(reads) <= 3 * 2, reads      # at most a read of each new first entry, not one per lookup
+        for b in brokers:
+            await b.stop()
+    asyncio.run(scenario())
+
+
 def test_an_idle_group_is_kept_alive_by_coalesced_node_heartbeats_not_per_group_messages(tmp_path):
     async def scenario():
         ports, brokers, leader = await start_cluster(tmp_path)
