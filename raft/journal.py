@@ -206,7 +206,7 @@ class RaftStateJournal(AdaptedJournal):
         or following replica so holds a couple of entries, not up to
         `cache_bytes` each, which a broker with many partitions multiplied."""
         if len(self):
-            self._cache.forget_below(min(applied_index + 1, self.last_index() + 1 - CACHE_KEEP_LAST))
+            self._cache.release_below(min(applied_index + 1, self.last_index() + 1 - CACHE_KEEP_LAST))
 
     def setRaftCommitIndex(self, raftCommitIndex: int) -> None:
         if self._meta["commit_index"] != raftCommitIndex:
@@ -285,9 +285,6 @@ class DiskJournal(RaftStateJournal):
         self._slots: list[_Slot] = []
         self._segments: list[_Segment] = []
         self._cache = CommandCache(cache_bytes)
-        # the first entry's command once read from disk: pysyncobj reads
-        # entry 0 (for its index) on every lookup, long after the cache let it go
-        self._first_command: tuple[int, bytes] | None = None
         self._durable_index = 0                 # entries up to here are fdatasync'd (with fsync)
         self._unsynced: dict[int, _Segment] = {}   # id -> segment written since the last sync job
         self._new_file = False                  # a segment file created since the last sync job
@@ -351,7 +348,6 @@ class DiskJournal(RaftStateJournal):
         while self._segments and self._segments[0] is not first_kept and len(self._segments) > 1:
             self._remove(self._segments.pop(0))
         self._cache.forget_below(self._slots[0].index if self._slots else None)
-        self._first_command = None
 
     def __getitem__(self, item: int | slice) -> Any:
         if isinstance(item, slice):
@@ -457,14 +453,11 @@ class DiskJournal(RaftStateJournal):
     def _entry(self, slot: _Slot) -> Entry:
         command = self._cache.get(slot.index)
         if command is None:
-            first = self._first_command
-            if first is not None and first[0] == slot.index:
-                return first[1], slot.index, slot.term
             command = os.pread(slot.segment.fd, slot.size, slot.position)
             if len(command) != slot.size:
                 raise OSError(f"journal entry {slot.index} short read from {slot.segment.path}")
             if slot is self._slots[0]:
-                self._first_command = (slot.index, command)
+                self._cache.remember_first(slot.index, command)
         return command, slot.index, slot.term
 
     def _remove(self, segment: _Segment) -> None:
@@ -475,8 +468,6 @@ class DiskJournal(RaftStateJournal):
 
     def _forget_from(self, index: int) -> None:
         self._cache.forget_from(index)
-        if self._first_command is not None and self._first_command[0] >= index:
-            self._first_command = None
 
     def _writable_segment(self, index: int, command_size: int) -> _Segment:
         if self._segments:
@@ -532,15 +523,23 @@ class CommandCache:
     """The commands of recent entries, up to `max_bytes`, oldest dropped first:
     the leader sends an entry right after adding it and every replica applies
     it once committed, so this saves those reads; applied entries are dropped
-    (RaftStateJournal.release_applied)."""
+    (`release_below`, from RaftStateJournal.release_applied). Apart from them,
+    the command of the log's first entry once the journal read it back
+    (`remember_first`): pysyncobj reads entry 0 (for its index) on nearly every
+    lookup, long after the cache let it go, and rebuilding it each time copied
+    its data from disk."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._commands: OrderedDict[int, Any] = OrderedDict()   # raft index -> command, ascending
         self._bytes = 0
+        self._first: tuple[int, Any] | None = None               # (raft index, command) of the log's first entry
 
     def get(self, index: int) -> Any:
-        return self._commands.get(index)
+        command = self._commands.get(index)
+        if command is None and self._first is not None and self._first[0] == index:
+            return self._first[1]
+        return command
 
     @property
     def size_bytes(self) -> int:
@@ -554,6 +553,10 @@ class CommandCache:
         while self._bytes > self.max_bytes:
             self._bytes -= len(self._commands.popitem(last=False)[1])
 
+    def remember_first(self, index: int, command: Any) -> None:
+        """Keep the command of the log's first entry, just read back from disk."""
+        self._first = (index, command)
+
     def forget_from(self, index: int) -> None:
         """Drop entries at `index` and after (a truncated suffix)."""
         while self._commands:
@@ -561,9 +564,18 @@ class CommandCache:
             if stale < index:
                 break
             self._bytes -= len(self._commands.pop(stale))
+        if self._first is not None and self._first[0] >= index:
+            self._first = None
 
     def forget_below(self, index: int | None) -> None:
         """Drop entries below `index` (compacted); every entry when None."""
+        self.release_below(index)
+        if self._first is not None and (index is None or self._first[0] < index):
+            self._first = None
+
+    def release_below(self, index: int | None) -> None:
+        """Drop the recent commands below `index` (every one when None); the
+        log's first entry, if remembered, stays: it is still in the log."""
         while self._commands:
             oldest = next(iter(self._commands))
             if index is not None and oldest >= index:

@@ -148,9 +148,6 @@ class LogJournal(RaftStateJournal):
         self.on_truncated: Callable[[], None] | None = None
         self._slots: list[Slot] = []
         self._cache = CommandCache(cache_bytes)
-        # pysyncobj reads entry 0 on nearly every lookup (for its index only); once the
-        # cache has let it go (release_applied), rebuilding it would copy its data each time
-        self._first_command: tuple[int, Any] | None = None
         self._outcomes: dict[int, Any] = {}     # raft index -> base offset(s) of its parts, until applied
         self._path = partition_log.directory / ENTRIES_FILE
         self._file_first = 1                    # raft index of the file's first record
@@ -240,7 +237,6 @@ class LogJournal(RaftStateJournal):
         del self._slots[:entryTo]
         first_kept = self._slots[0][0] if self._slots else None
         self._cache.forget_below(first_kept)
-        self._first_command = None
         if first_kept is not None and first_kept - self._file_first > REWRITE_DEAD_RECORDS:
             if self.fsync:
                 fsync_directory(self.directory.parent)   # the checkpoint's rename comes first
@@ -480,18 +476,14 @@ class LogJournal(RaftStateJournal):
                 command = log_start_command(control)
             elif base == next_offset:
                 command = NO_OP_ENTRY
-            elif self._first_command is not None and self._first_command[0] == index:
-                command = self._first_command[1]
             else:
                 command = APPEND_HEADER.pack(APPEND_COMMAND, term) + self.log.read_range(base, next_offset)
                 if slot is self._slots[0]:
-                    self._first_command = (index, command)
+                    self._cache.remember_first(index, command)
         return command, index, term
 
     def _forget_from(self, index: int) -> None:
         self._cache.forget_from(index)
-        if self._first_command is not None and self._first_command[0] >= index:
-            self._first_command = None
 
     def _removed_from_end(self) -> None:
         self._generation += 1
